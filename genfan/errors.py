@@ -1,0 +1,235 @@
+"""The error tree of genfan.
+
+Every error genfan raises derives from :class:`GenfanError`. Misuse (bad configuration, bad
+arguments) is kept apart from failures that happen while talking to a backend::
+
+    GenfanError
+    ├── ConfigurationError            misuse: fix the code or the config file
+    │   └── MissingExtraError         an optional dependency is not installed
+    ├── BackendError(backend=)        a run-time failure of one backend call
+    │   ├── BackendTimeoutError       the call ran past its timeout or the deadline
+    │   ├── BackendConnectionError    the backend could not be reached
+    │   ├── HTTPStatusError(status_code)
+    │   │   └── RateLimitError(retry_after)   HTTP 429 (or a provider's quota error)
+    │   ├── MalformedResponseError    the backend answered something we cannot read
+    │   ├── CircuitOpenError(retry_at, retry_after)   the breaker is open: not called
+    │   ├── BulkheadFullError         too many calls in flight or queued: not called
+    │   ├── RateLimitExceededError(retry_after)  a local rate limit refused the call
+    │   └── CallCancelledError        the call was cancelled (a race was won elsewhere)
+    └── AllBackendsFailedError        every backend failed; also an ``ExceptionGroup``
+
+Provider adapters translate transport and vendor errors at the edge with ``raise ... from exc``,
+so the original cause is always kept as ``__cause__``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+__all__ = [
+    "AllBackendsFailedError",
+    "BackendConnectionError",
+    "BackendError",
+    "BackendTimeoutError",
+    "BulkheadFullError",
+    "CallCancelledError",
+    "CircuitOpenError",
+    "ConfigurationError",
+    "GenfanError",
+    "HTTPStatusError",
+    "MalformedResponseError",
+    "MissingExtraError",
+    "RateLimitError",
+    "RateLimitExceededError",
+]
+
+
+class GenfanError(Exception):
+    """Root of every error raised by genfan."""
+
+
+class ConfigurationError(GenfanError, ValueError):
+    """genfan was used or configured wrongly; the message says what to fix."""
+
+
+class MissingExtraError(ConfigurationError, ImportError):
+    """An optional dependency is missing.
+
+    Args:
+        extra: the ``pip install 'genfan[EXTRA]'`` extra that provides it.
+        package: the package that failed to import.
+    """
+
+    def __init__(self, package: str, extra: str, *, reason: str | None = None) -> None:
+        self.package = package
+        self.extra = extra
+        msg = f"{package} is not installed; install it with: pip install 'genfan[{extra}]'"
+        if reason:
+            msg = f"{msg} ({reason})"
+        super().__init__(msg)
+
+
+class BackendError(GenfanError):
+    """A call to one backend failed.
+
+    Attributes:
+        backend: the name of the backend that failed.
+        retryable: whether trying again (later, or elsewhere) may succeed.
+    """
+
+    retryable: bool = False
+    #: whether a circuit breaker should count this failure by default.
+    counts_as_failure: bool = True
+
+    def __init__(self, message: str, *, backend: str = "?") -> None:
+        self.backend = backend
+        self.message = message
+        super().__init__(message)
+
+    def __str__(self) -> str:
+        return f"[{self.backend}] {self.message}"
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(backend={self.backend!r}, message={self.message!r})"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Keep errors picklable (Ray workers, multiprocessing) despite keyword-only fields.
+        return (_rebuild, (type(self), self.__dict__.copy()))
+
+
+def _rebuild(cls: type[BackendError], state: dict[str, Any]) -> BackendError:
+    err = cls.__new__(cls)
+    Exception.__init__(err, state.get("message", ""))
+    err.__dict__.update(state)
+    return err
+
+
+class BackendTimeoutError(BackendError):
+    """The call did not finish within its timeout or what was left of the deadline."""
+
+    retryable = True
+
+
+class BackendConnectionError(BackendError):
+    """The backend could not be reached (refused, reset, DNS, TLS)."""
+
+    retryable = True
+
+
+class HTTPStatusError(BackendError):
+    """The backend answered with an HTTP error status.
+
+    5xx, 408 and 409 are retryable; other 4xx are not, and by default do not count against the
+    circuit breaker (the request was at fault, not the backend).
+    """
+
+    def __init__(self, message: str, *, backend: str = "?", status_code: int) -> None:
+        super().__init__(message, backend=backend)
+        self.status_code = status_code
+
+    @property  # type: ignore[override]
+    def retryable(self) -> bool:
+        return self.status_code >= 500 or self.status_code in (408, 409, 429)
+
+    @property  # type: ignore[override]
+    def counts_as_failure(self) -> bool:
+        return self.status_code >= 500 or self.status_code in (408, 429)
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(backend={self.backend!r}, status_code={self.status_code}, "
+            f"message={self.message!r})"
+        )
+
+
+class RateLimitError(HTTPStatusError):
+    """The backend refused the call for rate limiting (HTTP 429).
+
+    Attributes:
+        retry_after: seconds the backend asked us to wait, when it said so.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        backend: str = "?",
+        status_code: int = 429,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message, backend=backend, status_code=status_code)
+        self.retry_after = retry_after
+
+
+class MalformedResponseError(BackendError):
+    """The backend's answer could not be parsed into a completion."""
+
+    retryable = True
+
+
+class CircuitOpenError(BackendError):
+    """The backend's circuit breaker is open; the call was not sent.
+
+    Attributes:
+        retry_at: the ``anyio.current_time()`` at which the breaker lets a probe through.
+        retry_after: seconds from the rejection until ``retry_at``.
+    """
+
+    retryable = False
+    counts_as_failure = False
+
+    def __init__(
+        self, message: str, *, backend: str = "?", retry_at: float, retry_after: float
+    ) -> None:
+        super().__init__(message, backend=backend)
+        self.retry_at = retry_at
+        self.retry_after = retry_after
+
+
+class BulkheadFullError(BackendError):
+    """The backend's bulkhead is full (or the queue wait ran out); the call was shed."""
+
+    retryable = False
+    counts_as_failure = False
+
+
+class RateLimitExceededError(BackendError):
+    """A local rate limit refused the call (policy ``reject``), or the wait exceeded the deadline.
+
+    Attributes:
+        retry_after: seconds until enough quota is available.
+    """
+
+    retryable = False
+    counts_as_failure = False
+
+    def __init__(self, message: str, *, backend: str = "?", retry_after: float) -> None:
+        super().__init__(message, backend=backend)
+        self.retry_after = retry_after
+
+
+class CallCancelledError(BackendError):
+    """The call was cancelled before it finished (for example another backend won the race)."""
+
+    retryable = False
+    counts_as_failure = False
+
+
+class AllBackendsFailedError(GenfanError, ExceptionGroup):  # type: ignore[misc]
+    """Every backend of a fan-out failed.
+
+    It is an ``ExceptionGroup`` of the per-backend :class:`BackendError` s, so both
+    ``except GenfanError`` and ``except* RateLimitError`` work.
+    """
+
+    def __new__(
+        cls, message: str, exceptions: Sequence[Exception]
+    ) -> AllBackendsFailedError:
+        return super().__new__(cls, message, exceptions)
+
+    def __init__(self, message: str, exceptions: Sequence[Exception]) -> None:
+        super().__init__(message, exceptions)
+
+    def derive(self, excs: Sequence[Exception]) -> AllBackendsFailedError:  # type: ignore[override]
+        return AllBackendsFailedError(self.message, excs)

@@ -1,0 +1,155 @@
+"""Observability built in: structlog events, OpenTelemetry spans and metrics.
+
+genfan depends on the OpenTelemetry *API* only: with no SDK configured, spans and metrics are
+no-ops that cost almost nothing. Install and configure ``opentelemetry-sdk`` (or any exporter)
+to see them. Span attributes follow the GenAI semantic conventions (``gen_ai.*``).
+
+Log events go through structlog, and only once the application has configured structlog
+(``structlog.configure(...)``, or :func:`configure_logging`), so that a library never prints to
+an application's stdout uninvited. ``structlog.testing.capture_logs()`` and
+:func:`genfan.testing.capture_events` both count as configured.
+
+Secrets: nothing in this module logs headers, API keys or request bodies.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from opentelemetry.metrics import Meter
+    from opentelemetry.trace import Span, Tracer
+
+__all__ = ["configure_logging", "event", "get_meter", "get_tracer", "span"]
+
+_INSTRUMENTATION = "genfan"
+
+
+@functools.cache
+def _structlog() -> Any:
+    # structlog (and the rich it pulls in) costs ~70 ms to import: load it on first event.
+    import structlog
+
+    return structlog
+
+
+def _logging_on() -> bool:
+    # Until something imported structlog, nobody can have configured it.
+    import sys
+
+    mod = sys.modules.get("structlog")
+    return mod is not None and bool(mod.is_configured())
+
+
+def event(name: str, /, *, level: str = "debug", **fields: Any) -> None:
+    """Emit the structlog event ``name`` with ``fields`` (snake_case, bound context first).
+
+    Does nothing until structlog is configured by the application.
+    """
+    if not _logging_on():
+        return
+    getattr(_structlog().get_logger(_INSTRUMENTATION), level)(name, **fields)
+
+
+@contextmanager
+def bound(**fields: Any) -> Iterator[None]:
+    """Bind ``fields`` to every event logged inside (structlog context variables)."""
+    if not _logging_on():
+        yield
+        return
+    with _structlog().contextvars.bound_contextvars(**fields):
+        yield
+
+
+def configure_logging(level: str = "info", *, json: bool = False) -> None:
+    """Configure structlog for a command-line or simple application (console or JSON lines)."""
+    import logging
+
+    import structlog
+
+    renderer: Any = (
+        structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer()
+    )
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso"),
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(
+            logging.getLevelNamesMapping()[level.upper()]
+        ),
+        logger_factory=structlog.PrintLoggerFactory(),
+        cache_logger_on_first_use=False,
+    )
+
+
+@functools.cache
+def _trace_module() -> Any:
+    from opentelemetry import trace
+
+    return trace
+
+
+def get_tracer() -> Tracer:
+    """genfan's OpenTelemetry tracer (a no-op until an SDK is configured)."""
+    return _trace_module().get_tracer(_INSTRUMENTATION)  # type: ignore[no-any-return]
+
+
+def get_meter() -> Meter:
+    """genfan's OpenTelemetry meter (a no-op until an SDK is configured)."""
+    from opentelemetry import metrics
+
+    return metrics.get_meter(_INSTRUMENTATION)
+
+
+@contextmanager
+def span(name: str, /, **attributes: Any) -> Iterator[Span]:
+    """Start a span as the current span; ``None`` attribute values are left out.
+
+    Exceptions are recorded on the span and re-raised.
+    """
+    attrs = {k: v for k, v in attributes.items() if v is not None}
+    with get_tracer().start_as_current_span(name, attributes=attrs) as s:
+        yield s
+
+
+class _Instruments:
+    """Metric instruments, created once on first use."""
+
+    def __init__(self) -> None:
+        meter = get_meter()
+        self.calls = meter.create_counter(
+            "genfan.backend.calls", description="backend calls by outcome"
+        )
+        self.duration = meter.create_histogram(
+            "gen_ai.client.operation.duration", unit="s", description="backend call duration"
+        )
+        self.tokens = meter.create_counter(
+            "gen_ai.client.token.usage", unit="{token}", description="tokens used"
+        )
+        self.guard = meter.create_counter(
+            "genfan.guard.decisions", description="guard decisions (retries, rejections, hedges)"
+        )
+        self.breaker_state = meter.create_up_down_counter(
+            "genfan.breaker.open", description="1 while a backend's breaker is open"
+        )
+        self.bulkhead = meter.create_up_down_counter(
+            "genfan.bulkhead.in_use", description="calls running inside a bulkhead"
+        )
+        self.schedule_drift = meter.create_histogram(
+            "genfan.schedule.drift", unit="s", description="actual start minus planned fire time"
+        )
+        self.schedule_runs = meter.create_counter(
+            "genfan.schedule.runs", description="scheduled runs by outcome"
+        )
+
+
+@functools.cache
+def instruments() -> _Instruments:
+    """The metric instruments (created lazily)."""
+    return _Instruments()

@@ -1,0 +1,203 @@
+"""A test kit for genfan users (and genfan's own tests).
+
+* :class:`FakeBackend`: scripted replies, latency and failures, with call records;
+* :class:`FunctionBackend`: a backend from a plain (sync or async) function;
+* :func:`capture_events`: collect genfan's structlog events in a list;
+* :func:`set_testing`: turn off retry backoff and jitter so tests run at full speed.
+
+Latency is slept with ``anyio.sleep``, so under trio's ``MockClock(autojump_threshold=0)`` a
+10-second fake backend answers instantly while timing logic still sees 10 seconds.
+"""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+import structlog
+
+from .backend import BaseBackend
+from .errors import BackendError, ConfigurationError
+from .types import ChatRequest, Completion, StreamEnd, StreamEvent, TextDelta, ToolCall, Usage
+
+__all__ = [
+    "Fail",
+    "FakeBackend",
+    "FunctionBackend",
+    "Reply",
+    "capture_events",
+    "is_testing",
+    "set_testing",
+]
+
+_testing = {"on": False, "attempts": None}
+
+
+def set_testing(on: bool = True, *, attempts: int | None = None) -> None:
+    """Turn testing mode on: retries wait 0 seconds (and try at most ``attempts`` times)."""
+    _testing["on"] = on
+    _testing["attempts"] = attempts
+
+
+def is_testing() -> tuple[bool, int | None]:
+    """Whether testing mode is on, and its attempts cap."""
+    return bool(_testing["on"]), _testing["attempts"]  # type: ignore[return-value]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Reply:
+    """One scripted answer."""
+
+    text: str = ""
+    latency: float = 0.0
+    tool_calls: tuple[ToolCall, ...] = ()
+    usage: Usage | None = None
+    finish_reason: str = "stop"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Fail:
+    """One scripted failure: raise ``error`` after ``latency`` seconds."""
+
+    error: BackendError | type[BackendError]
+    latency: float = 0.0
+
+
+ScriptItem = Reply | Fail | str
+
+
+class FakeBackend(BaseBackend):
+    """A backend that follows a script.
+
+    Args:
+        name: backend name.
+        replies: what to answer, in order (cycled): strings, :class:`Reply` or :class:`Fail`; or
+            a function ``request -> item`` (sync or async) for per-call logic.
+        latency: default latency of each call, in seconds.
+        model: the model name reported in completions.
+
+    Attributes:
+        calls: every request received (including ones that were cancelled).
+        in_flight: calls running now; ``max_in_flight``: the most at once.
+        cancelled: how many calls were cancelled while running.
+        closed: whether :meth:`aclose` was called.
+    """
+
+    def __init__(
+        self,
+        name: str = "fake",
+        replies: Sequence[ScriptItem] | Callable[[ChatRequest], ScriptItem | Awaitable[ScriptItem]] = (
+            "ok",
+        ),
+        *,
+        latency: float = 0.0,
+        model: str = "fake-model",
+    ) -> None:
+        super().__init__(name)
+        if not callable(replies) and not replies:
+            raise ConfigurationError("FakeBackend needs at least one reply")
+        self._script = replies if callable(replies) else itertools.cycle(list(replies))
+        self.latency = latency
+        self.model = model
+        self.calls: list[ChatRequest] = []
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self.cancelled = 0
+        self.completed = 0
+        self.failed = 0
+        self.closed = False
+
+    async def _next(self, request: ChatRequest) -> ScriptItem:
+        if callable(self._script):
+            item = self._script(request)
+            if inspect.isawaitable(item):
+                item = await item
+            return item
+        return next(self._script)
+
+    async def complete(self, request: ChatRequest) -> Completion:
+        self.calls.append(request)
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        start = anyio.current_time()
+        try:
+            item = await self._next(request)
+            if isinstance(item, str):
+                item = Reply(text=item, latency=self.latency)
+            latency = item.latency or self.latency
+            if latency:
+                await anyio.sleep(latency)
+            if isinstance(item, Fail):
+                self.failed += 1
+                err = item.error
+                if isinstance(err, type):
+                    err = err(f"scripted {err.__name__}", backend=self.name)
+                raise err
+            self.completed += 1
+            usage = item.usage or Usage(
+                input_tokens=sum(len((m.content or "").split()) for m in request.messages),
+                output_tokens=len(item.text.split()),
+            )
+            return Completion(
+                text=item.text,
+                tool_calls=item.tool_calls,
+                finish_reason="tool_calls" if item.tool_calls else item.finish_reason,  # type: ignore[arg-type]
+                usage=usage,
+                model=request.model or self.model,
+                backend=self.name,
+                latency=anyio.current_time() - start,
+            )
+        except anyio.get_cancelled_exc_class():
+            self.cancelled += 1
+            raise
+        finally:
+            self.in_flight -= 1
+
+    async def stream(self, request: ChatRequest) -> AsyncIterator[StreamEvent]:
+        """Streams the scripted reply word by word."""
+        completion = await self.complete(request)
+        words = completion.text.split(" ")
+        for i, word in enumerate(words):
+            yield TextDelta(text=word if i == 0 else " " + word)
+        yield StreamEnd(completion=completion)
+
+    async def aclose(self) -> None:
+        self.closed = True
+
+
+class FunctionBackend(BaseBackend):
+    """A backend from a function ``request -> str | Completion`` (sync or async)."""
+
+    def __init__(
+        self,
+        fn: Callable[[ChatRequest], str | Completion | Awaitable[str | Completion]],
+        name: str | None = None,
+    ) -> None:
+        super().__init__(name or getattr(fn, "__name__", "function"))
+        self._fn = fn
+
+    async def complete(self, request: ChatRequest) -> Completion:
+        start = anyio.current_time()
+        out = self._fn(request)
+        if inspect.isawaitable(out):
+            out = await out
+        if isinstance(out, Completion):
+            return out if out.backend else out.model_copy(update={"backend": self.name})
+        return Completion(
+            text=str(out),
+            backend=self.name,
+            model=request.model or self.name,
+            latency=anyio.current_time() - start,
+        )
+
+
+@contextmanager
+def capture_events() -> Iterator[list[dict[str, Any]]]:
+    """Collect genfan's structlog events (as dicts with ``event`` and ``log_level``)."""
+    with structlog.testing.capture_logs() as events:
+        yield events

@@ -1,0 +1,264 @@
+"""The data genfan passes around: messages, requests, completions, stream events and usage.
+
+All are pydantic v2 models. Requests and completions are frozen so that one request can be
+shared by many concurrent backend calls without copies.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from typing import Annotated, Any, Literal, TypeAlias
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+__all__ = [
+    "ChatRequest",
+    "Completion",
+    "FinishReason",
+    "JsonValue",
+    "Message",
+    "ResponseFormat",
+    "Role",
+    "StreamEnd",
+    "StreamEvent",
+    "TextDelta",
+    "ToolCall",
+    "ToolCallDelta",
+    "ToolSpec",
+    "Usage",
+]
+
+JsonValue: TypeAlias = Any
+Role = Literal["system", "user", "assistant", "tool"]
+FinishReason = Literal["stop", "length", "tool_calls", "content_filter", "error", "unknown"]
+
+_frozen = ConfigDict(frozen=True, extra="forbid")
+
+
+class ToolCall(BaseModel):
+    """A tool call the model asked for: ``arguments`` is the JSON text the model produced."""
+
+    model_config = _frozen
+
+    id: str
+    name: str
+    arguments: str = "{}"
+
+    def parsed_arguments(self) -> dict[str, JsonValue]:
+        """The arguments as a dict; raises ``ValueError`` if the model wrote invalid JSON."""
+        value = json.loads(self.arguments or "{}")
+        if not isinstance(value, dict):
+            raise ValueError(f"tool call arguments must be a JSON object, got {self.arguments!r}")
+        return value
+
+
+class Message(BaseModel):
+    """One chat message.
+
+    Use the constructors :meth:`system`, :meth:`user`, :meth:`assistant` and :meth:`tool`.
+    """
+
+    model_config = _frozen
+
+    role: Role
+    content: str | None = None
+    tool_calls: tuple[ToolCall, ...] = ()
+    tool_call_id: str | None = None
+    name: str | None = None
+
+    @classmethod
+    def system(cls, content: str) -> Message:
+        return cls(role="system", content=content)
+
+    @classmethod
+    def user(cls, content: str) -> Message:
+        return cls(role="user", content=content)
+
+    @classmethod
+    def assistant(cls, content: str | None = None, tool_calls: Sequence[ToolCall] = ()) -> Message:
+        return cls(role="assistant", content=content, tool_calls=tuple(tool_calls))
+
+    @classmethod
+    def tool(cls, content: str, *, tool_call_id: str, name: str | None = None) -> Message:
+        return cls(role="tool", content=content, tool_call_id=tool_call_id, name=name)
+
+
+class ToolSpec(BaseModel):
+    """A tool the model may call: its name, description and JSON schema of its arguments."""
+
+    model_config = _frozen
+
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
+    description: str = ""
+    parameters: dict[str, JsonValue] = Field(
+        default_factory=lambda: {"type": "object", "properties": {}}
+    )
+
+
+class ResponseFormat(BaseModel):
+    """Ask for plain text, any JSON object, or JSON matching a schema."""
+
+    model_config = _frozen
+
+    type: Literal["text", "json_object", "json_schema"] = "text"
+    json_schema: dict[str, JsonValue] | None = None
+    name: str = "response"
+    strict: bool = True
+
+    @classmethod
+    def from_model(cls, model: type[BaseModel], *, strict: bool = True) -> ResponseFormat:
+        """A JSON-schema response format from a pydantic model."""
+        return cls(
+            type="json_schema",
+            json_schema=model.model_json_schema(),
+            name=model.__name__,
+            strict=strict,
+        )
+
+
+class ChatRequest(BaseModel):
+    """One chat-completion request, shared unchanged by every backend of a fan-out.
+
+    ``model`` is optional: a backend has its own default model, and a fan-out target may override
+    it. ``timeout`` is the per-call limit in seconds.
+    """
+
+    model_config = _frozen
+
+    messages: tuple[Message, ...]
+    model: str | None = None
+    temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
+    top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
+    max_tokens: Annotated[int, Field(gt=0)] | None = None
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    tools: tuple[ToolSpec, ...] = ()
+    tool_choice: Literal["auto", "none", "required"] | str | None = None
+    response_format: ResponseFormat | None = None
+    timeout: Annotated[float, Field(gt=0.0)] | None = None
+    metadata: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("messages")
+    @classmethod
+    def _not_empty(cls, v: tuple[Message, ...]) -> tuple[Message, ...]:
+        if not v:
+            raise ValueError("a request needs at least one message")
+        return v
+
+    @classmethod
+    def from_prompt(cls, prompt: str, *, system: str | None = None, **fields: Any) -> ChatRequest:
+        """A request with one user message (and an optional system prompt)."""
+        messages = [Message.user(prompt)]
+        if system is not None:
+            messages.insert(0, Message.system(system))
+        return cls(messages=tuple(messages), **fields)
+
+    def with_system(self, system: str) -> ChatRequest:
+        """A copy whose system prompt is ``system`` (replacing any existing one)."""
+        rest = tuple(m for m in self.messages if m.role != "system")
+        return self.model_copy(update={"messages": (Message.system(system), *rest)})
+
+    def with_overrides(self, **changes: Any) -> ChatRequest:
+        """A copy with the given fields replaced (``None`` values are ignored)."""
+        changes = {k: v for k, v in changes.items() if v is not None}
+        if not changes:
+            return self
+        return self.model_validate({**self.model_dump(exclude_defaults=True), **changes})
+
+    @property
+    def prompt(self) -> str:
+        """The text of the last user message (empty if there is none)."""
+        for message in reversed(self.messages):
+            if message.role == "user":
+                return message.content or ""
+        return ""
+
+
+class Usage(BaseModel):
+    """Token counts (and cost in USD when the backend's price is known)."""
+
+    model_config = _frozen
+
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cost: float | None = None
+
+    @property
+    def total_tokens(self) -> int:
+        return self.input_tokens + self.output_tokens
+
+    def __add__(self, other: Usage) -> Usage:
+        cost: float | None
+        if self.cost is None and other.cost is None:
+            cost = None
+        else:
+            cost = (self.cost or 0.0) + (other.cost or 0.0)
+        return Usage(
+            input_tokens=self.input_tokens + other.input_tokens,
+            output_tokens=self.output_tokens + other.output_tokens,
+            cost=cost,
+        )
+
+
+class Completion(BaseModel):
+    """One backend's answer.
+
+    Attributes:
+        latency: seconds from sending the request to the full answer.
+        ttft: seconds to the first token, when the answer was streamed.
+    """
+
+    model_config = _frozen
+
+    text: str = ""
+    tool_calls: tuple[ToolCall, ...] = ()
+    finish_reason: FinishReason = "stop"
+    usage: Usage = Field(default_factory=Usage)
+    model: str = ""
+    backend: str = ""
+    latency: float = 0.0
+    ttft: float | None = None
+
+    def parse_json(self) -> JsonValue:
+        """The text parsed as JSON (raises ``ValueError`` when it is not JSON)."""
+        return json.loads(self.text)
+
+
+class TextDelta(BaseModel):
+    """A piece of streamed text."""
+
+    model_config = _frozen
+    type: Literal["text"] = "text"
+    text: str
+
+
+class ToolCallDelta(BaseModel):
+    """A piece of a streamed tool call; pieces with the same ``index`` belong together."""
+
+    model_config = _frozen
+    type: Literal["tool_call"] = "tool_call"
+    index: int
+    id: str | None = None
+    name: str | None = None
+    arguments: str = ""
+
+
+class StreamEnd(BaseModel):
+    """The last event of a stream: the whole completion, with usage when the backend sent it."""
+
+    model_config = _frozen
+    type: Literal["end"] = "end"
+    completion: Completion
+
+
+StreamEvent = Annotated[TextDelta | ToolCallDelta | StreamEnd, Field(discriminator="type")]
+
+
+def usage_total(usages: Mapping[str, Usage] | Sequence[Usage]) -> Usage:
+    """Sum usages."""
+    items = usages.values() if isinstance(usages, Mapping) else usages
+    total = Usage()
+    for u in items:
+        total = total + u
+    return total
