@@ -37,6 +37,7 @@ from .select import Selector as Selector
 from .types import ChatRequest as ChatRequest
 from .types import Completion as Completion
 from .types import Message as Message
+from .types import RateLimitInfo as RateLimitInfo
 from .types import ResponseFormat as ResponseFormat
 from .types import StreamEnd as StreamEnd
 from .types import StreamEvent as StreamEvent
@@ -94,6 +95,7 @@ __all__ = [
     "Message",
     "MissingExtraError",
     "RateLimitError",
+    "RateLimitInfo",
     "RateLimitExceededError",
     "ResponseFormat",
     "Selection",

@@ -18,6 +18,7 @@ __all__ = [
     "FinishReason",
     "JsonValue",
     "Message",
+    "RateLimitInfo",
     "ResponseFormat",
     "Role",
     "StreamEnd",
@@ -201,6 +202,22 @@ class Usage(BaseModel):
         )
 
 
+class RateLimitInfo(BaseModel):
+    """Quota a provider reported in its rate-limit response headers (``None``: not reported).
+
+    ``reset_*`` are seconds from when the response was received until the quota refills.
+    """
+
+    model_config = _frozen
+
+    limit_requests: int | None = None
+    limit_tokens: int | None = None
+    remaining_requests: int | None = None
+    remaining_tokens: int | None = None
+    reset_requests: float | None = None
+    reset_tokens: float | None = None
+
+
 class Completion(BaseModel):
     """One backend's answer.
 
@@ -219,6 +236,7 @@ class Completion(BaseModel):
     backend: str = ""
     latency: float = 0.0
     ttft: float | None = None
+    rate_limit: RateLimitInfo | None = None
 
     def parse_json(self) -> JsonValue:
         """The text parsed as JSON (raises ``ValueError`` when it is not JSON)."""
