@@ -18,7 +18,15 @@ from types import TracebackType
 from typing import Any, Protocol, Self, runtime_checkable
 
 from .errors import ConfigurationError, MalformedResponseError
-from .types import ChatRequest, Completion, StreamEnd, StreamEvent, TextDelta, ToolCall, ToolCallDelta
+from .types import (
+    ChatRequest,
+    Completion,
+    StreamEnd,
+    StreamEvent,
+    TextDelta,
+    ToolCall,
+    ToolCallDelta,
+)
 
 __all__ = [
     "Backend",
@@ -105,9 +113,7 @@ class BaseBackend:
         return f"{type(self).__name__}(name={self.name!r})"
 
 
-async def collect_stream(
-    events: AsyncIterator[StreamEvent], *, backend: str = "?"
-) -> Completion:
+async def collect_stream(events: AsyncIterator[StreamEvent], *, backend: str = "?") -> Completion:
     """Drain a stream and return its completion, with ``ttft`` measured on the way.
 
     Raises:
@@ -151,7 +157,9 @@ _registry: dict[str, BackendFactory] = {}
 def register_backend(prefix: str, factory: BackendFactory) -> None:
     """Make ``"prefix:model"`` strings resolve through ``factory(model=..., **options)``."""
     if not prefix or ":" in prefix:
-        raise ConfigurationError(f"backend prefix must be non-empty and contain no ':', got {prefix!r}")
+        raise ConfigurationError(
+            f"backend prefix must be non-empty and contain no ':', got {prefix!r}"
+        )
     _registry[prefix] = factory
 
 

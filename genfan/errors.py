@@ -223,9 +223,7 @@ class AllBackendsFailedError(GenfanError, ExceptionGroup):  # type: ignore[misc]
     ``except GenfanError`` and ``except* RateLimitError`` work.
     """
 
-    def __new__(
-        cls, message: str, exceptions: Sequence[Exception]
-    ) -> AllBackendsFailedError:
+    def __new__(cls, message: str, exceptions: Sequence[Exception]) -> AllBackendsFailedError:
         return super().__new__(cls, message, exceptions)
 
     def __init__(self, message: str, exceptions: Sequence[Exception]) -> None:

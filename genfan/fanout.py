@@ -167,7 +167,9 @@ class FanOut:
         elif quorum is not None:
             raise ConfigurationError("quorum= is only meaningful with mode='quorum'")
         if deadline is not None and not (deadline > 0 and math.isfinite(deadline)):
-            raise ConfigurationError(f"deadline must be a positive number of seconds, got {deadline!r}")
+            raise ConfigurationError(
+                f"deadline must be a positive number of seconds, got {deadline!r}"
+            )
         self.targets: tuple[Target, ...] = _name_targets(targets)
         self.mode: Mode = mode
         self.quorum = 1 if mode == "first" else (quorum or len(self.targets))
@@ -214,19 +216,30 @@ class FanOut:
         state = _RaceState(self.quorum if self.mode != "all" else n + 1, self.agree)
         t0 = time.perf_counter()
 
-        with telemetry.bound(request_id=request_id), telemetry.span(
-            "genfan.fanout",
-            **{
-                "genfan.fanout.mode": self.mode,
-                "genfan.fanout.backends": n,
-                "genfan.request_id": request_id,
-            },
-        ) as fan_span:
+        with (
+            telemetry.bound(request_id=request_id),
+            telemetry.span(
+                "genfan.fanout",
+                **{
+                    "genfan.fanout.mode": self.mode,
+                    "genfan.fanout.backends": n,
+                    "genfan.request_id": request_id,
+                },
+            ) as fan_span,
+        ):
             with anyio.move_on_after(limit) as deadline_scope:
                 async with anyio.create_task_group() as tg:
                     for i, target in enumerate(self.targets):
                         tg.start_soon(
-                            self._call_one, i, target, req, slots, started_at, state, tg.cancel_scope, t0
+                            self._call_one,
+                            i,
+                            target,
+                            req,
+                            slots,
+                            started_at,
+                            state,
+                            tg.cancel_scope,
+                            t0,
                         )
             deadline_hit = deadline_scope.cancelled_caught
             now = time.perf_counter()
@@ -332,7 +345,9 @@ class FanOut:
                 usage = completion.usage
                 call_span.set_attribute("gen_ai.usage.input_tokens", usage.input_tokens)
                 call_span.set_attribute("gen_ai.usage.output_tokens", usage.output_tokens)
-                call_span.set_attribute("gen_ai.response.finish_reasons", (completion.finish_reason,))
+                call_span.set_attribute(
+                    "gen_ai.response.finish_reasons", (completion.finish_reason,)
+                )
                 if completion.model:
                     call_span.set_attribute("gen_ai.response.model", completion.model)
                 telemetry.event(
@@ -434,7 +449,9 @@ def _name_targets(targets: Sequence[Backend | Target]) -> tuple[Target, ...]:
         seen[base] += 1
         if seen[base] > 1:
             if target.name is not None:
-                raise ConfigurationError(f"two fan-out targets are both named {base!r}; names must be unique")
+                raise ConfigurationError(
+                    f"two fan-out targets are both named {base!r}; names must be unique"
+                )
             target = Target(**{**target.__dict__, "name": f"{base}#{seen[base]}"})
         named.append(target)
     return tuple(named)

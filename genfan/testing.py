@@ -31,6 +31,7 @@ __all__ = [
     "FunctionBackend",
     "Reply",
     "capture_events",
+    "fake_backend",
     "is_testing",
     "set_testing",
 ]
@@ -91,9 +92,8 @@ class FakeBackend(BaseBackend):
     def __init__(
         self,
         name: str = "fake",
-        replies: Sequence[ScriptItem] | Callable[[ChatRequest], ScriptItem | Awaitable[ScriptItem]] = (
-            "ok",
-        ),
+        replies: Sequence[ScriptItem]
+        | Callable[[ChatRequest], ScriptItem | Awaitable[ScriptItem]] = ("ok",),
         *,
         latency: float = 0.0,
         model: str = "fake-model",
@@ -168,6 +168,14 @@ class FakeBackend(BaseBackend):
 
     async def aclose(self) -> None:
         self.closed = True
+
+
+def fake_backend(model: str | None = None, **options: Any) -> FakeBackend:
+    """Registry factory for ``"fake:MODEL"`` specs (``type = "fake"`` in a config file).
+
+    Options are :class:`FakeBackend`'s (``name``, ``replies``, ``latency``).
+    """
+    return FakeBackend(model=model or "fake-model", **options)
 
 
 class FunctionBackend(BaseBackend):

@@ -102,7 +102,7 @@ class FirstSuccess:
         ok = [c for c in candidates if c.ok]
         if not ok:
             return Selection(chosen=None, explanation="no candidate succeeded", method="first")
-        best = min(ok, key=lambda c: (c.finished_order if c.finished_order is not None else 1 << 30))
+        best = min(ok, key=lambda c: c.finished_order if c.finished_order is not None else 1 << 30)
         return Selection(
             chosen=best.index,
             scores={c.index: 1.0 if c is best else 0.0 for c in ok},
@@ -134,8 +134,10 @@ class _FunctionSelector:
                 f"not {type(picked).__name__}"
             )
         if not 0 <= index < len(candidates):
-            raise ConfigurationError(f"selector function {self._name} returned index {index} "
-                                     f"but there are {len(candidates)} candidates")
+            raise ConfigurationError(
+                f"selector function {self._name} returned index {index} "
+                f"but there are {len(candidates)} candidates"
+            )
         return Selection(chosen=index, explanation=f"chosen by {self._name}", method=self._name)
 
 
@@ -147,4 +149,6 @@ def as_selector(select: SelectorLike | None) -> Selector:
         return select
     if callable(select):
         return _FunctionSelector(select)
-    raise ConfigurationError(f"select must be a Selector or a function, not {type(select).__name__}")
+    raise ConfigurationError(
+        f"select must be a Selector or a function, not {type(select).__name__}"
+    )

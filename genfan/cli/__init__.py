@@ -1,0 +1,36 @@
+"""The ``genfan`` command line: a thin user of the public API.
+
+``genfan ask`` fans a prompt out and shows the candidates; sub-apps add ``local``, ``batch`` and
+``schedule`` commands.
+"""
+
+from __future__ import annotations
+
+import typer
+
+from ._ask import ask
+
+app = typer.Typer(
+    name="genfan",
+    help="Fan a prompt out to several LLMs, pick the best answer, stay up under failure.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+app.command()(ask)
+
+
+@app.callback()
+def _root() -> None:
+    """genfan: fan a prompt out to several LLMs, pick the best answer, stay up under failure."""
+
+
+# Sub-apps (each module owns its commands).
+
+
+def main() -> None:
+    """Entry point of the ``genfan`` script."""
+    app()
+
+
+__all__ = ["app", "main"]

@@ -1,0 +1,3 @@
+from genfan.cli import main
+
+main()

@@ -1,0 +1,254 @@
+"""The TOML configuration file: backends, their overrides and guards, and the fan-out.
+
+```toml
+[fanout]
+mode = "all"            # all | first | quorum
+deadline = 30           # seconds for the whole fan-out
+select = "first"        # a selector name (see genfan.select), or a table {name = "vote", ...}
+
+[backends.gpt]
+type = "openai"         # a registry prefix: openai, anthropic, vllm, fake, or a plug-in's
+model = "gpt-4o-mini"
+api_key_env = "OPENAI_API_KEY"   # the key is read from this variable, never from the file
+temperature = 0.2       # per-backend overrides of the request
+system = "Answer briefly."
+
+[backends.gpt.options]  # passed to the backend's constructor (engine options, price, ...)
+max_concurrency = 32
+```
+
+:func:`load_config` validates the file into :class:`GenfanConfig`; a bad file raises
+:class:`~genfan.errors.ConfigurationError` naming the key and what to write instead.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .backend import Backend, create_backend
+from .errors import ConfigurationError
+from .fanout import FanOut, Target
+
+__all__ = ["BackendConfig", "FanOutConfig", "GenfanConfig", "load_config", "parse_config"]
+
+_strict = ConfigDict(extra="forbid", frozen=True)
+
+
+class BackendConfig(BaseModel):
+    """One ``[backends.NAME]`` table."""
+
+    model_config = _strict
+
+    type: Annotated[str, Field(min_length=1)]
+    model: str | None = None
+    base_url: str | None = None
+    api_key_env: str | None = None
+    headers: dict[str, str] = Field(default_factory=dict)
+    timeout: Annotated[float, Field(gt=0)] | None = None
+    temperature: Annotated[float, Field(ge=0, le=2)] | None = None
+    top_p: Annotated[float, Field(gt=0, le=1)] | None = None
+    max_tokens: Annotated[int, Field(gt=0)] | None = None
+    system: str | None = None
+    options: dict[str, Any] = Field(default_factory=dict)
+    guards: dict[str, Any] | None = None
+    enabled: bool = True
+
+    def constructor_options(self, name: str) -> dict[str, Any]:
+        """Keyword options for the backend's constructor."""
+        opts: dict[str, Any] = {"name": name}
+        if self.base_url is not None:
+            opts["base_url"] = self.base_url
+        if self.api_key_env is not None:
+            opts["api_key_env"] = self.api_key_env
+        if self.headers:
+            opts["headers"] = dict(self.headers)
+        if self.timeout is not None:
+            opts["timeout"] = self.timeout
+        opts.update(self.options)
+        return opts
+
+
+class SelectConfig(BaseModel):
+    """``select = {name = "vote", ...}``: a selector by name and its options."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    name: str = "first"
+
+
+class FanOutConfig(BaseModel):
+    """The ``[fanout]`` table."""
+
+    model_config = _strict
+
+    mode: Literal["all", "first", "quorum"] = "all"
+    quorum: Annotated[int, Field(ge=1)] | None = None
+    deadline: Annotated[float, Field(gt=0)] | None = None
+    select: str | SelectConfig = "first"
+    backends: list[str] | None = None
+
+
+class GenfanConfig(BaseModel):
+    """A whole configuration file."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    backends: dict[str, BackendConfig] = Field(default_factory=dict)
+    fanout: FanOutConfig = Field(default_factory=FanOutConfig)
+    defaults: dict[str, Any] = Field(default_factory=dict)
+    schedules: dict[str, Any] = Field(default_factory=dict)
+    batch: dict[str, Any] = Field(default_factory=dict)
+    source: Path | None = Field(default=None, exclude=True)
+
+    @model_validator(mode="after")
+    def _check_names(self) -> GenfanConfig:
+        if self.fanout.backends is not None:
+            unknown = [b for b in self.fanout.backends if b not in self.backends]
+            if unknown:
+                raise ValueError(
+                    f"fanout.backends names {unknown}, which have no [backends.NAME] table; "
+                    f"defined backends: {sorted(self.backends)}"
+                )
+        return self
+
+    def selected_backends(self, names: list[str] | None = None) -> dict[str, BackendConfig]:
+        """The backend tables a fan-out uses: ``names``, or ``fanout.backends``, or all enabled."""
+        wanted = names or self.fanout.backends
+        if wanted is None:
+            return {n: b for n, b in self.backends.items() if b.enabled}
+        missing = [n for n in wanted if n not in self.backends]
+        if missing:
+            raise ConfigurationError(
+                f"no backend named {missing} in the config; defined: {sorted(self.backends)}"
+            )
+        return {n: self.backends[n] for n in wanted}
+
+    def build_backend(self, name: str) -> Backend:
+        """Create (and guard, when a guards table applies) the backend ``name``."""
+        cfg = self.backends[name]
+        spec = f"{cfg.type}:{cfg.model or ''}"
+        backend = create_backend(spec, **cfg.constructor_options(name))
+        return _apply_guards(backend, self.defaults.get("guards"), cfg.guards)
+
+    def build_targets(self, names: list[str] | None = None) -> list[Target]:
+        """Fan-out targets for the selected backends, with their request overrides."""
+        targets = []
+        for name, cfg in self.selected_backends(names).items():
+            overrides = {"top_p": cfg.top_p} if cfg.top_p is not None else {}
+            targets.append(
+                Target(
+                    backend=self.build_backend(name),
+                    name=name,
+                    temperature=cfg.temperature,
+                    system=cfg.system,
+                    max_tokens=cfg.max_tokens,
+                    overrides=overrides,
+                )
+            )
+        if not targets:
+            raise ConfigurationError(
+                "the config defines no enabled backend; add a [backends.NAME] table"
+            )
+        return targets
+
+    def build_fanout(
+        self,
+        *,
+        backends: list[str] | None = None,
+        select: str | None = None,
+        mode: str | None = None,
+        quorum: int | None = None,
+        deadline: float | None = None,
+    ) -> FanOut:
+        """A :class:`FanOut` as the config describes it (arguments override the file)."""
+        fan = self.fanout
+        sel: str | SelectConfig = select if select is not None else fan.select
+        m = mode or fan.mode
+        return FanOut(
+            self.build_targets(backends),
+            mode=m,  # type: ignore[arg-type]
+            quorum=quorum if quorum is not None else (fan.quorum if m == "quorum" else None),
+            deadline=deadline if deadline is not None else fan.deadline,
+            select=_selector(sel),
+        )
+
+
+def _selector(sel: str | SelectConfig) -> Any:
+    name, options = (sel, {}) if isinstance(sel, str) else (sel.name, dict(sel.model_extra or {}))
+    if name == "first" and not options:
+        return None
+    from . import select as select_pkg
+
+    factory = getattr(select_pkg, "selector_from_name", None)
+    if factory is None:
+        raise ConfigurationError(f"unknown selector {name!r}; available: first")
+    return factory(name, **options)
+
+
+def _apply_guards(
+    backend: Backend, defaults: Mapping[str, Any] | None, own: Mapping[str, Any] | None
+) -> Backend:
+    try:
+        from .resilience import GuardsConfig  # type: ignore[attr-defined]
+    except ImportError:
+        if own:
+            raise ConfigurationError(
+                "a guards table is set but genfan.resilience is unavailable"
+            ) from None
+        return backend
+    merged = {**(defaults or {}), **(own or {})}
+    return GuardsConfig.model_validate(merged).build(backend)  # type: ignore[no-any-return]
+
+
+def _describe(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"] if not str(p).startswith("function-"))
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key: remove it or check its spelling"
+        elif e["type"] == "missing":
+            msg = "this key is required"
+        got = e.get("input")
+        got_s = (
+            ""
+            if e["type"] in ("missing", "extra_forbidden") or isinstance(got, dict)
+            else f" (got {got!r})"
+        )
+        lines.append(f"  {loc or '<top level>'}: {msg}{got_s}")
+    return f"{source}: invalid configuration:\n" + "\n".join(lines)
+
+
+def parse_config(data: Mapping[str, Any], *, source: str = "<config>") -> GenfanConfig:
+    """Validate an already-parsed mapping (for example from ``tomllib``)."""
+    try:
+        return GenfanConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigurationError(_describe(exc, source)) from None
+
+
+def load_config(path: str | Path) -> GenfanConfig:
+    """Read and validate a TOML configuration file.
+
+    Raises:
+        ConfigurationError: the file is missing, is not valid TOML, or has invalid keys; the
+            message names the key and the fix.
+    """
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigurationError(
+            f"config file {p} not found; create it or pass --config PATH"
+        ) from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigurationError(f"{p}: not valid TOML: {exc}") from None
+    cfg = parse_config(data, source=str(p))
+    return cfg.model_copy(update={"source": p})
