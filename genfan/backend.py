@@ -30,8 +30,8 @@ from .types import (
 
 __all__ = [
     "Backend",
-    "BaseBackend",
     "BackendFactory",
+    "BaseBackend",
     "collect_stream",
     "create_backend",
     "register_backend",

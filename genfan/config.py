@@ -194,7 +194,7 @@ def _apply_guards(
     backend: Backend, defaults: Mapping[str, Any] | None, own: Mapping[str, Any] | None
 ) -> Backend:
     try:
-        from .resilience import GuardsConfig  # type: ignore[attr-defined]
+        from .resilience import GuardsConfig  # type: ignore[attr-defined,import-not-found,unused-ignore]
     except ImportError:
         if own:
             raise ConfigurationError(

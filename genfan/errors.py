@@ -78,9 +78,18 @@ class BackendError(GenfanError):
         retryable: whether trying again (later, or elsewhere) may succeed.
     """
 
-    retryable: bool = False
-    #: whether a circuit breaker should count this failure by default.
-    counts_as_failure: bool = True
+    @property
+    def retryable(self) -> bool:
+        """Whether trying again (later, or elsewhere) may succeed."""
+        return self._retryable
+
+    @property
+    def counts_as_failure(self) -> bool:
+        """Whether a circuit breaker counts this failure by default."""
+        return self._counts
+
+    _retryable: bool = False
+    _counts: bool = True
 
     def __init__(self, message: str, *, backend: str = "?") -> None:
         self.backend = backend
@@ -108,13 +117,13 @@ def _rebuild(cls: type[BackendError], state: dict[str, Any]) -> BackendError:
 class BackendTimeoutError(BackendError):
     """The call did not finish within its timeout or what was left of the deadline."""
 
-    retryable = True
+    _retryable = True
 
 
 class BackendConnectionError(BackendError):
     """The backend could not be reached (refused, reset, DNS, TLS)."""
 
-    retryable = True
+    _retryable = True
 
 
 class HTTPStatusError(BackendError):
@@ -128,11 +137,11 @@ class HTTPStatusError(BackendError):
         super().__init__(message, backend=backend)
         self.status_code = status_code
 
-    @property  # type: ignore[override]
+    @property
     def retryable(self) -> bool:
         return self.status_code >= 500 or self.status_code in (408, 409, 429)
 
-    @property  # type: ignore[override]
+    @property
     def counts_as_failure(self) -> bool:
         return self.status_code >= 500 or self.status_code in (408, 429)
 
@@ -165,7 +174,7 @@ class RateLimitError(HTTPStatusError):
 class MalformedResponseError(BackendError):
     """The backend's answer could not be parsed into a completion."""
 
-    retryable = True
+    _retryable = True
 
 
 class CircuitOpenError(BackendError):
@@ -176,8 +185,7 @@ class CircuitOpenError(BackendError):
         retry_after: seconds from the rejection until ``retry_at``.
     """
 
-    retryable = False
-    counts_as_failure = False
+    _counts = False
 
     def __init__(
         self, message: str, *, backend: str = "?", retry_at: float, retry_after: float
@@ -190,8 +198,7 @@ class CircuitOpenError(BackendError):
 class BulkheadFullError(BackendError):
     """The backend's bulkhead is full (or the queue wait ran out); the call was shed."""
 
-    retryable = False
-    counts_as_failure = False
+    _counts = False
 
 
 class RateLimitExceededError(BackendError):
@@ -201,8 +208,7 @@ class RateLimitExceededError(BackendError):
         retry_after: seconds until enough quota is available.
     """
 
-    retryable = False
-    counts_as_failure = False
+    _counts = False
 
     def __init__(self, message: str, *, backend: str = "?", retry_after: float) -> None:
         super().__init__(message, backend=backend)
@@ -212,11 +218,10 @@ class RateLimitExceededError(BackendError):
 class CallCancelledError(BackendError):
     """The call was cancelled before it finished (for example another backend won the race)."""
 
-    retryable = False
-    counts_as_failure = False
+    _counts = False
 
 
-class AllBackendsFailedError(GenfanError, ExceptionGroup):  # type: ignore[misc]
+class AllBackendsFailedError(GenfanError, ExceptionGroup):  # type: ignore[misc,unused-ignore]
     """Every backend of a fan-out failed.
 
     It is an ``ExceptionGroup`` of the per-backend :class:`BackendError` s, so both
@@ -229,5 +234,5 @@ class AllBackendsFailedError(GenfanError, ExceptionGroup):  # type: ignore[misc]
     def __init__(self, message: str, exceptions: Sequence[Exception]) -> None:
         super().__init__(message, exceptions)
 
-    def derive(self, excs: Sequence[Exception]) -> AllBackendsFailedError:  # type: ignore[override]
+    def derive(self, excs: Sequence[Exception]) -> AllBackendsFailedError:  # type: ignore[override,unused-ignore]
         return AllBackendsFailedError(self.message, excs)

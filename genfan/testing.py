@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import inspect
 import itertools
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, MutableMapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -36,7 +36,7 @@ __all__ = [
     "set_testing",
 ]
 
-_testing = {"on": False, "attempts": None}
+_testing: dict[str, int | bool | None] = {"on": False, "attempts": None}
 
 
 def set_testing(on: bool = True, *, attempts: int | None = None) -> None:
@@ -47,7 +47,8 @@ def set_testing(on: bool = True, *, attempts: int | None = None) -> None:
 
 def is_testing() -> tuple[bool, int | None]:
     """Whether testing mode is on, and its attempts cap."""
-    return bool(_testing["on"]), _testing["attempts"]  # type: ignore[return-value]
+    attempts = _testing["attempts"]
+    return bool(_testing["on"]), attempts if isinstance(attempts, int) else None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -146,7 +147,7 @@ class FakeBackend(BaseBackend):
             return Completion(
                 text=item.text,
                 tool_calls=item.tool_calls,
-                finish_reason="tool_calls" if item.tool_calls else item.finish_reason,  # type: ignore[arg-type]
+                finish_reason="tool_calls" if item.tool_calls else item.finish_reason,
                 usage=usage,
                 model=request.model or self.model,
                 backend=self.name,
@@ -186,7 +187,7 @@ class FunctionBackend(BaseBackend):
         fn: Callable[[ChatRequest], str | Completion | Awaitable[str | Completion]],
         name: str | None = None,
     ) -> None:
-        super().__init__(name or getattr(fn, "__name__", "function"))
+        super().__init__(name or str(getattr(fn, "__name__", "function")))
         self._fn = fn
 
     async def complete(self, request: ChatRequest) -> Completion:
@@ -205,7 +206,7 @@ class FunctionBackend(BaseBackend):
 
 
 @contextmanager
-def capture_events() -> Iterator[list[dict[str, Any]]]:
+def capture_events() -> Iterator[list[MutableMapping[str, Any]]]:
     """Collect genfan's structlog events (as dicts with ``event`` and ``log_level``)."""
     with structlog.testing.capture_logs() as events:
         yield events

@@ -6,6 +6,7 @@ shared by many concurrent backend calls without copies.
 
 from __future__ import annotations
 
+import builtins
 import json
 from collections.abc import Mapping, Sequence
 from typing import Annotated, Any, Literal, TypeAlias
@@ -108,7 +109,7 @@ class ResponseFormat(BaseModel):
     strict: bool = True
 
     @classmethod
-    def from_model(cls, model: type[BaseModel], *, strict: bool = True) -> ResponseFormat:
+    def from_model(cls, model: builtins.type[BaseModel], *, strict: bool = True) -> ResponseFormat:
         """A JSON-schema response format from a pydantic model."""
         return cls(
             type="json_schema",
