@@ -1,0 +1,150 @@
+"""The TOML config and the `genfan ask` command."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from genfan import ConfigurationError, create_backend, register_backend
+from genfan.cli import app
+from genfan.config import load_config, parse_config
+from genfan.testing import FakeBackend
+
+GOOD = """
+[fanout]
+mode = "all"
+deadline = 5
+
+[backends.alpha]
+type = "fake"
+temperature = 0.2
+system = "Be brief."
+options = { replies = ["Paris."], latency = 0.02 }
+
+[backends.beta]
+type = "fake"
+model = "m2"
+options = { replies = ["The capital is Paris."], latency = 0.001 }
+
+[backends.off]
+type = "fake"
+enabled = false
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "genfan.toml"
+    p.write_text(text)
+    return p
+
+
+def test_good_config_builds_a_fanout(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, GOOD))
+    assert set(cfg.selected_backends()) == {"alpha", "beta"}
+    fan = cfg.build_fanout()
+    assert fan.names == ["alpha", "beta"] and fan.deadline == 5
+    alpha = fan.targets[0]
+    assert alpha.temperature == 0.2 and alpha.system == "Be brief."
+    assert isinstance(alpha.backend, FakeBackend) and alpha.backend.name == "alpha"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("[backends.a]\ntype = 'fake'\ntemprature = 0.3\n", "backends.a.temprature: unknown key"),
+        ("[backends.a]\nmodel = 'x'\n", "backends.a.type: this key is required"),
+        ("[backends.a]\ntype = 'fake'\ntemperature = 5\n", "backends.a.temperature"),
+        ("[fanout]\nmode = 'fastest'\n", "fanout.mode"),
+        ("[fanout]\nbackends = ['ghost']\n", "ghost"),
+        ("[backends.a\ntype = 'fake'\n", "not valid TOML"),
+    ],
+)
+def test_bad_config_names_the_key(tmp_path: Path, text: str, expected: str) -> None:
+    with pytest.raises(ConfigurationError) as info:
+        load_config(write(tmp_path, text))
+    assert expected in str(info.value)
+
+
+def test_missing_file_says_what_to_do(tmp_path: Path) -> None:
+    with pytest.raises(ConfigurationError, match="--config"):
+        load_config(tmp_path / "nope.toml")
+
+
+def test_unknown_provider_lists_known_ones() -> None:
+    cfg = parse_config({"backends": {"x": {"type": "nope"}}})
+    with pytest.raises(ConfigurationError, match="known providers: .*fake"):
+        cfg.build_fanout()
+
+
+def test_register_backend_at_run_time() -> None:
+    register_backend(
+        "echo", lambda model=None, **kw: FakeBackend(kw.get("name", "echo"), [model or "?"])
+    )
+    backend = create_backend("echo:hello", name="e")
+    assert isinstance(backend, FakeBackend) and backend.name == "e"
+    with pytest.raises(ConfigurationError):
+        register_backend("bad:prefix", FakeBackend)
+    with pytest.raises(ConfigurationError, match="provider:model"):
+        create_backend("no-colon")
+
+
+def test_ask_prints_a_table_with_the_chosen_answer(tmp_path: Path) -> None:
+    result = CliRunner().invoke(
+        app, ["ask", "capital of France?", "-c", str(write(tmp_path, GOOD))]
+    )
+    assert result.exit_code == 0, result.output
+    assert "alpha" in result.output and "beta" in result.output
+    assert "★" in result.output and "chosen" in result.output
+
+
+def test_ask_json_for_scripts(tmp_path: Path) -> None:
+    result = CliRunner().invoke(app, ["ask", "q", "-c", str(write(tmp_path, GOOD)), "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert data["chosen"] == "beta" and data["text"] == "The capital is Paris."
+    assert [c["backend"] for c in data["candidates"]] == ["alpha", "beta"]
+    assert all(c["status"] == "ok" for c in data["candidates"])
+
+
+def test_ask_with_backend_specs_and_no_config(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["ask", "q", "-b", "fake:a", "-b", "fake:b", "--json"])
+    assert result.exit_code == 0, result.output
+    assert len(json.loads(result.output)["candidates"]) == 2
+
+
+def test_ask_reports_all_failed_with_exit_code_2(tmp_path: Path) -> None:
+    cfg = write(
+        tmp_path,
+        "[backends.a]\ntype='fake'\noptions={latency=10}\n[fanout]\ndeadline=0.05\n",
+    )
+    result = CliRunner().invoke(app, ["ask", "q", "-c", str(cfg)])
+    assert result.exit_code == 2
+    assert "all 1 backends failed" in result.output
+
+
+def test_ask_without_backends_explains(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["ask", "q"])
+    assert result.exit_code == 2 and "--backend provider:model" in result.output
+
+
+def test_genfan_script_runs_as_a_process(tmp_path: Path) -> None:
+    cfg = write(tmp_path, GOOD)
+    out = subprocess.run(
+        [sys.executable, "-m", "genfan.cli", "ask", "q", "-c", str(cfg), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "NO_COLOR": "1"},
+    )
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["chosen"] == "beta"

@@ -1,0 +1,42 @@
+"""The public face: __all__, lazy loading, light import, telemetry wiring, secrets."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+import genfan
+
+
+def test_all_names_resolve() -> None:
+    for name in genfan.__all__:
+        assert getattr(genfan, name) is not None, name
+    assert sorted(set(genfan.__all__)) == sorted(genfan.__all__), "duplicates in __all__"
+
+
+def test_unknown_attribute_raises() -> None:
+    with pytest.raises(AttributeError):
+        _ = genfan.DoesNotExist  # type: ignore[attr-defined]
+
+
+def test_import_is_light() -> None:
+    code = (
+        "import sys, genfan; heavy = [m for m in ('vllm', 'torch', 'ray', 'openai', 'anthropic', "
+        "'transformers', 'httpx', 'structlog', 'rich', 'typer') if m in sys.modules]; print(heavy)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_genfan_never_imports_providers() -> None:
+    import pathlib
+
+    root = pathlib.Path(genfan.__file__).parent
+    offenders = [
+        str(p)
+        for p in root.rglob("*.py")
+        if "from providers" in p.read_text() or "import providers" in p.read_text()
+    ]
+    assert offenders == []

@@ -1,0 +1,59 @@
+"""Spans with GenAI attributes and structlog events from a fan-out."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from genfan import BackendError, ChatRequest, FanOut
+from genfan.testing import Fail, FakeBackend, capture_events
+
+_exporter = InMemorySpanExporter()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _provider() -> None:
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(_exporter))
+    trace.set_tracer_provider(provider)
+
+
+@pytest.fixture
+def spans() -> Iterator[InMemorySpanExporter]:
+    _exporter.clear()
+    yield _exporter
+
+
+@pytest.mark.anyio
+async def test_fanout_emits_parent_and_child_spans(spans: InMemorySpanExporter) -> None:
+    ok = FakeBackend("ok", ["hello world"])
+    bad = FakeBackend("bad", [Fail(error=BackendError("down"))])
+    await FanOut([ok, bad]).run(ChatRequest.from_prompt("hi", model="m1", temperature=0.3))
+    finished = {s.name: s for s in spans.get_finished_spans()}
+    fan = finished["genfan.fanout"]
+    calls = [s for s in spans.get_finished_spans() if s.name == "chat m1"]
+    assert len(calls) == 2
+    assert all(c.parent is not None and c.parent.span_id == fan.context.span_id for c in calls)
+    ok_span = next(c for c in calls if c.attributes["genfan.backend"] == "ok")
+    assert ok_span.attributes["gen_ai.request.model"] == "m1"
+    assert ok_span.attributes["gen_ai.usage.output_tokens"] == 2
+    bad_span = next(c for c in calls if c.attributes["genfan.backend"] == "bad")
+    assert bad_span.attributes["error.type"] == "BackendError"
+    assert fan.attributes["genfan.fanout.chosen"] == "ok"
+
+
+@pytest.mark.anyio
+async def test_fanout_logs_call_and_outcome_events() -> None:
+    with capture_events() as events:
+        await FanOut(
+            [FakeBackend("ok", ["x"]), FakeBackend("bad", [Fail(error=BackendError("no"))])]
+        ).run("hi")
+    names = [e["event"] for e in events]
+    assert "backend_call_finished" in names and "backend_call_failed" in names
+    finished = next(e for e in events if e["event"] == "fanout_finished")
+    assert finished["chosen"] == "ok" and finished["successes"] == 1
