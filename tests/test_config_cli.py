@@ -78,7 +78,7 @@ def test_missing_file_says_what_to_do(tmp_path: Path) -> None:
 
 def test_unknown_provider_lists_known_ones() -> None:
     cfg = parse_config({"backends": {"x": {"type": "nope"}}})
-    with pytest.raises(ConfigurationError, match="known providers: .*fake"):
+    with pytest.raises(ConfigurationError, match=r"known providers: .*fake"):
         cfg.build_fanout()
 
 
