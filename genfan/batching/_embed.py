@@ -1,0 +1,208 @@
+"""Batching where it pays: embeddings, and any backend that can answer a batch of requests."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from types import TracebackType
+from typing import Protocol, Self, runtime_checkable
+
+from ..backend import Backend
+from ..errors import BackendError, MalformedResponseError
+from ..types import ChatRequest, Completion, StreamEvent
+from ._micro import BatcherStatistics, MicroBatcher, OnFull
+
+__all__ = ["BatchCompleter", "BatchingBackend", "BatchingEmbedder", "Embedder"]
+
+
+@runtime_checkable
+class Embedder(Protocol):
+    """Anything that embeds many texts in one call (``OpenAIBackend.embed`` is one)."""
+
+    async def embed(self, texts: Sequence[str]) -> list[list[float]]:
+        """One vector per text, in the texts' order."""
+        ...
+
+
+@runtime_checkable
+class BatchCompleter(Protocol):
+    """A backend that can answer several requests in one call (a local engine, a batch API)."""
+
+    @property
+    def name(self) -> str: ...
+
+    async def complete_batch(
+        self, requests: Sequence[ChatRequest]
+    ) -> Sequence[Completion | BackendError]:
+        """One completion (or typed error) per request, in the requests' order."""
+        ...
+
+
+class BatchingEmbedder:
+    """Turns many single ``embed_one(text)`` calls into few batched ``embed(texts)`` requests.
+
+    Concurrent callers' texts are grouped by a :class:`MicroBatcher`: one HTTP request carries
+    up to ``max_size`` texts, sent when full or after ``max_wait`` seconds. Use it as an async
+    context manager.
+
+    Args:
+        embedder: the object that really embeds (``async embed(texts) -> vectors``).
+        max_size: the most texts per request.
+        max_wait: seconds the first text of a batch may wait for company.
+        max_queue: texts waiting at most; then ``on_full`` applies.
+        on_full: ``"wait"`` (backpressure) or ``"reject"``.
+        max_concurrent_batches: requests in flight at once.
+        name: for errors, events and statistics.
+
+    Example:
+        ```python
+        async with BatchingEmbedder(openai_backend, max_size=64) as embedder:
+            vector = await embedder.embed_one("hello")
+        ```
+    """
+
+    def __init__(
+        self,
+        embedder: Embedder,
+        *,
+        max_size: int = 64,
+        max_wait: float = 0.005,
+        max_queue: int = 10_000,
+        on_full: OnFull = "wait",
+        max_concurrent_batches: int = 4,
+        name: str | None = None,
+    ) -> None:
+        self.embedder = embedder
+        self.name = name or str(getattr(embedder, "name", "embedder"))
+        self._batcher: MicroBatcher[str, list[float]] = MicroBatcher(
+            self._handle,
+            max_size=max_size,
+            max_wait=max_wait,
+            max_queue=max_queue,
+            on_full=on_full,
+            max_concurrent_batches=max_concurrent_batches,
+            name=self.name,
+        )
+
+    async def _handle(self, texts: list[str]) -> list[list[float]]:
+        vectors = await self.embedder.embed(texts)
+        if len(vectors) != len(texts):
+            raise MalformedResponseError(
+                f"asked for {len(texts)} embeddings, got {len(vectors)}", backend=self.name
+            )
+        return vectors
+
+    async def __aenter__(self) -> Self:
+        await self._batcher.__aenter__()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool | None:
+        return await self._batcher.__aexit__(exc_type, exc, tb)
+
+    async def embed_one(self, text: str) -> list[float]:
+        """The vector of ``text``, computed in a batch with other callers' texts."""
+        return await self._batcher.submit(text)
+
+    async def embed(self, texts: Sequence[str]) -> list[list[float]]:
+        """Vectors for ``texts`` (batched together with any concurrent callers' texts).
+
+        Raises:
+            Exception: the first text's error, when any text failed.
+        """
+        results = await self._batcher.submit_many(list(texts))
+        for r in results:
+            if isinstance(r, BaseException):
+                raise r
+        return results  # type: ignore[return-value]
+
+    def statistics(self) -> BatcherStatistics:
+        """The batcher's statistics (fill rate, waits, batch latency)."""
+        return self._batcher.statistics()
+
+
+class BatchingBackend:
+    """A :class:`~genfan.Backend` whose ``complete`` calls are grouped into ``complete_batch``.
+
+    Streaming is not batched: :meth:`stream` goes straight to the wrapped backend when it can
+    stream. Use it as an async context manager (it runs the batcher).
+
+    Args:
+        backend: a backend with ``complete_batch`` (see :class:`BatchCompleter`).
+        max_size, max_wait, max_queue, on_full, max_concurrent_batches: as for
+            :class:`MicroBatcher`.
+    """
+
+    def __init__(
+        self,
+        backend: BatchCompleter,
+        *,
+        max_size: int = 16,
+        max_wait: float = 0.01,
+        max_queue: int = 10_000,
+        on_full: OnFull = "wait",
+        max_concurrent_batches: int = 1,
+    ) -> None:
+        self.inner = backend
+        self._batcher: MicroBatcher[ChatRequest, Completion] = MicroBatcher(
+            self._handle,
+            max_size=max_size,
+            max_wait=max_wait,
+            max_queue=max_queue,
+            on_full=on_full,
+            max_concurrent_batches=max_concurrent_batches,
+            name=backend.name,
+        )
+
+    @property
+    def name(self) -> str:
+        return self.inner.name
+
+    async def _handle(self, requests: list[ChatRequest]) -> Sequence[Completion | BackendError]:
+        return await self.inner.complete_batch(requests)
+
+    async def complete(self, request: ChatRequest) -> Completion:
+        """Answer ``request`` as part of a batch."""
+        return await self._batcher.submit(request)
+
+    async def stream(self, request: ChatRequest) -> AsyncIterator[StreamEvent]:
+        """Stream through the wrapped backend (streams are not batched)."""
+        if isinstance(self.inner, Backend):
+            async for event in self.inner.stream(request):
+                yield event
+            return
+        from ..types import StreamEnd, TextDelta
+
+        completion = await self.complete(request)
+        if completion.text:
+            yield TextDelta(text=completion.text)
+        yield StreamEnd(completion=completion)
+
+    def statistics(self) -> BatcherStatistics:
+        return self._batcher.statistics()
+
+    async def aclose(self) -> None:
+        close = getattr(self.inner, "aclose", None)
+        if close is not None:
+            await close()
+
+    async def __aenter__(self) -> Self:
+        await self._batcher.__aenter__()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        try:
+            await self._batcher.__aexit__(exc_type, exc, tb)
+        finally:
+            await self.aclose()
+
+    def __repr__(self) -> str:
+        return f"BatchingBackend(name={self.name!r}, inner={self.inner!r})"

@@ -1,0 +1,309 @@
+"""The micro-batcher: flush by size and by time, order, error isolation, cancellation, backpressure."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import anyio
+import pytest
+from trio.testing import MockClock
+
+from genfan.batching import BatchingBackend, BatchingEmbedder, MicroBatcher
+from genfan.errors import (
+    BackendError,
+    BulkheadFullError,
+    ConfigurationError,
+    HTTPStatusError,
+    MalformedResponseError,
+)
+from genfan.types import ChatRequest, Completion
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend() -> tuple[str, dict[str, object]]:
+    return ("trio", {"clock": MockClock(autojump_threshold=0)})
+
+
+class Recorder:
+    """A handler that records each batch and the time it was called."""
+
+    def __init__(self, latency: float = 0.0, fail_on: set[int] | None = None) -> None:
+        self.batches: list[list[int]] = []
+        self.times: list[float] = []
+        self.latency = latency
+        self.fail_on = fail_on or set()
+
+    async def __call__(self, items: list[int]) -> list[int | BaseException]:
+        self.batches.append(list(items))
+        self.times.append(anyio.current_time())
+        if self.latency:
+            await anyio.sleep(self.latency)
+        return [ValueError(f"bad {i}") if i in self.fail_on else i * 10 for i in items]
+
+
+async def test_flushes_when_a_batch_is_full_without_waiting() -> None:
+    rec = Recorder()
+    results: dict[int, int] = {}
+    async with MicroBatcher(rec, max_size=4, max_wait=60.0) as batcher:
+        start = anyio.current_time()
+
+        async def call(i: int) -> None:
+            results[i] = await batcher.submit(i)
+
+        async with anyio.create_task_group() as tg:
+            for i in range(8):
+                tg.start_soon(call, i)
+    assert [len(b) for b in rec.batches] == [4, 4]
+    assert all(t - start < 1.0 for t in rec.times)  # full batches never wait for max_wait
+    assert results == {i: i * 10 for i in range(8)}
+    stats = batcher.statistics()
+    assert (stats.batches, stats.items, stats.flushed_full, stats.fill_rate) == (2, 8, 2, 1.0)
+
+
+async def test_flushes_a_partial_batch_after_max_wait() -> None:
+    rec = Recorder()
+    async with MicroBatcher(rec, max_size=10, max_wait=2.5) as batcher:
+        start = anyio.current_time()
+        async with anyio.create_task_group() as tg:
+            for i in range(3):
+                tg.start_soon(batcher.submit, i)
+        waited = anyio.current_time() - start
+    assert [sorted(b) for b in rec.batches] == [[0, 1, 2]]
+    assert waited == pytest.approx(2.5)
+    stats = batcher.statistics()
+    assert stats.flushed_on_time == 1
+    assert stats.fill_rate == pytest.approx(0.3)
+    assert stats.mean_wait == pytest.approx(2.5)
+
+
+async def test_max_wait_counts_from_the_oldest_item() -> None:
+    rec = Recorder()
+    async with MicroBatcher(rec, max_size=10, max_wait=1.0) as batcher:
+        start = anyio.current_time()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(batcher.submit, 1)
+            await anyio.sleep(0.6)
+            tg.start_soon(batcher.submit, 2)  # joins the batch; does not restart the timer
+    assert rec.batches == [[1, 2]]
+    assert rec.times[0] - start == pytest.approx(1.0)
+
+
+async def test_results_go_back_to_their_own_caller_in_order() -> None:
+    async def reverse_aware(items: list[int]) -> list[str]:
+        return [f"r{i}" for i in items]
+
+    async with MicroBatcher(reverse_aware, max_size=7, max_wait=0.1) as batcher:
+        out = await batcher.submit_many(list(range(50)))
+    assert out == [f"r{i}" for i in range(50)]
+
+
+async def test_one_failed_item_fails_only_that_item() -> None:
+    rec = Recorder(fail_on={3})
+    async with MicroBatcher(rec, max_size=5, max_wait=0.1) as batcher:
+        out = await batcher.submit_many([1, 2, 3, 4])
+        with pytest.raises(ValueError, match="bad 3"):
+            await batcher.submit(3)
+    assert out[:2] == [10, 20] and out[3] == 40
+    assert isinstance(out[2], ValueError)
+    assert batcher.statistics().failed_items == 2
+
+
+async def test_batch_level_error_is_split_and_retried_per_item() -> None:
+    calls: list[list[int]] = []
+
+    async def poison(items: list[int]) -> list[int]:
+        calls.append(list(items))
+        if 13 in items:
+            raise HTTPStatusError("bad input in batch", backend="x", status_code=400)
+        return [i + 1 for i in items]
+
+    async with MicroBatcher(poison, max_size=4, max_wait=0.1) as batcher:
+        out = await batcher.submit_many([1, 13, 5, 7])
+    assert out[0] == 2 and out[2] == 6 and out[3] == 8
+    assert isinstance(out[1], HTTPStatusError)
+    assert calls[0] == [1, 13, 5, 7]
+    assert sorted(map(tuple, calls[1:])) == [(1,), (5,), (7,), (13,)]
+    assert batcher.statistics().split_batches == 1
+
+
+async def test_split_policy_can_refuse_to_split() -> None:
+    calls = 0
+
+    async def down(items: list[int]) -> list[int]:
+        nonlocal calls
+        calls += 1
+        raise BackendError("server down", backend="x")
+
+    async with MicroBatcher(
+        down, max_size=3, max_wait=0.1, split_on_batch_error=lambda e: False
+    ) as batcher:
+        out = await batcher.submit_many([1, 2, 3])
+    assert calls == 1  # an outage is not multiplied by per-item retries
+    assert all(isinstance(r, BackendError) for r in out)
+
+
+async def test_wrong_result_count_is_a_typed_error_for_every_item() -> None:
+    async def short(items: list[int]) -> list[int]:
+        return items[:-1] if len(items) > 1 else []
+
+    async with MicroBatcher(short, max_size=2, max_wait=0.1) as batcher:
+        out = await batcher.submit_many([1, 2])
+    assert all("returned 0 results for 1 items" in str(r) for r in out)
+
+
+async def test_cancelled_waiting_caller_item_is_never_sent() -> None:
+    rec = Recorder()
+    async with MicroBatcher(rec, max_size=10, max_wait=5.0) as batcher:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(batcher.submit, 1)
+            with anyio.move_on_after(1.0):
+                await batcher.submit(2)  # gives up before the batch is due
+            tg.start_soon(batcher.submit, 3)
+    assert rec.batches == [[1, 3]]
+    assert batcher.statistics().cancelled == 1
+
+
+async def test_cancelled_caller_after_send_drops_only_its_result() -> None:
+    rec = Recorder(latency=10.0)
+    got: dict[int, int] = {}
+    async with MicroBatcher(rec, max_size=3, max_wait=0.1) as batcher:
+
+        async def keep(i: int) -> None:
+            got[i] = await batcher.submit(i)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(keep, 1)
+            tg.start_soon(keep, 3)
+            with anyio.move_on_after(5.0):  # batch already sent at 0.1 s, answers at 10.1 s
+                await batcher.submit(2)
+    assert [sorted(b) for b in rec.batches] == [[1, 2, 3]]
+    assert got == {1: 10, 3: 30}
+    assert batcher.statistics().cancelled == 1
+
+
+async def test_full_queue_rejects_with_a_typed_error() -> None:
+    rec = Recorder(latency=1.0)
+    async with MicroBatcher(rec, max_size=5, max_wait=0.5, max_queue=2, on_full="reject") as b:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(b.submit, 1)
+            tg.start_soon(b.submit, 2)
+            await anyio.wait_all_tasks_blocked()  # both queued, neither sent yet
+            with pytest.raises(BulkheadFullError, match="queue full"):
+                await b.submit(3)
+    assert b.statistics().rejected == 1
+
+
+async def test_full_queue_waits_for_room_with_backpressure() -> None:
+    rec = Recorder(latency=1.0)
+    async with MicroBatcher(rec, max_size=2, max_wait=10.0, max_queue=2) as b:
+        out = await b.submit_many(list(range(7)))
+        stats = b.statistics()
+    assert out == [i * 10 for i in range(7)]
+    assert max(len(x) for x in rec.batches) <= 2
+    assert stats.rejected == 0 and stats.items == 7
+
+
+async def test_concurrent_batches_overlap() -> None:
+    rec = Recorder(latency=1.0)
+    async with MicroBatcher(rec, max_size=2, max_wait=0.0, max_concurrent_batches=3) as b:
+        start = anyio.current_time()
+        await b.submit_many(list(range(6)))
+        took = anyio.current_time() - start
+    assert took == pytest.approx(1.0)  # three batches of two at once
+
+
+async def test_closing_sends_what_is_queued() -> None:
+    rec = Recorder()
+    results: list[int] = []
+    async with anyio.create_task_group() as tg:
+        async with MicroBatcher(rec, max_size=10, max_wait=100.0) as b:
+
+            async def call() -> None:
+                results.append(await b.submit(4))
+
+            tg.start_soon(call)
+            await anyio.wait_all_tasks_blocked()
+    assert results == [40]
+    assert rec.times[0] < 1.0
+
+
+async def test_misuse_is_a_configuration_error() -> None:
+    rec = Recorder()
+    with pytest.raises(ConfigurationError, match="max_size"):
+        MicroBatcher(rec, max_size=0)
+    with pytest.raises(ConfigurationError, match="max_wait"):
+        MicroBatcher(rec, max_wait=-1)
+    with pytest.raises(ConfigurationError, match="on_full"):
+        MicroBatcher(rec, on_full="drop")  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError, match="not started"):
+        await MicroBatcher(rec).submit(1)
+
+
+class FakeEmbedder:
+    def __init__(self) -> None:
+        self.requests: list[list[str]] = []
+
+    async def embed(self, texts: Sequence[str]) -> list[list[float]]:
+        self.requests.append(list(texts))
+        await anyio.sleep(0.05)
+        return [[float(len(t)), 1.0] for t in texts]
+
+
+async def test_batching_embedder_turns_single_calls_into_few_requests() -> None:
+    inner = FakeEmbedder()
+    out: dict[str, list[float]] = {}
+    async with BatchingEmbedder(inner, max_size=16, max_wait=0.01) as emb:
+
+        async def one(text: str) -> None:
+            out[text] = await emb.embed_one(text)
+
+        async with anyio.create_task_group() as tg:
+            for i in range(100):
+                tg.start_soon(one, "x" * i)
+        stats = emb.statistics()
+        many = await emb.embed(["a", "bb"])
+    assert out["x" * 7] == [7.0, 1.0]
+    assert many == [[1.0, 1.0], [2.0, 1.0]]
+    assert len(inner.requests) == 8  # 100 single calls -> 7 requests, then one for embed()
+    assert stats.batches == 7 and stats.fill_rate == pytest.approx(100 / 112)
+
+
+async def test_batching_embedder_rejects_a_short_answer() -> None:
+    class Short:
+        async def embed(self, texts: Sequence[str]) -> list[list[float]]:
+            return []
+
+    async with BatchingEmbedder(Short(), name="emb") as emb:
+        with pytest.raises(MalformedResponseError, match="asked for 1 embeddings"):
+            await emb.embed_one("x")
+
+
+class BatchEngine:
+    name = "engine"
+
+    def __init__(self) -> None:
+        self.sizes: list[int] = []
+
+    async def complete_batch(
+        self, requests: Sequence[ChatRequest]
+    ) -> list[Completion | BackendError]:
+        self.sizes.append(len(requests))
+        return [
+            BackendError("refused", backend=self.name)
+            if r.prompt == "no"
+            else Completion(text=r.prompt.upper(), backend=self.name)
+            for r in requests
+        ]
+
+
+async def test_batching_backend_is_a_backend_for_fan_out() -> None:
+    from genfan import FanOut
+
+    engine = BatchEngine()
+    async with BatchingBackend(engine, max_size=8, max_wait=0.01) as backend:
+        fan = FanOut([backend])
+        results = await fan.map(["a", "b", "no", "c"], max_in_flight=4)
+    assert [getattr(r, "text", None) for r in results] == ["A", "B", None, "C"]
+    assert engine.sizes == [4]
