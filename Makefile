@@ -10,6 +10,7 @@ export TRANSFORMERS_OFFLINE := 1
 export VLLM_CPU_KVCACHE_SPACE ?= 1
 export VLLM_NO_USAGE_STATS := 1
 export DO_NOT_TRACK := 1
+export NO_MKDOCS_2_WARNING := 1
 
 .PHONY: demo test lint typecheck unit engine docs bench clean local prepare
 
