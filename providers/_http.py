@@ -1,0 +1,509 @@
+"""What the HTTP providers share: one pooled client, a concurrency bound, typed errors, SSE.
+
+:class:`HTTPBackend` holds the parts every HTTP provider needs:
+
+* an ``httpx.AsyncClient`` whose pool (``httpx.Limits(max_connections=max_concurrency)``) is
+  never asked for more connections than it has, because an ``anyio.Semaphore`` of the same size
+  bounds the requests in flight first. (httpcore rescans its whole pool for every queued request,
+  so letting thousands of requests queue inside httpcore costs milliseconds of CPU each.)
+* the API key, kept as a ``pydantic.SecretStr`` and redacted from every error message;
+* the translation of every transport failure, HTTP status and unreadable body into the typed
+  errors of :mod:`genfan.errors`, always with ``raise ... from exc``;
+* a small, fast server-sent-events parser, and rate-limit header parsing.
+
+Timeouts: the backend's ``timeout`` is httpx's (connect, pool, write, and each read: a
+stream that keeps sending is never cut). A request's own ``ChatRequest.timeout`` is a limit on
+the whole call, enforced with an anyio cancel scope and reported as
+:class:`~genfan.errors.BackendTimeoutError`.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import json
+import math
+import os
+import re
+import time
+from collections.abc import AsyncIterator, Iterable, Mapping
+from typing import Any, NoReturn
+
+import anyio
+import httpx
+from pydantic import SecretStr
+
+from genfan import telemetry
+from genfan.backend import BaseBackend
+from genfan.errors import (
+    BackendConnectionError,
+    BackendError,
+    BackendTimeoutError,
+    ConfigurationError,
+    HTTPStatusError,
+    MalformedResponseError,
+    RateLimitError,
+)
+from genfan.types import RateLimitInfo, Usage
+
+__all__ = [
+    "HTTPBackend",
+    "SSEParser",
+    "parse_duration",
+    "parse_retry_after",
+]
+
+_ERROR_BODY_CHARS = 300
+
+
+class HTTPBackend(BaseBackend):
+    """Base class of the HTTP providers (see the module docstring).
+
+    Args:
+        model: the default model (a request's ``model`` overrides it).
+        name: the backend's name (default ``"<provider>:<model>"``).
+        base_url: the API root, including its version path (``.../v1``).
+        api_key: the key itself; takes precedence over ``api_key_env``.
+        api_key_env: the environment variable to read the key from (``None``: never).
+        headers: extra headers sent with every request (e.g. ``HTTP-Referer`` for OpenRouter).
+        timeout: httpx timeout in seconds for connecting, and for each read and write.
+        max_concurrency: the most requests in flight at once on this backend (and the size of
+            its connection pool); more wait their turn in genfan, not in httpx.
+        price: USD per million input and output tokens, to fill ``Usage.cost``.
+        client: an ``httpx.AsyncClient`` to use instead of creating one (it is not closed by
+            :meth:`aclose`; its own pool limits apply).
+    """
+
+    provider = "http"
+    #: the header that carries the key, and how its value is written.
+    _auth_header = "authorization"
+    _auth_prefix = "Bearer "
+
+    def __init__(
+        self,
+        model: str | None = None,
+        *,
+        name: str | None = None,
+        base_url: str,
+        api_key: str | SecretStr | None = None,
+        api_key_env: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        timeout: float = 60.0,
+        max_concurrency: int = 64,
+        price: tuple[float, float] | None = None,
+        client: httpx.AsyncClient | None = None,
+    ) -> None:
+        if not isinstance(base_url, str) or not base_url.startswith(("http://", "https://")):
+            raise ConfigurationError(
+                f"base_url must be an http:// or https:// URL, got {base_url!r}"
+            )
+        if not (isinstance(timeout, int | float) and timeout > 0 and math.isfinite(timeout)):
+            raise ConfigurationError(f"timeout must be a positive number of seconds, got {timeout!r}")
+        if not (isinstance(max_concurrency, int) and max_concurrency >= 1):
+            raise ConfigurationError(f"max_concurrency must be an integer >= 1, got {max_concurrency!r}")
+        if price is not None:
+            if (
+                len(price) != 2
+                or not all(isinstance(p, int | float) and p >= 0 for p in price)
+            ):
+                raise ConfigurationError(
+                    "price must be (USD per 1M input tokens, USD per 1M output tokens), "
+                    f"both >= 0, got {price!r}"
+                )
+        super().__init__(name or (f"{self.provider}:{model}" if model else self.provider))
+        self.model = model
+        self.base_url = base_url.rstrip("/")
+        self.timeout = float(timeout)
+        self.max_concurrency = max_concurrency
+        self.price = (float(price[0]), float(price[1])) if price is not None else None
+        self.api_key_env = api_key_env
+        if api_key is None and api_key_env:
+            env_value = os.environ.get(api_key_env)
+            api_key = env_value or None
+        self._api_key: SecretStr | None = (
+            api_key if isinstance(api_key, SecretStr) or api_key is None else SecretStr(api_key)
+        )
+        self._headers: dict[str, str] = self._default_headers()
+        if headers:
+            self._headers.update(headers)
+        if self._api_key is not None and self._api_key.get_secret_value():
+            self._headers[self._auth_header] = self._auth_prefix + self._api_key.get_secret_value()
+        self._own_client = client is None
+        self._client = client
+        # Headers go on our own client once; a caller's client gets them per request.
+        self._request_headers: dict[str, str] | None = None if client is None else self._headers
+        self._sem = anyio.Semaphore(max_concurrency)
+        self._closed = False
+
+    # -- set-up --------------------------------------------------------------------------------
+
+    def _default_headers(self) -> dict[str, str]:
+        return {}
+
+    @property
+    def client(self) -> httpx.AsyncClient:
+        """The ``httpx.AsyncClient`` (created on first use)."""
+        client = self._client
+        if client is None:
+            if self._closed:
+                raise ConfigurationError(f"backend {self.name!r} is closed; create a new one")
+            client = self._client = httpx.AsyncClient(
+                headers=self._headers,
+                timeout=httpx.Timeout(self.timeout),
+                limits=httpx.Limits(
+                    max_connections=self.max_concurrency,
+                    max_keepalive_connections=self.max_concurrency,
+                ),
+            )
+        return client
+
+    @property
+    def has_api_key(self) -> bool:
+        """Whether a key is configured (the key itself is never shown)."""
+        return self._api_key is not None
+
+    async def aclose(self) -> None:
+        """Close the connection pool (a client passed in by the caller is left open)."""
+        self._closed = True
+        client, self._client = self._client, None
+        if client is not None and self._own_client:
+            await client.aclose()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(base_url={self.base_url!r}, model={self.model!r})"
+
+    # -- the request paths ---------------------------------------------------------------------
+
+    async def _acquire(self) -> None:
+        try:
+            self._sem.acquire_nowait()
+        except anyio.WouldBlock:
+            await self._sem.acquire()
+
+    async def _post_json(
+        self, url: str, body: dict[str, Any], timeout: float | None
+    ) -> tuple[Any, httpx.Response]:
+        """POST ``body`` as JSON and return the decoded JSON answer and the response.
+
+        Raises:
+            BackendError: a subclass for every way the call can fail.
+        """
+        client = self.client
+        await self._acquire()
+        try:
+            try:
+                if timeout is None:
+                    response = await client.post(url, json=body, headers=self._request_headers)
+                else:
+                    with anyio.fail_after(timeout):
+                        response = await client.post(
+                            url, json=body, headers=self._request_headers, timeout=timeout
+                        )
+            except (httpx.HTTPError, TimeoutError) as exc:
+                self._raise_transport(exc, url, timeout)
+        finally:
+            self._sem.release()
+        if response.status_code >= 400:
+            self._raise_status(response, response.content, url)
+        try:
+            return response.json(), response
+        except ValueError as exc:
+            raise MalformedResponseError(
+                f"non-JSON answer from {url} (HTTP {response.status_code}): "
+                f"{self._snippet(response.content)}",
+                backend=self.name,
+            ) from exc
+
+    async def _stream_sse(
+        self, url: str, body: dict[str, Any], timeout: float | None
+    ) -> AsyncIterator[tuple[str | None, str, httpx.Response]]:
+        """POST ``body`` and yield ``(event, data, response)`` for each server-sent event.
+
+        The response is closed however the iteration ends (finished, failed, cancelled, or
+        abandoned by the consumer), so its connection goes back to the pool or is dropped.
+        """
+        client = self.client
+        deadline = None if timeout is None else anyio.current_time() + timeout
+        await self._acquire()
+        try:
+            request = client.build_request(
+                "POST", url, json=body, headers=self._request_headers, timeout=timeout or httpx.USE_CLIENT_DEFAULT
+            )
+            try:
+                if deadline is None:
+                    response = await client.send(request, stream=True)
+                else:
+                    with anyio.fail_after(max(deadline - anyio.current_time(), 0.0)):
+                        response = await client.send(request, stream=True)
+            except (httpx.HTTPError, TimeoutError) as exc:
+                self._raise_transport(exc, url, timeout)
+            try:
+                if response.status_code >= 400:
+                    try:
+                        content = await response.aread()
+                    except httpx.HTTPError:
+                        content = b""
+                    self._raise_status(response, content, url)
+                parser = SSEParser()
+                chunks = response.aiter_raw().__aiter__()
+                while True:
+                    try:
+                        if deadline is None:
+                            chunk = await chunks.__anext__()
+                        else:
+                            with anyio.fail_after(max(deadline - anyio.current_time(), 0.0)):
+                                chunk = await chunks.__anext__()
+                    except StopAsyncIteration:
+                        break
+                    except (httpx.HTTPError, TimeoutError) as exc:
+                        self._raise_transport(exc, url, timeout)
+                    for event, data in parser.feed(chunk):
+                        yield event, data, response
+                for event, data in parser.close():
+                    yield event, data, response
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await response.aclose()
+        finally:
+            self._sem.release()
+
+    # -- error translation ---------------------------------------------------------------------
+
+    def _redact(self, text: str) -> str:
+        key = self._api_key.get_secret_value() if self._api_key is not None else ""
+        if key and key in text:
+            text = text.replace(key, "***")
+        return text
+
+    def _snippet(self, content: bytes) -> str:
+        text = content[:_ERROR_BODY_CHARS].decode("utf-8", "replace")
+        if len(content) > _ERROR_BODY_CHARS:
+            text += "..."
+        return self._redact(text) or "(empty body)"
+
+    def _raise_transport(
+        self, exc: httpx.HTTPError | TimeoutError, url: str, timeout: float | None
+    ) -> NoReturn:
+        """Raise the typed error for a transport failure (``from exc``)."""
+        err: BackendError
+        if isinstance(exc, httpx.TimeoutException | TimeoutError):
+            limit = timeout if timeout is not None else self.timeout
+            what = type(exc).__name__ if isinstance(exc, httpx.TimeoutException) else "call"
+            err = BackendTimeoutError(
+                f"{what} to {url} timed out after {limit:g}s; raise the timeout or check the server",
+                backend=self.name,
+            )
+        elif isinstance(exc, httpx.DecodingError):
+            err = MalformedResponseError(
+                f"could not decode the answer from {url}: {self._redact(str(exc))}",
+                backend=self.name,
+            )
+        else:
+            detail = self._redact(str(exc)) or type(exc).__name__
+            err = BackendConnectionError(
+                f"{type(exc).__name__} talking to {url}: {detail}; is the server up and the "
+                "base_url right?",
+                backend=self.name,
+            )
+        telemetry.event(
+            "backend_http_failed", level="info", backend=self.name, error=type(err).__name__
+        )
+        raise err from exc
+
+    def _error_message(self, data: Any) -> str | None:
+        """The vendor's error message in a decoded error body, if any."""
+        if isinstance(data, dict):
+            error = data.get("error")
+            if isinstance(error, dict) and isinstance(error.get("message"), str):
+                return str(error["message"])
+            if isinstance(error, str):
+                return error
+            if isinstance(data.get("message"), str):
+                return str(data["message"])
+        return None
+
+    def _status_hint(self, status: int) -> str:
+        if status in (401, 403):
+            source = f" (read from ${self.api_key_env})" if self.api_key_env else ""
+            return f"check the API key{source} and its permissions"
+        if status == 404:
+            return "check base_url and the model name"
+        if status == 429:
+            return "slow down, or retry after the time the server asked for"
+        if status >= 500:
+            return "the server failed; retrying later may help"
+        return "the request was rejected; fix it before retrying"
+
+    def _raise_status(self, response: httpx.Response, content: bytes, url: str) -> NoReturn:
+        """Raise :class:`HTTPStatusError` / :class:`RateLimitError` for an error status."""
+        status = response.status_code
+        try:
+            detail = self._error_message(json.loads(content))
+        except ValueError:
+            detail = None
+        text = self._redact(detail)[:_ERROR_BODY_CHARS] if detail else self._snippet(content)
+        message = f"HTTP {status} from {url}: {text}; {self._status_hint(status)}"
+        err: HTTPStatusError
+        if status == 429:
+            err = RateLimitError(
+                message, backend=self.name, retry_after=parse_retry_after(response.headers)
+            )
+        else:
+            err = HTTPStatusError(message, backend=self.name, status_code=status)
+        telemetry.event(
+            "backend_http_failed", level="info", backend=self.name, status_code=status
+        )
+        raise err from None
+
+    def _malformed(self, what: str, url: str, exc: BaseException | None = None) -> NoReturn:
+        err = MalformedResponseError(f"{what} (from {url})", backend=self.name)
+        if exc is not None:
+            raise err from exc
+        raise err
+
+    def _rate_limit_info(self, headers: httpx.Headers) -> RateLimitInfo | None:
+        return None
+
+    # -- shared helpers ------------------------------------------------------------------------
+
+    def _usage(self, input_tokens: int, output_tokens: int) -> Usage:
+        price = self.price
+        cost = (
+            None
+            if price is None
+            else (input_tokens * price[0] + output_tokens * price[1]) / 1_000_000
+        )
+        return Usage(input_tokens=input_tokens, output_tokens=output_tokens, cost=cost)
+
+
+# -- server-sent events ------------------------------------------------------------------------
+
+
+class SSEParser:
+    """An incremental parser of ``text/event-stream`` bodies.
+
+    Feed it raw bytes as they arrive; it returns the complete events as ``(event, data)``
+    pairs (``event`` is ``None`` when the server named none; multi-line data is joined with
+    ``\\n``). Comments and ``id:``/``retry:`` fields are ignored.
+    """
+
+    __slots__ = ("_buf", "_data", "_event")
+
+    def __init__(self) -> None:
+        self._buf = b""
+        self._event: str | None = None
+        self._data: list[str] = []
+
+    def feed(self, chunk: bytes) -> list[tuple[str | None, str]]:
+        buf = self._buf + chunk if self._buf else chunk
+        if b"\r" in buf:
+            if buf.endswith(b"\r"):
+                # a "\r\n" may be split across chunks: keep the "\r" for next time
+                self._buf = b"\r"
+                buf = buf[:-1]
+            else:
+                self._buf = b""
+            buf = buf.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+            lines = buf.split(b"\n")
+            self._buf = lines.pop() + self._buf
+        else:
+            lines = buf.split(b"\n")
+            self._buf = lines.pop()
+        return self._lines(lines)
+
+    def close(self) -> list[tuple[str | None, str]]:
+        """Events left when the body ended (a last event without its blank line)."""
+        lines = [self._buf] if self._buf else []
+        self._buf = b""
+        out = self._lines(lines)
+        if self._data:
+            out.append((self._event, "\n".join(self._data)))
+            self._data = []
+            self._event = None
+        return out
+
+    def _lines(self, lines: Iterable[bytes]) -> list[tuple[str | None, str]]:
+        out: list[tuple[str | None, str]] = []
+        for raw in lines:
+            if not raw:
+                if self._data:
+                    out.append((self._event, "\n".join(self._data)))
+                    self._data = []
+                self._event = None
+                continue
+            if raw.startswith(b"data:"):
+                value = raw[5:]
+                if value.startswith(b" "):
+                    value = value[1:]
+                self._data.append(value.decode("utf-8", "replace"))
+            elif raw.startswith(b"event:"):
+                self._event = raw[6:].strip().decode("utf-8", "replace")
+            # comments (":...") and other fields are ignored
+        return out
+
+
+# -- headers -----------------------------------------------------------------------------------
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
+
+
+def parse_duration(value: str | None) -> float | None:
+    """Seconds in an OpenAI-style duration: ``"1s"``, ``"6m0s"``, ``"20ms"``, ``"1h2m3.5s"``.
+
+    A bare number counts as seconds; anything unreadable gives ``None``.
+    """
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(float(value), 0.0)
+    except ValueError:
+        pass
+    total = 0.0
+    pos = 0
+    for m in _DURATION.finditer(value):
+        if m.start() != pos:
+            return None
+        pos = m.end()
+        amount = float(m.group(1))
+        total += amount * {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}[m.group(2)]
+    if pos != len(value) or pos == 0:
+        return None
+    return total
+
+
+def parse_retry_after(headers: httpx.Headers | Mapping[str, str]) -> float | None:
+    """Seconds to wait from ``retry-after-ms``, or ``Retry-After`` (seconds or an HTTP-date)."""
+    ms = headers.get("retry-after-ms")
+    if ms:
+        try:
+            value = float(ms) / 1000.0
+            if math.isfinite(value):
+                return max(value, 0.0)
+        except ValueError:
+            pass
+    raw = headers.get("retry-after")
+    if not raw:
+        return None
+    raw = raw.strip()
+    try:
+        value = float(raw)
+        return max(value, 0.0) if math.isfinite(value) else None
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(raw)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when is None:
+        return None
+    # An absolute date can only be read against the wall clock.
+    return max(when.timestamp() - time.time(), 0.0)
+
+
+def parse_int(value: str | None) -> int | None:
+    if value is None:
+        return None
+    try:
+        return int(float(value))
+    except ValueError:
+        return None

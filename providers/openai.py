@@ -1,0 +1,403 @@
+"""OpenAI-compatible chat completions over httpx: OpenAI, vLLM, Ollama, llama.cpp, OpenRouter...
+
+Any server that speaks ``POST {base_url}/chat/completions`` works: set ``base_url`` (it includes
+the version path, e.g. ``http://localhost:8000/v1``), the key (or none, for local servers) and any
+extra headers. See docs/providers.md for each server.
+
+```python
+from providers.openai import OpenAIBackend
+
+async with OpenAIBackend("gpt-4o-mini") as gpt:          # key from $OPENAI_API_KEY
+    completion = await gpt.complete(ChatRequest.from_prompt("Hi"))
+```
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import aclosing
+from typing import Any
+
+import httpx
+from pydantic import SecretStr
+
+from genfan.backend import merge_tool_call_deltas
+from genfan.errors import HTTPStatusError, MalformedResponseError, RateLimitError
+from genfan.types import (
+    ChatRequest,
+    Completion,
+    FinishReason,
+    Message,
+    RateLimitInfo,
+    StreamEnd,
+    StreamEvent,
+    TextDelta,
+    ToolCall,
+    ToolCallDelta,
+)
+
+from ._http import HTTPBackend, parse_duration, parse_int
+
+__all__ = ["OpenAIBackend"]
+
+_FINISH: dict[str | None, FinishReason] = {
+    "stop": "stop",
+    "length": "length",
+    "tool_calls": "tool_calls",
+    "function_call": "tool_calls",
+    "content_filter": "content_filter",
+    "eos": "stop",
+    "stop_sequence": "stop",
+}
+
+
+class OpenAIBackend(HTTPBackend):
+    """A backend for any OpenAI-compatible ``/chat/completions`` endpoint.
+
+    Args:
+        model: the default model (a request's ``model`` overrides it). When neither is set, no
+            ``model`` field is sent (llama.cpp's server does not need one).
+        name: the backend's name (default ``"openai:<model>"``).
+        base_url: the API root including ``/v1``.
+        api_key: the key (a ``str`` or ``pydantic.SecretStr``); takes precedence over
+            ``api_key_env``. Local servers need none.
+        api_key_env: the environment variable holding the key (``None``: do not look).
+        headers: extra headers for every request.
+        timeout: httpx timeout (connect, each read and write) in seconds; a request's own
+            ``timeout`` limits the whole call.
+        max_concurrency: requests in flight at once (and pool size); more wait in genfan.
+        price: USD per million input and output tokens, to fill ``Usage.cost``.
+        client: use this ``httpx.AsyncClient`` (left open by :meth:`aclose`).
+
+    Raises:
+        ConfigurationError: a bad ``base_url``, ``timeout``, ``max_concurrency`` or ``price``.
+    """
+
+    provider = "openai"
+
+    def __init__(
+        self,
+        model: str | None = None,
+        *,
+        name: str | None = None,
+        base_url: str = "https://api.openai.com/v1",
+        api_key: str | SecretStr | None = None,
+        api_key_env: str | None = "OPENAI_API_KEY",
+        headers: Mapping[str, str] | None = None,
+        timeout: float = 60.0,
+        max_concurrency: int = 64,
+        price: tuple[float, float] | None = None,
+        client: httpx.AsyncClient | None = None,
+    ) -> None:
+        super().__init__(
+            model,
+            name=name,
+            base_url=base_url,
+            api_key=api_key,
+            api_key_env=api_key_env,
+            headers=headers,
+            timeout=timeout,
+            max_concurrency=max_concurrency,
+            price=price,
+            client=client,
+        )
+        self._chat_url = self.base_url + "/chat/completions"
+        self._embed_url = self.base_url + "/embeddings"
+
+    # -- requests ------------------------------------------------------------------------------
+
+    def build_body(self, request: ChatRequest, *, stream: bool = False) -> dict[str, Any]:
+        """The JSON body sent for ``request`` (public so that tests and tools can inspect it)."""
+        body: dict[str, Any] = {"messages": [_message(m) for m in request.messages]}
+        model = request.model or self.model
+        if model:
+            body["model"] = model
+        if request.temperature is not None:
+            body["temperature"] = request.temperature
+        if request.top_p is not None:
+            body["top_p"] = request.top_p
+        if request.max_tokens is not None:
+            body["max_tokens"] = request.max_tokens
+        if request.stop:
+            body["stop"] = list(request.stop)
+        if request.seed is not None:
+            body["seed"] = request.seed
+        if request.tools:
+            body["tools"] = [
+                {
+                    "type": "function",
+                    "function": {
+                        "name": t.name,
+                        "description": t.description,
+                        "parameters": t.parameters,
+                    },
+                }
+                for t in request.tools
+            ]
+        choice = request.tool_choice
+        if choice is not None:
+            body["tool_choice"] = (
+                choice
+                if choice in ("auto", "none", "required")
+                else {"type": "function", "function": {"name": choice}}
+            )
+        fmt = request.response_format
+        if fmt is not None and fmt.type != "text":
+            if fmt.type == "json_object":
+                body["response_format"] = {"type": "json_object"}
+            else:
+                body["response_format"] = {
+                    "type": "json_schema",
+                    "json_schema": {
+                        "name": fmt.name,
+                        "schema": fmt.json_schema or {"type": "object"},
+                        "strict": fmt.strict,
+                    },
+                }
+        if stream:
+            body["stream"] = True
+            body["stream_options"] = {"include_usage": True}
+        return body
+
+    async def complete(self, request: ChatRequest) -> Completion:
+        """Answer ``request`` with one non-streaming call.
+
+        Raises:
+            HTTPStatusError: an error status (``RateLimitError`` for 429, with ``retry_after``).
+            BackendTimeoutError: the call timed out.
+            BackendConnectionError: the server could not be reached or broke the connection.
+            MalformedResponseError: the answer is not a chat completion.
+        """
+        body = self.build_body(request)
+        url = self._chat_url
+        start = time.perf_counter()
+        data, response = await self._post_json(url, body, request.timeout)
+        latency = time.perf_counter() - start
+        try:
+            choice = data["choices"][0]
+            message = choice["message"]
+            content = message.get("content")
+            raw_calls = message.get("tool_calls")
+            usage = data.get("usage") or _NO_USAGE
+            input_tokens = usage.get("prompt_tokens") or 0
+            output_tokens = usage.get("completion_tokens") or 0
+            text = content if isinstance(content, str) else _join_parts(content)
+            calls = _tool_calls(raw_calls) if raw_calls else ()
+            finish = _FINISH.get(choice.get("finish_reason"), "unknown")
+            return Completion(
+                text=text,
+                tool_calls=calls,
+                finish_reason=finish,
+                usage=self._usage(input_tokens, output_tokens),
+                model=data.get("model") or body.get("model") or "",
+                backend=self.name,
+                latency=latency,
+                rate_limit=self._rate_limit_info(response.headers),
+            )
+        except (KeyError, IndexError, TypeError, AttributeError, ValueError) as exc:
+            raise MalformedResponseError(
+                f"answer from {url} is not a chat completion ({type(exc).__name__}: {exc}): "
+                f"{self._snippet(response.content)}",
+                backend=self.name,
+            ) from exc
+
+    async def stream(self, request: ChatRequest) -> AsyncIterator[StreamEvent]:
+        """Stream the answer: text and tool-call pieces, then a :class:`StreamEnd`.
+
+        Usage comes from the last chunk (``stream_options.include_usage``). A stream that ends
+        before ``[DONE]`` or without a finish reason raises :class:`MalformedResponseError`.
+        """
+        body = self.build_body(request, stream=True)
+        url = self._chat_url
+        start = time.perf_counter()
+        ttft: float | None = None
+        parts: list[str] = []
+        deltas: list[ToolCallDelta] = []
+        finish: str | None = None
+        usage: Mapping[str, Any] | None = None
+        model = ""
+        done = False
+        response: httpx.Response | None = None
+        async with aclosing(self._stream_sse(url, body, request.timeout)) as events:
+            async for _event, data, response in events:
+                if done:
+                    continue
+                if data == "[DONE]":
+                    done = True
+                    continue
+                try:
+                    chunk = json.loads(data)
+                    if not isinstance(chunk, dict):
+                        raise TypeError(f"a chunk must be a JSON object, got {type(chunk).__name__}")
+                    if chunk.get("error") is not None:
+                        self._raise_stream_error(chunk, url)
+                    model = chunk.get("model") or model
+                    if chunk.get("usage"):
+                        usage = chunk["usage"]
+                    out: list[StreamEvent] = []
+                    for choice in chunk.get("choices") or ():
+                        if choice.get("index", 0) != 0:
+                            continue
+                        delta = choice.get("delta") or _NO_USAGE
+                        content = delta.get("content")
+                        if content:
+                            parts.append(content)
+                            out.append(TextDelta(text=content))
+                        for tc in delta.get("tool_calls") or ():
+                            fn = tc.get("function") or _NO_USAGE
+                            args = fn.get("arguments") or ""
+                            d = ToolCallDelta(
+                                index=tc.get("index", 0),
+                                id=tc.get("id"),
+                                name=fn.get("name"),
+                                arguments=args if isinstance(args, str) else json.dumps(args),
+                            )
+                            deltas.append(d)
+                            out.append(d)
+                        if choice.get("finish_reason"):
+                            finish = choice["finish_reason"]
+                except (KeyError, IndexError, TypeError, AttributeError, ValueError) as exc:
+                    raise MalformedResponseError(
+                        f"unreadable stream chunk from {url} ({type(exc).__name__}): "
+                        f"{self._redact(data[:300])}",
+                        backend=self.name,
+                    ) from exc
+                if out and ttft is None:
+                    ttft = time.perf_counter() - start
+                for ev in out:
+                    yield ev
+        if not done or finish is None:
+            missing = "[DONE]" if not done else "a finish reason"
+            raise MalformedResponseError(
+                f"stream from {url} ended without {missing} (truncated); the answer is "
+                "incomplete",
+                backend=self.name,
+            )
+        u = usage or _NO_USAGE
+        yield StreamEnd(
+            completion=Completion(
+                text="".join(parts),
+                tool_calls=merge_tool_call_deltas(deltas),
+                finish_reason=_FINISH.get(finish, "unknown"),
+                usage=self._usage(u.get("prompt_tokens") or 0, u.get("completion_tokens") or 0),
+                model=model or body.get("model") or "",
+                backend=self.name,
+                latency=time.perf_counter() - start,
+                ttft=ttft,
+                rate_limit=None if response is None else self._rate_limit_info(response.headers),
+            )
+        )
+
+    def _raise_stream_error(self, chunk: Mapping[str, Any], url: str) -> None:
+        error = chunk["error"]
+        message = self._error_message(chunk) or str(error)
+        code = error.get("code") if isinstance(error, dict) else None
+        kind = error.get("type") if isinstance(error, dict) else None
+        status = code if isinstance(code, int) and code >= 400 else 500
+        text = f"error event in the stream from {url}: {self._redact(message)[:300]}"
+        if status == 429 or kind in ("rate_limit_exceeded", "rate_limit_error") or code == (
+            "rate_limit_exceeded"
+        ):
+            raise RateLimitError(text, backend=self.name)
+        raise HTTPStatusError(text, backend=self.name, status_code=status)
+
+    async def embed(self, texts: Sequence[str], *, model: str | None = None) -> list[list[float]]:
+        """Embed ``texts`` with ``POST {base_url}/embeddings``, one vector per text, in order.
+
+        Raises:
+            BackendError: as :meth:`complete`; ``MalformedResponseError`` when the answer does
+                not hold one vector per text.
+        """
+        if isinstance(texts, str):
+            texts = [texts]
+        if not texts:
+            return []
+        body: dict[str, Any] = {"input": list(texts)}
+        chosen = model or self.model
+        if chosen:
+            body["model"] = chosen
+        url = self._embed_url
+        data, response = await self._post_json(url, body, None)
+        try:
+            items = sorted(data["data"], key=lambda d: d.get("index", 0))
+            vectors = [[float(x) for x in item["embedding"]] for item in items]
+        except (KeyError, TypeError, AttributeError, ValueError) as exc:
+            raise MalformedResponseError(
+                f"answer from {url} is not an embeddings list: {self._snippet(response.content)}",
+                backend=self.name,
+            ) from exc
+        if len(vectors) != len(texts):
+            raise MalformedResponseError(
+                f"{url} returned {len(vectors)} embeddings for {len(texts)} inputs",
+                backend=self.name,
+            )
+        return vectors
+
+    def _rate_limit_info(self, headers: httpx.Headers) -> RateLimitInfo | None:
+        found: dict[bytes, str] | None = None
+        for key, value in headers.raw:
+            if len(key) > 12 and key[:12].lower() == b"x-ratelimit-":
+                if found is None:
+                    found = {}
+                found[key[12:].lower()] = value.decode("latin-1")
+        if found is None:
+            return None
+        return RateLimitInfo(
+            limit_requests=parse_int(found.get(b"limit-requests")),
+            limit_tokens=parse_int(found.get(b"limit-tokens")),
+            remaining_requests=parse_int(found.get(b"remaining-requests")),
+            remaining_tokens=parse_int(found.get(b"remaining-tokens")),
+            reset_requests=parse_duration(found.get(b"reset-requests")),
+            reset_tokens=parse_duration(found.get(b"reset-tokens")),
+        )
+
+
+_NO_USAGE: Mapping[str, Any] = {}
+
+
+def _message(m: Message) -> dict[str, Any]:
+    role = m.role
+    if role == "assistant":
+        d: dict[str, Any] = {"role": "assistant", "content": m.content}
+        if m.tool_calls:
+            d["tool_calls"] = [
+                {
+                    "id": c.id,
+                    "type": "function",
+                    "function": {"name": c.name, "arguments": c.arguments},
+                }
+                for c in m.tool_calls
+            ]
+    elif role == "tool":
+        return {"role": "tool", "tool_call_id": m.tool_call_id, "content": m.content or ""}
+    else:
+        d = {"role": role, "content": m.content or ""}
+    if m.name:
+        d["name"] = m.name
+    return d
+
+
+def _join_parts(content: Any) -> str:
+    """Text of a ``content`` that is ``None`` or a list of parts (some servers send parts)."""
+    if content is None:
+        return ""
+    if isinstance(content, list):
+        return "".join(
+            p.get("text", "") if isinstance(p, dict) else str(p) for p in content
+        )
+    raise TypeError(f"message content must be a string or a list, got {type(content).__name__}")
+
+
+def _tool_calls(raw: Any) -> tuple[ToolCall, ...]:
+    calls = []
+    for i, c in enumerate(raw):
+        fn = c["function"]
+        args = fn.get("arguments")
+        if args is None:
+            args = "{}"
+        elif not isinstance(args, str):  # Ollama and others may send an object
+            args = json.dumps(args)
+        calls.append(ToolCall(id=c.get("id") or f"call_{i}", name=fn["name"], arguments=args))
+    return tuple(calls)
