@@ -1,0 +1,165 @@
+"""The guard stack of one backend, and the one place where the order of the guards is fixed."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Final
+
+from ..backend import Backend
+from ..types import ChatRequest, Completion, StreamEvent
+from ._base import Guard
+from ._breaker import BreakerStatistics, CircuitBreaker
+from ._bulkhead import Bulkhead, BulkheadStatistics
+from ._hedge import Hedge, HedgeStatistics
+from ._policies import (
+    BreakerPolicy,
+    BulkheadPolicy,
+    HedgePolicy,
+    RateLimitPolicy,
+    RetryPolicy,
+    TimeoutPolicy,
+)
+from ._ratelimit import RateLimiter, RateLimiterStatistics
+from ._retry import Retry, RetryBudget, RetryStatistics
+from ._timeout import Timeout
+
+__all__ = ["GUARD_ORDER", "GuardStatistics", "GuardedBackend", "guard"]
+
+_BULKHEAD: Final = BulkheadPolicy()
+_BREAKER: Final = BreakerPolicy()
+_RETRY: Final = RetryPolicy()
+_TIMEOUT: Final = TimeoutPolicy()
+
+#: The order of the guards, outermost first. This tuple is the single source of truth;
+#: :func:`guard` builds stacks in this order and docs/resilience.md explains why.
+GUARD_ORDER: Final = ("hedge", "bulkhead", "retry", "rate_limit", "breaker", "timeout")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class GuardStatistics:
+    """A snapshot of every guard of a backend (``None`` for a guard that is off)."""
+
+    bulkhead: BulkheadStatistics | None
+    breaker: BreakerStatistics | None
+    retry: RetryStatistics | None
+    rate_limit: RateLimiterStatistics | None
+    hedge: HedgeStatistics | None
+
+
+class GuardedBackend(Guard):
+    """A backend inside its guard stack; built by :func:`guard`.
+
+    Attributes:
+        provider: the unguarded backend.
+        hedge, bulkhead, retry, rate_limiter, breaker, timeout: each guard, or ``None`` if off.
+    """
+
+    def __init__(
+        self,
+        provider: Backend,
+        *,
+        hedge: Hedge | None,
+        bulkhead: Bulkhead | None,
+        retry: Retry | None,
+        rate_limiter: RateLimiter | None,
+        breaker: CircuitBreaker | None,
+        timeout: Timeout | None,
+        outer: Backend,
+    ) -> None:
+        super().__init__(outer)
+        self.provider = provider
+        self.hedge = hedge
+        self.bulkhead = bulkhead
+        self.retry = retry
+        self.rate_limiter = rate_limiter
+        self.breaker = breaker
+        self.timeout = timeout
+
+    @property
+    def name(self) -> str:
+        return self.provider.name
+
+    async def complete(self, request: ChatRequest) -> Completion:
+        return await self.inner.complete(request)
+
+    def stream(self, request: ChatRequest) -> AsyncIterator[StreamEvent]:
+        return self.inner.stream(request)
+
+    def statistics(self) -> GuardStatistics:
+        return GuardStatistics(
+            bulkhead=self.bulkhead.statistics() if self.bulkhead else None,
+            breaker=self.breaker.statistics() if self.breaker else None,
+            retry=self.retry.statistics() if self.retry else None,
+            rate_limit=self.rate_limiter.statistics() if self.rate_limiter else None,
+            hedge=self.hedge.statistics() if self.hedge else None,
+        )
+
+    def __repr__(self) -> str:
+        on = [n for n in GUARD_ORDER if getattr(self, "rate_limiter" if n == "rate_limit" else n)]
+        return f"GuardedBackend({self.provider!r}, guards={on})"
+
+
+def guard(
+    backend: Backend,
+    *,
+    bulkhead: BulkheadPolicy | None = _BULKHEAD,
+    breaker: BreakerPolicy | None = _BREAKER,
+    retry: RetryPolicy | None = _RETRY,
+    timeout: TimeoutPolicy | float | None = _TIMEOUT,
+    hedge: HedgePolicy | None = None,
+    rate_limit: RateLimitPolicy | None = None,
+    hedge_alternates: Sequence[Backend] = (),
+    retry_budget: RetryBudget | None = None,
+    rng: random.Random | None = None,
+) -> GuardedBackend:
+    """Wrap ``backend`` in its guard stack, in the fixed order :data:`GUARD_ORDER`.
+
+    Outermost first: **hedge → bulkhead → retry → rate limit → breaker → timeout** → provider.
+    Bulkhead, breaker, retry (with its budget) and timeout are on by default; hedging and rate
+    limits are off until given a policy (they cost extra requests or need the provider's quota).
+    Pass ``None`` to turn a guard off.
+
+    Args:
+        backend: the provider backend.
+        bulkhead: max concurrent/queued calls.
+        breaker: circuit-breaker policy.
+        retry: retry policy (its ``budget`` makes one :class:`RetryBudget` for this backend).
+        timeout: per-attempt timeout (a policy, or seconds).
+        hedge: hedging policy.
+        rate_limit: requests/tokens per minute.
+        hedge_alternates: backends hedges go to (default: this backend again).
+        retry_budget: share a budget between several stacks (default: one per backend).
+        rng: the random source for retry jitter.
+
+    Returns:
+        The guarded backend; its guards are reachable as attributes.
+    """
+    if isinstance(timeout, bool):
+        timeout = _TIMEOUT if timeout else None
+    elif isinstance(timeout, int | float):
+        timeout = TimeoutPolicy(timeout=float(timeout))
+    node: Backend = backend
+    t = Timeout(node, timeout) if timeout is not None else None
+    node = t or node
+    b = CircuitBreaker(node, breaker) if breaker is not None else None
+    node = b or node
+    rl = RateLimiter(node, rate_limit) if rate_limit is not None else None
+    node = rl or node
+    r = Retry(node, retry, budget=retry_budget, rng=rng) if retry is not None else None
+    node = r or node
+    bh = Bulkhead(node, bulkhead) if bulkhead is not None else None
+    node = bh or node
+    h = Hedge(node, hedge, alternates=hedge_alternates) if hedge is not None else None
+    node = h or node
+    return GuardedBackend(
+        backend,
+        hedge=h,
+        bulkhead=bh,
+        retry=r,
+        rate_limiter=rl,
+        breaker=b,
+        timeout=t,
+        outer=node,
+    )

@@ -1,0 +1,61 @@
+"""The per-attempt timeout."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+
+import anyio
+
+from ..backend import Backend
+from ..errors import BackendTimeoutError
+from ..types import ChatRequest, Completion, StreamEvent
+from ._base import Guard, decision
+from ._policies import TimeoutPolicy
+
+__all__ = ["Timeout"]
+
+
+class Timeout(Guard):
+    """Limit each call to ``policy.timeout`` seconds (or the request's ``timeout``, if smaller).
+
+    A call that runs past it is cancelled and fails with
+    :class:`~genfan.errors.BackendTimeoutError` (which the retry guard may retry). The fan-out's
+    deadline is separate: when it passes, the whole fan-out is cancelled from outside.
+    """
+
+    def __init__(self, inner: Backend, policy: TimeoutPolicy | None = None) -> None:
+        super().__init__(inner)
+        self.policy = policy or TimeoutPolicy()
+
+    def _limit(self, request: ChatRequest) -> float:
+        t = self.policy.timeout
+        return min(t, request.timeout) if request.timeout is not None else t
+
+    def _expired(self, limit: float) -> BackendTimeoutError:
+        decision("timeout_expired", backend=self.name, level="info", timeout=limit)
+        return BackendTimeoutError(f"no answer within {limit:g}s", backend=self.name)
+
+    async def complete(self, request: ChatRequest) -> Completion:
+        limit = self._limit(request)
+        with anyio.move_on_after(limit) as scope:
+            return await self.inner.complete(request)
+        if scope.cancelled_caught:
+            raise self._expired(limit)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def stream(self, request: ChatRequest) -> AsyncIterator[StreamEvent]:
+        """The whole stream must end within the limit (each wait is bounded by what is left)."""
+        limit = self._limit(request)
+        end = anyio.current_time() + limit
+        async with aclosing(self.inner.stream(request)) as events:  # type: ignore[type-var]
+            iterator = aiter(events)
+            while True:
+                with anyio.move_on_after(end - anyio.current_time()) as scope:
+                    try:
+                        event = await anext(iterator)
+                    except StopAsyncIteration:
+                        return
+                if scope.cancelled_caught:
+                    raise self._expired(limit)
+                yield event
