@@ -26,6 +26,9 @@ def _root() -> None:
 
 
 # Sub-apps (each module owns its commands).
+from ._batch import batch_app  # noqa: E402
+
+app.add_typer(batch_app, name="batch")
 
 
 def main() -> None:
