@@ -132,6 +132,8 @@ class FanOut:
             once ``quorum`` answers agree) and cancels the rest.
         quorum: the k of ``quorum`` mode.
         agree: maps a completion to a key; with ``quorum``, k answers with equal keys decide.
+            A key object with a ``for_request(request)`` method is bound to each request first
+            (``MajorityVote(...).agreement_key`` is one).
         deadline: seconds for the whole fan-out; unfinished calls are then cancelled and the best
             answer so far is returned. Guards inside spend only what is left of it.
         select: picks the answer (default: the first success).
@@ -213,7 +215,11 @@ class FanOut:
         n = len(self.targets)
         slots: list[Candidate | None] = [None] * n
         started_at = [0.0] * n
-        state = _RaceState(self.quorum if self.mode != "all" else n + 1, self.agree)
+        agree = self.agree
+        bind = getattr(agree, "for_request", None)
+        if callable(bind):  # a key that needs the question (e.g. a vote ignoring echoes)
+            agree = bind(req)
+        state = _RaceState(self.quorum if self.mode != "all" else n + 1, agree)
         t0 = time.perf_counter()
 
         with (

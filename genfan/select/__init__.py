@@ -1,7 +1,17 @@
 """Selection: score the candidates of a fan-out and pick the best.
 
 The fan-out hands every candidate (answers and typed failures) to a :class:`Selector`.
+:class:`Select` combines weighted :class:`Scorer` s (vote, consensus, judge, schema,
+heuristics, any function), hard filters and a tie-break, and explains its pick.
+:class:`Synthesis` (Mixture-of-Agents) and :class:`Cascade` (FrugalGPT) are modes built on them.
+
+Everything beyond the core types loads on first use.
 """
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
 
 from ._base import Candidate as Candidate
 from ._base import CandidateStatus as CandidateStatus
@@ -10,3 +20,117 @@ from ._base import Selection as Selection
 from ._base import Selector as Selector
 from ._base import SelectorLike as SelectorLike
 from ._base import as_selector as as_selector
+
+_LAZY: dict[str, str] = {
+    "CandidateScorer": "_scorer",
+    "FunctionScorer": "_scorer",
+    "Score": "_scorer",
+    "Scorer": "_scorer",
+    "ScorerLike": "_scorer",
+    "as_scorer": "_scorer",
+    "scorer": "_scorer",
+    "Select": "_select",
+    "TieBreak": "_select",
+    "AgreementKey": "_vote",
+    "MajorityVote": "_vote",
+    "Extractor": "_extract",
+    "FinalNumber": "_extract",
+    "Normalized": "_extract",
+    "NovelWords": "_extract",
+    "RegexExtract": "_extract",
+    "as_extractor": "_extract",
+    "normalize_text": "_extract",
+    "numbers_in": "_extract",
+    "Consensus": "_consensus",
+    "char_ngram_jaccard": "_consensus",
+    "rouge_l": "_consensus",
+    "token_jaccard": "_consensus",
+    "JudgeStatistics": "_judge",
+    "LLMJudge": "_judge",
+    "parse_rating": "_judge",
+    "parse_verdict": "_judge",
+    "SchemaValid": "_schema",
+    "extract_json": "_schema",
+    "Finished": "_heuristics",
+    "LengthBounds": "_heuristics",
+    "Patterns": "_heuristics",
+    "RefusalDetector": "_heuristics",
+    "Synthesis": "_synthesis",
+    "SynthesisResult": "_synthesis",
+    "aggregate_request": "_synthesis",
+    "Cascade": "_cascade",
+    "CascadeResult": "_cascade",
+    "Tier": "_cascade",
+    "TierOutcome": "_cascade",
+    "SELECTOR_NAMES": "_factory",
+    "selector_from_name": "_factory",
+}
+
+if TYPE_CHECKING:
+    from ._cascade import Cascade as Cascade
+    from ._cascade import CascadeResult as CascadeResult
+    from ._cascade import Tier as Tier
+    from ._cascade import TierOutcome as TierOutcome
+    from ._consensus import Consensus as Consensus
+    from ._consensus import char_ngram_jaccard as char_ngram_jaccard
+    from ._consensus import rouge_l as rouge_l
+    from ._consensus import token_jaccard as token_jaccard
+    from ._extract import Extractor as Extractor
+    from ._extract import FinalNumber as FinalNumber
+    from ._extract import Normalized as Normalized
+    from ._extract import NovelWords as NovelWords
+    from ._extract import RegexExtract as RegexExtract
+    from ._extract import as_extractor as as_extractor
+    from ._extract import normalize_text as normalize_text
+    from ._extract import numbers_in as numbers_in
+    from ._factory import SELECTOR_NAMES as SELECTOR_NAMES
+    from ._factory import selector_from_name as selector_from_name
+    from ._heuristics import Finished as Finished
+    from ._heuristics import LengthBounds as LengthBounds
+    from ._heuristics import Patterns as Patterns
+    from ._heuristics import RefusalDetector as RefusalDetector
+    from ._judge import JudgeStatistics as JudgeStatistics
+    from ._judge import LLMJudge as LLMJudge
+    from ._judge import parse_rating as parse_rating
+    from ._judge import parse_verdict as parse_verdict
+    from ._schema import SchemaValid as SchemaValid
+    from ._schema import extract_json as extract_json
+    from ._scorer import CandidateScorer as CandidateScorer
+    from ._scorer import FunctionScorer as FunctionScorer
+    from ._scorer import Score as Score
+    from ._scorer import Scorer as Scorer
+    from ._scorer import ScorerLike as ScorerLike
+    from ._scorer import as_scorer as as_scorer
+    from ._scorer import scorer as scorer
+    from ._select import Select as Select
+    from ._select import TieBreak as TieBreak
+    from ._synthesis import Synthesis as Synthesis
+    from ._synthesis import SynthesisResult as SynthesisResult
+    from ._synthesis import aggregate_request as aggregate_request
+    from ._vote import AgreementKey as AgreementKey
+    from ._vote import MajorityVote as MajorityVote
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'genfan.select' has no attribute {name!r}")
+    value = getattr(import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
+
+__all__ = [
+    "Candidate",
+    "CandidateStatus",
+    "FirstSuccess",
+    "Selection",
+    "Selector",
+    "SelectorLike",
+    "as_selector",
+    *_LAZY,
+]

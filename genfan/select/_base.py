@@ -69,6 +69,9 @@ class Selection:
         reasons: a short reason per candidate index.
         confidence: how sure the selector is, 0..1, when it can tell (used by cascades).
         explanation: one line for humans.
+        method: which selector decided (``first``, ``vote``, ``vote+schema``...).
+        by_scorer: each scorer's own score per candidate index, by scorer name.
+        rejected: why each candidate that failed a hard filter was left out, by index.
     """
 
     chosen: int | None
@@ -77,6 +80,8 @@ class Selection:
     confidence: float | None = None
     explanation: str = ""
     method: str = ""
+    by_scorer: Mapping[str, Mapping[int, float]] = field(default_factory=dict)
+    rejected: Mapping[int, str] = field(default_factory=dict)
 
 
 @runtime_checkable

@@ -1,0 +1,154 @@
+"""Synthesis (Mixture-of-Agents): proposers answer, an aggregator writes the final answer.
+
+Wang et al. (2024): several proposer models answer; in each further layer the proposers answer
+again with the previous layer's answers as references; finally an aggregator model synthesises
+one answer from the last layer's. The prompt is MoA's "aggregate-and-synthesize" prompt, placed
+in the system message (after any system prompt the request already had).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from ..backend import Backend
+from ..errors import ConfigurationError
+from ..fanout import FanOut, FanOutResult, Target
+from ..types import ChatRequest, Completion, Message, Usage
+from ._base import Candidate
+
+__all__ = ["AGGREGATE_PROMPT", "Synthesis", "SynthesisResult", "aggregate_request"]
+
+AGGREGATE_PROMPT = (
+    "You have been provided with a set of responses from various models to the latest user "
+    "query. Your task is to synthesize these responses into a single, high-quality response. "
+    "It is crucial to critically evaluate the information provided in these responses, "
+    "recognizing that some of it may be biased or incorrect. Your response should not simply "
+    "replicate the given answers but should offer a refined, accurate, and comprehensive reply "
+    "to the instruction. Ensure your response is well-structured, coherent, and adheres to the "
+    "highest standards of accuracy and reliability.\n\nResponses from models:"
+)
+
+
+def aggregate_request(
+    request: ChatRequest, references: Sequence[str], *, prompt: str = AGGREGATE_PROMPT
+) -> ChatRequest:
+    """``request`` with the references injected MoA-style.
+
+    The system message becomes the request's own system prompt (if any), a blank line, then
+    ``prompt`` followed by the numbered references (``"\\n1. ..."``); the other messages stay.
+    """
+    refs = "".join(f"\n{i}. {text}" for i, text in enumerate(references, 1))
+    system = prompt + refs
+    messages = list(request.messages)
+    if messages and messages[0].role == "system":
+        system = f"{messages[0].content or ''}\n\n{system}"
+        messages = messages[1:]
+    return request.model_copy(update={"messages": (Message.system(system), *messages)})
+
+
+@dataclass(frozen=True, kw_only=True)
+class SynthesisResult:
+    """The aggregator's answer and what led to it.
+
+    Attributes:
+        completion: the aggregator's completion.
+        layers: the proposers' fan-out result of each layer, in order.
+        aggregate_request: the request the aggregator received.
+    """
+
+    completion: Completion
+    layers: tuple[FanOutResult, ...]
+    aggregate_request: ChatRequest
+
+    @property
+    def text(self) -> str:
+        return self.completion.text
+
+    @property
+    def usage(self) -> Usage:
+        """Tokens (and cost) of every proposer call and the aggregator's."""
+        total = self.completion.usage
+        for layer in self.layers:
+            total = total + layer.usage
+        return total
+
+
+class Synthesis:
+    """Mixture-of-Agents: proposer layers, then one aggregator call.
+
+    Args:
+        proposers: a :class:`FanOut`, or backends/targets (run as ``FanOut(mode="all")``).
+        aggregator: the backend that writes the final answer.
+        layers: how many proposer layers (1: propose once, then aggregate; 2: propose, propose
+            again seeing the first answers, then aggregate...).
+        prompt: the aggregate-and-synthesize instruction (references are appended to it).
+        max_references: use at most this many answers (in the order the proposers finished).
+
+    Example:
+        ```python
+        moa = Synthesis([gpt, claude, llama], aggregator=gpt, layers=2)
+        result = await moa.run("Explain the CAP theorem in two sentences.")
+        ```
+    """
+
+    def __init__(
+        self,
+        proposers: FanOut | Sequence[Backend | Target],
+        aggregator: Backend,
+        *,
+        layers: int = 1,
+        prompt: str = AGGREGATE_PROMPT,
+        max_references: int | None = None,
+    ) -> None:
+        if not isinstance(layers, int) or layers < 1:
+            raise ConfigurationError(f"layers must be an integer >= 1, got {layers!r}")
+        if max_references is not None and max_references < 1:
+            raise ConfigurationError(f"max_references must be >= 1 or None, got {max_references!r}")
+        self.fanout = proposers if isinstance(proposers, FanOut) else FanOut(proposers, mode="all")
+        self.aggregator = aggregator
+        self.layers = layers
+        self.prompt = prompt
+        self.max_references = max_references
+
+    def references(self, candidates: Sequence[Candidate]) -> list[str]:
+        """The answers passed on: successful, non-empty, in finishing order."""
+        ok = [c for c in candidates if c.ok and c.text.strip()]
+        ok.sort(key=lambda c: c.finished_order if c.finished_order is not None else 1 << 30)
+        texts = [c.text for c in ok]
+        return texts[: self.max_references] if self.max_references else texts
+
+    async def synthesize(self, request: ChatRequest, candidates: Sequence[Candidate]) -> Completion:
+        """One aggregator call over ``candidates``' answers."""
+        return await self.aggregator.complete(
+            aggregate_request(request, self.references(candidates), prompt=self.prompt)
+        )
+
+    async def run(self, request: ChatRequest | str) -> SynthesisResult:
+        """Run the proposer layers and the aggregator.
+
+        Raises:
+            AllBackendsFailedError: every proposer of a layer failed.
+            BackendError: the aggregator failed.
+        """
+        req = ChatRequest.from_prompt(request) if isinstance(request, str) else request
+        results: list[FanOutResult] = []
+        layer_request = req
+        for _ in range(self.layers):
+            result = await self.fanout.run(layer_request)
+            results.append(result)
+            layer_request = aggregate_request(
+                req, self.references(result.candidates), prompt=self.prompt
+            )
+        completion = await self.aggregator.complete(layer_request)
+        return SynthesisResult(
+            completion=completion, layers=tuple(results), aggregate_request=layer_request
+        )
+
+    async def __aenter__(self) -> Synthesis:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.fanout.aclose()
+        if all(t.backend is not self.aggregator for t in self.fanout.targets):
+            await self.aggregator.aclose()
