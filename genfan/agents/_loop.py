@@ -1,0 +1,481 @@
+"""The tool loop: ask the model, run the tools it asks for (all at once), feed back, repeat.
+
+When the model asks for several tools in one turn, they run concurrently in one task group,
+each under its own timeout, retries and bulkhead. Every call ends as a result or as a typed,
+readable error that goes back to the model; nothing a tool does can crash the loop. Only the
+model call itself can fail the run (with the backend's typed error).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Literal, TypeAlias
+
+import anyio
+from anyio.abc import TaskGroup
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+from .. import telemetry
+from ..errors import ConfigurationError
+from ..types import ChatRequest, Completion, Message, ToolCall, Usage
+from ._errors import AgentStepLimitError
+from ._model import Model, check_model, complete, model_name
+from ._tools import ToolCallRecord, ToolLike, ToolRegistry
+
+__all__ = [
+    "Agent",
+    "AgentEvent",
+    "AgentFinished",
+    "AgentResult",
+    "AgentStep",
+    "AgentStream",
+    "ModelResponse",
+    "ModelTextDelta",
+    "ToolFailed",
+    "ToolFinished",
+    "ToolStarted",
+]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class AgentStep:
+    """One turn: a model call, and the tool calls it asked for (empty on the final turn).
+
+    Attributes:
+        index: 0 for the first turn.
+        completion: the model's answer in this turn.
+        tool_calls: a record per tool call, in the order the model listed them.
+        started: ``anyio.current_time()`` when the turn started.
+        elapsed: seconds for the model call plus the (concurrent) tool calls.
+    """
+
+    index: int
+    completion: Completion
+    tool_calls: tuple[ToolCallRecord, ...] = ()
+    started: float = 0.0
+    elapsed: float = 0.0
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class AgentResult:
+    """What an agent run produced.
+
+    Attributes:
+        text: the final answer (on a step limit: the last text the model wrote, often empty).
+        messages: the whole conversation, tool calls and tool results included; pass it to the
+            next :meth:`Agent.run` to continue.
+        steps: every turn.
+        stopped: ``final`` (the model answered) or ``step_limit`` (see ``on_step_limit``).
+        elapsed: seconds for the whole run.
+    """
+
+    text: str
+    messages: tuple[Message, ...]
+    steps: tuple[AgentStep, ...]
+    stopped: Literal["final", "step_limit"] = "final"
+    elapsed: float = 0.0
+
+    @property
+    def tool_calls(self) -> tuple[ToolCallRecord, ...]:
+        """Every tool call of every turn, in order."""
+        return tuple(r for s in self.steps for r in s.tool_calls)
+
+    @property
+    def usage(self) -> Usage:
+        """Tokens (and cost) over every model call."""
+        total = Usage()
+        for s in self.steps:
+            total = total + s.completion.usage
+        return total
+
+    @property
+    def completion(self) -> Completion | None:
+        """The last model answer."""
+        return self.steps[-1].completion if self.steps else None
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ModelTextDelta:
+    """A piece of the model's text, as it streams."""
+
+    step: int
+    text: str
+    type: Literal["text_delta"] = "text_delta"
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ModelResponse:
+    """The model finished a turn (``completion.tool_calls`` says what it asked for)."""
+
+    step: int
+    completion: Completion
+    type: Literal["model_response"] = "model_response"
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ToolStarted:
+    """A tool call started."""
+
+    step: int
+    call: ToolCall
+    type: Literal["tool_started"] = "tool_started"
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ToolFinished:
+    """A tool call succeeded."""
+
+    step: int
+    record: ToolCallRecord
+    type: Literal["tool_finished"] = "tool_finished"
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ToolFailed:
+    """A tool call failed; ``record.output`` is the error text the model will read."""
+
+    step: int
+    record: ToolCallRecord
+    type: Literal["tool_failed"] = "tool_failed"
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class AgentFinished:
+    """The run ended with ``result`` (the last event)."""
+
+    result: AgentResult
+    type: Literal["final"] = "final"
+
+
+AgentEvent: TypeAlias = (
+    ModelTextDelta | ModelResponse | ToolStarted | ToolFinished | ToolFailed | AgentFinished
+)
+EventHandler: TypeAlias = Callable[[AgentEvent], Awaitable[None] | None]
+Prompt: TypeAlias = str | ChatRequest | Sequence[Message]
+
+
+class Agent:
+    """A model with tools, run in a loop until it answers.
+
+    Args:
+        backend: the model: a :class:`~genfan.Backend` (any provider returning
+            ``Completion.tool_calls``), or a :class:`~genfan.FanOut` whose chosen answer is used.
+        tools: the tools it may call (:class:`Tool` s or plain functions), or a
+            :class:`ToolRegistry`. Only these ever run.
+        system: the system prompt.
+        max_steps: the most model calls in one run (>= 1).
+        on_step_limit: at ``max_steps`` with tools still requested, ``raise``
+            :class:`AgentStepLimitError` (it carries the partial result) or ``return`` the
+            result with ``stopped="step_limit"``.
+        max_parallel_tools: at most this many tool calls of one turn run at once (default: all).
+        model: the model name to request (default: the backend's).
+        temperature: sampling temperature for every model call.
+        max_tokens: output limit for every model call.
+        name: the agent's name in spans and logs.
+
+    Example:
+        ```python
+        agent = Agent(backend, tools=[search, fetch_page], system="Answer with sources.")
+        result = await agent.run("Who won the 1998 World Cup?")
+        print(result.text, [c.name for c in result.tool_calls])
+        ```
+    """
+
+    def __init__(
+        self,
+        backend: Model,
+        *,
+        tools: Iterable[ToolLike] | ToolRegistry = (),
+        system: str | None = None,
+        max_steps: int = 10,
+        on_step_limit: Literal["raise", "return"] = "raise",
+        max_parallel_tools: int | None = None,
+        model: str | None = None,
+        temperature: float | None = None,
+        max_tokens: int | None = None,
+        name: str = "agent",
+    ) -> None:
+        self.backend = check_model(backend, what="Agent")
+        self.tools = tools if isinstance(tools, ToolRegistry) else ToolRegistry(tools)
+        if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
+            raise ConfigurationError(f"Agent.max_steps must be an int >= 1, got {max_steps!r}")
+        if on_step_limit not in ("raise", "return"):
+            raise ConfigurationError(
+                f"Agent.on_step_limit must be 'raise' or 'return', got {on_step_limit!r}"
+            )
+        if max_parallel_tools is not None and (
+            not isinstance(max_parallel_tools, int) or max_parallel_tools < 1
+        ):
+            raise ConfigurationError(
+                f"Agent.max_parallel_tools must be an int >= 1, got {max_parallel_tools!r}"
+            )
+        self.system = system
+        self.max_steps = max_steps
+        self.on_step_limit = on_step_limit
+        self.max_parallel_tools = max_parallel_tools
+        self.model = model
+        self.temperature = temperature
+        self.max_tokens = max_tokens
+        self.name = name
+
+    def __repr__(self) -> str:
+        return (
+            f"Agent(name={self.name!r}, backend={model_name(self.backend)!r}, "
+            f"tools={self.tools.names!r})"
+        )
+
+    async def run(self, prompt: Prompt, *, on_event: EventHandler | None = None) -> AgentResult:
+        """Run the loop until the model answers without asking for tools.
+
+        Args:
+            prompt: a user prompt, a list of messages (e.g. a previous result's ``messages``
+                plus a new user message), or a whole :class:`~genfan.ChatRequest`.
+            on_event: called with every :class:`AgentEvent` (sync or async); model text is
+                streamed when it is set.
+
+        Raises:
+            AgentStepLimitError: ``max_steps`` reached with ``on_step_limit="raise"``.
+            BackendError: the model call failed (tools' failures never raise; the model reads
+                them).
+        """
+        emit = _as_async(on_event) if on_event is not None else None
+        return await self._run(prompt, emit)
+
+    def run_stream(self, prompt: Prompt) -> AgentStream:
+        """Run the loop and stream its events.
+
+        Use it as ``async with agent.run_stream(prompt) as events: async for ev in events:``.
+        The last event is :class:`AgentFinished`; a failure is raised from the iteration.
+        Leaving the block early cancels the run (and its running tools).
+        """
+        return AgentStream(self, prompt)
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    def _first_request(self, prompt: Prompt) -> ChatRequest:
+        specs = self.tools.specs()
+        if isinstance(prompt, ChatRequest):
+            request = prompt
+        elif isinstance(prompt, str):
+            request = ChatRequest.from_prompt(prompt)
+        else:
+            request = ChatRequest(messages=tuple(prompt))
+        if self.system is not None and not any(m.role == "system" for m in request.messages):
+            request = request.with_system(self.system)
+        return request.with_overrides(
+            tools=specs or None,
+            model=self.model,
+            temperature=self.temperature,
+            max_tokens=self.max_tokens,
+        )
+
+    async def _run(
+        self, prompt: Prompt, emit: Callable[[AgentEvent], Awaitable[None]] | None
+    ) -> AgentResult:
+        request = self._first_request(prompt)
+        messages = list(request.messages)
+        steps: list[AgentStep] = []
+        start = anyio.current_time()
+        with telemetry.span(
+            f"invoke_agent {self.name}",
+            **{
+                "gen_ai.operation.name": "invoke_agent",
+                "gen_ai.agent.name": self.name,
+                "genfan.agent.tools": len(self.tools),
+                "genfan.agent.max_steps": self.max_steps,
+            },
+        ) as span:
+            for index in range(self.max_steps):
+                step_start = anyio.current_time()
+                on_text = None
+                if emit is not None:
+                    on_text = _text_emitter(emit, index)
+                completion = await complete(
+                    self.backend,
+                    request.model_copy(update={"messages": tuple(messages)}),
+                    on_text=on_text,
+                )
+                if emit is not None:
+                    await emit(ModelResponse(step=index, completion=completion))
+                messages.append(Message.assistant(completion.text or None, completion.tool_calls))
+                records: tuple[ToolCallRecord, ...] = ()
+                if completion.tool_calls:
+                    records = await self._run_tools(completion.tool_calls, index, emit)
+                    messages.extend(
+                        Message.tool(r.output, tool_call_id=r.id, name=r.name) for r in records
+                    )
+                steps.append(
+                    AgentStep(
+                        index=index,
+                        completion=completion,
+                        tool_calls=records,
+                        started=step_start,
+                        elapsed=anyio.current_time() - step_start,
+                    )
+                )
+                telemetry.event(
+                    "agent_step_finished",
+                    agent=self.name,
+                    step=index,
+                    tool_calls=len(records),
+                    tool_failures=sum(not r.ok for r in records),
+                )
+                if not completion.tool_calls:
+                    result = AgentResult(
+                        text=completion.text,
+                        messages=tuple(messages),
+                        steps=tuple(steps),
+                        stopped="final",
+                        elapsed=anyio.current_time() - start,
+                    )
+                    span.set_attribute("genfan.agent.steps", len(steps))
+                    telemetry.event("agent_finished", agent=self.name, steps=len(steps))
+                    if emit is not None:
+                        await emit(AgentFinished(result=result))
+                    return result
+
+            last = steps[-1].completion
+            result = AgentResult(
+                text=last.text,
+                messages=tuple(messages),
+                steps=tuple(steps),
+                stopped="step_limit",
+                elapsed=anyio.current_time() - start,
+            )
+            span.set_attribute("genfan.agent.steps", len(steps))
+            span.set_attribute("genfan.agent.stopped", "step_limit")
+            telemetry.event(
+                "agent_step_limit", level="warning", agent=self.name, max_steps=self.max_steps
+            )
+            if self.on_step_limit == "raise":
+                raise AgentStepLimitError(
+                    f"agent {self.name!r} reached max_steps={self.max_steps} while the model was "
+                    f"still calling tools ({', '.join(c.name for c in last.tool_calls)})",
+                    result=result,
+                )
+            if emit is not None:
+                await emit(AgentFinished(result=result))
+            return result
+
+    async def _run_tools(
+        self,
+        calls: Sequence[ToolCall],
+        step: int,
+        emit: Callable[[AgentEvent], Awaitable[None]] | None,
+    ) -> tuple[ToolCallRecord, ...]:
+        records: list[ToolCallRecord | None] = [None] * len(calls)
+        limiter = (
+            anyio.CapacityLimiter(self.max_parallel_tools)
+            if self.max_parallel_tools is not None
+            else None
+        )
+
+        async def one(i: int, call: ToolCall) -> None:
+            if limiter is not None:
+                async with limiter:
+                    await run_one(i, call)
+            else:
+                await run_one(i, call)
+
+        async def run_one(i: int, call: ToolCall) -> None:
+            if emit is not None:
+                await emit(ToolStarted(step=step, call=call))
+            record = await self.tools.run(call)
+            records[i] = record
+            if emit is not None:
+                event = ToolFinished if record.ok else ToolFailed
+                await emit(event(step=step, record=record))
+
+        async with anyio.create_task_group() as tg:
+            for i, call in enumerate(calls):
+                tg.start_soon(one, i, call, name=f"tool {call.name}")
+        return tuple(r for r in records if r is not None)
+
+
+def _as_async(handler: EventHandler) -> Callable[[AgentEvent], Awaitable[None]]:
+    async def emit(event: AgentEvent) -> None:
+        out = handler(event)
+        if inspect.isawaitable(out):
+            await out
+
+    return emit
+
+
+def _text_emitter(
+    emit: Callable[[AgentEvent], Awaitable[None]], step: int
+) -> Callable[[str], Awaitable[None]]:
+    async def on_text(text: str) -> None:
+        await emit(ModelTextDelta(step=step, text=text))
+
+    return on_text
+
+
+class AgentStream:
+    """The events of one agent run (see :meth:`Agent.run_stream`).
+
+    Attributes:
+        result: the run's result, once :class:`AgentFinished` has been received.
+    """
+
+    def __init__(self, agent: Agent, prompt: Prompt) -> None:
+        self.agent = agent
+        self.prompt = prompt
+        self.result: AgentResult | None = None
+        self._error: BaseException | None = None
+        self._tg: TaskGroup | None = None
+        self._send: MemoryObjectSendStream[AgentEvent] | None = None
+        self._receive: MemoryObjectReceiveStream[AgentEvent] | None = None
+        self._done = False
+
+    async def __aenter__(self) -> AgentStream:
+        # Unbounded: tools never wait for a slow reader; events are small.
+        self._send, self._receive = anyio.create_memory_object_stream[AgentEvent](math.inf)
+        self._tg = anyio.create_task_group()
+        await self._tg.__aenter__()
+        self._tg.start_soon(self._produce, name=f"agent {self.agent.name}")
+        return self
+
+    async def _produce(self) -> None:
+        assert self._send is not None
+        send = self._send
+        try:
+            self.result = await self.agent._run(self.prompt, send.send)
+        except Exception as exc:
+            self._error = exc
+        finally:
+            self._done = True
+            send.close()
+
+    def __aiter__(self) -> AsyncIterator[AgentEvent]:
+        return self
+
+    async def __anext__(self) -> AgentEvent:
+        if self._receive is None:
+            raise RuntimeError("use `async with agent.run_stream(...) as events:` first")
+        try:
+            return await self._receive.receive()
+        except anyio.EndOfStream:
+            pass
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+        raise StopAsyncIteration
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool | None:
+        assert self._tg is not None
+        if not self._done:
+            self._tg.cancel_scope.cancel()
+        try:
+            return await self._tg.__aexit__(exc_type, exc, tb)
+        finally:
+            if self._receive is not None:
+                self._receive.close()
