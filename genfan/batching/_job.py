@@ -114,7 +114,7 @@ class BatchJob:
         if self.input.resolve() == self.output.resolve():
             raise ConfigurationError("input and output must be different files")
 
-    async def run(self, *, progress: bool | None = None) -> JobSummary:
+    async def run(self, *, progress: bool = False) -> JobSummary:
         """Run the job (see :func:`run_batch_job`)."""
         return await run_batch_job(self, progress=progress)
 
@@ -566,12 +566,10 @@ class RichProgress:
         self._progress.stop()
 
 
-def _make_progress(tally: _Tally, progress: bool | None) -> Progress:
-    if progress is False:
+def _make_progress(tally: _Tally, progress: bool) -> Progress:
+    if not progress:
         return _NoProgress()
-    if progress is None and not sys.stderr.isatty():
-        return LogProgress(tally)
-    return RichProgress(tally) if sys.stderr.isatty() or progress else LogProgress(tally)
+    return RichProgress(tally) if sys.stderr.isatty() else LogProgress(tally)
 
 
 # -- running ----------------------------------------------------------------------------------
@@ -627,7 +625,7 @@ def _select(keys: list[str], output: OutputFile, rerun: Rerun) -> set[str]:
     return {k for k in keys if output.status(k) in wanted}
 
 
-async def run_batch_job(job: BatchJob, *, progress: bool | None = None) -> JobSummary:
+async def run_batch_job(job: BatchJob, *, progress: bool = False) -> JobSummary:
     """Run a batch job to the end and return its summary.
 
     Rows already in the output are skipped (``rerun`` decides which run again); each finished
@@ -635,8 +633,8 @@ async def run_batch_job(job: BatchJob, *, progress: bool | None = None) -> JobSu
 
     Args:
         job: what to run.
-        progress: ``True`` a progress bar (or log lines when stderr is not a terminal),
-            ``False`` nothing, ``None`` (default) a bar on a terminal and log lines elsewhere.
+        progress: show progress on stderr: a bar (rows done, rate, ETA, failures, tokens, cost)
+            on a terminal, plain log lines elsewhere. Off by default: a library stays quiet.
 
     Raises:
         ConfigurationError: bad input (invalid JSON, duplicate ids), config or factory.

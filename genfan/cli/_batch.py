@@ -54,12 +54,12 @@ def run(
     ] = None,
     workers: Annotated[int | None, typer.Option(help="Ray workers (actors).", min=1)] = None,
     progress: Annotated[
-        bool | None,
+        bool,
         typer.Option(
             "--progress/--no-progress",
-            help="Progress bar (default: on a terminal; plain log lines elsewhere).",
+            help="A progress bar on a terminal, plain log lines elsewhere.",
         ),
-    ] = None,
+    ] = True,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
 ) -> None:
     """Fan every row of INPUT out and write one record per row to OUTPUT.
