@@ -331,10 +331,15 @@ class FakeLLMServer:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._server.wait_closed(), 2)
 
-    async def serve_forever(self) -> None:
-        """Serve on the running asyncio loop until cancelled (the subprocess mode uses this)."""
+    async def serve_forever(self, started: Callable[[], None] | None = None) -> None:
+        """Serve on the running asyncio loop until cancelled (the subprocess mode uses this).
+
+        ``started`` is called once the port is bound.
+        """
         self._loop = asyncio.get_running_loop()
         await self._listen()
+        if started is not None:
+            started()
         try:
             await asyncio.Event().wait()
         finally:
@@ -569,9 +574,7 @@ class _Connection(asyncio.Protocol):
         if close and self.transport is not None:
             self.transport.close()
 
-    async def _serve(
-        self, method: str, path: str, headers: dict[str, str], raw: bytes
-    ) -> None:
+    async def _serve(self, method: str, path: str, headers: dict[str, str], raw: bytes) -> None:
         srv = self.srv
         srv.in_flight += 1
         srv.max_in_flight = max(srv.max_in_flight, srv.in_flight)
@@ -649,7 +652,12 @@ class _Connection(asyncio.Protocol):
         if isinstance(reply, str):
             reply = TextReply(reply)
         if reply is None:
-            reply = TextReply(_default_text(kind, body))
+            forced = _forced_tool(kind, body)
+            reply = (
+                ToolCallsReply([(forced, {"echo": _prompt(body)})])
+                if forced
+                else TextReply(_default_text(kind, body))
+            )
         rid = next(srv._ids)
         if kind == "openai":
             if stream:
@@ -746,9 +754,7 @@ class _Connection(asyncio.Protocol):
 # -- wire helpers ------------------------------------------------------------------------------
 
 
-def _head(
-    status: int, ctype: str, length: int, extra: Mapping[str, str], close: bool
-) -> bytes:
+def _head(status: int, ctype: str, length: int, extra: Mapping[str, str], close: bool) -> bytes:
     head = (
         f"HTTP/1.1 {status} {_REASONS.get(status, 'Status')}\r\n"
         f"content-type: {ctype}\r\ncontent-length: {length}\r\n"
@@ -813,6 +819,18 @@ def _wants_json(kind: str, body: Mapping[str, Any]) -> bool:
         return isinstance(fmt, dict) and fmt.get("type") in ("json_object", "json_schema")
     system = body.get("system")
     return isinstance(system, str) and "JSON" in system
+
+
+def _forced_tool(kind: str, body: Mapping[str, Any]) -> str | None:
+    """The tool a request forces the model to call, if it names one."""
+    choice = body.get("tool_choice")
+    if not isinstance(choice, dict):
+        return None
+    if kind == "anthropic" and choice.get("type") == "tool":
+        return str(choice.get("name"))
+    if kind == "openai" and choice.get("type") == "function":
+        return str((choice.get("function") or {}).get("name"))
+    return None
 
 
 def _default_text(kind: str, body: Mapping[str, Any]) -> str:
@@ -986,7 +1004,11 @@ def _anthropic_events(
     if reply.text:
         events.append(
             _sse(
-                {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+                {
+                    "type": "content_block_start",
+                    "index": 0,
+                    "content_block": {"type": "text", "text": ""},
+                },
                 "content_block_start",
             )
         )
@@ -1013,7 +1035,12 @@ def _anthropic_events(
                     {
                         "type": "content_block_start",
                         "index": index,
-                        "content_block": {"type": "tool_use", "id": c.id, "name": c.name, "input": {}},
+                        "content_block": {
+                            "type": "tool_use",
+                            "id": c.id,
+                            "name": c.name,
+                            "input": {},
+                        },
                     },
                     "content_block_start",
                 )
@@ -1160,11 +1187,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         srv.set_faults(ns.fault, rate=ns.fault_rate)
 
     async def run() -> None:
-        task = asyncio.ensure_future(srv.serve_forever())
-        while not srv._server:
-            await asyncio.sleep(0.001)
-        print(srv.url, flush=True)
-        await task
+        await srv.serve_forever(started=lambda: print(srv.url, flush=True))
 
     loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None
     if not ns.no_uvloop:

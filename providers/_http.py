@@ -25,7 +25,7 @@ import math
 import os
 import re
 import time
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncGenerator, Iterable, Mapping
 from typing import Any, NoReturn
 
 import anyio
@@ -97,14 +97,15 @@ class HTTPBackend(BaseBackend):
                 f"base_url must be an http:// or https:// URL, got {base_url!r}"
             )
         if not (isinstance(timeout, int | float) and timeout > 0 and math.isfinite(timeout)):
-            raise ConfigurationError(f"timeout must be a positive number of seconds, got {timeout!r}")
+            raise ConfigurationError(
+                f"timeout must be a positive number of seconds, got {timeout!r}"
+            )
         if not (isinstance(max_concurrency, int) and max_concurrency >= 1):
-            raise ConfigurationError(f"max_concurrency must be an integer >= 1, got {max_concurrency!r}")
+            raise ConfigurationError(
+                f"max_concurrency must be an integer >= 1, got {max_concurrency!r}"
+            )
         if price is not None:
-            if (
-                len(price) != 2
-                or not all(isinstance(p, int | float) and p >= 0 for p in price)
-            ):
+            if len(price) != 2 or not all(isinstance(p, int | float) and p >= 0 for p in price):
                 raise ConfigurationError(
                     "price must be (USD per 1M input tokens, USD per 1M output tokens), "
                     f"both >= 0, got {price!r}"
@@ -180,7 +181,7 @@ class HTTPBackend(BaseBackend):
             await self._sem.acquire()
 
     async def _post_json(
-        self, url: str, body: dict[str, Any], timeout: float | None
+        self, url: str, body: dict[str, Any], limit: float | None
     ) -> tuple[Any, httpx.Response]:
         """POST ``body`` as JSON and return the decoded JSON answer and the response.
 
@@ -191,15 +192,15 @@ class HTTPBackend(BaseBackend):
         await self._acquire()
         try:
             try:
-                if timeout is None:
+                if limit is None:
                     response = await client.post(url, json=body, headers=self._request_headers)
                 else:
-                    with anyio.fail_after(timeout):
+                    with anyio.fail_after(limit):
                         response = await client.post(
-                            url, json=body, headers=self._request_headers, timeout=timeout
+                            url, json=body, headers=self._request_headers, timeout=limit
                         )
             except (httpx.HTTPError, TimeoutError) as exc:
-                self._raise_transport(exc, url, timeout)
+                self._raise_transport(exc, url, limit)
         finally:
             self._sem.release()
         if response.status_code >= 400:
@@ -214,19 +215,23 @@ class HTTPBackend(BaseBackend):
             ) from exc
 
     async def _stream_sse(
-        self, url: str, body: dict[str, Any], timeout: float | None
-    ) -> AsyncIterator[tuple[str | None, str, httpx.Response]]:
+        self, url: str, body: dict[str, Any], limit: float | None
+    ) -> AsyncGenerator[tuple[str | None, str, httpx.Response], None]:
         """POST ``body`` and yield ``(event, data, response)`` for each server-sent event.
 
         The response is closed however the iteration ends (finished, failed, cancelled, or
         abandoned by the consumer), so its connection goes back to the pool or is dropped.
         """
         client = self.client
-        deadline = None if timeout is None else anyio.current_time() + timeout
+        deadline = None if limit is None else anyio.current_time() + limit
         await self._acquire()
         try:
             request = client.build_request(
-                "POST", url, json=body, headers=self._request_headers, timeout=timeout or httpx.USE_CLIENT_DEFAULT
+                "POST",
+                url,
+                json=body,
+                headers=self._request_headers,
+                timeout=limit or httpx.USE_CLIENT_DEFAULT,
             )
             try:
                 if deadline is None:
@@ -235,7 +240,7 @@ class HTTPBackend(BaseBackend):
                     with anyio.fail_after(max(deadline - anyio.current_time(), 0.0)):
                         response = await client.send(request, stream=True)
             except (httpx.HTTPError, TimeoutError) as exc:
-                self._raise_transport(exc, url, timeout)
+                self._raise_transport(exc, url, limit)
             try:
                 if response.status_code >= 400:
                     try:
@@ -255,7 +260,7 @@ class HTTPBackend(BaseBackend):
                     except StopAsyncIteration:
                         break
                     except (httpx.HTTPError, TimeoutError) as exc:
-                        self._raise_transport(exc, url, timeout)
+                        self._raise_transport(exc, url, limit)
                     for event, data in parser.feed(chunk):
                         yield event, data, response
                 for event, data in parser.close():
@@ -349,9 +354,7 @@ class HTTPBackend(BaseBackend):
             )
         else:
             err = HTTPStatusError(message, backend=self.name, status_code=status)
-        telemetry.event(
-            "backend_http_failed", level="info", backend=self.name, status_code=status
-        )
+        telemetry.event("backend_http_failed", level="info", backend=self.name, status_code=status)
         raise err from None
 
     def _malformed(self, what: str, url: str, exc: BaseException | None = None) -> NoReturn:

@@ -221,7 +221,8 @@ class OpenAIBackend(HTTPBackend):
         done = False
         response: httpx.Response | None = None
         async with aclosing(self._stream_sse(url, body, request.timeout)) as events:
-            async for _event, data, response in events:
+            async for _event, data, resp in events:
+                response = resp
                 if done:
                     continue
                 if data == "[DONE]":
@@ -230,7 +231,9 @@ class OpenAIBackend(HTTPBackend):
                 try:
                     chunk = json.loads(data)
                     if not isinstance(chunk, dict):
-                        raise TypeError(f"a chunk must be a JSON object, got {type(chunk).__name__}")
+                        raise TypeError(
+                            f"a chunk must be a JSON object, got {type(chunk).__name__}"
+                        )
                     if chunk.get("error") is not None:
                         self._raise_stream_error(chunk, url)
                     model = chunk.get("model") or model
@@ -271,8 +274,7 @@ class OpenAIBackend(HTTPBackend):
         if not done or finish is None:
             missing = "[DONE]" if not done else "a finish reason"
             raise MalformedResponseError(
-                f"stream from {url} ended without {missing} (truncated); the answer is "
-                "incomplete",
+                f"stream from {url} ended without {missing} (truncated); the answer is incomplete",
                 backend=self.name,
             )
         u = usage or _NO_USAGE
@@ -297,8 +299,10 @@ class OpenAIBackend(HTTPBackend):
         kind = error.get("type") if isinstance(error, dict) else None
         status = code if isinstance(code, int) and code >= 400 else 500
         text = f"error event in the stream from {url}: {self._redact(message)[:300]}"
-        if status == 429 or kind in ("rate_limit_exceeded", "rate_limit_error") or code == (
-            "rate_limit_exceeded"
+        if (
+            status == 429
+            or kind in ("rate_limit_exceeded", "rate_limit_error")
+            or code == ("rate_limit_exceeded")
         ):
             raise RateLimitError(text, backend=self.name)
         raise HTTPStatusError(text, backend=self.name, status_code=status)
@@ -384,9 +388,7 @@ def _join_parts(content: Any) -> str:
     if content is None:
         return ""
     if isinstance(content, list):
-        return "".join(
-            p.get("text", "") if isinstance(p, dict) else str(p) for p in content
-        )
+        return "".join(p.get("text", "") if isinstance(p, dict) else str(p) for p in content)
     raise TypeError(f"message content must be a string or a list, got {type(content).__name__}")
 
 

@@ -1,0 +1,322 @@
+"""Issue 2's figures: client overhead per call, 5,000 requests at once, and ``import genfan``.
+
+Run: ``.venv/bin/python -m benchmarks.core_overhead [--quick]``. The fake server runs as separate
+processes (``python -m genfan.testserver``), so its CPU never counts against the client; each
+measured client runs in a fresh child process, so its peak RSS is its own.
+
+(a) sequential calls at 0 ms server latency: client CPU (``time.process_time``) per call for a
+    raw ``httpx.AsyncClient`` POST loop (the floor), the ``openai`` SDK, ``OpenAIBackend.complete``
+    and ``FanOut([backend]).run``; ratios to raw httpx.
+(b) 5,000 requests started at once over 3 backends (3 server processes) with 500 ms latency:
+    every request answered, genfan's CPU per call, peak RSS and wall; raw httpx with its default
+    pool for comparison (capped at 1,500 requests: it degrades badly).
+(c) ``import genfan`` in a fresh interpreter: median of 5, and which heavy modules it loaded.
+
+Prints a table and writes JSON to ``benchmarks/results/core_overhead.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+HEAVY = ("vllm", "torch", "ray", "openai", "anthropic", "litellm", "transformers", "numpy")
+BODY = {
+    "model": "bench-model",
+    "messages": [{"role": "user", "content": "Say hello to the bench."}],
+}
+RESULTS = Path(__file__).parent / "results"
+
+
+# -- child-process workloads -------------------------------------------------------------------
+
+
+async def _sequential(kind: str, url: str, n: int, warmup: int) -> dict[str, Any]:
+    """Run ``n`` sequential calls of one client kind; return CPU and wall per call."""
+    import httpx
+
+    from genfan import ChatRequest, FanOut
+    from providers.openai import OpenAIBackend
+
+    request = ChatRequest.from_prompt("Say hello to the bench.", model="bench-model")
+    if kind == "raw_httpx":
+        client = httpx.AsyncClient()
+        endpoint = url + "/chat/completions"
+
+        async def call() -> None:
+            r = await client.post(endpoint, json=BODY)
+            r.raise_for_status()
+            r.json()["choices"][0]["message"]["content"]
+
+        close = client.aclose
+    elif kind == "openai_sdk":
+        import openai
+
+        sdk = openai.AsyncOpenAI(base_url=url, api_key="bench", max_retries=0)
+
+        async def call() -> None:
+            r = await sdk.chat.completions.create(
+                model="bench-model",
+                messages=[{"role": "user", "content": "Say hello to the bench."}],
+            )
+            _ = r.choices[0].message.content
+
+        close = sdk.close
+    elif kind == "genfan_backend":
+        backend = OpenAIBackend("bench-model", base_url=url, api_key_env=None)
+
+        async def call() -> None:
+            c = await backend.complete(request)
+            _ = c.text
+
+        close = backend.aclose
+    elif kind == "genfan_fanout":
+        backend = OpenAIBackend("bench-model", base_url=url, api_key_env=None)
+        fan = FanOut([backend])
+
+        async def call() -> None:
+            r = await fan.run(request)
+            _ = r.text
+
+        close = fan.aclose
+    else:
+        raise ValueError(kind)
+    for _ in range(warmup):
+        await call()
+    c0, w0 = time.process_time(), time.perf_counter()
+    for _ in range(n):
+        await call()
+    cpu, wall = time.process_time() - c0, time.perf_counter() - w0
+    await close()
+    return {
+        "kind": kind,
+        "n": n,
+        "cpu_per_call_us": cpu / n * 1e6,
+        "wall_per_call_us": wall / n * 1e6,
+    }
+
+
+async def _burst(kind: str, urls: list[str], n: int, max_concurrency: int) -> dict[str, Any]:
+    """Start ``n`` requests at once over the backends at ``urls``; count answers."""
+    import anyio
+    import httpx
+
+    from genfan import ChatRequest
+    from providers.openai import OpenAIBackend
+
+    answered = 0
+    failed: dict[str, int] = {}
+    request = ChatRequest.from_prompt("Say hello to the bench.", model="bench-model")
+    if kind == "genfan":
+        backends = [
+            OpenAIBackend(
+                "bench-model",
+                name=f"b{i}",
+                base_url=u,
+                api_key_env=None,
+                max_concurrency=max_concurrency,
+                timeout=120,
+            )
+            for i, u in enumerate(urls)
+        ]
+
+        async def one(i: int) -> None:
+            nonlocal answered
+            try:
+                c = await backends[i % len(backends)].complete(request)
+                if c.text:
+                    answered += 1
+            except Exception as exc:
+                failed[type(exc).__name__] = failed.get(type(exc).__name__, 0) + 1
+
+        async def close() -> None:
+            for b in backends:
+                await b.aclose()
+    else:
+        client = httpx.AsyncClient(timeout=120)  # httpx's default pool: 100 connections
+        endpoints = [u + "/chat/completions" for u in urls]
+
+        async def one(i: int) -> None:
+            nonlocal answered
+            try:
+                r = await client.post(endpoints[i % len(endpoints)], json=BODY)
+                r.raise_for_status()
+                if r.json()["choices"][0]["message"]["content"]:
+                    answered += 1
+            except Exception as exc:
+                failed[type(exc).__name__] = failed.get(type(exc).__name__, 0) + 1
+
+        close = client.aclose
+    c0, w0 = time.process_time(), time.perf_counter()
+    async with anyio.create_task_group() as tg:
+        for i in range(n):
+            tg.start_soon(one, i)
+    cpu, wall = time.process_time() - c0, time.perf_counter() - w0
+    await close()
+    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {
+        "kind": kind,
+        "n": n,
+        "max_concurrency": max_concurrency if kind == "genfan" else None,
+        "answered": answered,
+        "failed": failed,
+        "cpu_per_call_ms": cpu / n * 1e3,
+        "cpu_total_s": cpu,
+        "wall_s": wall,
+        "peak_rss_mb": rss_mb,
+    }
+
+
+def _child(argv: list[str]) -> None:
+    import anyio
+
+    mode = argv[0]
+    if mode == "seq":
+        kind, url, n, warmup = argv[1], argv[2], int(argv[3]), int(argv[4])
+        out = anyio.run(_sequential, kind, url, n, warmup)
+    elif mode == "burst":
+        kind, urls, n, mc = argv[1], argv[2].split(","), int(argv[3]), int(argv[4])
+        out = anyio.run(_burst, kind, urls, n, mc)
+    else:
+        raise SystemExit(f"unknown child mode {mode}")
+    print(json.dumps(out))
+
+
+def _run_child(*args: str, timeout: float = 600) -> dict[str, Any]:
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.core_overhead", "--child", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"child {args} failed:\n{proc.stderr[-3000:]}")
+    return dict(json.loads(proc.stdout.strip().splitlines()[-1]))
+
+
+# -- the three parts ---------------------------------------------------------------------------
+
+
+def part_a(n: int, rounds: int) -> dict[str, Any]:
+    from genfan.testserver import ServerProcess
+
+    kinds = ["raw_httpx", "openai_sdk", "genfan_backend", "genfan_fanout"]
+    samples: dict[str, list[float]] = {k: [] for k in kinds}
+    with ServerProcess(latency=0.0) as srv:
+        for r in range(rounds):
+            order = kinds[r % len(kinds) :] + kinds[: r % len(kinds)]  # rotate to spread noise
+            for kind in order:
+                res = _run_child("seq", kind, srv.url, str(n), str(max(n // 10, 50)))
+                samples[kind].append(res["cpu_per_call_us"])
+    med = {k: statistics.median(v) for k, v in samples.items()}
+    floor = med["raw_httpx"]
+    return {
+        "calls_per_round": n,
+        "rounds": rounds,
+        "cpu_per_call_us": med,
+        "samples_us": samples,
+        "ratio_to_raw_httpx": {k: v / floor for k, v in med.items()},
+    }
+
+
+def part_b(n: int, raw_n: int, latency: float) -> dict[str, Any]:
+    from genfan.testserver import ServerProcess
+
+    servers = [ServerProcess(latency=latency).start() for _ in range(3)]
+    try:
+        urls = ",".join(s.url for s in servers)
+        runs = [
+            _run_child("burst", "genfan", urls, str(n), "64"),
+            _run_child("burst", "genfan", urls, str(n), "2000"),
+            _run_child("burst", "raw_httpx", urls, str(raw_n), "0"),
+        ]
+    finally:
+        for s in servers:
+            s.stop()
+    return {"latency_s": latency, "runs": runs}
+
+
+def part_c(times: int = 5) -> dict[str, Any]:
+    code = (
+        "import time, sys; t = time.perf_counter(); import genfan; "
+        "d = time.perf_counter() - t; "
+        f"print(d, [m for m in {HEAVY!r} if m in sys.modules], "
+        "'httpx' in sys.modules)"
+    )
+    durations = []
+    heavy: list[str] = []
+    httpx_loaded = False
+    for _ in range(times):
+        out = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, check=True
+        ).stdout.split(" ", 1)
+        durations.append(float(out[0]) * 1000)
+        rest = out[1].rsplit(" ", 1)
+        heavy = eval(rest[0])  # a list literal printed by the child
+        httpx_loaded = rest[1].strip() == "True"
+    return {
+        "import_ms_median": statistics.median(durations),
+        "import_ms": durations,
+        "heavy_modules_loaded": heavy,
+        "httpx_loaded": httpx_loaded,
+    }
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        _child(sys.argv[2:])
+        return
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--quick", action="store_true", help="fewer calls (a smoke run)")
+    parser.add_argument("--only", choices=["a", "b", "c"], default=None)
+    ns = parser.parse_args()
+    n_seq, rounds = (300, 3) if ns.quick else (2000, 5)
+    n_burst, raw_n = (1500, 600) if ns.quick else (5000, 1500)
+    out: dict[str, Any] = {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "machine": f"{os.cpu_count()}-core {os.uname().machine}, shared",
+        "python": sys.version.split()[0],
+    }
+    if ns.only in (None, "c"):
+        out["import"] = c = part_c()
+        print(
+            f"(c) import genfan: median {c['import_ms_median']:.0f} ms of "
+            f"{[round(x) for x in c['import_ms']]}; heavy modules loaded: "
+            f"{c['heavy_modules_loaded'] or 'none'}; httpx loaded: {c['httpx_loaded']}"
+        )
+    if ns.only in (None, "a"):
+        out["sequential"] = a = part_a(n_seq, rounds)
+        print(f"(a) sequential, 0 ms latency, {rounds} rounds x {n_seq} calls (median):")
+        print(f"    {'client':<16}{'CPU/call µs':>12}{'x raw httpx':>13}")
+        for k, v in a["cpu_per_call_us"].items():
+            print(f"    {k:<16}{v:>12.0f}{a['ratio_to_raw_httpx'][k]:>13.2f}")
+    if ns.only in (None, "b"):
+        out["burst"] = b = part_b(n_burst, raw_n, 0.5)
+        print("(b) requests started at once over 3 backends, 500 ms latency:")
+        print(
+            f"    {'client':<24}{'n':>6}{'answered':>10}{'CPU/call ms':>13}{'wall s':>8}"
+            f"{'peak RSS MB':>13}"
+        )
+        for r in b["runs"]:
+            label = r["kind"] + (
+                f" (max_conc={r['max_concurrency']})" if r["max_concurrency"] else " (default pool)"
+            )
+            print(
+                f"    {label:<24}{r['n']:>6}{r['answered']:>10}{r['cpu_per_call_ms']:>13.3f}"
+                f"{r['wall_s']:>8.1f}{r['peak_rss_mb']:>13.0f}"
+            )
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "core_overhead.json").write_text(json.dumps(out, indent=2))
+    print(f"wrote {RESULTS / 'core_overhead.json'}")
+
+
+if __name__ == "__main__":
+    main()

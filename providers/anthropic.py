@@ -1,0 +1,471 @@
+"""The Anthropic Messages API over httpx (``POST {base_url}/messages``).
+
+genfan's messages map onto Anthropic's shape: system messages become the top-level ``system``
+prompt, assistant tool calls become ``tool_use`` blocks, and tool results become ``tool_result``
+blocks in a user turn (consecutive results are merged into one turn, as the API requires).
+
+JSON output: a JSON-schema response format (with no other tools in the request) is asked for
+with a forced tool whose input schema is the schema, which Anthropic follows reliably; the tool
+input becomes the completion's text. A plain JSON-object format is asked for in the system prompt.
+
+```python
+from providers.anthropic import AnthropicBackend
+
+async with AnthropicBackend("claude-sonnet-4-5") as claude:     # key from $ANTHROPIC_API_KEY
+    completion = await claude.complete(ChatRequest.from_prompt("Hi"))
+```
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator, Mapping
+from contextlib import aclosing
+from datetime import datetime
+from typing import Any
+
+import httpx
+from pydantic import SecretStr
+
+from genfan.backend import merge_tool_call_deltas
+from genfan.errors import HTTPStatusError, MalformedResponseError, RateLimitError
+from genfan.types import (
+    ChatRequest,
+    Completion,
+    FinishReason,
+    Message,
+    RateLimitInfo,
+    StreamEnd,
+    StreamEvent,
+    TextDelta,
+    ToolCall,
+    ToolCallDelta,
+)
+
+from ._http import HTTPBackend, parse_int
+
+__all__ = ["ANTHROPIC_VERSION", "AnthropicBackend"]
+
+#: The ``anthropic-version`` header sent by default.
+ANTHROPIC_VERSION = "2023-06-01"
+
+_STOP: dict[str | None, FinishReason] = {
+    "end_turn": "stop",
+    "stop_sequence": "stop",
+    "pause_turn": "stop",
+    "max_tokens": "length",
+    "model_context_window_exceeded": "length",
+    "tool_use": "tool_calls",
+    "refusal": "content_filter",
+}
+
+_JSON_OBJECT_INSTRUCTION = (
+    "Respond with a single JSON object and nothing else: no prose, no code fences."
+)
+_JSON_TOOL = "json_response"
+
+#: Anthropic error types that arrive inside a stream, and the status they stand for.
+_ERROR_STATUS = {
+    "invalid_request_error": 400,
+    "authentication_error": 401,
+    "permission_error": 403,
+    "not_found_error": 404,
+    "request_too_large": 413,
+    "rate_limit_error": 429,
+    "api_error": 500,
+    "overloaded_error": 529,
+}
+
+
+class AnthropicBackend(HTTPBackend):
+    """A backend for Anthropic's Messages API.
+
+    Args:
+        model: the default model (a request's ``model`` overrides it).
+        name: the backend's name (default ``"anthropic:<model>"``).
+        base_url: the API root including ``/v1``.
+        api_key: the key (a ``str`` or ``pydantic.SecretStr``), sent as ``x-api-key``; takes
+            precedence over ``api_key_env``.
+        api_key_env: the environment variable holding the key (``None``: do not look).
+        headers: extra headers for every request (e.g. ``anthropic-beta``).
+        timeout: httpx timeout (connect, each read and write) in seconds; a request's own
+            ``timeout`` limits the whole call.
+        max_concurrency: requests in flight at once (and pool size); more wait in genfan.
+        price: USD per million input and output tokens, to fill ``Usage.cost``.
+        client: use this ``httpx.AsyncClient`` (left open by :meth:`aclose`).
+        max_tokens: sent when a request sets none (the API requires a value).
+        anthropic_version: the ``anthropic-version`` header.
+
+    Raises:
+        ConfigurationError: a bad ``base_url``, ``timeout``, ``max_concurrency``, ``price`` or
+            ``max_tokens``.
+
+    HTTP 529 (overloaded) is an :class:`~genfan.errors.HTTPStatusError` with
+    ``status_code=529``: retryable, and counted by circuit breakers.
+    """
+
+    provider = "anthropic"
+    _auth_header = "x-api-key"
+    _auth_prefix = ""
+
+    def __init__(
+        self,
+        model: str | None = None,
+        *,
+        name: str | None = None,
+        base_url: str = "https://api.anthropic.com/v1",
+        api_key: str | SecretStr | None = None,
+        api_key_env: str | None = "ANTHROPIC_API_KEY",
+        headers: Mapping[str, str] | None = None,
+        timeout: float = 60.0,
+        max_concurrency: int = 64,
+        price: tuple[float, float] | None = None,
+        client: httpx.AsyncClient | None = None,
+        max_tokens: int = 1024,
+        anthropic_version: str = ANTHROPIC_VERSION,
+    ) -> None:
+        from genfan.errors import ConfigurationError
+
+        if not (isinstance(max_tokens, int) and max_tokens >= 1):
+            raise ConfigurationError(f"max_tokens must be an integer >= 1, got {max_tokens!r}")
+        self.anthropic_version = anthropic_version
+        self.max_tokens = max_tokens
+        super().__init__(
+            model,
+            name=name,
+            base_url=base_url,
+            api_key=api_key,
+            api_key_env=api_key_env,
+            headers=headers,
+            timeout=timeout,
+            max_concurrency=max_concurrency,
+            price=price,
+            client=client,
+        )
+        self._messages_url = self.base_url + "/messages"
+
+    def _default_headers(self) -> dict[str, str]:
+        return {"anthropic-version": self.anthropic_version}
+
+    # -- requests ------------------------------------------------------------------------------
+
+    def build_body(self, request: ChatRequest, *, stream: bool = False) -> dict[str, Any]:
+        """The JSON body sent for ``request`` (public so that tests and tools can inspect it)."""
+        system: list[str] = []
+        turns: list[dict[str, Any]] = []
+        for m in request.messages:
+            if m.role == "system":
+                if m.content:
+                    system.append(m.content)
+                continue
+            role, blocks = _blocks(m)
+            if turns and turns[-1]["role"] == role:
+                last = turns[-1]
+                if isinstance(last["content"], str):
+                    last["content"] = [{"type": "text", "text": last["content"]}]
+                last["content"].extend(
+                    blocks if isinstance(blocks, list) else [{"type": "text", "text": blocks}]
+                )
+            else:
+                turns.append({"role": role, "content": blocks})
+        body: dict[str, Any] = {
+            "max_tokens": request.max_tokens or self.max_tokens,
+            "messages": turns,
+        }
+        model = request.model or self.model
+        if model:
+            body["model"] = model
+        tools = [
+            {"name": t.name, "description": t.description, "input_schema": t.parameters}
+            for t in request.tools
+        ]
+        fmt = request.response_format
+        if fmt is not None and fmt.type == "json_schema" and not tools:
+            tools = [
+                {
+                    "name": _JSON_TOOL,
+                    "description": "Return the answer as JSON matching the input schema.",
+                    "input_schema": fmt.json_schema or {"type": "object"},
+                }
+            ]
+            body["tool_choice"] = {"type": "tool", "name": _JSON_TOOL}
+        elif fmt is not None and fmt.type == "json_schema":
+            system.append(
+                "Respond with a single JSON value matching this JSON schema and nothing else: "
+                + json.dumps(fmt.json_schema or {"type": "object"})
+            )
+        elif fmt is not None and fmt.type == "json_object":
+            system.append(_JSON_OBJECT_INSTRUCTION)
+        if system:
+            body["system"] = "\n\n".join(system)
+        if tools:
+            body["tools"] = tools
+        choice = request.tool_choice
+        if choice is not None and "tool_choice" not in body:
+            if choice == "auto":
+                body["tool_choice"] = {"type": "auto"}
+            elif choice == "required":
+                body["tool_choice"] = {"type": "any"}
+            elif choice == "none":
+                body["tool_choice"] = {"type": "none"}
+            else:
+                body["tool_choice"] = {"type": "tool", "name": choice}
+        if request.temperature is not None:
+            # Anthropic's range is 0..1; genfan's is OpenAI's 0..2.
+            body["temperature"] = min(request.temperature, 1.0)
+        if request.top_p is not None:
+            body["top_p"] = request.top_p
+        if request.stop:
+            body["stop_sequences"] = list(request.stop)
+        if stream:
+            body["stream"] = True
+        return body
+
+    async def complete(self, request: ChatRequest) -> Completion:
+        """Answer ``request`` with one non-streaming call.
+
+        Raises:
+            HTTPStatusError: an error status (``RateLimitError`` for 429, with ``retry_after``;
+                529 when Anthropic is overloaded).
+            BackendTimeoutError: the call timed out.
+            BackendConnectionError: the server could not be reached or broke the connection.
+            MalformedResponseError: the answer is not a message.
+        """
+        body = self.build_body(request)
+        url = self._messages_url
+        start = time.perf_counter()
+        data, response = await self._post_json(url, body, request.timeout)
+        latency = time.perf_counter() - start
+        json_tool = body.get("tool_choice", {}).get("name") == _JSON_TOOL
+        try:
+            if data.get("type") == "error":
+                self._raise_event_error(data, url)
+            texts: list[str] = []
+            calls: list[ToolCall] = []
+            for block in data["content"]:
+                kind = block["type"]
+                if kind == "text":
+                    texts.append(block["text"])
+                elif kind == "tool_use":
+                    if json_tool and block["name"] == _JSON_TOOL:
+                        texts.append(json.dumps(block.get("input", {})))
+                    else:
+                        calls.append(
+                            ToolCall(
+                                id=block["id"],
+                                name=block["name"],
+                                arguments=json.dumps(block.get("input", {})),
+                            )
+                        )
+            usage = data.get("usage") or {}
+            stop = data.get("stop_reason")
+            finish: FinishReason = (
+                "stop"
+                if json_tool and not calls and stop == "tool_use"
+                else _STOP.get(stop, "unknown")
+            )
+            return Completion(
+                text="".join(texts),
+                tool_calls=tuple(calls),
+                finish_reason=finish,
+                usage=self._usage(_tokens_in(usage), usage.get("output_tokens") or 0),
+                model=data.get("model") or body.get("model") or "",
+                backend=self.name,
+                latency=latency,
+                rate_limit=self._rate_limit_info(response.headers),
+            )
+        except (KeyError, IndexError, TypeError, AttributeError, ValueError) as exc:
+            raise MalformedResponseError(
+                f"answer from {url} is not a message ({type(exc).__name__}: {exc}): "
+                f"{self._snippet(response.content)}",
+                backend=self.name,
+            ) from exc
+
+    async def stream(self, request: ChatRequest) -> AsyncIterator[StreamEvent]:
+        """Stream the answer: text and tool-call pieces, then a :class:`StreamEnd`.
+
+        A stream that ends before ``message_stop`` raises :class:`MalformedResponseError`; an
+        ``error`` event raises the matching :class:`HTTPStatusError` (529 when overloaded).
+        """
+        body = self.build_body(request, stream=True)
+        url = self._messages_url
+        json_tool = body.get("tool_choice", {}).get("name") == _JSON_TOOL
+        start = time.perf_counter()
+        ttft: float | None = None
+        parts: list[str] = []
+        deltas: list[ToolCallDelta] = []
+        tool_index: dict[int, int] = {}  # content block index -> tool call index
+        json_blocks: set[int] = set()
+        input_tokens = output_tokens = 0
+        stop: str | None = None
+        model = ""
+        stopped = False
+        response: httpx.Response | None = None
+        async with aclosing(self._stream_sse(url, body, request.timeout)) as events:
+            async for event, data, resp in events:
+                response = resp
+                if stopped:
+                    continue
+                try:
+                    ev = json.loads(data)
+                    kind = ev.get("type") or event
+                    out: list[StreamEvent] = []
+                    if kind == "content_block_delta":
+                        delta = ev["delta"]
+                        dtype = delta.get("type")
+                        index = ev.get("index", 0)
+                        if dtype == "text_delta":
+                            text = delta["text"]
+                            if text:
+                                parts.append(text)
+                                out.append(TextDelta(text=text))
+                        elif dtype == "input_json_delta":
+                            piece = delta.get("partial_json") or ""
+                            if index in json_blocks:
+                                if piece:
+                                    parts.append(piece)
+                                    out.append(TextDelta(text=piece))
+                            elif piece:
+                                d = ToolCallDelta(index=tool_index.get(index, 0), arguments=piece)
+                                deltas.append(d)
+                                out.append(d)
+                    elif kind == "content_block_start":
+                        block = ev["content_block"]
+                        if block.get("type") == "tool_use":
+                            index = ev.get("index", 0)
+                            if json_tool and block.get("name") == _JSON_TOOL:
+                                json_blocks.add(index)
+                            else:
+                                tool_index[index] = len(tool_index)
+                                d = ToolCallDelta(
+                                    index=tool_index[index], id=block["id"], name=block["name"]
+                                )
+                                deltas.append(d)
+                                out.append(d)
+                    elif kind == "message_start":
+                        message = ev["message"]
+                        model = message.get("model") or model
+                        usage = message.get("usage") or {}
+                        input_tokens = _tokens_in(usage)
+                        output_tokens = usage.get("output_tokens") or 0
+                    elif kind == "message_delta":
+                        stop = (ev.get("delta") or {}).get("stop_reason") or stop
+                        usage = ev.get("usage") or {}
+                        if usage.get("output_tokens") is not None:
+                            output_tokens = usage["output_tokens"]
+                        if usage.get("input_tokens"):
+                            input_tokens = _tokens_in(usage)
+                    elif kind == "message_stop":
+                        stopped = True
+                    elif kind == "error":
+                        self._raise_event_error(ev, url)
+                except (KeyError, IndexError, TypeError, AttributeError, ValueError) as exc:
+                    raise MalformedResponseError(
+                        f"unreadable stream event from {url} ({type(exc).__name__}): "
+                        f"{self._redact(data[:300])}",
+                        backend=self.name,
+                    ) from exc
+                if out and ttft is None:
+                    ttft = time.perf_counter() - start
+                for item in out:
+                    yield item
+        if not stopped:
+            raise MalformedResponseError(
+                f"stream from {url} ended without message_stop (truncated); the answer is "
+                "incomplete",
+                backend=self.name,
+            )
+        calls = merge_tool_call_deltas(deltas)
+        finish: FinishReason = (
+            "stop" if json_tool and not calls and stop == "tool_use" else _STOP.get(stop, "unknown")
+        )
+        yield StreamEnd(
+            completion=Completion(
+                text="".join(parts),
+                tool_calls=calls,
+                finish_reason=finish,
+                usage=self._usage(input_tokens, output_tokens),
+                model=model or body.get("model") or "",
+                backend=self.name,
+                latency=time.perf_counter() - start,
+                ttft=ttft,
+                rate_limit=None if response is None else self._rate_limit_info(response.headers),
+            )
+        )
+
+    def _raise_event_error(self, ev: Mapping[str, Any], url: str) -> None:
+        error = ev.get("error") or {}
+        etype = error.get("type") if isinstance(error, dict) else None
+        message = self._error_message(ev) or str(etype)
+        status = _ERROR_STATUS.get(str(etype), 500)
+        text = f"{etype} error from {url}: {self._redact(message)[:300]}"
+        if status == 429:
+            raise RateLimitError(text, backend=self.name)
+        raise HTTPStatusError(text, backend=self.name, status_code=status)
+
+    def _status_hint(self, status: int) -> str:
+        if status == 529:
+            return "Anthropic is overloaded; retry later or fall back to another backend"
+        return super()._status_hint(status)
+
+    def _rate_limit_info(self, headers: httpx.Headers) -> RateLimitInfo | None:
+        found: dict[bytes, str] | None = None
+        for key, value in headers.raw:
+            if len(key) > 21 and key[:21].lower() == b"anthropic-ratelimit-":
+                if found is None:
+                    found = {}
+                found[key[21:].lower()] = value.decode("latin-1")
+        if found is None:
+            return None
+        return RateLimitInfo(
+            limit_requests=parse_int(found.get(b"requests-limit")),
+            limit_tokens=parse_int(found.get(b"tokens-limit")),
+            remaining_requests=parse_int(found.get(b"requests-remaining")),
+            remaining_tokens=parse_int(found.get(b"tokens-remaining")),
+            reset_requests=_seconds_until(found.get(b"requests-reset")),
+            reset_tokens=_seconds_until(found.get(b"tokens-reset")),
+        )
+
+
+def _tokens_in(usage: Mapping[str, Any]) -> int:
+    """Input tokens, counting prompt-cache reads and writes (Anthropic reports them apart)."""
+    return int(
+        (usage.get("input_tokens") or 0)
+        + (usage.get("cache_creation_input_tokens") or 0)
+        + (usage.get("cache_read_input_tokens") or 0)
+    )
+
+
+def _blocks(m: Message) -> tuple[str, str | list[dict[str, Any]]]:
+    """The Anthropic role and content of one genfan message."""
+    if m.role == "tool":
+        return "user", [
+            {"type": "tool_result", "tool_use_id": m.tool_call_id or "", "content": m.content or ""}
+        ]
+    if m.role == "assistant" and m.tool_calls:
+        blocks: list[dict[str, Any]] = []
+        if m.content:
+            blocks.append({"type": "text", "text": m.content})
+        for c in m.tool_calls:
+            try:
+                args = c.parsed_arguments()
+            except ValueError:
+                args = {"_raw": c.arguments}
+            blocks.append({"type": "tool_use", "id": c.id, "name": c.name, "input": args})
+        return "assistant", blocks
+    return ("assistant" if m.role == "assistant" else "user"), m.content or ""
+
+
+def _seconds_until(value: str | None) -> float | None:
+    """Seconds from now until an RFC 3339 time (Anthropic's ``*-reset`` headers)."""
+    if not value:
+        return None
+    try:
+        when = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    if when.tzinfo is None:
+        return None
+    # An absolute time can only be read against the wall clock.
+    return max(when.timestamp() - time.time(), 0.0)
