@@ -53,11 +53,41 @@ __version__ = "0.1.0"
 _LAZY: dict[str, str] = {
     "load_config": "genfan.config",
     "GenfanConfig": "genfan.config",
+    "Cascade": "genfan.select",
+    "Consensus": "genfan.select",
+    "LLMJudge": "genfan.select",
+    "LengthBounds": "genfan.select",
+    "MajorityVote": "genfan.select",
+    "Patterns": "genfan.select",
+    "RefusalDetector": "genfan.select",
+    "SchemaValid": "genfan.select",
+    "Score": "genfan.select",
+    "Scorer": "genfan.select",
+    "Select": "genfan.select",
+    "Synthesis": "genfan.select",
+    "Tier": "genfan.select",
+    "scorer": "genfan.select",
+    "selector_from_name": "genfan.select",
 }
 
 if TYPE_CHECKING:
     from .config import GenfanConfig as GenfanConfig
     from .config import load_config as load_config
+    from .select import Cascade as Cascade
+    from .select import Consensus as Consensus
+    from .select import LengthBounds as LengthBounds
+    from .select import LLMJudge as LLMJudge
+    from .select import MajorityVote as MajorityVote
+    from .select import Patterns as Patterns
+    from .select import RefusalDetector as RefusalDetector
+    from .select import SchemaValid as SchemaValid
+    from .select import Score as Score
+    from .select import Scorer as Scorer
+    from .select import Select as Select
+    from .select import Synthesis as Synthesis
+    from .select import Tier as Tier
+    from .select import scorer as scorer
+    from .select import selector_from_name as selector_from_name
 
 
 def __getattr__(name: str) -> Any:

@@ -28,6 +28,7 @@ _LAZY: dict[str, str] = {
     "Scorer": "_scorer",
     "ScorerLike": "_scorer",
     "as_scorer": "_scorer",
+    "run_scorer": "_scorer",
     "scorer": "_scorer",
     "Select": "_select",
     "TieBreak": "_select",
@@ -101,6 +102,7 @@ if TYPE_CHECKING:
     from ._scorer import Scorer as Scorer
     from ._scorer import ScorerLike as ScorerLike
     from ._scorer import as_scorer as as_scorer
+    from ._scorer import run_scorer as run_scorer
     from ._scorer import scorer as scorer
     from ._select import Select as Select
     from ._select import TieBreak as TieBreak
