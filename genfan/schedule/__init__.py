@@ -1,0 +1,66 @@
+"""Scheduling: periodic jobs that run on time, once across replicas, and survive failure.
+
+```python
+from genfan.schedule import Scheduler, CronTrigger, SchedulePolicy
+
+async with Scheduler("sqlite:///schedules.db") as scheduler:
+    await scheduler.add_schedule(
+        "myapp.jobs:morning_digest",
+        CronTrigger(expr="0 7 * * *", timezone="Europe/Berlin"),
+        policy=SchedulePolicy(misfire_grace_time=600, overlap="skip"),
+    )
+    await scheduler.run_until_stopped()
+```
+
+See docs/schedule.md for the semantics (misfires, coalescing, overlap, leases, DST).
+"""
+
+from __future__ import annotations
+
+from ._clock import AnyioClock as AnyioClock
+from ._clock import Clock as Clock
+from ._jobs import ContentJob as ContentJob
+from ._jobs import FanOutFactory as FanOutFactory
+from ._jobs import RunContext as RunContext
+from ._policy import Coalesce as Coalesce
+from ._policy import Overlap as Overlap
+from ._policy import SchedulePolicy as SchedulePolicy
+from ._policy import ScheduleRetry as ScheduleRetry
+from ._scheduler import Scheduler as Scheduler
+from ._store import PostgresStore as PostgresStore
+from ._store import RunRecord as RunRecord
+from ._store import RunStatus as RunStatus
+from ._store import ScheduleInfo as ScheduleInfo
+from ._store import SQLiteStore as SQLiteStore
+from ._store import Store as Store
+from ._store import store_from_url as store_from_url
+from ._triggers import CronTrigger as CronTrigger
+from ._triggers import DateTrigger as DateTrigger
+from ._triggers import IntervalTrigger as IntervalTrigger
+from ._triggers import Trigger as Trigger
+from ._triggers import parse_duration as parse_duration
+
+__all__ = [
+    "AnyioClock",
+    "Clock",
+    "Coalesce",
+    "ContentJob",
+    "CronTrigger",
+    "DateTrigger",
+    "FanOutFactory",
+    "IntervalTrigger",
+    "Overlap",
+    "PostgresStore",
+    "RunContext",
+    "RunRecord",
+    "RunStatus",
+    "SQLiteStore",
+    "ScheduleInfo",
+    "SchedulePolicy",
+    "ScheduleRetry",
+    "Scheduler",
+    "Store",
+    "Trigger",
+    "parse_duration",
+    "store_from_url",
+]
