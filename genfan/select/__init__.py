@@ -56,6 +56,7 @@ _LAZY: dict[str, str] = {
     "LengthBounds": "_heuristics",
     "Patterns": "_heuristics",
     "RefusalDetector": "_heuristics",
+    "AGGREGATE_PROMPT": "_synthesis",
     "Synthesis": "_synthesis",
     "SynthesisResult": "_synthesis",
     "aggregate_request": "_synthesis",
@@ -106,6 +107,7 @@ if TYPE_CHECKING:
     from ._scorer import scorer as scorer
     from ._select import Select as Select
     from ._select import TieBreak as TieBreak
+    from ._synthesis import AGGREGATE_PROMPT as AGGREGATE_PROMPT
     from ._synthesis import Synthesis as Synthesis
     from ._synthesis import SynthesisResult as SynthesisResult
     from ._synthesis import aggregate_request as aggregate_request
