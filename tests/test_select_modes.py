@@ -110,7 +110,7 @@ def test_agreement_key_binds_to_the_request() -> None:
 def _tiers(
     cheap_answers: list[str], dear_answer: str = "12", dear_fails: bool = False
 ) -> tuple[list[FakeBackend], FakeBackend, list[Tier]]:
-    cheap = [sampler(f"small{i}", t, 1) for i, t in enumerate(cheap_answers)]
+    cheap = [sampler(f"small{i}", t, 1 + i) for i, t in enumerate(cheap_answers)]
     dear = (
         FakeBackend("large", [Fail(error=BackendConnectionError)])
         if dear_fails
