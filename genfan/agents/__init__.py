@@ -36,11 +36,9 @@ from ._loop import ToolFinished as ToolFinished
 from ._loop import ToolStarted as ToolStarted
 from ._model import FanOutLike as FanOutLike
 from ._model import Model as Model
-from ._tools import RetryLike as RetryLike
 from ._tools import Tool as Tool
 from ._tools import ToolCallRecord as ToolCallRecord
 from ._tools import ToolRegistry as ToolRegistry
-from ._tools import ToolRetry as ToolRetry
 from ._tools import tool as tool
 
 __all__ = [
@@ -61,7 +59,6 @@ __all__ = [
     "ModelResponse",
     "ModelTextDelta",
     "OnError",
-    "RetryLike",
     "StepKind",
     "StepRecord",
     "StepRef",
@@ -74,7 +71,6 @@ __all__ = [
     "ToolFailed",
     "ToolFinished",
     "ToolRegistry",
-    "ToolRetry",
     "ToolStarted",
     "ToolTimeoutError",
     "UnknownToolError",

@@ -25,10 +25,11 @@ from pydantic import BaseModel
 
 from .. import telemetry
 from ..errors import ConfigurationError
+from ..resilience import RetryPolicy
 from ..types import ChatRequest, ResponseFormat
 from ._errors import ChainFailedError, StepTimeoutError
 from ._model import Model, check_model, complete, model_name
-from ._tools import RetryLike, Tool, as_retry, is_async, retrying_for
+from ._tools import Tool, as_retry, is_async, retrying_for
 
 __all__ = [
     "Chain",
@@ -285,7 +286,7 @@ class _Step:
     items: Any = None  # map steps: the source of the list
     max_concurrency: int | None = None
     timeout: float | None = None
-    retry: RetryLike | None = None
+    retry: RetryPolicy | None = None
     thread: bool = False
     deps: tuple[str, ...] = field(default=())
 
@@ -349,7 +350,7 @@ class Chain:
         inputs: Mapping[str, Any] | None = ...,
         after: Iterable[StepRef[Any] | str] = ...,
         timeout: float | None = ...,
-        retry: RetryLike | int | None = ...,
+        retry: RetryPolicy | int | None = ...,
         thread: bool = ...,
         **kw_inputs: Any,
     ) -> StepRef[R]: ...
@@ -363,7 +364,7 @@ class Chain:
         inputs: Mapping[str, Any] | None = ...,
         after: Iterable[StepRef[Any] | str] = ...,
         timeout: float | None = ...,
-        retry: RetryLike | int | None = ...,
+        retry: RetryPolicy | int | None = ...,
         thread: bool = ...,
         **kw_inputs: Any,
     ) -> StepRef[R]: ...
@@ -377,7 +378,7 @@ class Chain:
         inputs: Mapping[str, Any] | None = ...,
         after: Iterable[StepRef[Any] | str] = ...,
         timeout: float | None = ...,
-        retry: RetryLike | int | None = ...,
+        retry: RetryPolicy | int | None = ...,
         thread: bool = ...,
         **kw_inputs: Any,
     ) -> StepRef[R]: ...
@@ -390,7 +391,7 @@ class Chain:
         inputs: Mapping[str, Any] | None = None,
         after: Iterable[StepRef[Any] | str] = (),
         timeout: float | None = None,
-        retry: RetryLike | int | None = None,
+        retry: RetryPolicy | int | None = None,
         thread: bool = False,
         **kw_inputs: Any,
     ) -> StepRef[Any]:
@@ -406,7 +407,7 @@ class Chain:
             inputs: the same as keywords, for parameters named like this method's options.
             after: steps that must finish successfully first, without passing their output.
             timeout: seconds the step may take (each attempt); then :class:`StepTimeoutError`.
-            retry: retry policy for the step (an attempt count or a :class:`ToolRetry`).
+            retry: retry policy for the step (an attempt count or a :class:`~genfan.resilience.RetryPolicy`).
             thread: run a sync ``fn`` in a worker thread (default: inline, for cheap functions).
 
         Returns:
@@ -448,7 +449,7 @@ class Chain:
         inputs: Mapping[str, Any] | None = ...,
         after: Iterable[StepRef[Any] | str] = ...,
         timeout: float | None = ...,
-        retry: RetryLike | int | None = ...,
+        retry: RetryPolicy | int | None = ...,
         **kw_inputs: Any,
     ) -> StepRef[M]: ...
     @overload
@@ -466,7 +467,7 @@ class Chain:
         inputs: Mapping[str, Any] | None = ...,
         after: Iterable[StepRef[Any] | str] = ...,
         timeout: float | None = ...,
-        retry: RetryLike | int | None = ...,
+        retry: RetryPolicy | int | None = ...,
         **kw_inputs: Any,
     ) -> StepRef[str]: ...
     def llm(
@@ -483,7 +484,7 @@ class Chain:
         inputs: Mapping[str, Any] | None = None,
         after: Iterable[StepRef[Any] | str] = (),
         timeout: float | None = None,
-        retry: RetryLike | int | None = None,
+        retry: RetryPolicy | int | None = None,
         **kw_inputs: Any,
     ) -> StepRef[Any]:
         """Add an LLM step: fill the ``prompt`` template with the inputs and ask ``model``.
@@ -517,7 +518,7 @@ class Chain:
         inputs: Mapping[str, Any] | None = ...,
         after: Iterable[StepRef[Any] | str] = ...,
         timeout: float | None = ...,
-        retry: RetryLike | int | None = ...,
+        retry: RetryPolicy | int | None = ...,
         thread: bool = ...,
         **kw_inputs: Any,
     ) -> StepRef[list[R]]: ...
@@ -534,7 +535,7 @@ class Chain:
         inputs: Mapping[str, Any] | None = ...,
         after: Iterable[StepRef[Any] | str] = ...,
         timeout: float | None = ...,
-        retry: RetryLike | int | None = ...,
+        retry: RetryPolicy | int | None = ...,
         thread: bool = ...,
         **kw_inputs: Any,
     ) -> StepRef[list[R]]: ...
@@ -551,7 +552,7 @@ class Chain:
         inputs: Mapping[str, Any] | None = ...,
         after: Iterable[StepRef[Any] | str] = ...,
         timeout: float | None = ...,
-        retry: RetryLike | int | None = ...,
+        retry: RetryPolicy | int | None = ...,
         thread: bool = ...,
         **kw_inputs: Any,
     ) -> StepRef[list[R]]: ...
@@ -567,7 +568,7 @@ class Chain:
         inputs: Mapping[str, Any] | None = None,
         after: Iterable[StepRef[Any] | str] = (),
         timeout: float | None = None,
-        retry: RetryLike | int | None = None,
+        retry: RetryPolicy | int | None = None,
         thread: bool = False,
         **kw_inputs: Any,
     ) -> StepRef[list[Any]]:

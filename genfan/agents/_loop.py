@@ -472,9 +472,14 @@ class AgentStream:
         tb: TracebackType | None,
     ) -> bool | None:
         assert self._tg is not None
-        if not self._done:
+        if not self._done or exc is not None:
             self._tg.cancel_scope.cancel()
         try:
+            if exc is not None and not isinstance(exc, anyio.get_cancelled_exc_class()):
+                # The reader's own error (or the run's, re-raised by the iteration) goes out
+                # as it is, not wrapped in the task group's ExceptionGroup.
+                await self._tg.__aexit__(None, None, None)
+                return None
             return await self._tg.__aexit__(exc_type, exc, tb)
         finally:
             if self._receive is not None:

@@ -14,7 +14,7 @@ import inspect
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any, Generic, Literal, Protocol, TypeVar, overload, runtime_checkable
+from typing import Any, Generic, Literal, Protocol, TypeVar, overload
 
 import anyio
 import anyio.to_thread
@@ -23,82 +23,22 @@ from pydantic import BaseModel, ValidationError
 from pydantic_core import to_json
 
 from .. import telemetry
-from ..errors import ConfigurationError
+from ..errors import BackendError, ConfigurationError, RateLimitError
+from ..resilience import RetryPolicy
 from ..types import ToolCall, ToolSpec
 from ._errors import ToolArgumentsError, ToolError, ToolTimeoutError, UnknownToolError
 from ._schema import arguments_model, clean_schema, parse_docstring
 
 __all__ = [
-    "RetryLike",
     "Tool",
     "ToolCallRecord",
     "ToolRegistry",
-    "ToolRetry",
     "tool",
 ]
 
 R = TypeVar("R")
 
 _NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
-
-
-@runtime_checkable
-class RetryLike(Protocol):
-    """Anything with these fields can be a tool's retry policy.
-
-    :class:`ToolRetry` is one; so is ``genfan.resilience.RetryPolicy`` when it has them.
-    """
-
-    @property
-    def attempts(self) -> int: ...
-
-    @property
-    def initial(self) -> float: ...
-
-    @property
-    def max_delay(self) -> float: ...
-
-    @property
-    def jitter(self) -> bool: ...
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class ToolRetry:
-    """How often to try a failing tool call, and how long to wait in between.
-
-    Waits grow exponentially from ``initial`` up to ``max_delay`` seconds, with full jitter
-    (a uniformly random wait up to that bound) when ``jitter`` is on. Argument validation errors
-    are never retried: the same arguments would fail the same way.
-
-    Args:
-        attempts: tries in all (1 means no retry), 1..100.
-        initial: the first wait in seconds, >= 0.
-        max_delay: the longest wait in seconds, >= initial.
-        jitter: randomise the waits (spreads retries of many calls apart).
-        retry_on: exception types worth another try (timeouts are ``TimeoutError``).
-    """
-
-    attempts: int = 3
-    initial: float = 0.1
-    max_delay: float = 5.0
-    jitter: bool = True
-    retry_on: tuple[type[BaseException], ...] = (Exception,)
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.attempts, int) or not 1 <= self.attempts <= 100:
-            raise ConfigurationError(
-                f"ToolRetry.attempts must be an int in 1..100, got {self.attempts!r}"
-            )
-        if not self.initial >= 0:
-            raise ConfigurationError(
-                f"ToolRetry.initial must be >= 0 seconds, got {self.initial!r}"
-            )
-        if not self.max_delay >= self.initial:
-            raise ConfigurationError(
-                f"ToolRetry.max_delay must be >= initial ({self.initial}), got {self.max_delay!r}"
-            )
-        if not self.retry_on:
-            raise ConfigurationError("ToolRetry.retry_on needs at least one exception type")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -138,22 +78,15 @@ class ToolCallRecord:
         return self.call.id
 
 
-def as_retry(retry: RetryLike | int | None, *, what: str) -> RetryLike | None:
-    """A retry policy from ``retry`` (an attempt count is a :class:`ToolRetry`)."""
-    if retry is None:
-        return None
-    if isinstance(retry, bool) or (isinstance(retry, int) and retry < 1):
+def as_retry(retry: RetryPolicy | int | None, *, what: str) -> RetryPolicy | None:
+    """A retry policy from ``retry`` (an attempt count is ``RetryPolicy(attempts=n)``)."""
+    if retry is None or isinstance(retry, RetryPolicy):
+        return retry
+    if isinstance(retry, bool) or not isinstance(retry, int) or retry < 1:
         raise ConfigurationError(
-            f"{what}: retry must be an attempt count >= 1 or a ToolRetry, got {retry!r}"
+            f"{what}: retry must be an attempt count >= 1 or a RetryPolicy, got {retry!r}"
         )
-    if isinstance(retry, int):
-        return ToolRetry(attempts=retry)
-    if not isinstance(retry, RetryLike):
-        raise ConfigurationError(
-            f"{what}: retry must be a ToolRetry (attempts, initial, max_delay, jitter), "
-            f"got {retry!r}"
-        )
-    return retry
+    return RetryPolicy(attempts=retry, budget=None)
 
 
 def is_async(fn: Callable[..., Any]) -> bool:
@@ -202,7 +135,8 @@ class Tool(Generic[R]):
         name: the name the model sees (default: the function's name).
         description: what the model is told the tool does (default: the docstring's text).
         timeout: seconds one attempt may take; then it fails with :class:`ToolTimeoutError`.
-        retry: a :class:`ToolRetry` (or any :class:`RetryLike`), or an attempt count.
+        retry: a :class:`~genfan.resilience.RetryPolicy`, or an attempt count. Invalid
+            arguments are never retried; see :func:`retrying_for` for what is.
         max_concurrency: at most this many calls of this tool run at once (a bulkhead shared by
             every agent and chain in the event loop); more wait for a slot.
         thread: run a sync function in a worker thread (default ``True``).
@@ -223,7 +157,7 @@ class Tool(Generic[R]):
         name: str | None = None,
         description: str | None = None,
         timeout: float | None = None,
-        retry: RetryLike | int | None = None,
+        retry: RetryPolicy | int | None = None,
         max_concurrency: int | None = None,
         thread: bool = True,
         serializer: Callable[[Any], str] | None = None,
@@ -261,7 +195,7 @@ class Tool(Generic[R]):
         schema.setdefault("properties", {})
         self.parameters: dict[str, Any] = schema
         self.timeout = timeout
-        self.retry: RetryLike | None = retry_policy
+        self.retry: RetryPolicy | None = retry_policy
         self.max_concurrency = max_concurrency
         self.thread = thread
         self.serializer = serializer or default_serializer
@@ -277,7 +211,7 @@ class Tool(Generic[R]):
         name: str | None = None,
         description: str | None = None,
         timeout: float | None = None,
-        retry: RetryLike | int | None = None,
+        retry: RetryPolicy | int | None = None,
         max_concurrency: int | None = None,
         thread: bool = True,
         serializer: Callable[[Any], str] | None = None,
@@ -502,25 +436,53 @@ def _mark_failed(span: Any, exc: BaseException) -> None:
 
 
 def retrying_for(
-    policy: RetryLike, name: str, *, event: str = "tool_call_retry", kind: str = "tool"
+    policy: RetryPolicy, name: str, *, event: str = "tool_call_retry", kind: str = "tool"
 ) -> Any:
+    """A tenacity retrier following ``policy``, sleeping through anyio (mock clocks work).
+
+    With ``retry_on=None`` any exception is retried except invalid arguments and a
+    :class:`~genfan.errors.BackendError` that is not ``retryable``. The policy's retry budget
+    is a backend's concern and does not apply here.
+    """
+    import random
+
     import tenacity
 
     from ..testing import is_testing
 
     testing, cap = is_testing()
-    attempts = policy.attempts if cap is None else min(policy.attempts, cap)
-    retry_on: tuple[type[BaseException], ...] = getattr(policy, "retry_on", (Exception,))
-    wait: Any
-    if testing:
-        wait = tenacity.wait_none()
-    elif policy.jitter:
-        wait = tenacity.wait_random_exponential(multiplier=policy.initial, max=policy.max_delay)
-    else:
-        wait = tenacity.wait_exponential(multiplier=policy.initial, max=policy.max_delay)
+    attempts = policy.attempts if not (testing and cap) else min(policy.attempts, cap)
+    retry_on = policy.retry_on
+    rng = random.Random()
 
     def should_retry(exc: BaseException) -> bool:
-        return isinstance(exc, retry_on) and not isinstance(exc, ToolArgumentsError)
+        if not isinstance(exc, Exception) or isinstance(exc, ToolArgumentsError):
+            return False
+        if retry_on is None:
+            return not isinstance(exc, BackendError) or exc.retryable
+        if isinstance(retry_on, tuple):
+            return isinstance(exc, retry_on)
+        return bool(retry_on(exc))
+
+    def wait(state: Any) -> float:
+        exc = state.outcome.exception() if state.outcome is not None else None
+        if (
+            policy.respect_retry_after
+            and isinstance(exc, RateLimitError)
+            and exc.retry_after is not None
+        ):
+            return 0.0 if testing else max(0.0, exc.retry_after)
+        if testing:
+            return 0.0
+        base = policy.base_delay(state.attempt_number)
+        if policy.jitter == "full":
+            return rng.uniform(0.0, base)
+        if policy.jitter == "decorrelated":
+            previous = state.upcoming_sleep or policy.initial
+            return min(
+                policy.max_delay, rng.uniform(policy.initial, max(policy.initial, previous * 3))
+            )
+        return base
 
     def before_sleep(state: Any) -> None:
         exc = state.outcome.exception() if state.outcome is not None else None
@@ -528,7 +490,8 @@ def retrying_for(
             event,
             level="info",
             **{kind: name},
-            attempt=state.attempt_number,
+            attempt=state.attempt_number + 1,
+            delay=state.upcoming_sleep,
             error=type(exc).__name__ if exc is not None else None,
         )
         telemetry.instruments().guard.add(
@@ -652,7 +615,7 @@ def tool(
     name: str | None = None,
     description: str | None = None,
     timeout: float | None = None,
-    retry: RetryLike | int | None = None,
+    retry: RetryPolicy | int | None = None,
     max_concurrency: int | None = None,
     thread: bool = True,
     serializer: Callable[[Any], str] | None = None,
@@ -664,7 +627,7 @@ def tool(
     name: str | None = None,
     description: str | None = None,
     timeout: float | None = None,
-    retry: RetryLike | int | None = None,
+    retry: RetryPolicy | int | None = None,
     max_concurrency: int | None = None,
     thread: bool = True,
     serializer: Callable[[Any], str] | None = None,
