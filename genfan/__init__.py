@@ -68,9 +68,25 @@ _LAZY: dict[str, str] = {
     "Tier": "genfan.select",
     "scorer": "genfan.select",
     "selector_from_name": "genfan.select",
+    "BatchJob": "genfan.batching",
+    "BatcherStatistics": "genfan.batching",
+    "BatchingBackend": "genfan.batching",
+    "BatchingEmbedder": "genfan.batching",
+    "Embedder": "genfan.batching",
+    "JobSummary": "genfan.batching",
+    "MicroBatcher": "genfan.batching",
+    "run_batch_job": "genfan.batching",
 }
 
 if TYPE_CHECKING:
+    from .batching import BatcherStatistics as BatcherStatistics
+    from .batching import BatchingBackend as BatchingBackend
+    from .batching import BatchingEmbedder as BatchingEmbedder
+    from .batching import BatchJob as BatchJob
+    from .batching import Embedder as Embedder
+    from .batching import JobSummary as JobSummary
+    from .batching import MicroBatcher as MicroBatcher
+    from .batching import run_batch_job as run_batch_job
     from .config import GenfanConfig as GenfanConfig
     from .config import load_config as load_config
     from .select import Cascade as Cascade

@@ -578,27 +578,33 @@ def _make_progress(tally: _Tally, progress: bool) -> Progress:
 Emit = Callable[[Record], Awaitable[None]]
 
 
-async def run_rows_local(
-    job: BatchJob, settings: ResolvedJob, rows: Iterator[JobRow], emit: Emit
-) -> None:
+#: Runs the selected rows and hands each record to ``emit``.
+RowRunner = Callable[[Iterator[JobRow], Emit], Awaitable[None]]
+
+
+async def prepare_local(job: BatchJob, settings: ResolvedJob) -> RowRunner:
     """The in-process executor: rows fanned out here, at most ``max_in_flight`` at once."""
     fan = await make_fanout(job)
-    async with fan:
-        slots = anyio.Semaphore(settings.max_in_flight)
 
-        async def one(row: JobRow) -> None:
-            try:
-                record = await process_row(
-                    fan, row, template=settings.template, system=settings.system
-                )
-            finally:
-                slots.release()
-            await emit(record)
+    async def run(rows: Iterator[JobRow], emit: Emit) -> None:
+        async with fan:
+            slots = anyio.Semaphore(settings.max_in_flight)
 
-        async with anyio.create_task_group() as tg:
-            for row in rows:
-                await slots.acquire()
-                tg.start_soon(one, row)
+            async def one(row: JobRow) -> None:
+                try:
+                    record = await process_row(
+                        fan, row, template=settings.template, system=settings.system
+                    )
+                finally:
+                    slots.release()
+                await emit(record)
+
+            async with anyio.create_task_group() as tg:
+                for row in rows:
+                    await slots.acquire()
+                    tg.start_soon(one, row)
+
+    return run
 
 
 async def _writer(
@@ -618,6 +624,13 @@ async def _writer(
             await anyio.to_thread.run_sync(output.append, group)
             for record in group:
                 on_written(record)
+
+
+def _raise_single(group: BaseExceptionGroup[BaseException]) -> None:
+    # A task group wraps even one error; hand a lone typed error to the caller as itself.
+    if len(group.exceptions) == 1 and isinstance(group.exceptions[0], Exception):
+        raise group.exceptions[0] from None
+    raise group
 
 
 def _select(keys: list[str], output: OutputFile, rerun: Rerun) -> set[str]:
@@ -666,19 +679,24 @@ async def run_batch_job(job: BatchJob, *, progress: bool = False) -> JobSummary:
             reporter.advance(record)
 
         t0 = time.perf_counter()
-        reporter.start(len(todo))
-        try:
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(_writer, receive, output, written)
-                async with send:
-                    if job.executor == "ray":
-                        from ._ray import run_rows_ray
+        if todo:
+            # Build the fan-out (or join Ray) first, so misuse surfaces as one typed error.
+            if job.executor == "ray":
+                from ._ray import prepare_ray
 
-                        await run_rows_ray(job, settings, rows, send.send)
-                    else:
-                        await run_rows_local(job, settings, rows, send.send)
-        finally:
-            reporter.close()
+                run = await prepare_ray(job, settings)
+            else:
+                run = await prepare_local(job, settings)
+            reporter.start(len(todo))
+            try:
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(_writer, receive, output, written)
+                    async with send:
+                        await run(rows, send.send)
+            except BaseExceptionGroup as group:
+                _raise_single(group)
+            finally:
+                reporter.close()
         wall = time.perf_counter() - t0
         if job.compact:
             await anyio.to_thread.run_sync(output.compact, keys)

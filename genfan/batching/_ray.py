@@ -23,13 +23,14 @@ from ._job import (
     Emit,
     JobRow,
     ResolvedJob,
+    RowRunner,
     failure_record,
     make_fanout,
     process_row,
 )
 from ._output import Record
 
-__all__ = ["run_rows_ray"]
+__all__ = ["BatchWorker", "prepare_ray"]
 
 #: chunks queued per actor (one running, one ready), so actors never wait for the driver.
 _CHUNKS_PER_ACTOR = 2
@@ -102,15 +103,27 @@ def _chunks(rows: Iterator[JobRow], size: int) -> Iterator[list[JobRow]]:
         yield chunk
 
 
-async def run_rows_ray(
-    job: BatchJob, settings: ResolvedJob, rows: Iterator[JobRow], emit: Emit
-) -> None:
-    """Run ``rows`` on Ray actors and ``emit`` each record as its chunk comes back."""
+async def prepare_ray(job: BatchJob, settings: ResolvedJob) -> RowRunner:
+    """Join (or start) the Ray cluster; the runner spreads rows over its actors.
+
+    Raises:
+        MissingExtraError: Ray is not installed.
+    """
     ray = _import_ray()
     if not ray.is_initialized():
         await anyio.to_thread.run_sync(
             lambda: ray.init(address=job.address, include_dashboard=False, log_to_driver=False)
         )
+
+    async def run(rows: Iterator[JobRow], emit: Emit) -> None:
+        await _run_on_ray(ray, job, settings, rows, emit)
+
+    return run
+
+
+async def _run_on_ray(
+    ray: Any, job: BatchJob, settings: ResolvedJob, rows: Iterator[JobRow], emit: Emit
+) -> None:
     workers = job.workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
     actor_cls = ray.remote(num_cpus=0.5)(BatchWorker)
     actors = [actor_cls.remote(job, settings) for _ in range(workers)]
