@@ -86,7 +86,9 @@ async def test_half_open_admits_exactly_the_probes_then_closes() -> None:
     fake = FakeBackend("b", script)
     breaker = CircuitBreaker(
         fake,
-        BreakerPolicy(minimum_throughput=2, failure_ratio=1.0, break_duration=5.0, half_open_probes=2),
+        BreakerPolicy(
+            minimum_throughput=2, failure_ratio=1.0, break_duration=5.0, half_open_probes=2
+        ),
     )
     await fail_n(breaker, 2)
     assert breaker.state == "open"
@@ -197,7 +199,9 @@ async def test_time_window_forgets_old_failures() -> None:
     switch = Switch()
     breaker = CircuitBreaker(
         FakeBackend("b", switch),
-        BreakerPolicy(window="time", sampling_duration=10.0, minimum_throughput=3, failure_ratio=1.0),
+        BreakerPolicy(
+            window="time", sampling_duration=10.0, minimum_throughput=3, failure_ratio=1.0
+        ),
     )
     await fail_n(breaker, 2)
     await anyio.sleep(10.0)  # both leave the window
@@ -269,7 +273,8 @@ async def test_state_change_events_on_open_and_recovery() -> None:
 async def test_cancelled_probe_frees_its_slot() -> None:
     switch = Switch()
     breaker = CircuitBreaker(
-        FakeBackend("b", switch, latency=0.0), BreakerPolicy(minimum_throughput=1, break_duration=1.0)
+        FakeBackend("b", switch, latency=0.0),
+        BreakerPolicy(minimum_throughput=1, break_duration=1.0),
     )
     await fail_n(breaker, 1)
     await anyio.sleep(1.0)
@@ -288,13 +293,13 @@ async def test_cancelled_probe_frees_its_slot() -> None:
 def test_policy_validation_names_the_field() -> None:
     with pytest.raises(ConfigurationError, match=r"BreakerPolicy.failure_ratio must be .*> 0"):
         BreakerPolicy(failure_ratio=0.0)
-    with pytest.raises(ConfigurationError, match="break_duration_max"):
+    with pytest.raises(ConfigurationError, match=r"break_duration_max"):
         BreakerPolicy(break_duration=5, break_duration_max=1)
-    with pytest.raises(ConfigurationError, match="failure_ratio .* or consecutive_failures"):
+    with pytest.raises(ConfigurationError, match=r"failure_ratio .* or consecutive_failures"):
         BreakerPolicy(failure_ratio=None)
-    with pytest.raises(ConfigurationError, match="window must be one of"):
+    with pytest.raises(ConfigurationError, match=r"window must be one of"):
         BreakerPolicy(window="rolling")  # type: ignore[arg-type]
-    with pytest.raises(ConfigurationError, match="minimum_throughput must be <= window_size"):
+    with pytest.raises(ConfigurationError, match=r"minimum_throughput must be <= window_size"):
         BreakerPolicy(window="count", window_size=5, minimum_throughput=10)
     with pytest.raises(TypeError):
         BreakerPolicy(0.5)  # type: ignore[misc]

@@ -1,0 +1,250 @@
+"""Retries: exact delays, Retry-After, what is never retried, the budget and the deadline."""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+import anyio
+import pytest
+from trio.testing import MockClock
+
+from genfan import ChatRequest
+from genfan.errors import (
+    BackendConnectionError,
+    BackendError,
+    BackendTimeoutError,
+    ConfigurationError,
+    HTTPStatusError,
+    MalformedResponseError,
+    RateLimitError,
+)
+from genfan.resilience import Retry, RetryBudget, RetryBudgetPolicy, RetryPolicy
+from genfan.testing import Fail, FakeBackend, Reply, capture_events, set_testing
+
+REQ = ChatRequest.from_prompt("hi")
+
+
+@pytest.fixture
+def anyio_backend() -> tuple[str, dict[str, object]]:
+    return ("trio", {"clock": MockClock(autojump_threshold=0)})
+
+
+class Script:
+    """Fails with the given errors in turn, then answers; records when each call started."""
+
+    def __init__(self, *errors: BackendError | type[BackendError]) -> None:
+        self.errors = list(errors)
+        self.times: list[float] = []
+
+    def __call__(self, request: ChatRequest) -> Reply | Fail:
+        self.times.append(anyio.current_time())
+        if self.errors:
+            return Fail(error=self.errors.pop(0))
+        return Reply(text="ok")
+
+    def gaps(self) -> list[float]:
+        return [b - a for a, b in zip(self.times, self.times[1:], strict=False)]
+
+
+NO_JITTER = RetryPolicy(
+    attempts=4, initial=1.0, multiplier=2.0, max_delay=3.0, jitter="none", budget=None
+)
+
+
+@pytest.mark.anyio
+async def test_exact_exponential_delays_capped() -> None:
+    script = Script(
+        BackendConnectionError, BackendTimeoutError, HTTPStatusError("x", status_code=503)
+    )
+    retry = Retry(FakeBackend("b", script), NO_JITTER)
+    assert (await retry.complete(REQ)).text == "ok"
+    assert script.gaps() == pytest.approx([1.0, 2.0, 3.0])
+    assert retry.statistics().retries == 3
+
+
+@pytest.mark.anyio
+async def test_full_jitter_stays_within_the_exponential_bound() -> None:
+    script = Script(*[BackendConnectionError] * 5)
+    policy = RetryPolicy(attempts=6, initial=1.0, max_delay=100.0, jitter="full", budget=None)
+    await Retry(FakeBackend("b", script), policy, rng=random.Random(7)).complete(REQ)
+    for n, gap in enumerate(script.gaps(), start=1):
+        assert 0.0 <= gap <= 2.0 ** (n - 1)
+
+
+@pytest.mark.anyio
+async def test_decorrelated_jitter_bounds() -> None:
+    script = Script(*[BackendConnectionError] * 5)
+    policy = RetryPolicy(attempts=6, initial=0.5, max_delay=4.0, jitter="decorrelated", budget=None)
+    await Retry(FakeBackend("b", script), policy, rng=random.Random(3)).complete(REQ)
+    gaps = script.gaps()
+    assert all(0.5 <= g <= 4.0 for g in gaps)
+    for prev, gap in itertools.pairwise(gaps):
+        assert gap <= max(0.5, prev * 3) + 1e-9
+
+
+@pytest.mark.anyio
+async def test_retry_after_is_honoured_exactly() -> None:
+    script = Script(RateLimitError("slow down", retry_after=7.5))
+    retry = Retry(FakeBackend("b", script), NO_JITTER)
+    await retry.complete(REQ)
+    assert script.gaps() == pytest.approx([7.5])
+
+
+@pytest.mark.anyio
+async def test_retry_after_longer_than_allowed_fails_fast() -> None:
+    script = Script(RateLimitError("come back tomorrow", retry_after=86400.0))
+    retry = Retry(FakeBackend("b", script), NO_JITTER)
+    with pytest.raises(RateLimitError):
+        await retry.complete(REQ)
+    assert len(script.times) == 1
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("status", [400, 401, 403, 404, 422])
+async def test_client_errors_are_never_retried(status: int) -> None:
+    script = Script(HTTPStatusError("no", status_code=status))
+    with pytest.raises(HTTPStatusError):
+        await Retry(FakeBackend("b", script), NO_JITTER).complete(REQ)
+    assert len(script.times) == 1
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    "error",
+    [
+        BackendTimeoutError("t"),
+        BackendConnectionError("c"),
+        HTTPStatusError("s", status_code=500),
+        HTTPStatusError("s", status_code=502),
+        RateLimitError("r"),
+        MalformedResponseError("m"),
+    ],
+)
+async def test_retryable_errors_are_retried(error: BackendError) -> None:
+    script = Script(error)
+    assert (await Retry(FakeBackend("b", script), NO_JITTER).complete(REQ)).text == "ok"
+    assert len(script.times) == 2
+
+
+@pytest.mark.anyio
+async def test_gives_up_after_attempts_with_the_last_error() -> None:
+    script = Script(
+        BackendConnectionError("one"), BackendConnectionError("two"), BackendTimeoutError("three")
+    )
+    retry = Retry(FakeBackend("b", script), RetryPolicy(attempts=3, jitter="none", budget=None))
+    with pytest.raises(BackendTimeoutError, match=r"three"):
+        await retry.complete(REQ)
+
+
+@pytest.mark.anyio
+async def test_non_backend_errors_are_not_retried() -> None:
+    calls = 0
+
+    def boom(request: ChatRequest) -> Reply:
+        nonlocal calls
+        calls += 1
+        raise RuntimeError("bug")
+
+    with pytest.raises(RuntimeError):
+        await Retry(FakeBackend("b", boom), NO_JITTER).complete(REQ)
+    assert calls == 1
+
+
+@pytest.mark.anyio
+async def test_backoff_that_does_not_fit_the_deadline_fails_fast() -> None:
+    script = Script(BackendConnectionError("first"), BackendConnectionError("second"))
+    retry = Retry(FakeBackend("b", script), NO_JITTER)  # waits 1 then 2
+    start = anyio.current_time()
+    with capture_events() as events:
+        with anyio.move_on_after(2.5):
+            with pytest.raises(BackendConnectionError, match=r"second"):
+                await retry.complete(REQ)
+    # the first retry fit (1 s of 2.5); the second (2 s of 1.5 left) was not started
+    assert len(script.times) == 2
+    assert anyio.current_time() - start == pytest.approx(1.0)
+    assert retry.statistics().deadline_stops == 1
+    assert [e["event"] for e in events] == ["retry_scheduled", "retry_gave_up"]
+    assert events[-1]["reason"] == "deadline"
+
+
+@pytest.mark.anyio
+async def test_budget_exhaustion() -> None:
+    budget = RetryBudget(RetryBudgetPolicy(ratio=0.2, min_per_second=0.0, ttl=10.0))
+    fake = FakeBackend("b", [Fail(error=BackendConnectionError)])
+    retry = Retry(
+        fake, RetryPolicy(attempts=5, jitter="none", initial=0.0, budget=None), budget=budget
+    )
+    for _ in range(10):
+        with pytest.raises(BackendConnectionError):
+            await retry.complete(REQ)
+    # 10 calls x 20% = 2 retries in the window, and no more
+    assert len(fake.calls) == 12
+    stats = retry.statistics()
+    assert stats.retries == 2 and stats.budget_exhausted == 10
+
+
+@pytest.mark.anyio
+async def test_budget_floor_and_expiry() -> None:
+    budget = RetryBudget(RetryBudgetPolicy(ratio=0.0, min_per_second=0.5, ttl=10.0))
+    assert budget.balance() == pytest.approx(5.0)
+    assert all(budget.try_withdraw() for _ in range(5))
+    assert not budget.try_withdraw()
+    await anyio.sleep(11.0)  # the withdrawals leave the window
+    assert budget.try_withdraw()
+
+
+@pytest.mark.anyio
+async def test_budget_is_shared_between_guards() -> None:
+    budget = RetryBudget(RetryBudgetPolicy(ratio=0.5, min_per_second=0.0))
+    policy = RetryPolicy(attempts=3, initial=0.0, jitter="none", budget=None)
+    a = Retry(FakeBackend("a", [Fail(error=BackendConnectionError)]), policy, budget=budget)
+    b = Retry(FakeBackend("b", [Fail(error=BackendConnectionError)]), policy, budget=budget)
+    for guard in (a, b):
+        with pytest.raises(BackendConnectionError):
+            await guard.complete(REQ)
+    # a's call alone earns half a retry; b's call completes one, and b spends it
+    assert a.statistics().retries == 0 and b.statistics().retries == 1
+    assert not budget.try_withdraw()
+
+
+@pytest.mark.anyio
+async def test_testing_mode_turns_off_backoff_and_caps_attempts() -> None:
+    set_testing(True, attempts=2)
+    try:
+        script = Script(BackendConnectionError, BackendConnectionError, BackendConnectionError)
+        retry = Retry(FakeBackend("b", script), RetryPolicy(attempts=5, initial=10.0, budget=None))
+        with pytest.raises(BackendConnectionError):
+            await retry.complete(REQ)
+        assert script.gaps() == [0.0]
+    finally:
+        set_testing(False)
+
+
+@pytest.mark.anyio
+async def test_cancellation_is_not_retried() -> None:
+    fake = FakeBackend("b", latency=10.0)
+    retry = Retry(fake, NO_JITTER)
+    with anyio.move_on_after(1.0):
+        await retry.complete(REQ)
+    assert len(fake.calls) == 1 and fake.cancelled == 1
+
+
+@pytest.mark.anyio
+async def test_stream_retries_before_the_first_event_only() -> None:
+    script = Script(BackendConnectionError)
+    retry = Retry(FakeBackend("b", script), NO_JITTER)
+    events = [e async for e in retry.stream(REQ)]
+    assert events[-1].type == "end" and len(script.times) == 2
+
+
+def test_policy_validation() -> None:
+    with pytest.raises(ConfigurationError, match=r"RetryPolicy.attempts must be an integer >= 1"):
+        RetryPolicy(attempts=0)
+    with pytest.raises(ConfigurationError, match=r"RetryPolicy.max_delay"):
+        RetryPolicy(initial=5.0, max_delay=1.0)
+    with pytest.raises(ConfigurationError, match=r"jitter"):
+        RetryPolicy(jitter="half")  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError, match=r"RetryBudgetPolicy.ttl"):
+        RetryBudgetPolicy(ttl=0)
+    assert RetryPolicy(initial=1, multiplier=3, max_delay=5).base_delay(3) == 5.0
