@@ -28,8 +28,10 @@ class LengthBounds(CandidateScorer):
     """The answer's length (characters and/or words) lies within the bounds (inclusive).
 
     Args:
-        min_chars, max_chars: bounds on ``len(text.strip())``.
-        min_words, max_words: bounds on the number of whitespace-separated words.
+        min_chars: lower bound on ``len(text.strip())``.
+        max_chars: upper bound on ``len(text.strip())``.
+        min_words: lower bound on the number of whitespace-separated words.
+        max_words: upper bound on the number of whitespace-separated words.
     """
 
     def __init__(

@@ -127,7 +127,8 @@ class LLMJudge:
         rubric: what a good answer is (inserted into the judge's prompt).
         mode: ``pointwise`` (default) or ``pairwise``.
         max_concurrency: judge calls in flight at once.
-        temperature, max_tokens: for the judge calls (a verdict is short).
+        temperature: for the judge calls (0: the same answer gets the same verdict).
+        max_tokens: for the judge calls (a verdict is short).
         model: a model override for the judge calls.
         name: the scorer's name in explanations.
     """
