@@ -201,8 +201,14 @@ def _apply_guards(
                 "a guards table is set but genfan.resilience is unavailable"
             ) from None
         return backend
-    merged = {**(defaults or {}), **(own or {})}
-    return GuardsConfig.model_validate(merged).build(backend)  # type: ignore[no-any-return]
+    try:
+        # Per guard, the backend's fields are merged over [defaults.guards]' fields.
+        guards = GuardsConfig.model_validate(own or {}).merged_over(
+            GuardsConfig.model_validate(defaults or {})
+        )
+    except ValidationError as exc:
+        raise ConfigurationError(f"guards of backend {backend.name!r}: {exc}") from None
+    return guards.build(backend)  # type: ignore[no-any-return,unused-ignore]
 
 
 def _describe(err: ValidationError, source: str) -> str:
