@@ -60,6 +60,9 @@ _STOP: dict[str | None, FinishReason] = {
     "refusal": "content_filter",
 }
 
+_RL_PREFIX = b"anthropic-ratelimit-"
+_RL_LEN = len(_RL_PREFIX)
+
 _JSON_OBJECT_INSTRUCTION = (
     "Respond with a single JSON object and nothing else: no prose, no code fences."
 )
@@ -412,10 +415,10 @@ class AnthropicBackend(HTTPBackend):
     def _rate_limit_info(self, headers: httpx.Headers) -> RateLimitInfo | None:
         found: dict[bytes, str] | None = None
         for key, value in headers.raw:
-            if len(key) > 21 and key[:21].lower() == b"anthropic-ratelimit-":
+            if len(key) > _RL_LEN and key[:_RL_LEN].lower() == _RL_PREFIX:
                 if found is None:
                     found = {}
-                found[key[21:].lower()] = value.decode("latin-1")
+                found[key[_RL_LEN:].lower()] = value.decode("latin-1")
         if found is None:
             return None
         return RateLimitInfo(

@@ -342,10 +342,10 @@ class OpenAIBackend(HTTPBackend):
     def _rate_limit_info(self, headers: httpx.Headers) -> RateLimitInfo | None:
         found: dict[bytes, str] | None = None
         for key, value in headers.raw:
-            if len(key) > 12 and key[:12].lower() == b"x-ratelimit-":
+            if len(key) > _RL_LEN and key[:_RL_LEN].lower() == _RL_PREFIX:
                 if found is None:
                     found = {}
-                found[key[12:].lower()] = value.decode("latin-1")
+                found[key[_RL_LEN:].lower()] = value.decode("latin-1")
         if found is None:
             return None
         return RateLimitInfo(
@@ -359,6 +359,8 @@ class OpenAIBackend(HTTPBackend):
 
 
 _NO_USAGE: Mapping[str, Any] = {}
+_RL_PREFIX = b"x-ratelimit-"
+_RL_LEN = len(_RL_PREFIX)
 
 
 def _message(m: Message) -> dict[str, Any]:
