@@ -12,6 +12,7 @@ from ._embed import BatchCompleter as BatchCompleter
 from ._embed import BatchingBackend as BatchingBackend
 from ._embed import BatchingEmbedder as BatchingEmbedder
 from ._embed import Embedder as Embedder
+from ._embed import split_unless_outage as split_unless_outage
 from ._job import BatchJob as BatchJob
 from ._job import Executor as Executor
 from ._job import FanOutFactory as FanOutFactory
@@ -40,4 +41,5 @@ __all__ = [
     "Rerun",
     "read_results",
     "run_batch_job",
+    "split_unless_outage",
 ]

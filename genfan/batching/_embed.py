@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from types import TracebackType
 from typing import Protocol, Self, runtime_checkable
 
@@ -11,7 +11,23 @@ from ..errors import BackendError, MalformedResponseError
 from ..types import ChatRequest, Completion, StreamEvent
 from ._micro import BatcherStatistics, MicroBatcher, OnFull
 
-__all__ = ["BatchCompleter", "BatchingBackend", "BatchingEmbedder", "Embedder"]
+__all__ = [
+    "BatchCompleter",
+    "BatchingBackend",
+    "BatchingEmbedder",
+    "Embedder",
+    "split_unless_outage",
+]
+
+
+def split_unless_outage(exc: BaseException) -> bool:
+    """The default split policy of the wrappers: retry items alone unless the backend is down.
+
+    A batch refused for its content (a 400, a bad item) is split so that good items succeed; a
+    timeout, connection error, 429 or 5xx is not, so an outage is not multiplied by per-item
+    retries (the guards around the backend handle those).
+    """
+    return not (isinstance(exc, BackendError) and exc.retryable)
 
 
 @runtime_checkable
@@ -51,6 +67,8 @@ class BatchingEmbedder:
         max_queue: texts waiting at most; then ``on_full`` applies.
         on_full: ``"wait"`` (backpressure) or ``"reject"``.
         max_concurrent_batches: requests in flight at once.
+        split_on_batch_error: when a whole request fails, retry its texts alone? Default:
+            :func:`split_unless_outage`.
         name: for errors, events and statistics.
 
     Example:
@@ -69,6 +87,7 @@ class BatchingEmbedder:
         max_queue: int = 10_000,
         on_full: OnFull = "wait",
         max_concurrent_batches: int = 4,
+        split_on_batch_error: bool | Callable[[BaseException], bool] = split_unless_outage,
         name: str | None = None,
     ) -> None:
         self.embedder = embedder
@@ -80,6 +99,7 @@ class BatchingEmbedder:
             max_queue=max_queue,
             on_full=on_full,
             max_concurrent_batches=max_concurrent_batches,
+            split_on_batch_error=split_on_batch_error,
             name=self.name,
         )
 
@@ -134,6 +154,7 @@ class BatchingBackend:
         backend: a backend with ``complete_batch`` (see :class:`BatchCompleter`).
         max_size, max_wait, max_queue, on_full, max_concurrent_batches: as for
             :class:`MicroBatcher`.
+        split_on_batch_error: as for :class:`MicroBatcher`; default :func:`split_unless_outage`.
     """
 
     def __init__(
@@ -145,6 +166,7 @@ class BatchingBackend:
         max_queue: int = 10_000,
         on_full: OnFull = "wait",
         max_concurrent_batches: int = 1,
+        split_on_batch_error: bool | Callable[[BaseException], bool] = split_unless_outage,
     ) -> None:
         self.inner = backend
         self._batcher: MicroBatcher[ChatRequest, Completion] = MicroBatcher(
@@ -154,6 +176,7 @@ class BatchingBackend:
             max_queue=max_queue,
             on_full=on_full,
             max_concurrent_batches=max_concurrent_batches,
+            split_on_batch_error=split_on_batch_error,
             name=backend.name,
         )
 
