@@ -76,6 +76,19 @@ _LAZY: dict[str, str] = {
     "JobSummary": "genfan.batching",
     "MicroBatcher": "genfan.batching",
     "run_batch_job": "genfan.batching",
+    "guard": "genfan.resilience",
+    "GuardedBackend": "genfan.resilience",
+    "GuardsConfig": "genfan.resilience",
+    "BulkheadPolicy": "genfan.resilience",
+    "BreakerPolicy": "genfan.resilience",
+    "RetryPolicy": "genfan.resilience",
+    "RetryBudgetPolicy": "genfan.resilience",
+    "RetryBudget": "genfan.resilience",
+    "TimeoutPolicy": "genfan.resilience",
+    "HedgePolicy": "genfan.resilience",
+    "RateLimitPolicy": "genfan.resilience",
+    "Fallback": "genfan.resilience",
+    "Pool": "genfan.resilience",
 }
 
 if TYPE_CHECKING:
@@ -89,6 +102,19 @@ if TYPE_CHECKING:
     from .batching import run_batch_job as run_batch_job
     from .config import GenfanConfig as GenfanConfig
     from .config import load_config as load_config
+    from .resilience import BreakerPolicy as BreakerPolicy
+    from .resilience import BulkheadPolicy as BulkheadPolicy
+    from .resilience import Fallback as Fallback
+    from .resilience import GuardedBackend as GuardedBackend
+    from .resilience import GuardsConfig as GuardsConfig
+    from .resilience import HedgePolicy as HedgePolicy
+    from .resilience import Pool as Pool
+    from .resilience import RateLimitPolicy as RateLimitPolicy
+    from .resilience import RetryBudget as RetryBudget
+    from .resilience import RetryBudgetPolicy as RetryBudgetPolicy
+    from .resilience import RetryPolicy as RetryPolicy
+    from .resilience import TimeoutPolicy as TimeoutPolicy
+    from .resilience import guard as guard
     from .select import Cascade as Cascade
     from .select import Consensus as Consensus
     from .select import LengthBounds as LengthBounds

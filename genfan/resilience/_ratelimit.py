@@ -1,4 +1,4 @@
-"""Local rate limits: token buckets for requests and tokens per minute, learning from providers."""
+"""Local rate limits: token buckets for requests and tokens per minute, learning the quota vendors report."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from contextlib import aclosing
 from dataclasses import dataclass
 
 import anyio
+import anyio.lowlevel
 
 from ..backend import Backend
 from ..errors import RateLimitError, RateLimitExceededError
@@ -152,6 +153,7 @@ class RateLimiter(Guard):
             p = self.policy
             limit = min(math.inf if p.max_wait is None else p.max_wait, time_left())
             if p.mode == "reject" or wait > limit:
+                await anyio.lowlevel.checkpoint_if_cancelled()  # cancelled: say so
                 self._rejected += 1
                 reason = "reject mode" if p.mode == "reject" else "wait longer than allowed"
                 decision(
