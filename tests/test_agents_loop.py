@@ -184,7 +184,9 @@ async def test_step_limit_raises_with_the_partial_result_or_returns_flagged() ->
         await agent.run("loop")
     assert info.value.result.stopped == "step_limit" and len(info.value.result.steps) == 3
 
-    agent = Agent(FakeBackend(replies=[forever]), tools=[again], max_steps=2, on_step_limit="return")
+    agent = Agent(
+        FakeBackend(replies=[forever]), tools=[again], max_steps=2, on_step_limit="return"
+    )
     result = await agent.run("loop")
     assert result.stopped == "step_limit" and len(result.tool_calls) == 2
 
@@ -209,7 +211,11 @@ async def test_stream_events_in_order() -> None:
 
     backend = FakeBackend(
         replies=[
-            Reply(tool_calls=calls(("fetch", {"url": "a"}), ("fetch", {"url": "bad"}), ("fetch", {"url": "c"}))),
+            Reply(
+                tool_calls=calls(
+                    ("fetch", {"url": "a"}), ("fetch", {"url": "bad"}), ("fetch", {"url": "c"})
+                )
+            ),
             "two pages were fetched",
         ]
     )
@@ -229,8 +235,13 @@ async def test_stream_events_in_order() -> None:
     failed = [e for e in events if isinstance(e, ToolFailed)]
     assert failed[0].record.output == "Error: tool 'fetch' raised ValueError: 404"
     assert isinstance(events[-1], AgentFinished) and stream.result is events[-1].result
-    assert {e.call.id for e in events if isinstance(e, ToolStarted)} == {"call_0", "call_1", "call_2"}
-    assert all(isinstance(e, ToolFinished | ToolFailed | ToolStarted | ModelResponse | ModelTextDelta | AgentFinished) for e in events)
+    assert {e.call.id for e in events if isinstance(e, ToolStarted)} == {
+        "call_0",
+        "call_1",
+        "call_2",
+    }
+    assert sum(isinstance(e, ToolFinished) for e in events) == 2
+    assert sum(isinstance(e, ModelResponse) for e in events) == 2
 
 
 @pytest.mark.anyio
@@ -272,7 +283,9 @@ async def test_cancelling_a_run_cancels_every_running_tool() -> None:
             raise
         return i
 
-    backend = FakeBackend(replies=[Reply(tool_calls=calls(*[("block", {"i": i}) for i in range(3)]))])
+    backend = FakeBackend(
+        replies=[Reply(tool_calls=calls(*[("block", {"i": i}) for i in range(3)]))]
+    )
     agent = Agent(backend, tools=[block])
     async with anyio.create_task_group() as tg:
         tg.start_soon(agent.run, "go")
@@ -315,7 +328,9 @@ async def test_max_parallel_tools_bounds_one_turn() -> None:
         running -= 1
         return i
 
-    backend = FakeBackend(replies=[Reply(tool_calls=calls(*[("step", {"i": i}) for i in range(6)])), "ok"])
+    backend = FakeBackend(
+        replies=[Reply(tool_calls=calls(*[("step", {"i": i}) for i in range(6)])), "ok"]
+    )
     result = await Agent(backend, tools=[step], max_parallel_tools=2).run("go")
     assert peak == 2 and [r.value for r in result.tool_calls] == list(range(6))
 

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 import json
-from enum import Enum
+from enum import StrEnum
 from typing import Annotated, Literal
 
 import anyio
@@ -32,7 +33,7 @@ def anyio_backend() -> tuple[str, dict[str, object]]:
     return ("trio", {"clock": MockClock(autojump_threshold=0)})
 
 
-class Unit(str, Enum):
+class Unit(StrEnum):
     celsius = "celsius"
     fahrenheit = "fahrenheit"
 
@@ -203,7 +204,12 @@ async def test_results_are_serialised_for_the_model() -> None:
         ToolCall(id="c1", name="forecast", arguments='{"window": {"place": {"city": "Oslo"}}}')
     )
     assert record.ok and record.attempts == 1
-    assert json.loads(record.output) == {"city": "Oslo", "days": 3, "unit": "celsius", "start": None}
+    assert json.loads(record.output) == {
+        "city": "Oslo",
+        "days": 3,
+        "unit": "celsius",
+        "start": None,
+    }
     assert record.value["city"] == "Oslo"
 
     def echo(text: str) -> str:
@@ -212,9 +218,13 @@ async def test_results_are_serialised_for_the_model() -> None:
     def model(city: str) -> Place:
         return Place(city=city)
 
-    text = await Tool.from_function(echo).run(ToolCall(id="a", name="echo", arguments='{"text": "hé"}'))
+    text = await Tool.from_function(echo).run(
+        ToolCall(id="a", name="echo", arguments='{"text": "hé"}')
+    )
     assert text.output == "hé"  # str as is, not JSON-quoted
-    obj = await Tool.from_function(model).run(ToolCall(id="b", name="model", arguments='{"city": "Rome"}'))
+    obj = await Tool.from_function(model).run(
+        ToolCall(id="b", name="model", arguments='{"city": "Rome"}')
+    )
     assert json.loads(obj.output) == {"city": "Rome", "country": None}
 
 
@@ -281,7 +291,7 @@ async def test_retries_wait_through_anyio_and_stop_at_attempts() -> None:
     with capture_events() as events:
         record = await t.run(ToolCall(id="r", name="flaky", arguments='{"x": 4}'))
     assert record.ok and record.value == 40 and record.attempts == 3
-    gaps = [b - a for a, b in zip(attempts, attempts[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(attempts)]
     assert gaps == pytest.approx([1.0, 2.0])  # exponential backoff, slept on the mock clock
     retries = [e for e in events if e["event"] == "tool_call_retry"]
     assert [e["attempt"] for e in retries] == [2, 3]
@@ -289,7 +299,9 @@ async def test_retries_wait_through_anyio_and_stop_at_attempts() -> None:
     async def always(x: int) -> int:
         raise ConnectionError("down")
 
-    t2 = Tool.from_function(always, name="always", retry=RetryPolicy(attempts=3, jitter="none", budget=None))
+    t2 = Tool.from_function(
+        always, name="always", retry=RetryPolicy(attempts=3, jitter="none", budget=None)
+    )
     record = await t2.run(ToolCall(id="r2", name="always", arguments='{"x": 1}'))
     assert record.attempts == 3 and not record.ok
     assert "ConnectionError: down" in record.output
