@@ -1,4 +1,4 @@
-"""Local rate limits: token buckets for requests and tokens per minute, learning the quota vendors report."""
+"""Local rate limits: token buckets for requests and tokens per minute, learning vendor quota."""
 
 from __future__ import annotations
 
