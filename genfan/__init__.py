@@ -89,9 +89,43 @@ _LAZY: dict[str, str] = {
     "RateLimitPolicy": "genfan.resilience",
     "Fallback": "genfan.resilience",
     "Pool": "genfan.resilience",
+    "Agent": "genfan.agents",
+    "AgentResult": "genfan.agents",
+    "AgentStepLimitError": "genfan.agents",
+    "Chain": "genfan.agents",
+    "ChainFailedError": "genfan.agents",
+    "ChainResult": "genfan.agents",
+    "Input": "genfan.agents",
+    "LLMCall": "genfan.agents",
+    "StepTimeoutError": "genfan.agents",
+    "Tool": "genfan.agents",
+    "ToolArgumentsError": "genfan.agents",
+    "ToolCallRecord": "genfan.agents",
+    "ToolError": "genfan.agents",
+    "ToolRegistry": "genfan.agents",
+    "ToolTimeoutError": "genfan.agents",
+    "UnknownToolError": "genfan.agents",
+    "tool": "genfan.agents",
 }
 
 if TYPE_CHECKING:
+    from .agents import Agent as Agent
+    from .agents import AgentResult as AgentResult
+    from .agents import AgentStepLimitError as AgentStepLimitError
+    from .agents import Chain as Chain
+    from .agents import ChainFailedError as ChainFailedError
+    from .agents import ChainResult as ChainResult
+    from .agents import Input as Input
+    from .agents import LLMCall as LLMCall
+    from .agents import StepTimeoutError as StepTimeoutError
+    from .agents import Tool as Tool
+    from .agents import ToolArgumentsError as ToolArgumentsError
+    from .agents import ToolCallRecord as ToolCallRecord
+    from .agents import ToolError as ToolError
+    from .agents import ToolRegistry as ToolRegistry
+    from .agents import ToolTimeoutError as ToolTimeoutError
+    from .agents import UnknownToolError as UnknownToolError
+    from .agents import tool as tool
     from .batching import BatcherStatistics as BatcherStatistics
     from .batching import BatchingBackend as BatchingBackend
     from .batching import BatchingEmbedder as BatchingEmbedder
