@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import sys
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -135,8 +136,9 @@ class Tool(Generic[R]):
         name: the name the model sees (default: the function's name).
         description: what the model is told the tool does (default: the docstring's text).
         timeout: seconds one attempt may take; then it fails with :class:`ToolTimeoutError`.
-        retry: a :class:`~genfan.resilience.RetryPolicy`, or an attempt count. Invalid
-            arguments are never retried; see :func:`retrying_for` for what is.
+        retry: a :class:`~genfan.resilience.RetryPolicy`, or an attempt count. By default
+            only transient failures are retried (timeouts, connection errors, retryable
+            backend errors); the policy's ``retry_on`` widens that. Invalid arguments never.
         max_concurrency: at most this many calls of this tool run at once (a bulkhead shared by
             every agent and chain in the event loop); more wait for a slot.
         thread: run a sync function in a worker thread (default ``True``).
@@ -435,14 +437,25 @@ def _mark_failed(span: Any, exc: BaseException) -> None:
         pass
 
 
+def transient(exc: BaseException) -> bool:
+    """Whether a tool's failure may pass on a retry: timeouts, connection errors (httpx's
+    transport errors too) and :class:`~genfan.errors.BackendError` s marked ``retryable``."""
+    if isinstance(exc, BackendError):
+        return exc.retryable
+    if isinstance(exc, TimeoutError | ConnectionError):
+        return True
+    httpx = sys.modules.get("httpx")
+    return httpx is not None and isinstance(exc, httpx.TransportError)
+
+
 def retrying_for(
     policy: RetryPolicy, name: str, *, event: str = "tool_call_retry", kind: str = "tool"
 ) -> Any:
     """A tenacity retrier following ``policy``, sleeping through anyio (mock clocks work).
 
-    With ``retry_on=None`` any exception is retried except invalid arguments and a
-    :class:`~genfan.errors.BackendError` that is not ``retryable``. The policy's retry budget
-    is a backend's concern and does not apply here.
+    With ``retry_on=None`` only transient failures are retried (see :func:`transient`); pass
+    ``retry_on=(Exception,)`` to retry everything. Invalid arguments are never retried. The
+    policy's retry budget is a backend's concern and does not apply here.
     """
     import random
 
@@ -459,7 +472,7 @@ def retrying_for(
         if not isinstance(exc, Exception) or isinstance(exc, ToolArgumentsError):
             return False
         if retry_on is None:
-            return not isinstance(exc, BackendError) or exc.retryable
+            return transient(exc)
         if isinstance(retry_on, tuple):
             return isinstance(exc, retry_on)
         return bool(retry_on(exc))
