@@ -31,7 +31,7 @@ import anyio
 
 from ..errors import ConfigurationError, MissingExtraError
 from ._policy import SchedulePolicy
-from ._triggers import Trigger, from_us, to_us, trigger_from_dict
+from ._triggers import IntervalTrigger, Trigger, from_us, to_us, trigger_from_dict
 
 __all__ = [
     "Claim",
@@ -245,6 +245,11 @@ class _SQL:
         now: datetime,
         conflict: Conflict,
     ) -> ScheduleInfo:
+        lock = " FOR UPDATE" if self.pg else ""
+        cur.execute(self.q(f"SELECT {self._SCHED_COLS} FROM {{S}} WHERE id = ?{lock}"), (id,))
+        row = cur.fetchone()
+        if row is not None:
+            trigger = _rebind(trigger, trigger_from_dict(json.loads(row[1])))
         trigger = trigger.bind(now)
         tjson = json.dumps(trigger.to_dict(), sort_keys=True)
         jjson = json.dumps(job, sort_keys=True)
@@ -644,6 +649,21 @@ class _SQL:
             (*params, limit),
         )
         return [self.run(r) for r in cur.fetchall()]
+
+
+def _rebind(new: Trigger, old: Trigger) -> Trigger:
+    """An interval without a start, re-added over the same interval, keeps the stored start
+    (a restarted process re-adding its schedules must not move them)."""
+    from dataclasses import replace
+
+    if (
+        isinstance(new, IntervalTrigger)
+        and isinstance(old, IntervalTrigger)
+        and new.start is None
+        and old.start is not None
+    ):
+        return replace(new, start=old.start)
+    return new
 
 
 def _with(run: RunRecord, **changes: Any) -> RunRecord:

@@ -186,7 +186,11 @@ class IntervalTrigger:
     def to_dict(self) -> dict[str, Any]:
         return {
             "kind": self.kind,
-            "seconds": self.interval,
+            "seconds": self.seconds,
+            "minutes": self.minutes,
+            "hours": self.hours,
+            "days": self.days,
+            "weeks": self.weeks,
             "start": _iso(self.start),
             "end": _iso(self.end),
         }
@@ -385,7 +389,11 @@ def trigger_from_dict(data: dict[str, Any]) -> Trigger:
     kind = data.get("kind")
     if kind == "interval":
         return IntervalTrigger(
-            seconds=float(data["seconds"]),
+            seconds=float(data.get("seconds", 0.0)),
+            minutes=float(data.get("minutes", 0.0)),
+            hours=float(data.get("hours", 0.0)),
+            days=float(data.get("days", 0.0)),
+            weeks=float(data.get("weeks", 0.0)),
             start=_from_iso(data.get("start")),
             end=_from_iso(data.get("end")),
         )

@@ -1,0 +1,174 @@
+"""Both stores under the real clock (asyncio and trio): claims, history, the store URL."""
+
+from __future__ import annotations
+
+import itertools
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import anyio
+import pytest
+
+from genfan.errors import ConfigurationError
+from genfan.schedule import (
+    DateTrigger,
+    IntervalTrigger,
+    PostgresStore,
+    RunContext,
+    SchedulePolicy,
+    Scheduler,
+    SQLiteStore,
+    Store,
+    store_from_url,
+)
+from tests._services import port_open, require_service
+
+PG_DSN = "postgresql://postgres@127.0.0.1:5432/test"
+
+_seen: list[tuple[str, datetime]] = []
+
+
+async def record(context: RunContext) -> None:
+    _seen.append((context.schedule_id, context.fire_time))
+
+
+def _pg_available() -> None:
+    require_service("PostgreSQL", port_open("127.0.0.1", 5432), "nothing listens on 127.0.0.1:5432")
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
+    if request.param == "sqlite":
+        s: Store = SQLiteStore(tmp_path / "s.db")
+        yield s
+        await s.aclose()
+        return
+    _pg_available()
+    pg = PostgresStore(PG_DSN, schema=f"genfan_t_{uuid.uuid4().hex[:10]}")
+    try:
+        yield pg
+    finally:
+        await pg.drop()
+        await pg.aclose()
+
+
+def _twin(store: Store, tmp_path: Path) -> Store:
+    """A second connection to the same store (another replica)."""
+    if isinstance(store, PostgresStore):
+        return PostgresStore(PG_DSN, schema=store.schema)
+    return SQLiteStore(tmp_path / "s.db")
+
+
+@pytest.mark.anyio
+async def test_three_workers_two_due_runs_the_third_gets_nothing(
+    store: Store, tmp_path: Path
+) -> None:
+    now = datetime(2026, 1, 1, tzinfo=UTC)
+    job = {"kind": "call", "func": "os:getpid", "args": [], "kwargs": {}}
+    for sid in ("a", "b"):
+        await store.put_schedule(
+            id=sid, trigger=DateTrigger(at=now), job=job, policy=SchedulePolicy(), now=now
+        )
+    replicas = [store, _twin(store, tmp_path), _twin(store, tmp_path)]
+    claimed: dict[str, list[str]] = {}
+
+    async def worker(i: int, s: Store) -> None:
+        await s.process_due(now)
+        res = await s.claim(f"w{i}", now, 30, 10)
+        claimed[f"w{i}"] = [c.run.schedule_id for c in res.claimed]
+
+    async with anyio.create_task_group() as tg:
+        for i, s in enumerate(replicas):
+            tg.start_soon(worker, i, s)
+    for s in replicas[1:]:
+        await s.aclose()
+    got = sorted(x for v in claimed.values() for x in v)
+    assert got == ["a", "b"]  # each run claimed exactly once across the three workers
+    runs = await store.history()
+    assert sorted((r.schedule_id, r.status, r.attempts) for r in runs) == [
+        ("a", "running", 1),
+        ("b", "running", 1),
+    ]
+
+
+@pytest.mark.anyio
+async def test_schedule_crud_history_and_heartbeat(store: Store) -> None:
+    now = datetime(2026, 1, 1, tzinfo=UTC)
+    job = {"kind": "call", "func": "os:getpid", "args": [], "kwargs": {}}
+    info = await store.put_schedule(
+        id="x", trigger=IntervalTrigger(minutes=1), job=job, policy=SchedulePolicy(), now=now
+    )
+    assert info.next_fire == now and not info.paused
+    assert [s.id for s in await store.list_schedules()] == ["x"]
+    assert await store.pause("x")
+    assert (await store.process_due(now + timedelta(minutes=5))).created == 0
+    assert await store.resume("x", now + timedelta(minutes=5, seconds=30))
+    resumed = await store.get_schedule("x")
+    assert resumed is not None and resumed.next_fire == now + timedelta(minutes=6)
+    due = await store.process_due(now + timedelta(minutes=6))
+    assert due.created == 1
+    (claim,) = (await store.claim("me", now + timedelta(minutes=6), 30, 5)).claimed
+    hb = await store.heartbeat("me", now + timedelta(minutes=6, seconds=10), 30)
+    assert hb.held == {claim.run.key} and not hb.cancel
+    assert await store.finish(
+        claim.run.key, "me", "succeeded", now + timedelta(minutes=6, seconds=1), None, 1
+    )
+    assert not await store.finish(claim.run.key, "me", "failed", now, "late", 1)  # not running
+    last = await store.last_success("x")
+    assert last is not None and last.fire_time == now + timedelta(minutes=6)
+    assert last.drift == 0.0 and last.owner == "me"
+    assert await store.remove_schedule("x")
+    assert await store.get_schedule("x") is None
+    assert len(await store.history("x")) == 1  # history outlives the schedule
+
+
+@pytest.mark.anyio
+async def test_scheduler_end_to_end_on_the_real_clock(store: Store) -> None:
+    _seen.clear()
+    async with Scheduler(store, poll_interval=0.2, lease_time=5) as s:
+        info = await s.add_schedule(
+            "tests.test_schedule_store:record", IntervalTrigger(seconds=0.2), id="tick"
+        )
+        await anyio.sleep(1.1)
+    fires = sorted(f for sid, f in _seen if sid == "tick")
+    assert len(fires) >= 3
+    assert len(set(fires)) == len(fires)
+    assert fires[0] == info.next_fire
+    assert all(
+        (b - a) % timedelta(seconds=0.2) == timedelta(0) for a, b in itertools.pairwise(fires)
+    )
+    done = await store.history("tick", statuses=["succeeded"])
+    assert len(done) == len(fires)
+
+
+@pytest.mark.anyio
+async def test_sync_job_by_import_path_with_args(tmp_path: Path) -> None:
+    out = tmp_path / "out.txt"
+    async with Scheduler(SQLiteStore(tmp_path / "s.db"), poll_interval=0.05) as s:
+        info = await s.add_schedule(
+            "pathlib:Path.touch", DateTrigger(delay="0.1s"), args=[str(out)]
+        )
+        assert info.id == "pathlib:Path.touch"
+        with anyio.fail_after(10):
+            while not (await s.history(info.id, statuses=["succeeded"])):  # noqa: ASYNC110
+                await anyio.sleep(0.05)
+    assert out.exists()
+
+
+def test_store_from_url(tmp_path: Path) -> None:
+    s = store_from_url(f"sqlite:///{tmp_path}/a.db")
+    assert isinstance(s, SQLiteStore) and s.path == f"{tmp_path}/a.db"
+    rel = store_from_url("sqlite:///rel.db")
+    assert isinstance(rel, SQLiteStore) and rel.path == "rel.db"
+    plain = store_from_url(tmp_path / "b.db")
+    assert isinstance(plain, SQLiteStore)
+    pg = store_from_url("postgresql://user:secret@db.example/app?schema=jobs&sslmode=require")
+    assert isinstance(pg, PostgresStore) and pg.schema == "jobs"
+    assert "schema" not in pg.dsn and "sslmode=require" in pg.dsn
+    assert "secret" not in repr(pg)
+    with pytest.raises(ConfigurationError, match="unknown store URL"):
+        store_from_url("redis://x")
+    with pytest.raises(ConfigurationError, match="schema"):
+        PostgresStore(PG_DSN, schema="bad-name;drop")
