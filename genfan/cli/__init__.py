@@ -30,6 +30,10 @@ from ._batch import batch_app  # noqa: E402
 
 app.add_typer(batch_app, name="batch")
 
+from ._local import local_app  # noqa: E402
+
+app.add_typer(local_app, name="local")
+
 
 def main() -> None:
     """Entry point of the ``genfan`` script."""

