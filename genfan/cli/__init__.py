@@ -34,6 +34,10 @@ from ._local import local_app  # noqa: E402
 
 app.add_typer(local_app, name="local")
 
+from ._schedule import schedule_app  # noqa: E402
+
+app.add_typer(schedule_app, name="schedule")
+
 
 def main() -> None:
     """Entry point of the ``genfan`` script."""

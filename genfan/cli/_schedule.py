@@ -1,0 +1,298 @@
+"""``genfan schedule``: run the scheduler, and look at or steer its schedules.
+
+* ``genfan schedule run --config genfan.toml``: add the config's ``[schedules.*]`` and run them
+  until Ctrl-C / SIGTERM (start several, on one store, for replicas);
+* ``list``, ``history [ID]``, ``pause ID``, ``resume ID``, ``trigger ID``: against the same store.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Any
+
+import anyio
+import typer
+
+from ..errors import GenfanError
+
+schedule_app = typer.Typer(
+    name="schedule",
+    help="Run scheduled jobs and manage their schedules and history.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+
+DEFAULT_CONFIG = Path("genfan.toml")
+
+ConfigOpt = Annotated[
+    Path | None,
+    typer.Option("--config", "-c", help="TOML config file (default ./genfan.toml if present)."),
+]
+StoreOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--store",
+        help="Store URL: sqlite:///file.db or postgresql://host/db (default: the config's).",
+    ),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
+
+
+def _fail(message: str) -> typer.Exit:
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(2)
+
+
+def _load(config: Path | None) -> tuple[Any, Any]:
+    """(GenfanConfig or None, SchedulesConfig)."""
+    from ..schedule._config import parse_schedules
+
+    path = config if config is not None else (DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None)
+    if path is None:
+        return None, parse_schedules({})
+    from ..config import load_config
+
+    cfg = load_config(path)
+    return cfg, parse_schedules(cfg.schedules, base_dir=path.resolve().parent)
+
+
+def _store_url(store: str | None, sched: Any) -> str:
+    return store or str(sched.settings.store)
+
+
+def _admin(config: Path | None, store: str | None) -> Any:
+    from ..schedule import Scheduler
+
+    _, sched = _load(config)
+    return Scheduler(_store_url(store, sched), process_runs=False)
+
+
+def _ts(value: datetime | None) -> str:
+    return "-" if value is None else value.isoformat(timespec="seconds")
+
+
+@schedule_app.command("run")
+def run(
+    config: ConfigOpt = None,
+    store: StoreOpt = None,
+    identity: Annotated[
+        str | None, typer.Option(help="This replica's name in leases and history.")
+    ] = None,
+    duration: Annotated[
+        float | None,
+        typer.Option(help="Stop after this many seconds (default: run until stopped)."),
+    ] = None,
+    log_level: Annotated[str, typer.Option(help="debug | info | warning")] = "info",
+    log_json: Annotated[bool, typer.Option("--log-json", help="Log JSON lines.")] = False,
+) -> None:
+    """Add the config's schedules to the store and run them until Ctrl-C or SIGTERM."""
+    from .. import telemetry
+    from ..schedule import Scheduler
+
+    # Jobs are import paths of the application: import them from where it is started.
+    for p in (str(Path.cwd()), str(config.resolve().parent) if config else None):
+        if p and p not in sys.path:
+            sys.path.insert(0, p)
+    try:
+        cfg, sched = _load(config)
+    except GenfanError as exc:
+        raise _fail(str(exc)) from None
+    if not sched.entries:
+        typer.echo(
+            "note: the config has no [schedules.ID] tables; running what the store has", err=True
+        )
+    telemetry.configure_logging(log_level, json=log_json)
+    s = sched.settings
+
+    def fanout_factory(job: Any) -> Any:
+        if cfg is None:
+            raise GenfanError("a content job needs backends: pass --config with [backends.*]")
+        return cfg.build_fanout(
+            backends=list(job.backends) if job.backends else None,
+            select=job.select,
+            mode=job.mode,
+            deadline=job.deadline,
+        )
+
+    async def main() -> None:
+        scheduler = Scheduler(
+            _store_url(store, sched),
+            identity=identity or s.identity,
+            max_concurrent_runs=s.max_concurrent_runs,
+            lease_time=s.lease_time,
+            poll_interval=s.poll_interval,
+            fanout_factory=fanout_factory,
+        )
+        async with scheduler:
+            for sid, entry in sched.entries.items():
+                await scheduler.add_schedule(
+                    entry.job(sched.base_dir),
+                    entry.trigger(),
+                    id=sid,
+                    args=entry.args,
+                    kwargs=entry.call_kwargs,
+                    policy=entry.policy(),
+                    paused=entry.paused,
+                )
+            typer.echo(
+                f"scheduler {scheduler.identity} running {len(sched.entries)} configured "
+                f"schedule(s) on {scheduler.store!r}",
+                err=True,
+            )
+            with anyio.move_on_after(duration):
+                with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                    async for _ in signals:
+                        break
+
+    try:
+        anyio.run(main)
+    except GenfanError as exc:
+        raise _fail(str(exc)) from None
+    except KeyboardInterrupt:  # pragma: no cover - Ctrl-C before the receiver is installed
+        pass
+
+
+@schedule_app.command("list")
+def list_(config: ConfigOpt = None, store: StoreOpt = None, as_json: JsonOpt = False) -> None:
+    """List the schedules in the store."""
+
+    async def main() -> list[Any]:
+        async with _admin(config, store) as s:
+            return await s.list_schedules()  # type: ignore[no-any-return]
+
+    try:
+        items = anyio.run(main)
+    except GenfanError as exc:
+        raise _fail(str(exc)) from None
+    if as_json:
+        print(
+            json.dumps(
+                [
+                    {
+                        "id": i.id,
+                        "trigger": i.trigger.to_dict(),
+                        "job": i.job,
+                        "paused": i.paused,
+                        "next_fire": None if i.next_fire is None else i.next_fire.isoformat(),
+                        "last_fire": None if i.last_fire is None else i.last_fire.isoformat(),
+                    }
+                    for i in items
+                ],
+                indent=2,
+            )
+        )
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("id", "trigger", "job", "state", "next fire", "last fire")
+    for i in items:
+        job = i.job.get("func") or ("content job" if i.job.get("kind") == "content" else "local")
+        state = "paused" if i.paused else ("done" if i.next_fire is None else "active")
+        table.add_row(i.id, str(i.trigger), str(job), state, _ts(i.next_fire), _ts(i.last_fire))
+    Console().print(table)
+
+
+@schedule_app.command("history")
+def history(
+    schedule_id: Annotated[str | None, typer.Argument(help="Only this schedule.")] = None,
+    limit: Annotated[int, typer.Option(help="Most recent runs to show.")] = 20,
+    config: ConfigOpt = None,
+    store: StoreOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Show recent runs: fire time, start, end, outcome, attempts, error."""
+
+    async def main() -> list[Any]:
+        async with _admin(config, store) as s:
+            return await s.history(schedule_id, limit=limit)  # type: ignore[no-any-return]
+
+    try:
+        runs = anyio.run(main)
+    except GenfanError as exc:
+        raise _fail(str(exc)) from None
+    if as_json:
+        print(
+            json.dumps(
+                [
+                    {
+                        "schedule": r.schedule_id,
+                        "fire_time": r.fire_time.isoformat(),
+                        "started": None if r.started is None else r.started.isoformat(),
+                        "ended": None if r.ended is None else r.ended.isoformat(),
+                        "status": r.status,
+                        "attempts": r.attempts,
+                        "owner": r.owner,
+                        "drift": r.drift,
+                        "error": r.error,
+                        "manual": r.manual,
+                    }
+                    for r in runs
+                ],
+                indent=2,
+            )
+        )
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("schedule", "fire time", "started", "ended", "outcome", "attempts", "error")
+    for r in runs:
+        table.add_row(
+            r.schedule_id + (" (manual)" if r.manual else ""),
+            _ts(r.fire_time),
+            _ts(r.started),
+            _ts(r.ended),
+            r.status,
+            str(r.attempts),
+            (r.error or "")[:80],
+        )
+    Console().print(table)
+
+
+def _simple(action: str, schedule_id: str, config: Path | None, store: str | None) -> None:
+    async def main() -> Any:
+        async with _admin(config, store) as s:
+            return await getattr(s, action)(schedule_id)
+
+    try:
+        out = anyio.run(main)
+    except GenfanError as exc:
+        raise _fail(str(exc)) from None
+    if out is False:
+        raise _fail(f"no schedule with id {schedule_id!r}")
+    if action == "trigger":
+        typer.echo(f"{schedule_id}: run queued for {out.fire_time.isoformat()}")
+    else:
+        typer.echo(f"{schedule_id}: {action}d")
+
+
+@schedule_app.command("pause")
+def pause(
+    schedule_id: Annotated[str, typer.Argument()], config: ConfigOpt = None, store: StoreOpt = None
+) -> None:
+    """Pause a schedule: no new runs until resumed."""
+    _simple("pause", schedule_id, config, store)
+
+
+@schedule_app.command("resume")
+def resume(
+    schedule_id: Annotated[str, typer.Argument()], config: ConfigOpt = None, store: StoreOpt = None
+) -> None:
+    """Resume a schedule from now on (fire times missed while paused are skipped)."""
+    _simple("resume", schedule_id, config, store)
+
+
+@schedule_app.command("trigger")
+def trigger(
+    schedule_id: Annotated[str, typer.Argument()], config: ConfigOpt = None, store: StoreOpt = None
+) -> None:
+    """Run a schedule once now (a running scheduler picks it up)."""
+    _simple("trigger", schedule_id, config, store)
+
+
+__all__ = ["schedule_app"]
