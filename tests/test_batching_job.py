@@ -247,3 +247,22 @@ def test_read_results_takes_the_last_record_and_ignores_a_torn_line(tmp_path: Pa
     )
     res = read_results(path)
     assert res == {1: {"id": 1, "status": "ok"}, "1": {"id": "1", "status": "ok"}}
+
+
+def test_a_terminal_gets_a_progress_bar(monkeypatch: pytest.MonkeyPatch) -> None:
+    from genfan.batching import _job
+
+    monkeypatch.setattr(_job.sys.stderr, "isatty", lambda: True)
+    tally = _job._Tally()
+    bar = _job._make_progress(tally, True)
+    assert isinstance(bar, _job.RichProgress)
+    bar.start(2)
+    for record in (
+        {"status": "ok", "usage": {"input_tokens": 3, "cost": 0.5}},
+        {"status": "failed"},
+    ):
+        tally.add(record)
+        bar.advance(record)
+    bar.close()
+    assert (tally.ok, tally.failed, tally.input_tokens, tally.cost) == (1, 1, 3, 0.5)
+    assert isinstance(_job._make_progress(tally, False), _job._NoProgress)

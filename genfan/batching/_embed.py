@@ -152,8 +152,11 @@ class BatchingBackend:
 
     Args:
         backend: a backend with ``complete_batch`` (see :class:`BatchCompleter`).
-        max_size, max_wait, max_queue, on_full, max_concurrent_batches: as for
-            :class:`MicroBatcher`.
+        max_size: the most requests in one batch.
+        max_wait: seconds the first request of a batch may wait for company.
+        max_queue: requests waiting at most; then ``on_full`` applies.
+        on_full: ``"wait"`` (backpressure) or ``"reject"``.
+        max_concurrent_batches: batches in flight at once.
         split_on_batch_error: as for :class:`MicroBatcher`; default :func:`split_unless_outage`.
     """
 
