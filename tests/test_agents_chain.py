@@ -481,3 +481,22 @@ async def test_spans_chain_parent_of_steps_linked_to_their_inputs(
     linked = {link.context.span_id for link in steps["merge"].links}
     assert linked == {steps["search"].context.span_id, steps["other"].context.span_id}
     assert root.attributes["genfan.chain.ok"] == 3
+
+
+@pytest.mark.anyio
+async def test_decorator_style_declares_steps_named_after_functions() -> None:
+    chain = Chain("decorated")
+    question = chain.input("question", str)
+
+    @chain.task(query=question)
+    async def search(query: str) -> list[str]:
+        return [f"{query} {i}" for i in range(3)]
+
+    @chain.task("counted", hits=search)
+    def count(hits: list[str]) -> int:
+        return len(hits)
+
+    result = await chain.run(question="q")
+    assert result[search] == ["q 0", "q 1", "q 2"]
+    assert result[count] == 3
+    assert chain.step_names == ["search", "counted"]

@@ -16,7 +16,7 @@ import inspect
 import string
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Generic, Literal, TypeVar, overload
+from typing import Any, Generic, Literal, Protocol, TypeVar, overload
 
 import anyio
 import anyio.to_thread
@@ -275,6 +275,15 @@ class LLMCall:
         return completion.text
 
 
+class _StepDecorator(Protocol):
+    @overload
+    def __call__(self, fn: Tool[R], /) -> StepRef[R]: ...
+    @overload
+    def __call__(self, fn: Callable[..., Awaitable[R]], /) -> StepRef[R]: ...
+    @overload
+    def __call__(self, fn: Callable[..., R], /) -> StepRef[R]: ...
+
+
 @dataclass(kw_only=True)
 class _Step:
     name: str
@@ -433,6 +442,52 @@ class Chain:
                 thread=thread,
             )
         )
+
+    def task(
+        self,
+        name: str | None = None,
+        /,
+        *,
+        inputs: Mapping[str, Any] | None = None,
+        after: Iterable[StepRef[Any] | str] = (),
+        timeout: float | None = None,
+        retry: RetryPolicy | int | None = None,
+        thread: bool = False,
+        **kw_inputs: Any,
+    ) -> _StepDecorator:
+        """Decorator style of :meth:`step`: the decorated function becomes a step (named after
+        it unless ``name`` is given), and its name now refers to the step's output.
+
+        Example:
+            ```python
+            chain = Chain("research")
+            question = chain.input("question", str)
+
+            @chain.task(query=question)
+            async def search(query: str) -> list[str]: ...
+
+            @chain.task(hits=search)
+            def count(hits: list[str]) -> int:
+                return len(hits)
+            ```
+        """
+
+        def decorate(fn: Callable[..., Any]) -> StepRef[Any]:
+            step_name = name or getattr(fn, "__name__", None)
+            if not step_name:
+                raise ConfigurationError(f"give the step a name: chain.task('name', ...) ({fn!r})")
+            return self.step(
+                step_name,
+                fn,
+                inputs=inputs,
+                after=after,
+                timeout=timeout,
+                retry=retry,
+                thread=thread,
+                **kw_inputs,
+            )
+
+        return decorate
 
     @overload
     def llm(

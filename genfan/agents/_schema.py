@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 import re
 from collections.abc import Callable
@@ -101,7 +102,11 @@ def arguments_model(
         signature = inspect.signature(fn)
     except (TypeError, ValueError) as exc:
         raise ConfigurationError(f"cannot read the signature of tool {name!r}: {exc}") from exc
-    target = fn.__call__ if not inspect.isroutine(fn) and hasattr(fn, "__call__") else fn  # noqa: B004
+    target: Any = inspect.unwrap(fn)
+    while isinstance(target, functools.partial):
+        target = target.func
+    if not inspect.isroutine(target) and hasattr(target, "__call__"):  # noqa: B004
+        target = target.__call__
     try:
         hints = get_type_hints(target, include_extras=True)
     except Exception:  # unresolvable forward references: fall back to the raw annotations
