@@ -101,10 +101,12 @@ class Guard:
 
     def __init__(self, inner: Backend) -> None:
         self.inner = inner
+        self._name = inner.name  # a backend's name does not change; read once
+        self._attrs = {"genfan.backend": self._name}
 
     @property
     def name(self) -> str:
-        return self.inner.name
+        return self._name
 
     async def complete(self, request: ChatRequest) -> Completion:
         return await self.inner.complete(request)

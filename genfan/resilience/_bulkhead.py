@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import anyio
+import anyio.lowlevel
 
 from .. import telemetry
 from ..backend import Backend
@@ -92,7 +93,7 @@ class Bulkhead(Guard):
     def _grant(self) -> None:
         self._running += 1
         self._admitted += 1
-        telemetry.instruments().bulkhead.add(1, {"genfan.backend": self.name})
+        telemetry.instruments().bulkhead.add(1, self._attrs)
 
     async def acquire(self) -> None:
         """Take a slot, waiting in the queue if allowed.
@@ -109,6 +110,7 @@ class Bulkhead(Guard):
         budget = time_left()
         limit = min(math.inf if wait is None else wait, budget)
         if limit <= 0:
+            await anyio.lowlevel.checkpoint_if_cancelled()  # cancelled: say so, not "full"
             raise self._reject("no time left to queue")
         waiter = _Waiter()
         self._waiters.append(waiter)
@@ -145,7 +147,7 @@ class Bulkhead(Guard):
             waiter.event.set()
             return
         self._running -= 1
-        telemetry.instruments().bulkhead.add(-1, {"genfan.backend": self.name})
+        telemetry.instruments().bulkhead.add(-1, self._attrs)
 
     async def complete(self, request: ChatRequest) -> Completion:
         await self.acquire()

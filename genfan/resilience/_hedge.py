@@ -164,9 +164,8 @@ class Hedge(Guard):
 
     async def _race(self, request: ChatRequest, delay: float) -> Completion:
         max_attempts = 1 + self.policy.max_hedges
-        send, receive = anyio.create_memory_object_stream[
-            tuple[int, float, Completion | BaseException]
-        ](max_attempts)
+        outcomes: deque[tuple[int, float, Completion | BaseException]] = deque()
+        arrived = [anyio.Event()]
         starts: list[float] = []
         errors: list[BaseException] = []
         finished: set[int] = set()
@@ -178,7 +177,8 @@ class Hedge(Guard):
                 outcome: Completion | BaseException = await backend.complete(request)
             except Exception as exc:
                 outcome = exc
-            send.send_nowait((i, anyio.current_time() - start, outcome))
+            outcomes.append((i, anyio.current_time() - start, outcome))
+            arrived[0].set()
 
         def launch(tg: anyio.abc.TaskGroup) -> None:
             i = len(starts)
@@ -186,7 +186,7 @@ class Hedge(Guard):
             backend = self._target(i)
             if i:
                 self._hedges += 1
-                metrics().hedges.add(1, {"genfan.backend": self.name})
+                metrics().hedges.add(1, self._attrs)
                 decision("hedge_sent", backend=self.name, attempt=i, to=backend.name, delay=delay)
             tg.start_soon(attempt, i, backend)
 
@@ -194,12 +194,24 @@ class Hedge(Guard):
             launch(tg)
             pending = 1
             hedging = True
-            while pending:
-                wait = math.inf
-                if hedging and len(starts) < max_attempts:
-                    wait = starts[-1] + delay - anyio.current_time()
-                with anyio.move_on_after(wait):
-                    i, latency, outcome = await receive.receive()
+            while pending and winner is None:
+                if not outcomes:
+                    if hedging and len(starts) < max_attempts:
+                        with anyio.move_on_after(starts[-1] + delay - anyio.current_time()):
+                            await arrived[0].wait()
+                    else:
+                        await arrived[0].wait()
+                if not outcomes:
+                    # The delay passed without an answer: hedge, if allowed.
+                    if self._may_hedge(len(starts)):
+                        launch(tg)
+                        pending += 1
+                    else:
+                        hedging = False
+                    continue
+                arrived[0] = anyio.Event()
+                while outcomes:
+                    i, latency, outcome = outcomes.popleft()
                     pending -= 1
                     finished.add(i)
                     self.latencies.add(latency)
@@ -216,19 +228,13 @@ class Hedge(Guard):
                     ):
                         launch(tg)
                         pending += 1
-                    continue
-                # The delay passed without an answer: hedge, if allowed.
-                if self._may_hedge(len(starts)):
-                    launch(tg)
-                    pending += 1
-                else:
-                    hedging = False
-            now = anyio.current_time()
-            for j, started in enumerate(starts):
-                if j not in finished:
-                    # A loser is cancelled: its elapsed time is a lower bound of its latency.
-                    self.latencies.add(now - started)
-            tg.cancel_scope.cancel()
+            if pending:
+                now = anyio.current_time()
+                for j, started in enumerate(starts):
+                    if j not in finished:
+                        # A loser is cancelled: its elapsed time is a lower bound of its latency.
+                        self.latencies.add(now - started)
+                tg.cancel_scope.cancel()
         if winner is not None:
             i, completion = winner
             if i:

@@ -232,7 +232,23 @@ class Retry(Guard):
         self._calls += 1
         if self.budget is not None:
             self.budget.deposit()
-        result: Completion = await self._retrying()(self.inner.complete, request)
+        # Fast path: the first attempt runs outside tenacity (whose machinery costs more CPU
+        # than the rest of the stack); only a retryable failure hands over to it.
+        try:
+            return await self.inner.complete(request)
+        except Exception as exc:
+            if not self._retry_on(exc):
+                raise
+            first: Exception | None = exc
+
+        async def attempt() -> Completion:
+            nonlocal first
+            if first is not None:  # tenacity's attempt 1 is the one that already failed
+                error, first = first, None
+                raise error
+            return await self.inner.complete(request)
+
+        result: Completion = await self._retrying()(attempt)
         return result
 
     async def stream(self, request: ChatRequest) -> AsyncIterator[StreamEvent]:
