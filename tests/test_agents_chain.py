@@ -25,7 +25,7 @@ from genfan.agents import (
     tool,
 )
 from genfan.errors import BackendConnectionError, ConfigurationError
-from genfan.testing import Fail, FakeBackend, FunctionBackend
+from genfan.testing import Fail, FakeBackend, FunctionBackend, capture_events
 from genfan.types import ChatRequest
 
 mock_clock = pytest.mark.parametrize(
@@ -500,3 +500,25 @@ async def test_decorator_style_declares_steps_named_after_functions() -> None:
     assert result[search] == ["q 0", "q 1", "q 2"]
     assert result[count] == 3
     assert chain.step_names == ["search", "counted"]
+
+
+@pytest.mark.anyio
+async def test_structlog_events_for_steps_and_the_chain() -> None:
+    async def ok() -> int:
+        return 1
+
+    async def bad() -> int:
+        raise RuntimeError("x")
+
+    chain = Chain("logged", on_error="continue")
+    chain.step("a", ok)
+    b = chain.step("b", bad)
+    chain.join("c", b)
+    with capture_events() as events:
+        await chain.run()
+    by_name = {(e["event"], e.get("step")) for e in events}
+    assert ("chain_step_finished", "a") in by_name
+    assert ("chain_step_failed", "b") in by_name
+    assert ("chain_step_skipped", "c") in by_name
+    (done,) = [e for e in events if e["event"] == "chain_finished"]
+    assert (done["ok"], done["failed"], done["skipped"]) == (1, 1, 1)
