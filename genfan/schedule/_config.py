@@ -73,7 +73,7 @@ class _Content(BaseModel):
     max_chars: Annotated[int, Field(ge=1)] = 200_000
 
 
-class ScheduleEntry(BaseModel):
+class ScheduleEntry(BaseModel):  # type: ignore[no-redef,unused-ignore]
     """One ``[schedules.ID]`` table."""
 
     model_config = _strict
@@ -81,7 +81,8 @@ class ScheduleEntry(BaseModel):
     func: str | None = None
     content: _Content | None = None
     args: list[Any] = Field(default_factory=list)
-    call_kwargs: dict[str, Any] = Field(default_factory=dict, alias="kwargs")
+    # ("kwargs" is taken by pydantic's generated __init__ signature, hence the alias)
+    call_kwargs: dict[str, Any] = Field(default_factory=dict, validation_alias="kwargs")
     cron: str | None = None
     timezone: str = "UTC"
     interval: float | str | None = None

@@ -262,7 +262,10 @@ class ContentJob:
     def write(self, schedule_id: str, ctx: RunContext, text: str) -> Path:
         """Write one run's answer (idempotent per fire time)."""
         sink, is_dir = self.output_path(schedule_id)
-        stamp = ctx.fire_time.strftime("%Y%m%dT%H%M%SZ")
+        stamp = ctx.fire_time.strftime("%Y%m%dT%H%M%S")
+        if ctx.fire_time.microsecond:
+            stamp += f".{ctx.fire_time.microsecond:06d}"
+        stamp += "Z"
         if is_dir:
             sink.mkdir(parents=True, exist_ok=True)
             target = sink / f"{schedule_id}-{stamp}.md"

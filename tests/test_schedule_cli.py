@@ -1,0 +1,170 @@
+"""``genfan schedule`` and the ``[schedules]`` config section."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from genfan.cli import app
+from genfan.errors import ConfigurationError
+from genfan.schedule import ContentJob, CronTrigger, IntervalTrigger
+from genfan.schedule._config import parse_schedules
+
+ROOT = Path(__file__).resolve().parents[1]
+
+CONFIG = """
+[backends.a]
+type = "fake"
+[backends.a.options]
+replies = ["Today's digest"]
+
+[schedules]
+store = "sqlite:///{db}"
+poll_interval = 0.2
+
+[schedules.digest]
+interval = "1s"
+retry = {{ attempts = 2, initial = 0.1 }}
+[schedules.digest.content]
+prompt = "Digest:\\n{{files}}"
+collect = ["inbox/*.md"]
+output = "digests/"
+
+[schedules.tick]
+func = "os:getpid"
+interval = "0.5s"
+overlap = "allow"
+"""
+
+
+@pytest.fixture(scope="module")
+def ran(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A config whose schedules ran for ~3 seconds under ``genfan schedule run``."""
+    tmp = tmp_path_factory.mktemp("cli")
+    (tmp / "inbox").mkdir()
+    (tmp / "inbox" / "note.md").write_text("something happened")
+    cfg = tmp / "genfan.toml"
+    cfg.write_text(CONFIG.format(db=tmp / "s.db"))
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "genfan.cli",
+            "schedule",
+            "run",
+            "--config",
+            str(cfg),
+            "--duration",
+            "3",
+            "--log-level",
+            "warning",
+        ],
+        cwd=tmp,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "running 2 configured schedule(s)" in proc.stderr
+    return cfg
+
+
+def test_run_executes_the_content_job_once_per_new_input(ran: Path) -> None:
+    files = list((ran.parent / "digests").iterdir())
+    # The first run collected note.md; later runs found nothing new and wrote nothing.
+    assert len(files) == 1
+    assert files[0].read_text() == "Today's digest\n"
+    assert files[0].name.startswith("digest-")
+
+
+def test_list_history_pause_resume_trigger(ran: Path) -> None:
+    runner = CliRunner()
+    cfg = ["--config", str(ran)]
+    out = runner.invoke(app, ["schedule", "list", *cfg, "--json"])
+    assert out.exit_code == 0, out.output
+    items = {i["id"]: i for i in json.loads(out.output)}
+    assert set(items) == {"digest", "tick"}
+    assert items["tick"]["job"]["func"] == "os:getpid"
+    assert items["digest"]["job"]["kind"] == "content"
+
+    out = runner.invoke(app, ["schedule", "history", "tick", *cfg, "--json", "--limit", "3"])
+    assert out.exit_code == 0, out.output
+    runs = json.loads(out.output)
+    assert len(runs) == 3 and {r["status"] for r in runs} <= {"succeeded", "pending"}
+    assert runs[0]["fire_time"] > runs[1]["fire_time"]
+
+    table = runner.invoke(app, ["schedule", "history", *cfg])
+    assert table.exit_code == 0 and "succeeded" in table.output
+
+    assert runner.invoke(app, ["schedule", "pause", "tick", *cfg]).output.strip() == "tick: paused"
+    listed = runner.invoke(app, ["schedule", "list", *cfg])
+    assert "paused" in listed.output
+    assert "resumed" in runner.invoke(app, ["schedule", "resume", "tick", *cfg]).output
+    trig = runner.invoke(app, ["schedule", "trigger", "digest", *cfg])
+    assert trig.exit_code == 0 and "run queued" in trig.output
+    missing = runner.invoke(app, ["schedule", "pause", "nope", *cfg])
+    assert missing.exit_code == 2 and "no schedule" in missing.output
+
+
+def test_bad_config_is_reported_with_the_key(tmp_path: Path) -> None:
+    cfg = tmp_path / "genfan.toml"
+    cfg.write_text('[schedules.x]\nfunc = "os:getpid"\ncron = "0 7 * * *"\ninterval = 5\n')
+    out = CliRunner().invoke(app, ["schedule", "run", "--config", str(cfg), "--duration", "0.1"])
+    assert out.exit_code == 2
+    assert "schedules.x" in out.output and "exactly one of cron, interval" in out.output
+
+
+def test_parse_schedules() -> None:
+    cfg = parse_schedules(
+        {
+            "store": "postgresql://127.0.0.1/test",
+            "max_concurrent_runs": 5,
+            "nightly": {
+                "func": "myapp.jobs:nightly",
+                "cron": "0 3 * * *",
+                "timezone": "Europe/Berlin",
+                "kwargs": {"days": 7},
+                "coalesce": "all",
+                "retry": {"attempts": 3},
+                "jitter": 30,
+            },
+            "digest": {
+                "delay": "in 10 minutes",
+                "content": {"prompt": "p", "output": "o/", "collect": "in/*.md"},
+            },
+        },
+        base_dir=Path("/srv"),
+    )
+    assert cfg.settings.max_concurrent_runs == 5
+    nightly = cfg.entries["nightly"]
+    assert nightly.trigger() == CronTrigger(expr="0 3 * * *", timezone="Europe/Berlin")
+    assert nightly.call_kwargs == {"days": 7}
+    assert nightly.policy().coalesce == "all" and nightly.policy().retry.attempts == 3
+    job = cfg.entries["digest"].job(cfg.base_dir)
+    assert isinstance(job, ContentJob) and job.collect == ("in/*.md",) and job.base_dir == "/srv"
+    assert cfg.entries["digest"].trigger().delay == 600  # type: ignore[union-attr]
+    every = parse_schedules({"x": {"func": "a:b", "interval": "30m"}}).entries["x"].trigger()
+    assert every == IntervalTrigger(seconds=1800)
+
+
+@pytest.mark.parametrize(
+    ("data", "match"),
+    [
+        ({"stor": "x"}, "unknown key"),
+        ({"x": {"cron": "0 * * * *"}}, "exactly one of func"),
+        ({"x": {"func": "a:b"}}, "exactly one of cron, interval, at and delay"),
+        ({"x": {"func": "a:b", "cron": "bad"}}, "schedules.x: .*not a valid cron"),
+        ({"x": {"func": "a:b", "interval": 5, "overlap": "queue"}}, "schedules.x.overlap"),
+        ({"x": {"func": "a:b", "interval": 5, "colaesce": "all"}}, "unknown key"),
+        ({"lease_time": 0}, "schedules.lease_time"),
+    ],
+)
+def test_parse_schedules_rejects(data: dict[str, object], match: str) -> None:
+    with pytest.raises(ConfigurationError, match=match):
+        parse_schedules(data)
