@@ -106,6 +106,16 @@ _LAZY: dict[str, str] = {
     "ToolTimeoutError": "genfan.agents",
     "UnknownToolError": "genfan.agents",
     "tool": "genfan.agents",
+    "Scheduler": "genfan.schedule",
+    "CronTrigger": "genfan.schedule",
+    "IntervalTrigger": "genfan.schedule",
+    "DateTrigger": "genfan.schedule",
+    "SQLiteStore": "genfan.schedule",
+    "PostgresStore": "genfan.schedule",
+    "SchedulePolicy": "genfan.schedule",
+    "ScheduleRetry": "genfan.schedule",
+    "ContentJob": "genfan.schedule",
+    "RunContext": "genfan.schedule",
 }
 
 if TYPE_CHECKING:
@@ -149,6 +159,16 @@ if TYPE_CHECKING:
     from .resilience import RetryPolicy as RetryPolicy
     from .resilience import TimeoutPolicy as TimeoutPolicy
     from .resilience import guard as guard
+    from .schedule import ContentJob as ContentJob
+    from .schedule import CronTrigger as CronTrigger
+    from .schedule import DateTrigger as DateTrigger
+    from .schedule import IntervalTrigger as IntervalTrigger
+    from .schedule import PostgresStore as PostgresStore
+    from .schedule import RunContext as RunContext
+    from .schedule import SchedulePolicy as SchedulePolicy
+    from .schedule import Scheduler as Scheduler
+    from .schedule import ScheduleRetry as ScheduleRetry
+    from .schedule import SQLiteStore as SQLiteStore
     from .select import Cascade as Cascade
     from .select import Consensus as Consensus
     from .select import LengthBounds as LengthBounds
