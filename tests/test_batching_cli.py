@@ -76,7 +76,7 @@ def kill_after(proc: subprocess.Popen[bytes], out: Path, lines: int) -> None:
 
 
 def test_sigkilled_job_resumes_with_every_id_exactly_once(tmp_path: Path) -> None:
-    n = 600
+    n = 1000
     inp = write_rows(tmp_path / "in.jsonl", n)
     out = tmp_path / "out.jsonl"
 

@@ -41,7 +41,8 @@ class BatcherStatistics:
         mean_batch_size: ``items / batches``.
         fill_rate: ``mean_batch_size / max_size``, 0..1 (the usual target is 0.80-0.95).
         flushed_full: batches flushed because they reached ``max_size``.
-        flushed_on_time: batches flushed because their oldest item waited ``max_wait``.
+        flushed_on_time: batches flushed because their oldest item waited ``max_wait``
+            (the rest of ``batches`` were flushed early by closing the batcher).
         mean_wait: mean seconds an item waited in the queue before its batch was sent.
         max_wait_seen: the longest such wait.
         mean_batch_latency: mean seconds the handler took per batch.
@@ -319,7 +320,13 @@ class MicroBatcher(Generic[T, R]):
             if not self._queue:
                 self._slots.release()
                 continue
-            reason = "size" if len(self._queue) >= self.max_size else "time"
+            reason = (
+                "size"
+                if len(self._queue) >= self.max_size
+                else "time"
+                if anyio.current_time() >= self._queue[0].enqueued + self.max_wait
+                else "close"
+            )
             now = anyio.current_time()
             batch = [self._queue.popleft() for _ in range(min(self.max_size, len(self._queue)))]
             for p in batch:
@@ -332,7 +339,7 @@ class MicroBatcher(Generic[T, R]):
             self._items += len(batch)
             if reason == "size":
                 self._full += 1
-            else:
+            elif reason == "time":
                 self._on_time += 1
             self._in_flight += 1
             telemetry.event("batch_flushed", batcher=self.name, size=len(batch), reason=reason)
