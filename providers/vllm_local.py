@@ -33,6 +33,7 @@ import json
 import os
 import threading
 import time
+import traceback
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -340,6 +341,9 @@ class VLLMBackend(BaseBackend):
             try:
                 engine = AsyncLLMEngine.from_engine_args(engine_args)
             except Exception as exc:
+                # The traceback's frames hold the half-built engine; let it go now (vLLM's
+                # __del__ is noisy when it runs at interpreter exit). The reason is in the log.
+                traceback.clear_frames(exc.__traceback__)
                 reason = engine_reason(log_path) or f"{type(exc).__name__}: {exc}"
                 where = f" (full log: {log_path})" if log_path else ""
                 raise EngineStartError(

@@ -31,9 +31,6 @@ def engine_env_defaults() -> dict[str, str]:
         "DO_NOT_TRACK": "1",
         "VLLM_CACHE_ROOT": str(cache_dir() / "vllm"),
         "VLLM_LOGGING_LEVEL": DEFAULT_CONSOLE_LEVEL,
-        # vLLM's CPU build pins memory to NUMA node 0 and sizes the KV cache from this (GiB);
-        # without it start-up fails on small machines. Engines also pass kv_cache_memory_bytes.
-        "VLLM_CPU_KVCACHE_SPACE": "1",
     }
 
 
