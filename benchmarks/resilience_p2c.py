@@ -4,7 +4,10 @@ Run: ``.venv/bin/python -m benchmarks.resilience_p2c [--quick]``.
 
 Replicas are ``FakeBackend`` s shaped like model servers: each serves ``slots`` requests at a
 time (real ``anyio.sleep`` of its service time) and queues the rest. A closed-loop workload keeps
-``concurrency`` calls in flight through ``Pool(strategy="p2c_peak_ewma")``.
+``concurrency`` calls in flight through ``Pool(strategy="p2c_peak_ewma", decay=1.0)``: the
+latencies are scaled down from LLM calls (~1 s) to 10 ms, and the EWMA's memory with them (the
+default ``decay=10`` s would remember 1,000 calls of 10 ms, and a single scheduling hiccup on
+this shared machine would skew the shares for seconds).
 
 (a) two replicas, one twice as slow (20 ms vs 10 ms service): the slow one's share of calls
     relative to the fast one's (target: about half);
@@ -66,16 +69,23 @@ async def load(pool: Pool, calls: int, concurrency: int) -> Counter[str]:
     return served
 
 
+DECAY = 1.0  # peak-EWMA memory: 100 service times (the default 10 s suits ~1 s LLM calls)
+
+
 async def bench(calls: int, seed: int) -> dict[str, object]:
-    two = Pool([server("slow", 0.02, 4), server("fast", 0.01, 4)], rng=random.Random(seed))
+    def pool(replicas: list[FakeBackend]) -> Pool:
+        return Pool(replicas, rng=random.Random(seed), decay=DECAY)
+
+    two = pool([server("slow", 0.02, 4), server("fast", 0.01, 4)])
     a = await load(two, calls, 8)
-    equal = Pool([server(f"r{i}", 0.01, 4) for i in range(3)], rng=random.Random(seed))
+    equal = pool([server(f"r{i}", 0.01, 4) for i in range(3)])
     b = await load(equal, calls, 12)
-    inf = Pool([server("slow", 0.02, None), server("fast", 0.01, None)], rng=random.Random(seed))
+    inf = pool([server("slow", 0.02, None), server("fast", 0.01, None)])
     c = await load(inf, calls // 2, 8)
     even = calls / 3
     return {
         "calls": calls,
+        "decay_s": DECAY,
         "twice_slow": dict(a),
         "slow_to_fast_ratio": a["slow"] / a["fast"],
         "equal": dict(b),
