@@ -125,6 +125,7 @@ async def test_decisions_are_events_and_span_events() -> None:
     assert [e.name for e in span.events] == ["genfan.retry_scheduled"]
     assert span.events[0].attributes is not None
     assert span.events[0].attributes["genfan.backend"] == "b"
+    assert span.attributes is not None and span.attributes["genfan.retry.attempts"] == 2
 
 
 def test_guards_config_builds_and_merges() -> None:

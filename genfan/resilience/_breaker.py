@@ -14,7 +14,7 @@ from .. import telemetry
 from ..backend import Backend
 from ..errors import CircuitOpenError
 from ..types import ChatRequest, Completion, StreamEnd, StreamEvent
-from ._base import NOT_SENT, Guard, decision, metrics
+from ._base import NOT_SENT, Guard, decision, metrics, set_span_attribute
 from ._policies import BreakerPolicy, as_predicate, default_counts_as_failure
 
 __all__ = ["BreakerState", "BreakerStatistics", "CircuitBreaker", "StateListener"]
@@ -221,6 +221,7 @@ class CircuitBreaker(Guard):
     def _refuse(self, now: float, retry_at: float) -> CircuitOpenError:
         self._rejected += 1
         retry_after = max(0.0, retry_at - now)
+        set_span_attribute("genfan.breaker.state", self._state)
         decision("breaker_rejected", backend=self.name, state=self._state, retry_after=retry_after)
         return CircuitOpenError(
             f"circuit {self._state.replace('_', '-')}; retry in {retry_after:.3f}s",

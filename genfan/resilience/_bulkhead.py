@@ -14,7 +14,7 @@ from .. import telemetry
 from ..backend import Backend
 from ..errors import BulkheadFullError
 from ..types import ChatRequest, Completion, StreamEvent
-from ._base import Guard, decision, metrics, time_left
+from ._base import Guard, decision, metrics, set_span_attribute, time_left
 from ._policies import BulkheadPolicy
 
 __all__ = ["Bulkhead", "BulkheadStatistics"]
@@ -77,6 +77,7 @@ class Bulkhead(Guard):
 
     def _reject(self, why: str) -> BulkheadFullError:
         self._rejected += 1
+        set_span_attribute("genfan.bulkhead.rejected", True)
         decision(
             "bulkhead_rejected",
             backend=self.name,

@@ -13,7 +13,7 @@ import anyio.abc
 from ..backend import Backend
 from ..errors import BackendError
 from ..types import ChatRequest, Completion, StreamEvent
-from ._base import Guard, decision, metrics, time_left
+from ._base import Guard, decision, metrics, set_span_attribute, time_left
 from ._policies import HedgePolicy, RetryBudgetPolicy
 from ._retry import RetryBudget
 
@@ -186,6 +186,7 @@ class Hedge(Guard):
             backend = self._target(i)
             if i:
                 self._hedges += 1
+                set_span_attribute("genfan.hedge.sent", i)
                 metrics().hedges.add(1, self._attrs)
                 decision("hedge_sent", backend=self.name, attempt=i, to=backend.name, delay=delay)
             tg.start_soon(attempt, i, backend)
@@ -239,6 +240,7 @@ class Hedge(Guard):
             i, completion = winner
             if i:
                 self._hedge_wins += 1
+                set_span_attribute("genfan.hedge.winner", i)
                 decision("hedge_won", backend=self.name, attempt=i)
             else:
                 self._primary_wins += 1

@@ -13,7 +13,7 @@ import anyio.lowlevel
 from ..backend import Backend
 from ..errors import RateLimitError, RateLimitExceededError
 from ..types import ChatRequest, Completion, RateLimitInfo, StreamEnd, StreamEvent
-from ._base import NOT_SENT, Guard, decision, metrics, time_left
+from ._base import NOT_SENT, Guard, decision, metrics, set_span_attribute, time_left
 from ._policies import RateLimitPolicy
 
 __all__ = ["RateLimiter", "RateLimiterStatistics", "TokenBucket"]
@@ -175,6 +175,7 @@ class RateLimiter(Guard):
             self.tokens.take(tokens, now)
         if wait > 0:
             self._waited += 1
+            set_span_attribute("genfan.rate_limit.wait", wait)
             decision("rate_limit_wait", backend=self.name, wait=wait)
             metrics().rate_limit_wait.record(wait, {"genfan.backend": self.name})
             try:

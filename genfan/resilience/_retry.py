@@ -16,7 +16,7 @@ from ..backend import Backend
 from ..errors import RateLimitError
 from ..testing import is_testing
 from ..types import ChatRequest, Completion, StreamEvent
-from ._base import Guard, decision, time_left
+from ._base import Guard, decision, set_span_attribute, time_left
 from ._policies import RetryBudgetPolicy, RetryPolicy, as_predicate, default_retryable
 
 __all__ = ["Retry", "RetryBudget", "RetryStatistics"]
@@ -198,6 +198,7 @@ class Retry(Guard):
     def _before_sleep(self, state: RetryCallState) -> None:
         self._retries += 1
         exc = state.outcome.exception() if state.outcome is not None else None
+        set_span_attribute("genfan.retry.attempts", state.attempt_number + 1)
         decision(
             "retry_scheduled",
             backend=self.name,
