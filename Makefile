@@ -30,9 +30,11 @@ local: $(LOCAL_STAMP)
 prepare: $(LOCAL_STAMP)
 	$(BIN)/genfan local prepare
 
+# One prompt fanned out to five sampling configurations of the one local engine (examples/local.toml).
+DEMO_PROMPT ?= What is the capital of France?
 demo: $(LOCAL_STAMP)
 	$(BIN)/genfan local prepare
-	$(BIN)/python examples/demo.py
+	$(BIN)/genfan ask --config examples/local.toml "$(DEMO_PROMPT)"
 
 lint: $(DEV_STAMP)
 	$(BIN)/ruff check genfan providers tests examples benchmarks

