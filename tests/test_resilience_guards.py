@@ -375,3 +375,22 @@ def test_rate_limit_policy_validation() -> None:
         TimeoutPolicy(timeout=0)
     with pytest.raises(ConfigurationError):
         TimeoutPolicy(timeout=math.nan)
+
+
+@pytest.mark.anyio
+async def test_rate_limiter_adopts_a_lower_remaining_quota() -> None:
+    from genfan.testing import FunctionBackend
+
+    def script(request: ChatRequest) -> Completion:
+        return Completion(text="x", rate_limit=RateLimitInfo(remaining_requests=1))
+
+    limiter = RateLimiter(
+        FunctionBackend(script, name="b"), RateLimitPolicy(requests_per_minute=60)
+    )
+    await limiter.complete(REQ)  # our bucket holds 59; the provider says 1 is left
+    assert limiter.requests is not None and limiter.requests.level == pytest.approx(1.0)
+    await limiter.complete(REQ)  # takes the last one; the provider still says 1 left
+    start = anyio.current_time()
+    await limiter.complete(REQ)
+    await limiter.complete(REQ)  # the bucket is empty now: one second per request
+    assert anyio.current_time() - start == pytest.approx(2.0)
