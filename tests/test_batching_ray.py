@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def _reply(name: str):  # type: ignore[no-untyped-def]
     def reply(request: ChatRequest) -> Reply | Fail:
         n = int(request.prompt[1:])
-        if name == "c" and n % 3 == 0 or n % 11 == 0:
+        if (name == "c" and n % 3 == 0) or n % 11 == 0:
             return Fail(error=BackendTimeoutError("scripted timeout", backend=name))
         return Reply(text=f"{name}:{request.prompt}")
 
