@@ -89,7 +89,8 @@ class BatchJob:
         object.__setattr__(self, "input", Path(self.input))
         object.__setattr__(self, "output", Path(self.output))
         if self.config is not None:
-            object.__setattr__(self, "config", Path(self.config))
+            # absolute, so that Ray workers (another working directory) find the same file
+            object.__setattr__(self, "config", Path(self.config).absolute())
         if (self.config is None) == (self.fanout is None):
             raise ConfigurationError(
                 "a BatchJob needs exactly one of config= (a TOML file) or fanout= "
