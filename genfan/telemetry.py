@@ -98,6 +98,9 @@ def get_tracer() -> Tracer:
     return _trace_module().get_tracer(_INSTRUMENTATION)  # type: ignore[no-any-return]
 
 
+_default_get_tracer = get_tracer
+
+
 def get_meter() -> Meter:
     """genfan's OpenTelemetry meter (a no-op until an SDK is configured)."""
     from opentelemetry import metrics
@@ -105,12 +108,32 @@ def get_meter() -> Meter:
     return metrics.get_meter(_INSTRUMENTATION)
 
 
+_tracing_seen = False
+
+
+def _tracing_on() -> bool:
+    """Whether a real tracer provider is installed (once one is, it stays: OTel allows one)."""
+    global _tracing_seen
+    if _tracing_seen:
+        return True
+    trace = _trace_module()
+    if isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider):
+        return False
+    _tracing_seen = True
+    return True
+
+
 @contextmanager
 def span(name: str, /, **attributes: Any) -> Iterator[Span]:
     """Start a span as the current span; ``None`` attribute values are left out.
 
-    Exceptions are recorded on the span and re-raised.
+    Exceptions are recorded on the span and re-raised. Until an OpenTelemetry SDK (a tracer
+    provider) is installed, this yields a shared non-recording span and does nothing else: the
+    hot path of a fan-out should not pay ~15 µs per span for spans nobody records.
     """
+    if get_tracer is _default_get_tracer and not _tracing_on():
+        yield _trace_module().INVALID_SPAN
+        return
     attrs = {k: v for k, v in attributes.items() if v is not None}
     with get_tracer().start_as_current_span(name, attributes=attrs) as s:
         yield s

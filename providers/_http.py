@@ -2,10 +2,17 @@
 
 :class:`HTTPBackend` holds the parts every HTTP provider needs:
 
-* an ``httpx.AsyncClient`` whose pool (``httpx.Limits(max_connections=max_concurrency)``) is
-  never asked for more connections than it has, because an ``anyio.Semaphore`` of the same size
-  bounds the requests in flight first. (httpcore rescans its whole pool for every queued request,
-  so letting thousands of requests queue inside httpcore costs milliseconds of CPU each.)
+* connection pools that never queue and stay small. An ``anyio.Semaphore`` of
+  ``max_concurrency`` bounds the requests in flight, so extra requests wait in genfan, never in
+  httpcore (httpcore rescans its whole pool for every queued request: thousands queued cost
+  milliseconds of CPU each). And since httpcore's bookkeeping for one request also grows with
+  the square of its pool's size (it scans every connection, and for each idle one every
+  connection again), the ``max_concurrency`` connections are split over small ``httpx``
+  clients ("shards") of at most :data:`SHARD_SIZE` connections, each with
+  ``httpx.Limits(max_connections=SHARD_SIZE)``. A request takes a free slot of some shard
+  (the most recently freed one, whose connection is warm) after the semaphore let it in, so
+  a shard is never asked for more connections than it has. Shards are created on first use
+  and share one SSL context.
 * the API key, kept as a ``pydantic.SecretStr`` and redacted from every error message;
 * the translation of every transport failure, HTTP status and unreadable body into the typed
   errors of :mod:`genfan.errors`, always with ``raise ... from exc``;
@@ -20,6 +27,7 @@ the whole call, enforced with an anyio cancel scope and reported as
 from __future__ import annotations
 
 import email.utils
+import functools
 import json
 import math
 import os
@@ -46,6 +54,7 @@ from genfan.errors import (
 from genfan.types import RateLimitInfo, Usage
 
 __all__ = [
+    "SHARD_SIZE",
     "HTTPBackend",
     "SSEParser",
     "parse_duration",
@@ -53,6 +62,15 @@ __all__ = [
 ]
 
 _ERROR_BODY_CHARS = 300
+
+#: The most connections one ``httpx`` client (one httpcore pool) of a backend holds.
+SHARD_SIZE = 8
+
+
+@functools.cache
+def _ssl_context() -> Any:
+    """One SSL context for every client (building one reads the CA bundle: ~20 ms)."""
+    return httpx.create_ssl_context()
 
 
 class HTTPBackend(BaseBackend):
@@ -130,32 +148,60 @@ class HTTPBackend(BaseBackend):
             self._headers[self._auth_header] = self._auth_prefix + self._api_key.get_secret_value()
         self._own_client = client is None
         self._client = client
-        # Headers go on our own client once; a caller's client gets them per request.
+        # Headers go on our own clients once; a caller's client gets them per request.
         self._request_headers: dict[str, str] | None = None if client is None else self._headers
         self._sem = anyio.Semaphore(max_concurrency)
+        if client is None:
+            size = min(SHARD_SIZE, max_concurrency)
+            count = -(-max_concurrency // size)
+            self._shards: list[httpx.AsyncClient | None] = [None] * count
+            self._shard_size = size
+            # A stack of free slots (shard indexes); shard 0's on top, so light load stays on
+            # one shard and its warm connections.
+            self._slots: list[int] = [
+                i for i in reversed(range(count)) for _ in range(self._slot_count(i, count, size))
+            ]
+        else:
+            self._shards = []
+            self._shard_size = 0
+            self._slots = []
         self._closed = False
+
+    def _slot_count(self, i: int, count: int, size: int) -> int:
+        return size if i < count - 1 else self.max_concurrency - size * (count - 1)
 
     # -- set-up --------------------------------------------------------------------------------
 
     def _default_headers(self) -> dict[str, str]:
         return {}
 
+    def _new_shard(self, i: int) -> httpx.AsyncClient:
+        if self._closed:
+            raise ConfigurationError(f"backend {self.name!r} is closed; create a new one")
+        size = self._slot_count(i, len(self._shards), self._shard_size)
+        client = httpx.AsyncClient(
+            headers=self._headers,
+            timeout=httpx.Timeout(self.timeout),
+            limits=httpx.Limits(max_connections=size, max_keepalive_connections=size),
+            verify=_ssl_context(),
+        )
+        self._shards[i] = client
+        return client
+
     @property
     def client(self) -> httpx.AsyncClient:
-        """The ``httpx.AsyncClient`` (created on first use)."""
-        client = self._client
-        if client is None:
-            if self._closed:
-                raise ConfigurationError(f"backend {self.name!r} is closed; create a new one")
-            client = self._client = httpx.AsyncClient(
-                headers=self._headers,
-                timeout=httpx.Timeout(self.timeout),
-                limits=httpx.Limits(
-                    max_connections=self.max_concurrency,
-                    max_keepalive_connections=self.max_concurrency,
-                ),
-            )
-        return client
+        """The caller's ``httpx.AsyncClient``, or the first of the backend's own."""
+        if self._client is not None:
+            return self._client
+        return self._shards[0] or self._new_shard(0)
+
+    @property
+    def clients(self) -> list[httpx.AsyncClient]:
+        """Every ``httpx.AsyncClient`` in use now (created on demand, at most
+        ``max_concurrency / SHARD_SIZE``)."""
+        if self._client is not None:
+            return [self._client]
+        return [c for c in self._shards if c is not None]
 
     @property
     def has_api_key(self) -> bool:
@@ -163,22 +209,39 @@ class HTTPBackend(BaseBackend):
         return self._api_key is not None
 
     async def aclose(self) -> None:
-        """Close the connection pool (a client passed in by the caller is left open)."""
+        """Close the connection pools (a client passed in by the caller is left open)."""
         self._closed = True
-        client, self._client = self._client, None
-        if client is not None and self._own_client:
-            await client.aclose()
+        shards, self._shards = self._shards, [None] * len(self._shards)
+        for client in shards:
+            if client is not None:
+                await client.aclose()
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(base_url={self.base_url!r}, model={self.model!r})"
 
     # -- the request paths ---------------------------------------------------------------------
 
-    async def _acquire(self) -> None:
+    async def _acquire(self) -> int:
+        """Wait for a slot; return the index of its shard (-1: the caller's client)."""
+        if self._closed:
+            raise ConfigurationError(f"backend {self.name!r} is closed; create a new one")
         try:
             self._sem.acquire_nowait()
         except anyio.WouldBlock:
             await self._sem.acquire()
+        # The semaphore admits at most as many requests as there are slots, so one is free.
+        return self._slots.pop() if self._slots else -1
+
+    def _release(self, slot: int) -> None:
+        if slot >= 0:
+            self._slots.append(slot)
+        self._sem.release()
+
+    def _client_for(self, slot: int) -> httpx.AsyncClient:
+        if slot < 0:
+            assert self._client is not None
+            return self._client
+        return self._shards[slot] or self._new_shard(slot)
 
     async def _post_json(
         self, url: str, body: dict[str, Any], limit: float | None
@@ -188,9 +251,9 @@ class HTTPBackend(BaseBackend):
         Raises:
             BackendError: a subclass for every way the call can fail.
         """
-        client = self.client
-        await self._acquire()
+        slot = await self._acquire()
         try:
+            client = self._client_for(slot)
             try:
                 if limit is None:
                     response = await client.post(url, json=body, headers=self._request_headers)
@@ -202,7 +265,7 @@ class HTTPBackend(BaseBackend):
             except (httpx.HTTPError, TimeoutError) as exc:
                 self._raise_transport(exc, url, limit)
         finally:
-            self._sem.release()
+            self._release(slot)
         if response.status_code >= 400:
             self._raise_status(response, response.content, url)
         try:
@@ -222,10 +285,10 @@ class HTTPBackend(BaseBackend):
         The response is closed however the iteration ends (finished, failed, cancelled, or
         abandoned by the consumer), so its connection goes back to the pool or is dropped.
         """
-        client = self.client
         deadline = None if limit is None else anyio.current_time() + limit
-        await self._acquire()
+        slot = await self._acquire()
         try:
+            client = self._client_for(slot)
             request = client.build_request(
                 "POST",
                 url,
@@ -269,7 +332,7 @@ class HTTPBackend(BaseBackend):
                 with anyio.CancelScope(shield=True):
                     await response.aclose()
         finally:
-            self._sem.release()
+            self._release(slot)
 
     # -- error translation ---------------------------------------------------------------------
 
