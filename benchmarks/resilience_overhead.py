@@ -72,7 +72,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
-    n, rounds = (300, 3) if args.quick else (1500, 7)
+    n, rounds = (300, 3) if args.quick else (1000, 5)
 
     from genfan.testing import FakeBackend
     from genfan.testserver import ServerProcess
