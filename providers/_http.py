@@ -64,7 +64,7 @@ __all__ = [
 _ERROR_BODY_CHARS = 300
 
 #: The most connections one ``httpx`` client (one httpcore pool) of a backend holds.
-SHARD_SIZE = 8
+SHARD_SIZE = 4
 
 
 @functools.cache
