@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 from genfan import ConfigurationError, create_backend, register_backend
 from genfan.cli import app
 from genfan.config import load_config, parse_config
+from genfan.resilience import GuardedBackend
 from genfan.testing import FakeBackend
 
 GOOD = """
@@ -51,7 +52,9 @@ def test_good_config_builds_a_fanout(tmp_path: Path) -> None:
     assert fan.names == ["alpha", "beta"] and fan.deadline == 5
     alpha = fan.targets[0]
     assert alpha.temperature == 0.2 and alpha.system == "Be brief."
-    assert isinstance(alpha.backend, FakeBackend) and alpha.backend.name == "alpha"
+    # every configured backend is guarded by default; the provider sits inside the stack
+    assert isinstance(alpha.backend, GuardedBackend) and alpha.backend.name == "alpha"
+    assert isinstance(alpha.backend.provider, FakeBackend)
 
 
 @pytest.mark.parametrize(
