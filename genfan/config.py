@@ -37,6 +37,8 @@ from .fanout import FanOut, Target
 __all__ = ["BackendConfig", "FanOutConfig", "GenfanConfig", "load_config", "parse_config"]
 
 _strict = ConfigDict(extra="forbid", frozen=True)
+#: backend types built from other backends of the same file.
+_COMPOSITES = ("pool", "fallback")
 
 
 class BackendConfig(BaseModel):
@@ -57,6 +59,22 @@ class BackendConfig(BaseModel):
     options: dict[str, Any] = Field(default_factory=dict)
     guards: dict[str, Any] | None = None
     enabled: bool = True
+    members: list[str] | None = None
+    strategy: str | None = None
+    weights: list[float] | None = None
+
+    @model_validator(mode="after")
+    def _composite(self) -> BackendConfig:
+        if self.type in _COMPOSITES:
+            if not self.members:
+                raise ValueError(
+                    f"a {self.type!r} backend needs members = [...] naming other backends"
+                )
+        elif self.members is not None or self.strategy is not None or self.weights is not None:
+            raise ValueError(
+                "members/strategy/weights are only for type = 'pool' or type = 'fallback'"
+            )
+        return self
 
     def constructor_options(self, name: str) -> dict[str, Any]:
         """Keyword options for the backend's constructor."""
@@ -107,6 +125,13 @@ class GenfanConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check_names(self) -> GenfanConfig:
+        for name, b in self.backends.items():
+            unknown_members = [m for m in b.members or () if m not in self.backends]
+            if unknown_members:
+                raise ValueError(
+                    f"backends.{name}.members names {unknown_members}, which have no "
+                    f"[backends.NAME] table; defined backends: {sorted(self.backends)}"
+                )
         if self.fanout.backends is not None:
             unknown = [b for b in self.fanout.backends if b not in self.backends]
             if unknown:
@@ -128,9 +153,34 @@ class GenfanConfig(BaseModel):
             )
         return {n: self.backends[n] for n in wanted}
 
-    def build_backend(self, name: str) -> Backend:
-        """Create (and guard, when a guards table applies) the backend ``name``."""
+    def build_backend(self, name: str, *, _path: tuple[str, ...] = ()) -> Backend:
+        """Create the backend ``name`` inside its guard stack.
+
+        ``type = "pool"`` and ``type = "fallback"`` are built from their ``members`` (each
+        guarded on its own, so a pool skips replicas whose breaker is open); a composite gets
+        guards of its own only when its table sets ``guards``.
+        """
+        if name in _path:
+            cycle = " -> ".join((*_path, name))
+            raise ConfigurationError(f"backend members form a cycle: {cycle}")
         cfg = self.backends[name]
+        if cfg.type in _COMPOSITES:
+            from .resilience import Fallback, Pool
+
+            members = [self.build_backend(m, _path=(*_path, name)) for m in cfg.members or ()]
+            composite: Backend
+            if cfg.type == "pool":
+                composite = Pool(
+                    members,
+                    strategy=cfg.strategy or "p2c_peak_ewma",  # type: ignore[arg-type]
+                    weights=cfg.weights,
+                    name=name,
+                )
+            else:
+                composite = Fallback(members, name=name)
+            if cfg.guards is None:
+                return composite
+            return _apply_guards(composite, None, cfg.guards)
         spec = f"{cfg.type}:{cfg.model or ''}"
         backend = create_backend(spec, **cfg.constructor_options(name))
         return _apply_guards(backend, self.defaults.get("guards"), cfg.guards)
@@ -193,14 +243,8 @@ def _selector(sel: str | SelectConfig) -> Any:
 def _apply_guards(
     backend: Backend, defaults: Mapping[str, Any] | None, own: Mapping[str, Any] | None
 ) -> Backend:
-    try:
-        from .resilience import GuardsConfig  # type: ignore[attr-defined,import-not-found,unused-ignore]
-    except ImportError:
-        if own:
-            raise ConfigurationError(
-                "a guards table is set but genfan.resilience is unavailable"
-            ) from None
-        return backend
+    from .resilience import GuardsConfig
+
     try:
         # Per guard, the backend's fields are merged over [defaults.guards]' fields.
         guards = GuardsConfig.model_validate(own or {}).merged_over(
@@ -208,7 +252,7 @@ def _apply_guards(
         )
     except ValidationError as exc:
         raise ConfigurationError(f"guards of backend {backend.name!r}: {exc}") from None
-    return guards.build(backend)  # type: ignore[no-any-return,unused-ignore]
+    return guards.build(backend)
 
 
 def _describe(err: ValidationError, source: str) -> str:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from genfan import ConfigurationError, create_backend, register_backend
+from genfan import ChatRequest, ConfigurationError, create_backend, register_backend
 from genfan.cli import app
 from genfan.config import load_config, parse_config
 from genfan.resilience import GuardedBackend
@@ -151,3 +151,96 @@ def test_genfan_script_runs_as_a_process(tmp_path: Path) -> None:
     )
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["chosen"] == "beta"
+
+
+POOLED = """
+[backends.r1]
+type = "fake"
+enabled = false
+options = { replies = ["from r1"] }
+
+[backends.r2]
+type = "fake"
+enabled = false
+options = { replies = ["from r2"] }
+
+[backends.replicas]
+type = "pool"
+members = ["r1", "r2"]
+strategy = "round_robin"
+
+[backends.safe]
+type = "fallback"
+members = ["r2", "r1"]
+"""
+
+
+def test_pool_and_fallback_from_the_file(tmp_path: Path) -> None:
+    from genfan.resilience import Fallback, Pool
+
+    cfg = load_config(write(tmp_path, POOLED))
+    fan = cfg.build_fanout()
+    assert fan.names == ["replicas", "safe"]
+    pool, fallback = fan.targets[0].backend, fan.targets[1].backend
+    assert isinstance(pool, Pool) and isinstance(fallback, Fallback)
+
+
+@pytest.mark.anyio
+async def test_pool_round_robins_and_fallback_moves_on() -> None:
+    from genfan import BackendError
+    from genfan.testing import Fail
+
+    cfg = parse_config(
+        {
+            "backends": {
+                "r1": {"type": "fake", "enabled": False, "options": {"replies": ["one"]}},
+                "r2": {"type": "fake", "enabled": False, "options": {"replies": ["two"]}},
+                "replicas": {"type": "pool", "members": ["r1", "r2"], "strategy": "round_robin"},
+            }
+        }
+    )
+    pool = cfg.build_backend("replicas")
+    texts = [(await pool.complete(ChatRequest.from_prompt("q"))).text for _ in range(4)]
+    assert sorted(texts) == ["one", "one", "two", "two"]
+
+    register_backend(
+        "broken",
+        lambda model=None, **kw: FakeBackend(kw["name"], [Fail(error=BackendError("down"))]),
+    )
+    cfg2 = parse_config(
+        {
+            "backends": {
+                "bad": {"type": "broken", "enabled": False, "guards": {"retry": False}},
+                "good": {"type": "fake", "enabled": False, "options": {"replies": ["saved"]}},
+                "safe": {"type": "fallback", "members": ["bad", "good"]},
+            }
+        }
+    )
+    result = await cfg2.build_fanout().run("q")
+    assert result.text == "saved"
+
+
+@pytest.mark.parametrize(
+    ("backends", "expected"),
+    [
+        ({"p": {"type": "pool"}}, "needs members"),
+        ({"p": {"type": "pool", "members": ["ghost"]}}, "ghost"),
+        ({"p": {"type": "fake", "members": ["x"]}}, "only for type = 'pool'"),
+    ],
+)
+def test_bad_composites_are_named(backends: dict[str, object], expected: str) -> None:
+    with pytest.raises(ConfigurationError, match=expected):
+        parse_config({"backends": backends})
+
+
+def test_member_cycles_are_rejected() -> None:
+    cfg = parse_config(
+        {
+            "backends": {
+                "a": {"type": "pool", "members": ["b"]},
+                "b": {"type": "fallback", "members": ["a"]},
+            }
+        }
+    )
+    with pytest.raises(ConfigurationError, match="cycle: a -> b -> a"):
+        cfg.build_backend("a")

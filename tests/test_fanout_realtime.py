@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from genfan import CallCancelledError, FanOut
+from genfan import CallCancelledError, ChatRequest, FanOut, StreamEnd, TextDelta, collect_stream
 from genfan.testing import FakeBackend
 
 pytestmark = pytest.mark.anyio
@@ -21,13 +21,9 @@ async def test_first_mode_on_both_event_loops() -> None:
 
 
 async def test_streaming_fake_backend_yields_words_then_end() -> None:
-    from genfan import StreamEnd, TextDelta, collect_stream
-
     backend = FakeBackend("s", ["one two three"])
-    events = [e async for e in backend.stream(__import__("genfan").ChatRequest.from_prompt("x"))]
+    events = [e async for e in backend.stream(ChatRequest.from_prompt("x"))]
     assert "".join(e.text for e in events if isinstance(e, TextDelta)) == "one two three"
     assert isinstance(events[-1], StreamEnd)
-    completion = await collect_stream(
-        backend.stream(__import__("genfan").ChatRequest.from_prompt("x"))
-    )
+    completion = await collect_stream(backend.stream(ChatRequest.from_prompt("x")))
     assert completion.text == "one two three"
