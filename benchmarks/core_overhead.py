@@ -264,6 +264,7 @@ def part_c(times: int = 5) -> dict[str, Any]:
         httpx_loaded = rest[1].strip() == "True"
     return {
         "import_ms_median": statistics.median(durations),
+        "import_ms_min": min(durations),
         "import_ms": durations,
         "heavy_modules_loaded": heavy,
         "httpx_loaded": httpx_loaded,
@@ -284,11 +285,13 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": f"{os.cpu_count()}-core {os.uname().machine}, shared",
         "python": sys.version.split()[0],
+        "load_average_at_start": os.getloadavg(),
     }
     if ns.only in (None, "c"):
         out["import"] = c = part_c()
         print(
-            f"(c) import genfan: median {c['import_ms_median']:.0f} ms of "
+            f"(c) import genfan: median {c['import_ms_median']:.0f} ms (min "
+            f"{c['import_ms_min']:.0f}) of "
             f"{[round(x) for x in c['import_ms']]}; heavy modules loaded: "
             f"{c['heavy_modules_loaded'] or 'none'}; httpx loaded: {c['httpx_loaded']}"
         )
@@ -313,6 +316,11 @@ def main() -> None:
                 f"    {label:<24}{r['n']:>6}{r['answered']:>10}{r['cpu_per_call_ms']:>13.3f}"
                 f"{r['wall_s']:>8.1f}{r['peak_rss_mb']:>13.0f}"
             )
+    out["load_average_at_end"] = os.getloadavg()
+    print(
+        f"load average (1, 5, 15 min): start {out['load_average_at_start']}, end "
+        f"{out['load_average_at_end']}"
+    )
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "core_overhead.json").write_text(json.dumps(out, indent=2))
     print(f"wrote {RESULTS / 'core_overhead.json'}")

@@ -46,7 +46,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -1155,13 +1155,6 @@ class ServerProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-
-@contextlib.contextmanager
-def serve_in_thread(**options: Any) -> Iterator[FakeLLMServer]:
-    """``with serve_in_thread(latency=0.1) as srv:`` (the same as ``with FakeLLMServer(...)``)."""
-    with FakeLLMServer(**options) as srv:
-        yield srv
 
 
 def main(argv: Sequence[str] | None = None) -> None:
