@@ -120,8 +120,9 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     from providers.vllm_local import VLLMBackend
 
     sampling = {"ignore_eos": True}
-    backend = VLLMBackend(temperature=0.0, sampling=sampling, name="bench")
-    creative = VLLMBackend(sampling=sampling, name="bench-creative")
+    engine: dict[str, Any] = {"model": args.model, "kv_cache_gb": args.kv_cache_gb}
+    backend = VLLMBackend(temperature=0.0, sampling=sampling, name="bench", **engine)
+    creative = VLLMBackend(sampling=sampling, name="bench-creative", **engine)
     stats = await backend.start()
     texts = prompts(args.requests)
     n, tokens = args.requests, args.tokens
@@ -214,6 +215,13 @@ def cli() -> None:
     parser.add_argument("--requests", type=int, default=32)
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--model", default=None, help="model folder (default: the prepared one)")
+    parser.add_argument(
+        "--kv-cache-gb",
+        type=lambda v: None if v == "auto" else float(v),
+        default=1.0,
+        help="KV cache GiB, or 'auto' (vLLM's own sizing, for GPUs)",
+    )
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/local_engine.json"))
     args = parser.parse_args()
     args.load_start = os.getloadavg()
