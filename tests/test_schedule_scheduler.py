@@ -477,3 +477,28 @@ async def test_add_schedule_conflicts_and_validation() -> None:
 def test_policies_validate(make: Callable[[], object], match: str) -> None:
     with pytest.raises(ConfigurationError, match=match):
         make()
+
+
+class _SlowFinishStore(SQLiteStore):
+    """Writing outcomes takes 5 s: the scheduler stops while outcomes are still being written."""
+
+    async def finish_many(self, owner: str, items: Any) -> list[bool]:
+        await anyio.sleep(5)
+        return await super().finish_many(owner, items)
+
+
+@pytest.mark.anyio
+async def test_stopping_while_outcomes_are_being_written_records_them_all() -> None:
+    store = _SlowFinishStore(":memory:", threads=False)
+    clock = AnyioClock(start=T0)
+    with anyio.fail_after(60):  # a hang fails the test instead of blocking it
+        async with Scheduler(store, clock=clock, poll_interval=None) as s:
+            job = Recorder(clock)
+            for i in range(3):
+                await s.add_schedule(job, DateTrigger(at=T0 + timedelta(seconds=i)), id=f"d{i}")
+            await anyio.sleep(2.5)  # d0's outcome is being written; d1's waits its turn
+    # the context exits (no hang) once every outcome is written
+    runs = {r.schedule_id: r.status for r in await store.history()}
+    await store.aclose()
+    assert len(job.calls) == 3
+    assert runs == {"d0": "succeeded", "d1": "succeeded", "d2": "succeeded"}

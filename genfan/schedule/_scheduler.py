@@ -197,13 +197,19 @@ class Scheduler:
             self._tg.cancel_scope.cancel()
 
     async def _release_held(self) -> None:
-        # Runs cut short by shutdown go back to pending, for this or another replica.
-        keys = [k for k, v in self._running.items() if not v.finishing]
-        self._running.clear()
-        if keys:
-            with anyio.CancelScope(shield=True):
+        with anyio.CancelScope(shield=True):
+            # Outcomes not yet written are written; runs cut short by shutdown go back to
+            # pending, for this or another replica.
+            batch, self._finishes = self._finishes, []
+            if batch:
+                await self.store.finish_many(
+                    self.identity, [(f.key, f.status, f.when, f.error, f.attempts) for f in batch]
+                )
+            keys = [k for k, v in self._running.items() if not v.finishing]
+            self._running.clear()
+            if keys:
                 await self.store.release(self.identity, keys)
-            telemetry.event("schedule_runs_released", identity=self.identity, runs=len(keys))
+                telemetry.event("schedule_runs_released", identity=self.identity, runs=len(keys))
 
     async def run_until_stopped(self) -> None:
         """Run until cancelled (Ctrl-C / SIGTERM in ``genfan schedule run``)."""
@@ -314,27 +320,26 @@ class Scheduler:
         while True:
             self._wake = anyio.Event()
             now = self._now()
-            due = await self.store.process_due(now, self.batch_size)
+            free = self.max_concurrent_runs - len(self._running)
+            due, res, nxt = await self.store.cycle(
+                self.identity, now, self.lease_time, max(0, free), self.batch_size
+            )
             for sid, n in due.missed.items():
                 telemetry.event("schedule_fires_missed", level="warning", schedule=sid, fires=n)
                 self._count(sid, "missed", n)
             for sid, n in due.dropped.items():
                 telemetry.event("schedule_fires_coalesced", schedule=sid, dropped=n)
-            free = self.max_concurrent_runs - len(self._running)
-            if free > 0:
-                res = await self.store.claim(self.identity, now, self.lease_time, free)
-                for run in res.ended:
-                    self._ended(run)
-                for key in res.cancel:
-                    local = self._running.get(key)
-                    if local is not None and not local.finishing:
-                        local.reason = "cancel_old"
-                        local.scope.cancel()
-                for claim in res.claimed:
-                    self._start(claim, now)
+            for run in res.ended:
+                self._ended(run)
+            for key in res.cancel:
+                local = self._running.get(key)
+                if local is not None and not local.finishing:
+                    local.reason = "cancel_old"
+                    local.scope.cancel()
+            for claim in res.claimed:
+                self._start(claim, now)
             if due.more:
                 continue
-            nxt = await self.store.next_wakeup(self.identity, now)
             if self.poll_interval is not None:
                 poll = now + timedelta(seconds=self.poll_interval)
                 nxt = poll if nxt is None else min(nxt, poll)
@@ -423,8 +428,8 @@ class Scheduler:
         item = _Finish(key=run.key, status=status, when=self._now(), error=error, attempts=attempts)
         self._finishes.append(item)
         self._finish_ready.set()
-        with anyio.CancelScope(shield=True):
-            await item.done.wait()
+        # If the scheduler stops now, the outcome is still written (see _release_held).
+        await item.done.wait()
         self._count(sid, status)
         telemetry.event(
             "schedule_run_finished",

@@ -165,6 +165,8 @@ class _SQL:
         self.ix = ix  # index name prefix
         self.pg = postgres
         self.lock = " FOR UPDATE SKIP LOCKED" if postgres else ""
+        self._policies: dict[str, SchedulePolicy] = {}
+        self._triggers: dict[str, Trigger] = {}
 
     def q(self, sql: str) -> str:
         sql = sql.replace("{S}", f"{self.ns}schedules").replace("{R}", f"{self.ns}runs")
@@ -378,8 +380,8 @@ class _SQL:
         inserts: list[tuple[Any, ...]] = []
         updates: list[tuple[Any, ...]] = []
         for sid, tjson, pjson, next_fire in rows:
-            trigger = trigger_from_dict(json.loads(tjson))
-            policy = SchedulePolicy.from_dict(json.loads(pjson))
+            trigger = self.trigger(tjson)
+            policy = self.policy(pjson)
             fires, nxt, n_missed = _due_fires(trigger, policy, from_us(next_fire), now)
             chosen = _coalesce(fires, policy)
             if n_missed:
@@ -411,6 +413,39 @@ class _SQL:
 
     # -- claiming runs --------------------------------------------------------------------------
 
+    def policy(self, text: str) -> SchedulePolicy:
+        """Parse a stored policy (cached: every run of a schedule shares it)."""
+        got = self._policies.get(text)
+        if got is None:
+            if len(self._policies) > 10_000:
+                self._policies.clear()
+            got = self._policies[text] = SchedulePolicy.from_dict(json.loads(text))
+        return got
+
+    def trigger(self, text: str) -> Trigger:
+        got = self._triggers.get(text)
+        if got is None:
+            if len(self._triggers) > 10_000:
+                self._triggers.clear()
+            got = self._triggers[text] = trigger_from_dict(json.loads(text))
+        return got
+
+    def _running_of(self, cur: Any, sids: Sequence[str]) -> dict[str, set[int]]:
+        running: dict[str, set[int]] = {}
+        unique = sorted(set(sids))
+        for i in range(0, len(unique), 500):
+            chunk = unique[i : i + 500]
+            cur.execute(
+                self.q(
+                    "SELECT schedule_id, fire_time FROM {R} WHERE status = 'running'"
+                    f" AND schedule_id IN ({', '.join('?' for _ in chunk)})"
+                ),
+                chunk,
+            )
+            for sid, fus in cur.fetchall():
+                running.setdefault(sid, set()).add(fus)
+        return running
+
     def claim(self, cur: Any, owner: str, now: datetime, lease: float, limit: int) -> ClaimResult:
         now_us = to_us(now)
         lease_us = now_us + int(lease * 1_000_000)
@@ -429,12 +464,18 @@ class _SQL:
         claimed: list[Claim] = []
         ended: list[RunRecord] = []
         cancel: list[RunKey] = []
+        starts: list[tuple[Any, ...]] = []
+        takeovers: list[tuple[Any, ...]] = []
+        running = self._running_of(cur, [r[0] for r in rows if r[3] == "pending"])
+        jobs: dict[str, dict[str, Any]] = {}
         for row in rows:
             if len(claimed) >= limit:
                 break
             run = self.run(row[:11])
-            job = json.loads(row[11])
-            policy = SchedulePolicy.from_dict(json.loads(row[12]))
+            job = jobs.get(row[11])
+            if job is None:
+                job = jobs[row[11]] = json.loads(row[11])
+            policy = self.policy(row[12])
             sid, fus = run.key
             if run.status == "running":  # lease expired: the replica running it is gone
                 if run.attempts >= policy.retry.attempts:
@@ -445,13 +486,7 @@ class _SQL:
                     self._end(cur, sid, fus, "failed", now_us, err)
                     ended.append(_with(run, status="failed", ended=now, error=err))
                     continue
-                cur.execute(
-                    self.q(
-                        "UPDATE {R} SET owner = ?, lease_until = ?, attempts = attempts + 1,"
-                        " cancel_requested = 0 WHERE schedule_id = ? AND fire_time = ?"
-                    ),
-                    (owner, lease_us, sid, fus),
-                )
+                takeovers.append((owner, lease_us, sid, fus))
                 claimed.append(
                     Claim(
                         run=_with(run, owner=owner, attempts=run.attempts + 1),
@@ -462,56 +497,44 @@ class _SQL:
                 )
                 continue
             grace = policy.misfire_grace_time
-            if grace is not None and not run.manual and (now - run.run_at).total_seconds() > grace:
-                err = f"started {(now - run.run_at).total_seconds():.3f}s late, past the misfire grace time of {grace}s"
+            late = (now_us - to_us(run.run_at)) / 1e6
+            if grace is not None and not run.manual and late > grace:
+                err = f"started {late:.3f}s late, past the misfire grace time of {grace}s"
                 self._end(cur, sid, fus, "missed", None, err)
                 ended.append(_with(run, status="missed", error=err))
                 continue
-            if policy.overlap != "allow":
-                cur.execute(
-                    self.q(
-                        "SELECT fire_time FROM {R} WHERE schedule_id = ? AND status = 'running'"
-                        " AND fire_time <> ?"
-                    ),
-                    (sid, fus),
-                )
-                running = [r[0] for r in cur.fetchall()]
-                if running:
-                    if policy.overlap == "skip":
-                        err = "skipped: the previous run was still going (overlap=skip)"
+            others = running.get(sid, set()) - {fus}
+            if others and policy.overlap != "allow":
+                if policy.overlap == "skip":
+                    err = "skipped: the previous run was still going (overlap=skip)"
+                    self._end(cur, sid, fus, "skipped", None, err)
+                    ended.append(_with(run, status="skipped", error=err))
+                elif policy.overlap == "buffer_one":
+                    ra = to_us(run.run_at)
+                    cur.execute(
+                        self.q(
+                            "SELECT COUNT(*) FROM {R} WHERE schedule_id = ? AND status = 'pending'"
+                            " AND (run_at < ? OR (run_at = ? AND fire_time < ?))"
+                        ),
+                        (sid, ra, ra, fus),
+                    )
+                    if cur.fetchone()[0]:
+                        err = "skipped: a run was already waiting (overlap=buffer_one)"
                         self._end(cur, sid, fus, "skipped", None, err)
                         ended.append(_with(run, status="skipped", error=err))
-                    elif policy.overlap == "buffer_one":
-                        cur.execute(
-                            self.q(
-                                "SELECT COUNT(*) FROM {R} WHERE schedule_id = ?"
-                                " AND status = 'pending' AND (run_at < ? OR (run_at = ? AND fire_time < ?))"
-                            ),
-                            (sid, to_us(run.run_at), to_us(run.run_at), fus),
-                        )
-                        if cur.fetchone()[0]:
-                            err = "skipped: a run was already waiting (overlap=buffer_one)"
-                            self._end(cur, sid, fus, "skipped", None, err)
-                            ended.append(_with(run, status="skipped", error=err))
-                    elif policy.overlap == "cancel_old":
-                        cancel.extend((sid, f) for f in running)
-                        cur.execute(
-                            self.q(
-                                "UPDATE {R} SET cancel_requested = 1 WHERE schedule_id = ?"
-                                " AND status = 'running' AND fire_time <> ?"
-                            ),
-                            (sid, fus),
-                        )
-                    # buffer_all, buffer_one (first waiting), cancel_old: wait for the end.
-                    continue
-            cur.execute(
-                self.q(
-                    "UPDATE {R} SET status = 'running', owner = ?, lease_until = ?,"
-                    " attempts = attempts + 1, started = COALESCE(started, ?)"
-                    " WHERE schedule_id = ? AND fire_time = ?"
-                ),
-                (owner, lease_us, now_us, sid, fus),
-            )
+                elif policy.overlap == "cancel_old":
+                    cancel.extend((sid, f) for f in others)
+                    cur.executemany(
+                        self.q(
+                            "UPDATE {R} SET cancel_requested = 1 WHERE schedule_id = ?"
+                            " AND fire_time = ? AND status = 'running'"
+                        ),
+                        [(sid, f) for f in others],
+                    )
+                # buffer_all, buffer_one (the first waiting), cancel_old: wait for the end.
+                continue
+            running.setdefault(sid, set()).add(fus)
+            starts.append((owner, lease_us, now_us, sid, fus))
             claimed.append(
                 Claim(
                     run=_with(
@@ -525,6 +548,23 @@ class _SQL:
                     job=job,
                     policy=policy,
                 )
+            )
+        if starts:
+            cur.executemany(
+                self.q(
+                    "UPDATE {R} SET status = 'running', owner = ?, lease_until = ?,"
+                    " attempts = attempts + 1, started = COALESCE(started, ?)"
+                    " WHERE schedule_id = ? AND fire_time = ?"
+                ),
+                starts,
+            )
+        if takeovers:
+            cur.executemany(
+                self.q(
+                    "UPDATE {R} SET owner = ?, lease_until = ?, attempts = attempts + 1,"
+                    " cancel_requested = 0 WHERE schedule_id = ? AND fire_time = ?"
+                ),
+                takeovers,
             )
         return ClaimResult(claimed=claimed, cancel=cancel, ended=ended)
 
@@ -557,6 +597,14 @@ class _SQL:
             (status, to_us(now), _err_text(error), attempts, key[0], key[1], owner),
         )
         return bool(cur.rowcount)
+
+    def cycle(
+        self, cur: Any, owner: str, now: datetime, lease: float, limit: int, batch: int
+    ) -> tuple[DueResult, ClaimResult, datetime | None]:
+        """One scheduler step in one transaction: create due runs, claim, find the next wakeup."""
+        due = self.process_due(cur, now, batch)
+        claims = self.claim(cur, owner, now, lease, limit) if limit > 0 else ClaimResult()
+        return due, claims, self.next_wakeup(cur, owner, now)
 
     def finish_many(
         self, cur: Any, owner: str, items: Sequence[tuple[RunKey, str, datetime, str | None, int]]
@@ -784,6 +832,12 @@ class Store:
     async def claim(self, owner: str, now: datetime, lease: float, limit: int) -> ClaimResult:
         """Claim up to ``limit`` due runs for ``owner`` (overlap and grace applied)."""
         return await self._tx(lambda c: self._sql.claim(c, owner, now, lease, limit))
+
+    async def cycle(
+        self, owner: str, now: datetime, lease: float, limit: int, batch: int = 500
+    ) -> tuple[DueResult, ClaimResult, datetime | None]:
+        """:meth:`process_due`, :meth:`claim` and :meth:`next_wakeup` in one transaction."""
+        return await self._tx(lambda c: self._sql.cycle(c, owner, now, lease, limit, batch))
 
     async def finish(
         self,
