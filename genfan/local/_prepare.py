@@ -153,7 +153,7 @@ def is_prepared(cache: str | Path | None = None) -> bool:
 
 
 def _looks_like_path(model: str) -> bool:
-    return model.startswith(("/", "./", "../", "~", ".")) or os.sep + os.sep in model
+    return model.startswith(("/", "./", "../", "~"))
 
 
 def resolve_model(model: str | Path | None) -> str:
