@@ -93,7 +93,7 @@ def main() -> None:
     args = ap.parse_args()
     rows = []
     for backend in args.backends.split(","):
-        for aligned in ([True] if args.aligned else [False, True]):
+        for aligned in [True] if args.aligned else [False, True]:
             rows.append(
                 anyio.run(measure, args.schedules, args.seconds, aligned, backend, backend=backend)
             )
