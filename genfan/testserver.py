@@ -585,6 +585,8 @@ class _Connection(asyncio.Protocol):
             await asyncio.Event().wait()
         except asyncio.CancelledError:
             pass
+        except Exception as exc:  # a bad script or handler: answer 500 rather than hang
+            self._json(500, {"error": {"message": f"fake server error: {exc!r}"}}, close)
         finally:
             srv.in_flight -= 1
         if close and self.transport is not None:

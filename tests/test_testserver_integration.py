@@ -362,3 +362,24 @@ async def test_server_subprocess(anyio_backend: str) -> None:
         async with OpenAIBackend("m", base_url=proc.url, api_key_env=None) as b:
             assert (await b.complete(ChatRequest.from_prompt("sub"))).text == "echo: sub"
     assert proc.proc is None
+
+
+@pytest.mark.anyio
+async def test_a_failing_handler_answers_500(srv: FakeLLMServer) -> None:
+    def handler(path: str, body: dict[str, Any]) -> Any:
+        raise RuntimeError("bug in the test's handler")
+
+    srv.set_handler(handler)
+    async with oai(srv) as b:
+        with pytest.raises(HTTPStatusError) as info:
+            await b.complete(ChatRequest.from_prompt("x"))
+    assert info.value.status_code == 500
+    assert "bug in the test's handler" in str(info.value)
+
+
+def test_fault_header_syntax() -> None:
+    assert Fault.parse("503") == Fault("status", status=503)
+    assert Fault.parse("429; retry-after=2.5") == Fault("status", status=429, retry_after=2.5)
+    assert Fault.parse("hang") == Fault("hang")
+    with pytest.raises(ValueError):
+        Fault.parse("explode")
