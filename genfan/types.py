@@ -35,7 +35,7 @@ JsonValue: TypeAlias = Any
 Role = Literal["system", "user", "assistant", "tool"]
 FinishReason = Literal["stop", "length", "tool_calls", "content_filter", "error", "unknown"]
 
-_frozen = ConfigDict(frozen=True, extra="forbid")
+_frozen = ConfigDict(frozen=True, extra="forbid", defer_build=True)
 
 
 class ToolCall(BaseModel):
