@@ -502,3 +502,56 @@ async def test_stopping_while_outcomes_are_being_written_records_them_all() -> N
     await store.aclose()
     assert len(job.calls) == 3
     assert runs == {"d0": "succeeded", "d1": "succeeded", "d2": "succeeded"}
+
+
+@pytest.mark.anyio
+async def test_span_per_run_and_metrics_for_runs_retries_and_drift(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from genfan import telemetry
+
+    exporter = InMemorySpanExporter()
+    tracer_provider = TracerProvider()
+    tracer_provider.add_span_processor(SimpleSpanProcessor(exporter))
+    reader = InMemoryMetricReader()
+    meter_provider = MeterProvider(metric_readers=[reader])
+    # Local providers (the global ones can be set once per process).
+    monkeypatch.setattr(telemetry, "get_tracer", lambda: tracer_provider.get_tracer("t"))
+    monkeypatch.setattr(telemetry, "get_meter", lambda: meter_provider.get_meter("t"))
+    instruments = telemetry._Instruments()
+    monkeypatch.setattr(telemetry, "instruments", lambda: instruments)
+
+    async with scheduler() as s:
+        job = rec(s, fail=1)
+        await s.add_schedule(
+            job,
+            DateTrigger(at=T0 + timedelta(seconds=3)),
+            id="m",
+            policy=SchedulePolicy(retry=ScheduleRetry(attempts=2, initial=1)),
+        )
+        await anyio.sleep(10)
+
+    (span,) = [sp for sp in exporter.get_finished_spans() if sp.name == "genfan.schedule.run"]
+    attrs = dict(span.attributes or {})
+    assert attrs["genfan.schedule.id"] == "m"
+    assert attrs["genfan.schedule.outcome"] == "succeeded"
+    assert attrs["genfan.schedule.attempts"] == 2
+    assert attrs["genfan.schedule.drift"] == 0.0
+    data = reader.get_metrics_data()
+    points: dict[str, list[Any]] = {}
+    for rm in data.resource_metrics if data else []:
+        for sm in rm.scope_metrics:
+            for metric in sm.metrics:
+                points.setdefault(metric.name, []).extend(metric.data.data_points)
+    outcomes = {
+        p.attributes["genfan.schedule.outcome"]: p.value for p in points["genfan.schedule.runs"]
+    }
+    assert outcomes == {"retry": 1, "succeeded": 1}
+    (drift,) = points["genfan.schedule.drift"]
+    assert drift.count == 1 and drift.sum == 0.0
