@@ -65,8 +65,12 @@ def bound(**fields: Any) -> AbstractContextManager[None]:
 
 
 def configure_logging(level: str = "info", *, json: bool = False) -> None:
-    """Configure structlog for a command-line or simple application (console or JSON lines)."""
+    """Configure structlog for a command-line or simple application (console or JSON lines).
+
+    Events go to standard error, so they never mix with a command's output on standard output.
+    """
     import logging
+    import sys
 
     import structlog
 
@@ -81,7 +85,8 @@ def configure_logging(level: str = "info", *, json: bool = False) -> None:
         wrapper_class=structlog.make_filtering_bound_logger(
             logging.getLevelNamesMapping()[level.upper()]
         ),
-        logger_factory=structlog.PrintLoggerFactory(),
+        # sys.stderr looked up per event: it may be swapped (tests, daemonising) after configure.
+        logger_factory=lambda *args: structlog.PrintLogger(sys.stderr),
         cache_logger_on_first_use=False,
     )
 

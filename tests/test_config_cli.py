@@ -109,7 +109,7 @@ def test_ask_prints_a_table_with_the_chosen_answer(tmp_path: Path) -> None:
 def test_ask_json_for_scripts(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["ask", "q", "-c", str(write(tmp_path, GOOD)), "--json"])
     assert result.exit_code == 0, result.output
-    data = json.loads(result.output)
+    data = json.loads(result.stdout)
     assert data["chosen"] == "beta" and data["text"] == "The capital is Paris."
     assert [c["backend"] for c in data["candidates"]] == ["alpha", "beta"]
     assert all(c["status"] == "ok" for c in data["candidates"])
@@ -121,7 +121,7 @@ def test_ask_with_backend_specs_and_no_config(
     monkeypatch.chdir(tmp_path)
     result = CliRunner().invoke(app, ["ask", "q", "-b", "fake:a", "-b", "fake:b", "--json"])
     assert result.exit_code == 0, result.output
-    assert len(json.loads(result.output)["candidates"]) == 2
+    assert len(json.loads(result.stdout)["candidates"]) == 2
 
 
 def test_ask_reports_all_failed_with_exit_code_2(tmp_path: Path) -> None:

@@ -6,6 +6,8 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import typer
 
 from ._ask import ask
@@ -21,8 +23,16 @@ app.command()(ask)
 
 
 @app.callback()
-def _root() -> None:
+def _root(
+    log_level: Annotated[
+        str, typer.Option("--log-level", help="Events at this level and above go to stderr.")
+    ] = "warning",
+) -> None:
     """genfan: fan a prompt out to several LLMs, pick the best answer, stay up under failure."""
+    from .. import telemetry
+
+    # The command line owns logging: events go to stderr, never into --json output.
+    telemetry.configure_logging(log_level)
 
 
 # Sub-apps (each module owns its commands).
