@@ -555,3 +555,31 @@ async def test_span_per_run_and_metrics_for_runs_retries_and_drift(
     assert outcomes == {"retry": 1, "succeeded": 1}
     (drift,) = points["genfan.schedule.drift"]
     assert drift.count == 1 and drift.sum == 0.0
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("coalesce", ["earliest", "latest", "all"])
+async def test_a_month_of_downtime_on_a_per_second_cron_is_caught_up_quickly(
+    coalesce: str,
+) -> None:
+    start = T0 + timedelta(days=31)
+    async with scheduler(start=start) as s:
+        job = rec(s)
+        await s.add_schedule(
+            job,
+            CronTrigger(expr="* * * * * *", start=T0),
+            id="sec",
+            policy=SchedulePolicy(
+                coalesce=coalesce,  # type: ignore[arg-type]
+                misfire_grace_time=2 if coalesce == "all" else None,
+                overlap="allow",
+            ),
+        )
+        await anyio.sleep(1.5)
+    late = 31 * 86400
+    if coalesce == "earliest":
+        assert sorted(job.fires) == [0, late + 1]
+    elif coalesce == "latest":
+        assert sorted(job.fires) == [late, late + 1]
+    else:  # a grace time of 2 s keeps only the last fire times
+        assert sorted(job.fires) == [late - 2, late - 1, late, late + 1]

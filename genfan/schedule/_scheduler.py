@@ -161,6 +161,12 @@ class Scheduler:
     async def __aenter__(self) -> Scheduler:
         if self._stack is not None:
             raise ConfigurationError("this Scheduler is already running")
+        # Fresh events and state for this event loop (a scheduler may be started again later).
+        self._finish_ready = anyio.Event()
+        self._wake = anyio.Event()
+        self._runs_changed = anyio.Event()
+        self._finishes = []
+        self._running = {}
         stack = AsyncExitStack()
         await stack.__aenter__()
         try:

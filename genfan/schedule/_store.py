@@ -724,7 +724,11 @@ def _due_fires(
     trigger: Trigger, policy: SchedulePolicy, first: datetime, now: datetime
 ) -> tuple[list[datetime], datetime | None, int]:
     """The fire times due at ``now`` from ``first`` on, the next one after them, and how many
-    fell out of the misfire grace time."""
+    fell out of the misfire grace time (at least 1 when any did).
+
+    A huge backlog (a long downtime on a frequent trigger) is not walked: ``coalesce="all"``
+    takes it in slices of ``_BACKLOG_CAP``, ``earliest`` and ``latest`` jump to their fire time.
+    """
     fires: list[datetime] = []
     missed = 0
     f: datetime | None = first
@@ -732,19 +736,30 @@ def _due_fires(
     if grace is not None and f is not None:
         oldest = now - timedelta(seconds=grace)
         if f < oldest:
-            # Jump over fire times too old to run (counting them only when that is cheap).
             missed = 1
             f = trigger.next_after(oldest - _ONE_US)
-    cap = _BACKLOG_CAP if policy.coalesce == "all" else 100_000
+    cap = _BACKLOG_CAP if policy.coalesce == "all" else 100
     while f is not None and f <= now and len(fires) < cap:
         fires.append(f)
         f = trigger.next_after(f)
-    if policy.coalesce != "all" and len(fires) >= cap:
-        # Enormous backlog: the latest fire time is the one just before now.
-        while f is not None and f <= now:
-            fires[-1] = f
-            f = trigger.next_after(f)
+    if f is not None and f <= now and policy.coalesce != "all":
+        last = _latest_at_or_before(trigger, now, f)
+        fires.append(last)  # (the fire times in between are dropped by coalescing)
+        f = trigger.next_after(last)
     return fires, f, missed
+
+
+def _latest_at_or_before(trigger: Trigger, now: datetime, known: datetime) -> datetime:
+    """The last fire time <= ``now``, given one (``known``) that is."""
+    for seconds in (1, 60, 3600, 86400, 31 * 86400, 366 * 86400):
+        probe = max(known, now - timedelta(seconds=seconds))
+        g = trigger.next_after(probe - _ONE_US)
+        if g is not None and g <= now:
+            known = g
+            break
+    while (h := trigger.next_after(known)) is not None and h <= now:
+        known = h
+    return known
 
 
 def _coalesce(fires: list[datetime], policy: SchedulePolicy) -> list[datetime]:

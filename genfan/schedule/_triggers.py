@@ -261,7 +261,10 @@ class CronTrigger:
     Args:
         expr: the cron expression, e.g. ``"0 7 * * mon-fri"``.
         timezone: an IANA zone name (``"Europe/Berlin"``); default UTC.
-        start: no fire before this time; end: no fire after it.
+        start: no fire before this time. A start in the past counts the fire times since then
+            as missed (coalescing and the misfire grace time decide what runs); without it
+            the first fire is the next one from when the schedule is added.
+        end: no fire after this time.
     """
 
     kind: ClassVar[str] = "cron"
@@ -307,7 +310,8 @@ class CronTrigger:
         return self
 
     def first_fire(self, now: datetime) -> datetime | None:
-        return self.next_after(now - timedelta(microseconds=1))
+        base = self.start if self.start is not None else now
+        return self.next_after(base - timedelta(microseconds=1))
 
     def _instants(self, naive: datetime) -> list[datetime]:
         """The UTC instants at which the local wall time ``naive`` fires."""
