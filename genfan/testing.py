@@ -207,6 +207,19 @@ class FunctionBackend(BaseBackend):
 
 @contextmanager
 def capture_events() -> Iterator[list[MutableMapping[str, Any]]]:
-    """Collect genfan's structlog events (as dicts with ``event`` and ``log_level``)."""
-    with structlog.testing.capture_logs() as events:
-        yield events
+    """Collect genfan's structlog events (as dicts with ``event`` and ``log_level``).
+
+    Every level is captured, whatever level filter the application configured, and bound
+    context variables (such as ``request_id``) are merged into each event.
+    """
+    capture = structlog.testing.LogCapture()
+    old = structlog.get_config()
+    structlog.configure(
+        processors=[structlog.contextvars.merge_contextvars, capture],
+        wrapper_class=structlog.make_filtering_bound_logger(0),
+        cache_logger_on_first_use=False,
+    )
+    try:
+        yield capture.entries
+    finally:
+        structlog.configure(**old)

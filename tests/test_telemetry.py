@@ -57,3 +57,15 @@ async def test_fanout_logs_call_and_outcome_events() -> None:
     assert "backend_call_finished" in names and "backend_call_failed" in names
     finished = next(e for e in events if e["event"] == "fanout_finished")
     assert finished["chosen"] == "ok" and finished["successes"] == 1
+    # every event of one fan-out carries the same request id
+    assert len({e["request_id"] for e in events}) == 1
+
+
+@pytest.mark.anyio
+async def test_capture_sees_debug_events_under_an_app_level_filter() -> None:
+    from genfan.telemetry import configure_logging
+
+    configure_logging("error")
+    with capture_events() as events:
+        await FanOut([FakeBackend("ok", ["x"])]).run("hi")
+    assert "backend_call_finished" in [e["event"] for e in events]
