@@ -92,10 +92,8 @@ def apply_engine_env(
             env[key] = value
         else:
             env.setdefault(key, value)
-    if (
-        log_file is None
-        or (env.get("VLLM_LOGGING_CONFIG_PATH")
-        and not env.get("GENFAN_VLLM_LOG_CONFIG"))
+    if log_file is None or (
+        env.get("VLLM_LOGGING_CONFIG_PATH") and not env.get("GENFAN_VLLM_LOG_CONFIG")
     ):
         return None
     config_path = log_file.with_suffix(".logging.json")
