@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -40,6 +41,20 @@ func = "os:getpid"
 interval = "0.5s"
 overlap = "allow"
 """
+
+
+@pytest.fixture(autouse=True)
+def _restore_structlog() -> Iterator[None]:
+    """The CLI configures logging (a level filter included); undo that for the other tests."""
+    import structlog
+
+    was = structlog.is_configured()
+    saved = structlog.get_config()
+    yield
+    if was:
+        structlog.configure(**saved)
+    else:
+        structlog.reset_defaults()
 
 
 @pytest.fixture(scope="module")
