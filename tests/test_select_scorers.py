@@ -272,6 +272,15 @@ async def test_pointwise_judge_scores_and_counts_garbage() -> None:
     )
 
 
+async def test_pointwise_judge_rates_identical_answers_once() -> None:
+    backend = FakeBackend("judge", ["[[7]]"])
+    judge = LLMJudge(backend)
+    scores = await run_scorer(judge, Q, texts("12", "12 ", "13", "12"))
+    assert len(backend.calls) == 2
+    assert {s.value for s in scores.values()} == {6 / 9}
+    assert judge.statistics().calls == 2
+
+
 async def test_judge_calls_run_concurrently_up_to_the_limit() -> None:
     for limit, expected in ((8, 5), (2, 2)):
         backend = FakeBackend("judge", ["[[5]]"], latency=0.01)

@@ -118,7 +118,8 @@ class JudgeStatistics:
 class LLMJudge:
     """A judge model scores the answers against a rubric.
 
-    Pointwise: one call per answer; score ``(rating - 1) / 9``; an unreadable rating scores 0.
+    Pointwise: one call per distinct answer (identical answers share the rating); score
+    ``(rating - 1) / 9``; an unreadable rating scores 0.
     Pairwise: every pair is judged in both orders (2·n·(n-1)/2 calls); a win is 1 point, a tie
     ½; the score is the points over the comparisons the judge answered readably.
 
@@ -212,29 +213,33 @@ class LLMJudge:
         return await self._pairwise(request.prompt, ok)
 
     async def _pointwise(self, question: str, ok: list[Candidate]) -> dict[int, Score]:
+        # Identical answers are rated once (samples of a small model often repeat).
+        by_text: dict[str, list[int]] = {}
         out: dict[int, Score] = {}
+        for c in ok:
+            if c.text.strip():
+                by_text.setdefault(c.text.strip(), []).append(c.index)
+            else:
+                out[c.index] = Score(0.0, "empty answer")
         limiter = anyio.CapacityLimiter(self.max_concurrency)
 
-        async def rate(c: Candidate) -> None:
-            if not c.text.strip():
-                out[c.index] = Score(0.0, "empty answer")
-                return
+        async def rate(answer: str, indices: list[int]) -> None:
             async with limiter:
-                text = await self._ask(self.pointwise_request(question, c.text))
+                text = await self._ask(self.pointwise_request(question, answer))
             if text is None:
-                out[c.index] = Score(0.0, "judge failed")
-                return
-            rating = parse_rating(text)
-            if rating is None:
+                score = Score(0.0, "judge failed")
+            elif (rating := parse_rating(text)) is None:
                 self._stats["unparsed"] += 1
-                out[c.index] = Score(0.0, "judge answer unreadable")
-                return
-            self._stats["parsed"] += 1
-            out[c.index] = Score((rating - 1.0) / 9.0, f"rated {rating:g}/10")
+                score = Score(0.0, "judge answer unreadable")
+            else:
+                self._stats["parsed"] += 1
+                score = Score((rating - 1.0) / 9.0, f"rated {rating:g}/10")
+            for i in indices:
+                out[i] = score
 
         async with anyio.create_task_group() as tg:
-            for c in ok:
-                tg.start_soon(rate, c)
+            for answer, indices in by_text.items():
+                tg.start_soon(rate, answer, indices)
         return out
 
     async def _pairwise(self, question: str, ok: list[Candidate]) -> dict[int, Score]:
