@@ -56,8 +56,12 @@ docs: $(DEV_STAMP)
 test: $(LOCAL_STAMP)
 	$(MAKE) lint typecheck unit engine docs
 
+# Every benchmark, one after another (each prints its table and writes benchmarks/results/*.json).
+BENCHMARKS := core_overhead resilience_overhead resilience_hedge resilience_outage resilience_p2c \
+	agents_parallel batching_embed batching_job schedule_drift schedule_replicas local_engine selection
 bench: $(LOCAL_STAMP)
-	$(BIN)/python -m benchmarks.run_all
+	$(BIN)/genfan local prepare
+	set -e; for b in $(BENCHMARKS); do echo "== $$b"; $(BIN)/python -m benchmarks.$$b; done
 
 clean:
 	rm -rf $(VENV) site .pytest_cache .mypy_cache .ruff_cache
