@@ -566,6 +566,19 @@ def parse_retry_after(headers: httpx.Headers | Mapping[str, str]) -> float | Non
     return max(when.timestamp() - time.time(), 0.0)
 
 
+def prefixed_headers(headers: httpx.Headers, prefix: bytes) -> dict[bytes, str] | None:
+    """The headers whose lower-cased name starts with ``prefix`` (lower-case bytes), keyed by
+    the lower-cased rest of the name; ``None`` when there are none."""
+    n = len(prefix)
+    found: dict[bytes, str] | None = None
+    for key, value in headers.raw:
+        if len(key) > n and key[:n].lower() == prefix:
+            if found is None:
+                found = {}
+            found[key[n:].lower()] = value.decode("latin-1")
+    return found
+
+
 def parse_int(value: str | None) -> int | None:
     if value is None:
         return None

@@ -43,7 +43,7 @@ from genfan.types import (
     ToolCallDelta,
 )
 
-from ._http import HTTPBackend, parse_int
+from ._http import HTTPBackend, parse_int, prefixed_headers
 
 __all__ = ["ANTHROPIC_VERSION", "AnthropicBackend"]
 
@@ -61,7 +61,6 @@ _STOP: dict[str | None, FinishReason] = {
 }
 
 _RL_PREFIX = b"anthropic-ratelimit-"
-_RL_LEN = len(_RL_PREFIX)
 
 _JSON_OBJECT_INSTRUCTION = (
     "Respond with a single JSON object and nothing else: no prose, no code fences."
@@ -413,12 +412,7 @@ class AnthropicBackend(HTTPBackend):
         return super()._status_hint(status)
 
     def _rate_limit_info(self, headers: httpx.Headers) -> RateLimitInfo | None:
-        found: dict[bytes, str] | None = None
-        for key, value in headers.raw:
-            if len(key) > _RL_LEN and key[:_RL_LEN].lower() == _RL_PREFIX:
-                if found is None:
-                    found = {}
-                found[key[_RL_LEN:].lower()] = value.decode("latin-1")
+        found = prefixed_headers(headers, _RL_PREFIX)
         if found is None:
             return None
         return RateLimitInfo(

@@ -38,7 +38,7 @@ from genfan.types import (
     ToolCallDelta,
 )
 
-from ._http import HTTPBackend, parse_duration, parse_int
+from ._http import HTTPBackend, parse_duration, parse_int, prefixed_headers
 
 __all__ = ["OpenAIBackend"]
 
@@ -340,12 +340,7 @@ class OpenAIBackend(HTTPBackend):
         return vectors
 
     def _rate_limit_info(self, headers: httpx.Headers) -> RateLimitInfo | None:
-        found: dict[bytes, str] | None = None
-        for key, value in headers.raw:
-            if len(key) > _RL_LEN and key[:_RL_LEN].lower() == _RL_PREFIX:
-                if found is None:
-                    found = {}
-                found[key[_RL_LEN:].lower()] = value.decode("latin-1")
+        found = prefixed_headers(headers, _RL_PREFIX)
         if found is None:
             return None
         return RateLimitInfo(
@@ -360,7 +355,6 @@ class OpenAIBackend(HTTPBackend):
 
 _NO_USAGE: Mapping[str, Any] = {}
 _RL_PREFIX = b"x-ratelimit-"
-_RL_LEN = len(_RL_PREFIX)
 
 
 def _message(m: Message) -> dict[str, Any]:
