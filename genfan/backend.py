@@ -70,7 +70,26 @@ class Backend(Protocol):
     ) -> None: ...
 
 
-class BaseBackend:
+class AsyncCloseable:
+    """An async context manager whose exit calls :meth:`aclose` (backends and the wrappers
+    around them all share this lifetime; subclasses override :meth:`aclose`)."""
+
+    async def aclose(self) -> None:
+        return None
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+
+class BaseBackend(AsyncCloseable):
     """A convenient base class: context manager, and ``stream`` built on ``complete``.
 
     Subclasses implement :meth:`complete` (and :meth:`stream` when they can really stream).
@@ -94,20 +113,6 @@ class BaseBackend:
         for i, call in enumerate(completion.tool_calls):
             yield ToolCallDelta(index=i, id=call.id, name=call.name, arguments=call.arguments)
         yield StreamEnd(completion=completion)
-
-    async def aclose(self) -> None:
-        return None
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r})"

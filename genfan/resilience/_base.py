@@ -5,13 +5,12 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import AsyncIterator
-from types import TracebackType
-from typing import TYPE_CHECKING, Any, Self
+from typing import TYPE_CHECKING, Any
 
 import anyio
 
 from .. import telemetry
-from ..backend import Backend
+from ..backend import AsyncCloseable, Backend
 from ..errors import (
     BackendError,
     BulkheadFullError,
@@ -93,7 +92,7 @@ def set_span_attribute(key: str, value: str | bool | int | float) -> None:
         span.set_attribute(key, value)
 
 
-class Guard:
+class Guard(AsyncCloseable):
     """A backend that wraps a backend: ``name`` is the inner backend's, ``aclose`` closes it.
 
     Subclasses override :meth:`complete` and :meth:`stream`.
@@ -116,17 +115,6 @@ class Guard:
 
     async def aclose(self) -> None:
         await self.inner.aclose()
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.inner!r})"

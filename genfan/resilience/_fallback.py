@@ -4,10 +4,8 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import aclosing
-from types import TracebackType
-from typing import Self
 
-from ..backend import Backend
+from ..backend import AsyncCloseable, Backend
 from ..errors import BackendError, ConfigurationError
 from ..types import ChatRequest, Completion, StreamEvent
 from ._base import decision, time_left
@@ -19,7 +17,7 @@ def _default_fallback_on(exc: BaseException) -> bool:
     return isinstance(exc, BackendError)
 
 
-class Fallback:
+class Fallback(AsyncCloseable):
     """Try backends in order until one answers; one backend to the caller.
 
     The next backend is tried when the previous one failed with an error ``fallback_on``
@@ -97,17 +95,6 @@ class Fallback:
     async def aclose(self) -> None:
         for backend in self.backends:
             await backend.aclose()
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
     def __repr__(self) -> str:
         return f"Fallback({list(self.backends)!r})"

@@ -7,12 +7,11 @@ import random
 from collections.abc import AsyncIterator, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass
-from types import TracebackType
-from typing import Literal, Self, TypeAlias
+from typing import Literal, TypeAlias
 
 import anyio
 
-from ..backend import Backend
+from ..backend import AsyncCloseable, Backend
 from ..errors import CircuitOpenError, ConfigurationError
 from ..types import ChatRequest, Completion, StreamEnd, StreamEvent
 from ._base import NOT_SENT, decision
@@ -101,7 +100,7 @@ class _Replica:
         self.stamp = now
 
 
-class Pool:
+class Pool(AsyncCloseable):
     """Replicas of one model presented as one backend, balanced by ``strategy``.
 
     * ``round_robin``: in turn.
@@ -291,17 +290,6 @@ class Pool:
     async def aclose(self) -> None:
         for r in self._replicas:
             await r.backend.aclose()
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
     def __repr__(self) -> str:
         return f"Pool({list(self.replicas)!r}, strategy={self.strategy!r})"
