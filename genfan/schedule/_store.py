@@ -942,7 +942,33 @@ class _Pool:
                 pass
 
 
-class SQLiteStore(Store):
+class _PooledStore(Store):
+    """What the SQL stores share: a connection pool, and the tables created once, on first use."""
+
+    _pool: _Pool
+    _ready: bool
+
+    def _create(self, cur: Any) -> None:
+        """Create the tables (in the one transaction :meth:`setup` runs)."""
+        for stmt in self._sql.ddl():
+            cur.execute(stmt)
+
+    async def setup(self) -> None:
+        if self._ready:
+            return
+        self._ready = True
+        try:
+            await self._tx(self._create)
+        except BaseException:
+            self._ready = False
+            raise
+
+    async def aclose(self) -> None:
+        self._pool.close()
+        self._ready = False
+
+
+class SQLiteStore(_PooledStore):
     """The default store: one SQLite file, created on first use.
 
     Several processes on one host may share the file; claims are ``BEGIN IMMEDIATE``
@@ -1008,30 +1034,11 @@ class SQLiteStore(Store):
             self._limiter = anyio.CapacityLimiter(1)
         return await anyio.to_thread.run_sync(self._run, fn, write, limiter=self._limiter)
 
-    async def setup(self) -> None:
-        if self._ready:
-            return
-        self._ready = True
-
-        def create(cur: Any) -> None:
-            for stmt in self._sql.ddl():
-                cur.execute(stmt)
-
-        try:
-            await self._tx(create)
-        except BaseException:
-            self._ready = False
-            raise
-
-    async def aclose(self) -> None:
-        self._pool.close()
-        self._ready = False
-
     def __repr__(self) -> str:
         return f"SQLiteStore({self.path!r})"
 
 
-class PostgresStore(Store):
+class PostgresStore(_PooledStore):
     """PostgreSQL, for replicas on several hosts (psycopg 3, ``pip install 'genfan[postgres]'``).
 
     Claims use ``SELECT ... FOR UPDATE SKIP LOCKED``, so replicas never wait on each other's
@@ -1074,28 +1081,12 @@ class PostgresStore(Store):
             await self.setup()
         return await anyio.to_thread.run_sync(self._run, fn, write, limiter=self._limiter)
 
-    async def setup(self) -> None:
-        if self._ready:
-            return
-        self._ready = True
+    def _create(self, cur: Any) -> None:
         key = int.from_bytes(hashlib.blake2b(self.schema.encode(), digest_size=7).digest(), "big")
-
-        def create(cur: Any) -> None:
-            # Serialize DDL between replicas starting at once.
-            cur.execute("SELECT pg_advisory_xact_lock(%s)", (key,))
-            cur.execute(f"CREATE SCHEMA IF NOT EXISTS {self.schema}")
-            for stmt in self._sql.ddl():
-                cur.execute(stmt)
-
-        try:
-            await self._tx(create)
-        except BaseException:
-            self._ready = False
-            raise
-
-    async def aclose(self) -> None:
-        self._pool.close()
-        self._ready = False
+        # Serialize DDL between replicas starting at once.
+        cur.execute("SELECT pg_advisory_xact_lock(%s)", (key,))
+        cur.execute(f"CREATE SCHEMA IF NOT EXISTS {self.schema}")
+        super()._create(cur)
 
     async def drop(self) -> None:
         """Drop the schema and everything in it (tests, teardown)."""
