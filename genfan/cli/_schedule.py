@@ -10,14 +10,17 @@ from __future__ import annotations
 import json
 import signal
 import sys
+from collections.abc import Awaitable, Callable
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import anyio
 import typer
 
 from ..errors import GenfanError
+
+T = TypeVar("T")
 
 schedule_app = typer.Typer(
     name="schedule",
@@ -69,6 +72,19 @@ def _admin(config: Path | None, store: str | None) -> Any:
 
     _, sched = _load(config)
     return Scheduler(_store_url(store, sched), process_runs=False)
+
+
+def _with_admin(config: Path | None, store: str | None, op: Callable[[Any], Awaitable[T]]) -> T:
+    """Run ``op`` on an admin scheduler (one that processes no runs); a genfan error exits 2."""
+
+    async def main() -> T:
+        async with _admin(config, store) as s:
+            return await op(s)
+
+    try:
+        return anyio.run(main)
+    except GenfanError as exc:
+        raise _fail(str(exc)) from None
 
 
 def _ts(value: datetime | None) -> str:
@@ -159,15 +175,7 @@ def run(
 @schedule_app.command("list")
 def list_(config: ConfigOpt = None, store: StoreOpt = None, as_json: JsonOpt = False) -> None:
     """List the schedules in the store."""
-
-    async def main() -> list[Any]:
-        async with _admin(config, store) as s:
-            return await s.list_schedules()  # type: ignore[no-any-return]
-
-    try:
-        items = anyio.run(main)
-    except GenfanError as exc:
-        raise _fail(str(exc)) from None
+    items: list[Any] = _with_admin(config, store, lambda s: s.list_schedules())
     if as_json:
         print(
             json.dumps(
@@ -206,15 +214,7 @@ def history(
     as_json: JsonOpt = False,
 ) -> None:
     """Show recent runs: fire time, start, end, outcome, attempts, error."""
-
-    async def main() -> list[Any]:
-        async with _admin(config, store) as s:
-            return await s.history(schedule_id, limit=limit)  # type: ignore[no-any-return]
-
-    try:
-        runs = anyio.run(main)
-    except GenfanError as exc:
-        raise _fail(str(exc)) from None
+    runs: list[Any] = _with_admin(config, store, lambda s: s.history(schedule_id, limit=limit))
     if as_json:
         print(
             json.dumps(
@@ -255,14 +255,7 @@ def history(
 
 
 def _simple(action: str, schedule_id: str, config: Path | None, store: str | None) -> None:
-    async def main() -> Any:
-        async with _admin(config, store) as s:
-            return await getattr(s, action)(schedule_id)
-
-    try:
-        out = anyio.run(main)
-    except GenfanError as exc:
-        raise _fail(str(exc)) from None
+    out = _with_admin(config, store, lambda s: getattr(s, action)(schedule_id))
     if out is False:
         raise _fail(f"no schedule with id {schedule_id!r}")
     if action == "trigger":
