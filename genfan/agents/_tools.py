@@ -24,7 +24,7 @@ from pydantic import BaseModel, ValidationError
 from pydantic_core import to_json
 
 from .. import telemetry
-from ..errors import BackendError, ConfigurationError, RateLimitError
+from ..errors import BackendError, ConfigurationError
 from ..resilience import RetryPolicy
 from ..types import ToolCall, ToolSpec
 from ._errors import ToolArgumentsError, ToolError, ToolTimeoutError, UnknownToolError
@@ -461,6 +461,7 @@ def retrying_for(
 
     import tenacity
 
+    from ..resilience._retry import retry_delay
     from ..testing import is_testing
 
     testing, cap = is_testing()
@@ -478,24 +479,7 @@ def retrying_for(
         return bool(retry_on(exc))
 
     def wait(state: Any) -> float:
-        exc = state.outcome.exception() if state.outcome is not None else None
-        if (
-            policy.respect_retry_after
-            and isinstance(exc, RateLimitError)
-            and exc.retry_after is not None
-        ):
-            return 0.0 if testing else max(0.0, exc.retry_after)
-        if testing:
-            return 0.0
-        base = policy.base_delay(state.attempt_number)
-        if policy.jitter == "full":
-            return rng.uniform(0.0, base)
-        if policy.jitter == "decorrelated":
-            previous = state.upcoming_sleep or policy.initial
-            return min(
-                policy.max_delay, rng.uniform(policy.initial, max(policy.initial, previous * 3))
-            )
-        return base
+        return retry_delay(policy, state, rng, testing=testing)
 
     def before_sleep(state: Any) -> None:
         exc = state.outcome.exception() if state.outcome is not None else None

@@ -89,6 +89,32 @@ class RetryStatistics:
     deadline_stops: int
 
 
+def retry_delay(
+    policy: RetryPolicy, state: RetryCallState, rng: random.Random, *, testing: bool
+) -> float:
+    """Seconds to sleep after ``state``'s attempt (a tenacity ``wait``): the server's
+    ``retry_after`` when ``policy`` respects it, else the policy's backoff with its jitter;
+    always 0 while ``testing``. Shared by :class:`Retry` and the agents' tool and step retries.
+    """
+    exc = state.outcome.exception() if state.outcome is not None else None
+    if (
+        policy.respect_retry_after
+        and isinstance(exc, RateLimitError)
+        and exc.retry_after is not None
+    ):
+        return 0.0 if testing else max(0.0, exc.retry_after)
+    if testing:
+        return 0.0
+    n = state.attempt_number  # retry number n follows attempt n
+    base = policy.base_delay(n)
+    if policy.jitter == "full":
+        return rng.uniform(0.0, base)
+    if policy.jitter == "decorrelated":
+        previous = state.upcoming_sleep if n > 1 and state.upcoming_sleep else policy.initial
+        return min(policy.max_delay, rng.uniform(policy.initial, max(policy.initial, previous * 3)))
+    return base
+
+
 class Retry(Guard):
     """Retry retryable failures with exponential backoff, within a budget and the deadline.
 
@@ -136,25 +162,7 @@ class Retry(Guard):
     # tenacity hooks -------------------------------------------------------------------------
 
     def _wait(self, state: RetryCallState) -> float:
-        testing, _ = is_testing()
-        exc = state.outcome.exception() if state.outcome is not None else None
-        p = self.policy
-        if (
-            p.respect_retry_after
-            and isinstance(exc, RateLimitError)
-            and exc.retry_after is not None
-        ):
-            return 0.0 if testing else max(0.0, exc.retry_after)
-        if testing:
-            return 0.0
-        n = state.attempt_number  # retry number n follows attempt n
-        base = p.base_delay(n)
-        if p.jitter == "full":
-            return self._rng.uniform(0.0, base)
-        if p.jitter == "decorrelated":
-            previous = state.upcoming_sleep if n > 1 and state.upcoming_sleep else p.initial
-            return min(p.max_delay, self._rng.uniform(p.initial, max(p.initial, previous * 3)))
-        return base
+        return retry_delay(self.policy, state, self._rng, testing=is_testing()[0])
 
     def _stop(self, state: RetryCallState) -> bool:
         p = self.policy
