@@ -420,11 +420,31 @@ class HTTPBackend(BaseBackend):
         telemetry.event("backend_http_failed", level="info", backend=self.name, status_code=status)
         raise err from None
 
-    def _malformed(self, what: str, url: str, exc: BaseException | None = None) -> NoReturn:
-        err = MalformedResponseError(f"{what} (from {url})", backend=self.name)
-        if exc is not None:
-            raise err from exc
-        raise err
+    def _not_a(
+        self, what: str, url: str, response: httpx.Response, exc: Exception
+    ) -> MalformedResponseError:
+        """The error for an answer that decoded but is not ``what`` (raise it ``from exc``)."""
+        return MalformedResponseError(
+            f"answer from {url} is not {what} ({type(exc).__name__}: {exc}): "
+            f"{self._snippet(response.content)}",
+            backend=self.name,
+        )
+
+    def _unreadable(self, what: str, url: str, data: str, exc: Exception) -> MalformedResponseError:
+        """The error for a stream ``what`` (chunk, event) that cannot be read (raise it
+        ``from exc``)."""
+        return MalformedResponseError(
+            f"unreadable stream {what} from {url} ({type(exc).__name__}): "
+            f"{self._redact(data[:300])}",
+            backend=self.name,
+        )
+
+    def _truncated(self, url: str, missing: str) -> MalformedResponseError:
+        """The error for a stream that ended before ``missing``."""
+        return MalformedResponseError(
+            f"stream from {url} ended without {missing} (truncated); the answer is incomplete",
+            backend=self.name,
+        )
 
     def _rate_limit_info(self, headers: httpx.Headers) -> RateLimitInfo | None:
         return None

@@ -29,7 +29,7 @@ import httpx
 from pydantic import SecretStr
 
 from genfan.backend import merge_tool_call_deltas
-from genfan.errors import HTTPStatusError, MalformedResponseError, RateLimitError
+from genfan.errors import HTTPStatusError, RateLimitError
 from genfan.types import (
     ChatRequest,
     Completion,
@@ -278,11 +278,7 @@ class AnthropicBackend(HTTPBackend):
                 rate_limit=self._rate_limit_info(response.headers),
             )
         except (KeyError, IndexError, TypeError, AttributeError, ValueError) as exc:
-            raise MalformedResponseError(
-                f"answer from {url} is not a message ({type(exc).__name__}: {exc}): "
-                f"{self._snippet(response.content)}",
-                backend=self.name,
-            ) from exc
+            raise self._not_a("a message", url, response, exc) from exc
 
     async def stream(self, request: ChatRequest) -> AsyncIterator[StreamEvent]:
         """Stream the answer: text and tool-call pieces, then a :class:`StreamEnd`.
@@ -363,21 +359,13 @@ class AnthropicBackend(HTTPBackend):
                     elif kind == "error":
                         self._raise_event_error(ev, url)
                 except (KeyError, IndexError, TypeError, AttributeError, ValueError) as exc:
-                    raise MalformedResponseError(
-                        f"unreadable stream event from {url} ({type(exc).__name__}): "
-                        f"{self._redact(data[:300])}",
-                        backend=self.name,
-                    ) from exc
+                    raise self._unreadable("event", url, data, exc) from exc
                 if out and ttft is None:
                     ttft = time.perf_counter() - start
                 for item in out:
                     yield item
         if not stopped:
-            raise MalformedResponseError(
-                f"stream from {url} ended without message_stop (truncated); the answer is "
-                "incomplete",
-                backend=self.name,
-            )
+            raise self._truncated(url, "message_stop")
         calls = merge_tool_call_deltas(deltas)
         finish: FinishReason = (
             "stop" if json_tool and not calls and stop == "tool_use" else _STOP.get(stop, "unknown")

@@ -197,11 +197,7 @@ class OpenAIBackend(HTTPBackend):
                 rate_limit=self._rate_limit_info(response.headers),
             )
         except (KeyError, IndexError, TypeError, AttributeError, ValueError) as exc:
-            raise MalformedResponseError(
-                f"answer from {url} is not a chat completion ({type(exc).__name__}: {exc}): "
-                f"{self._snippet(response.content)}",
-                backend=self.name,
-            ) from exc
+            raise self._not_a("a chat completion", url, response, exc) from exc
 
     async def stream(self, request: ChatRequest) -> AsyncIterator[StreamEvent]:
         """Stream the answer: text and tool-call pieces, then a :class:`StreamEnd`.
@@ -262,21 +258,14 @@ class OpenAIBackend(HTTPBackend):
                         if choice.get("finish_reason"):
                             finish = choice["finish_reason"]
                 except (KeyError, IndexError, TypeError, AttributeError, ValueError) as exc:
-                    raise MalformedResponseError(
-                        f"unreadable stream chunk from {url} ({type(exc).__name__}): "
-                        f"{self._redact(data[:300])}",
-                        backend=self.name,
-                    ) from exc
+                    raise self._unreadable("chunk", url, data, exc) from exc
                 if out and ttft is None:
                     ttft = time.perf_counter() - start
                 for ev in out:
                     yield ev
         if not done or finish is None:
             missing = "[DONE]" if not done else "a finish reason"
-            raise MalformedResponseError(
-                f"stream from {url} ended without {missing} (truncated); the answer is incomplete",
-                backend=self.name,
-            )
+            raise self._truncated(url, missing)
         u = usage or _NO_USAGE
         yield StreamEnd(
             completion=Completion(
