@@ -55,7 +55,7 @@ from genfan.local import (
     default_model_dir,
     resolve_model,
 )
-from genfan.local._env import engine_reason, new_log_file
+from genfan.local._env import cpu_dtype, engine_reason, new_log_file
 from genfan.local._progress import ProgressLike, Steps
 from genfan.types import (
     ChatRequest,
@@ -168,7 +168,9 @@ class VLLMBackend(BaseBackend):
         model: a model folder or model id; default: the prepared default model
             (``genfan local prepare``).
         name: the backend's name (default ``vllm:<model>``).
-        dtype: the weights' dtype (``bfloat16`` on the CPU).
+        dtype: the weights' dtype; ``auto`` (default) is the model's own on a GPU and, on a CPU,
+            ``bfloat16`` where the CPU computes it natively, else ``float32`` (see
+            :func:`genfan.local.cpu_dtype`).
         max_model_len: the context window in tokens (prompt plus answer).
         kv_cache_gb: GiB reserved for the KV cache (``None``: vLLM's own sizing, e.g. from
             ``gpu_memory_utilization`` on a GPU). ``VLLM_CPU_KVCACHE_SPACE`` overrides it on CPUs.
@@ -200,7 +202,7 @@ class VLLMBackend(BaseBackend):
         model: str | Path | None = None,
         *,
         name: str | None = None,
-        dtype: str = "bfloat16",
+        dtype: str = "auto",
         max_model_len: int = 2048,
         kv_cache_gb: float | None = 1.0,
         tensor_parallel_size: int = 1,
@@ -333,6 +335,8 @@ class VLLMBackend(BaseBackend):
                 from vllm.platforms import current_platform
             except ImportError as exc:
                 raise MissingExtraError("vllm", "local", reason=f"{exc}; {_EXTRA_HINT}") from exc
+            if args.get("dtype") == "auto" and current_platform.is_cpu():
+                args["dtype"] = cpu_dtype()
             try:
                 engine_args = AsyncEngineArgs(
                     disable_log_stats=True, use_tqdm_on_load=False, **args

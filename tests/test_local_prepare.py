@@ -387,3 +387,13 @@ def test_engine_reason_finds_the_workers_error(tmp_path: Path) -> None:
     log.write_text("Traceback\nValueError: bad dtype\n(MainProcess) INFO shutting down\n")
     assert engine_reason(log) == "ValueError: bad dtype"
     assert engine_reason(tmp_path / "none.log") == ""
+
+
+def test_cpu_dtype_uses_bfloat16_only_where_the_cpu_has_it() -> None:
+    from genfan.local import cpu_dtype
+
+    ice_lake = "processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512bw avx512_vnni\n"
+    sapphire = "processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n"
+    assert cpu_dtype(ice_lake) == "float32"
+    assert cpu_dtype(sapphire) == "bfloat16"
+    assert cpu_dtype("no flags line") == "float32"

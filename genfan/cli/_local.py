@@ -54,7 +54,9 @@ def serve(
     host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
     max_model_len: Annotated[int, typer.Option(help="Context window in tokens.")] = 2048,
     kv_cache_gb: Annotated[float, typer.Option(help="KV-cache size in GiB.")] = 1.0,
-    dtype: Annotated[str, typer.Option(help="Weights dtype.")] = "bfloat16",
+    dtype: Annotated[
+        str, typer.Option(help="Weights dtype (auto: bfloat16 where the CPU has it natively).")
+    ] = "auto",
     startup_timeout: Annotated[float, typer.Option(help="Seconds to wait for health.")] = 300.0,
 ) -> None:
     """Start vLLM's OpenAI-compatible server for the model and wait until it is healthy.

@@ -7,6 +7,7 @@ Nothing here imports vLLM (or ``providers``) at import time; the in-process back
 from __future__ import annotations
 
 from ._env import apply_engine_env as apply_engine_env
+from ._env import cpu_dtype as cpu_dtype
 from ._errors import ContextLengthExceededError as ContextLengthExceededError
 from ._errors import EngineRequestError as EngineRequestError
 from ._errors import EngineStartError as EngineStartError
@@ -36,6 +37,7 @@ __all__ = [
     "ProgressLike",
     "apply_engine_env",
     "cache_dir",
+    "cpu_dtype",
     "default_model_dir",
     "free_port",
     "is_prepared",

@@ -22,6 +22,26 @@ __all__ = ["apply_engine_env", "engine_env_defaults", "log_tail", "new_log_file"
 DEFAULT_CONSOLE_LEVEL = "ERROR"
 
 
+def cpu_dtype(cpuinfo: str | None = None) -> str:
+    """The weights' dtype for vLLM on this CPU: ``bfloat16`` where the CPU computes it natively
+    (AVX512-BF16 or AMX), ``float32`` elsewhere.
+
+    Without those instructions bfloat16 matrix products are emulated: on an AVX-512 CPU without
+    them, SmolLM2-135M decoded 32 sequences at 80 tok/s in bfloat16 and 229 tok/s in float32.
+    """
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return "bfloat16"
+    flags = set()
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            flags.update(line.partition(":")[2].split())
+            break
+    return "bfloat16" if flags & {"avx512_bf16", "amx_bf16"} else "float32"
+
+
 def engine_env_defaults() -> dict[str, str]:
     """Defaults for a local engine: offline, no usage reporting, caches under genfan's cache."""
     return {

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import httpx
 
-from ._env import apply_engine_env, engine_reason, log_tail, new_log_file
+from ._env import apply_engine_env, cpu_dtype, engine_reason, log_tail, new_log_file
 from ._errors import EngineStartError
 from ._prepare import DEFAULT_MODEL_NAME, default_model_dir, resolve_model
 from ._progress import ProgressLike, Steps
@@ -41,7 +42,7 @@ def server_command(
     host: str = "127.0.0.1",
     port: int,
     served_model_name: str | None = None,
-    dtype: str = "bfloat16",
+    dtype: str = "auto",
     max_model_len: int = 2048,
     kv_cache_gb: float | None = 1.0,
     enforce_eager: bool = True,
@@ -199,7 +200,7 @@ def serve_local(
     host: str = "127.0.0.1",
     port: int | None = None,
     served_model_name: str | None = None,
-    dtype: str = "bfloat16",
+    dtype: str = "auto",
     max_model_len: int = 2048,
     kv_cache_gb: float | None = 1.0,
     enforce_eager: bool = True,
@@ -234,6 +235,8 @@ def serve_local(
         default = str(default_model_dir().resolve())
         served_model_name = DEFAULT_MODEL_NAME if resolved == default else str(model)
     chosen_port = port or free_port(host)
+    if dtype == "auto" and shutil.which("nvidia-smi") is None:
+        dtype = cpu_dtype()  # bfloat16 only where this CPU computes it natively
     env = dict(os.environ)
     apply_engine_env(env)
     argv = server_command(
