@@ -109,6 +109,16 @@ class FanOutConfig(BaseModel):
     deadline: Annotated[float, Field(gt=0)] | None = None
     select: str | SelectConfig = "first"
     backends: list[str] | None = None
+    early_exit: Annotated[int, Field(ge=1)] | None = None
+
+    @model_validator(mode="after")
+    def _early_exit_alone(self) -> FanOutConfig:
+        if self.early_exit is not None and (self.mode != "all" or self.quorum is not None):
+            raise ValueError(
+                "early_exit = K already means 'stop once K answers agree' (a quorum on the "
+                "vote's key): remove mode/quorum, or remove early_exit"
+            )
+        return self
 
 
 class GenfanConfig(BaseModel):
@@ -214,18 +224,43 @@ class GenfanConfig(BaseModel):
         mode: str | None = None,
         quorum: int | None = None,
         deadline: float | None = None,
+        early_exit: int | None = None,
     ) -> FanOut:
-        """A :class:`FanOut` as the config describes it (arguments override the file)."""
+        """A :class:`FanOut` as the config describes it (arguments override the file).
+
+        ``early_exit=K`` (or ``[fanout] early_exit = K``) stops the fan-out once K answers agree
+        under a majority-vote key (the vote selector's ``extract`` when ``select`` is ``vote``)
+        and cancels the calls still running.
+        """
         fan = self.fanout
         sel: str | SelectConfig = select if select is not None else fan.select
         m = mode or fan.mode
+        k = early_exit if early_exit is not None else fan.early_exit
+        agree = None
+        if k is not None:
+            if mode not in (None, "all", "quorum") or quorum is not None:
+                raise ConfigurationError("early exit sets the mode itself: drop --mode/--quorum")
+            m, quorum, agree = "quorum", k, _agreement_key(sel)
         return FanOut(
             self.build_targets(backends),
             mode=m,  # type: ignore[arg-type]
             quorum=quorum if quorum is not None else (fan.quorum if m == "quorum" else None),
+            agree=agree,
             deadline=deadline if deadline is not None else fan.deadline,
             select=_selector(sel),
         )
+
+
+def _agreement_key(sel: str | SelectConfig) -> Any:
+    from .select import MajorityVote
+
+    options = {} if isinstance(sel, str) else dict(sel.model_extra or {})
+    name = sel if isinstance(sel, str) else sel.name
+    extract = {"extract": options["extract"]} if name == "vote" and "extract" in options else {}
+    try:
+        return MajorityVote(**extract).agreement_key
+    except TypeError as exc:
+        raise ConfigurationError(f"bad extract for early exit: {exc}") from exc
 
 
 def _selector(sel: str | SelectConfig) -> Any:

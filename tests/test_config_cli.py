@@ -244,3 +244,51 @@ def test_member_cycles_are_rejected() -> None:
     )
     with pytest.raises(ConfigurationError, match="cycle: a -> b -> a"):
         cfg.build_backend("a")
+
+
+EARLY = """
+[fanout]
+select = { name = "vote", extract = "number" }
+early_exit = 2
+
+[backends.a]
+type = "fake"
+options = { replies = ["It is 7."], latency = 0.01 }
+
+[backends.b]
+type = "fake"
+options = { replies = ["I think 9"], latency = 0.02 }
+
+[backends.c]
+type = "fake"
+options = { replies = ["7"], latency = 0.03 }
+
+[backends.slow]
+type = "fake"
+options = { replies = ["7"], latency = 30 }
+"""
+
+
+@pytest.mark.anyio
+async def test_early_exit_from_the_file_stops_once_k_agree(tmp_path: Path) -> None:
+    fan = load_config(write(tmp_path, EARLY)).build_fanout()
+    assert fan.mode == "quorum" and fan.quorum == 2
+    result = await fan.run("What is 3 + 4?")
+    statuses = {c.backend: c.status for c in result.candidates}
+    assert statuses == {"a": "ok", "b": "ok", "c": "ok", "slow": "cancelled"}
+    assert result.quorum_met and "7" in result.text
+
+
+def test_early_exit_conflicts_with_an_explicit_mode(tmp_path: Path) -> None:
+    with pytest.raises(ConfigurationError, match="early_exit"):
+        load_config(
+            write(tmp_path, EARLY.replace("early_exit = 2", "early_exit = 2\nmode = 'first'"))
+        )
+
+
+def test_ask_early_exit_option(tmp_path: Path) -> None:
+    cfg = write(tmp_path, EARLY.replace("early_exit = 2\n", ""))
+    result = CliRunner().invoke(app, ["ask", "3+4?", "-c", str(cfg), "--early-exit", "2", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert [c["status"] for c in data["candidates"]] == ["ok", "ok", "ok", "cancelled"]

@@ -32,6 +32,10 @@ def ask(
     mode: Annotated[str | None, typer.Option(help="all | first | quorum")] = None,
     quorum: Annotated[int | None, typer.Option(help="k for --mode quorum.")] = None,
     deadline: Annotated[float | None, typer.Option(help="Seconds for the whole fan-out.")] = None,
+    early_exit: Annotated[
+        int | None,
+        typer.Option(help="Stop once K answers agree (majority-vote key); cancel the rest."),
+    ] = None,
     select: Annotated[
         str | None,
         typer.Option("--select", "-s", help="Selector: first, vote, consensus, judge..."),
@@ -42,7 +46,7 @@ def ask(
 ) -> None:
     """Fan PROMPT out to the configured backends and show the candidates and the chosen answer."""
     try:
-        fan = _build(config, backend or [], mode, quorum, deadline, select)
+        fan = _build(config, backend or [], mode, quorum, deadline, select, early_exit)
         result = anyio.run(_run, fan, prompt, system, max_tokens)
     except AllBackendsFailedError as exc:
         if as_json:
@@ -68,6 +72,7 @@ def _build(
     quorum: int | None,
     deadline: float | None,
     select: str | None,
+    early_exit: int | None = None,
 ) -> Any:
     from ..config import GenfanConfig, load_config
     from ..errors import ConfigurationError
@@ -92,7 +97,12 @@ def _build(
         cfg = cfg.model_copy(update={"backends": {**cfg.backends, **extra}})
         names = names + list(extra)
     return cfg.build_fanout(
-        backends=names or None, select=select, mode=mode, quorum=quorum, deadline=deadline
+        backends=names or None,
+        select=select,
+        mode=mode,
+        quorum=quorum,
+        deadline=deadline,
+        early_exit=early_exit,
     )
 
 
