@@ -262,3 +262,26 @@ async def test_result_without_choice_raises_on_text() -> None:
     assert result.chosen is None
     with pytest.raises(ValueError, match="no candidate was chosen"):
         _ = result.text
+
+
+async def test_a_single_target_keeps_deadline_cancellation_and_error_semantics() -> None:
+    # One target runs without a task group; what callers see must not change.
+    slow = FakeBackend("slow", ["x"], latency=100)
+    with anyio.move_on_after(1):
+        await FanOut([slow]).run("hi")
+    assert slow.cancelled == 1 and slow.in_flight == 0
+
+    late = FakeBackend("late", ["x"], latency=10)
+    with pytest.raises(AllBackendsFailedError) as info:
+        await FanOut([late], deadline=2).run("hi")
+    assert isinstance(info.value.exceptions[0], BackendTimeoutError) and late.cancelled == 1
+
+    def broken(request: ChatRequest) -> str:
+        raise KeyError("bug")
+
+    with pytest.raises(AllBackendsFailedError) as info:
+        await FanOut([FunctionBackend(broken, name="broken")]).run("hi")
+    assert isinstance(info.value.exceptions[0].__cause__, KeyError)
+
+    result = await FanOut([FakeBackend("one", ["only"], latency=3)], mode="first").run("hi")
+    assert result.text == "only" and result.quorum_met
