@@ -10,7 +10,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from genfan import BackendError, ChatRequest, FanOut
+from genfan import AllBackendsFailedError, BackendError, ChatRequest, FanOut
 from genfan.testing import Fail, FakeBackend, capture_events
 
 _exporter = InMemorySpanExporter()
@@ -69,3 +69,49 @@ async def test_capture_sees_debug_events_under_an_app_level_filter() -> None:
     with capture_events() as events:
         await FanOut([FakeBackend("ok", ["x"])]).run("hi")
     assert "backend_call_finished" in [e["event"] for e in events]
+
+
+@pytest.mark.anyio
+async def test_api_key_never_reaches_spans_or_events(spans: InMemorySpanExporter) -> None:
+    import httpx
+    import respx
+
+    from providers.openai import OpenAIBackend
+
+    key = "sk-test-SECRET-0123456789"
+    backend = OpenAIBackend("gpt-test", base_url="https://llm.invalid/v1", api_key=key)
+    with respx.mock, capture_events() as events:
+        respx.post("https://llm.invalid/v1/chat/completions").mock(
+            side_effect=[
+                httpx.Response(
+                    200,
+                    json={
+                        "id": "x",
+                        "model": "gpt-test",
+                        "choices": [
+                            {
+                                "index": 0,
+                                "message": {"role": "assistant", "content": "hi"},
+                                "finish_reason": "stop",
+                            }
+                        ],
+                        "usage": {"prompt_tokens": 1, "completion_tokens": 1},
+                    },
+                ),
+                httpx.Response(401, json={"error": {"message": f"bad key {key}"}}),
+            ]
+        )
+        await FanOut([backend]).run("hello")
+        with pytest.raises(AllBackendsFailedError) as info:
+            await FanOut([backend]).run("hello")
+    await backend.aclose()
+    dumped = " ".join(
+        [repr(e) for e in events]
+        + [
+            str(dict(s.attributes or {})) + str([ev.attributes for ev in s.events])
+            for s in spans.get_finished_spans()
+        ]
+    )
+    assert events and spans.get_finished_spans()
+    assert key not in dumped
+    assert key not in str(info.value) and key not in repr(info.value.exceptions)
