@@ -251,11 +251,15 @@ class GenfanConfig(BaseModel):
         )
 
 
+def _name_options(sel: str | SelectConfig) -> tuple[str, dict[str, Any]]:
+    """A ``select`` setting as (selector name, its options)."""
+    return (sel, {}) if isinstance(sel, str) else (sel.name, dict(sel.model_extra or {}))
+
+
 def _agreement_key(sel: str | SelectConfig) -> Any:
     from .select import MajorityVote
 
-    options = {} if isinstance(sel, str) else dict(sel.model_extra or {})
-    name = sel if isinstance(sel, str) else sel.name
+    name, options = _name_options(sel)
     extract = {"extract": options["extract"]} if name == "vote" and "extract" in options else {}
     try:
         return MajorityVote(**extract).agreement_key
@@ -264,15 +268,12 @@ def _agreement_key(sel: str | SelectConfig) -> Any:
 
 
 def _selector(sel: str | SelectConfig) -> Any:
-    name, options = (sel, {}) if isinstance(sel, str) else (sel.name, dict(sel.model_extra or {}))
+    name, options = _name_options(sel)
     if name == "first" and not options:
         return None
-    from . import select as select_pkg
+    from .select import selector_from_name
 
-    factory = getattr(select_pkg, "selector_from_name", None)
-    if factory is None:
-        raise ConfigurationError(f"unknown selector {name!r}; available: first")
-    return factory(name, **options)
+    return selector_from_name(name, **options)
 
 
 def _apply_guards(
