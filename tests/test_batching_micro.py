@@ -1,11 +1,15 @@
-"""The micro-batcher: flush by size and by time, order, error isolation, cancellation, backpressure."""
+"""The micro-batcher: flush by size and by time, order, error isolation, cancellation, backpressure,
+queue timeouts."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import random
+from collections.abc import Awaitable, Callable, Sequence
 
 import anyio
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from trio.testing import MockClock
 
 from genfan.batching import BatchingBackend, BatchingEmbedder, MicroBatcher
@@ -241,6 +245,162 @@ async def test_misuse_is_a_configuration_error() -> None:
         MicroBatcher(rec, on_full="drop")  # type: ignore[arg-type]
     with pytest.raises(ConfigurationError, match="not started"):
         await MicroBatcher(rec).submit(1)
+    with pytest.raises(ConfigurationError, match="max_queue_wait"):
+        MicroBatcher(rec, max_queue_wait=float("inf"))
+    with pytest.raises(ConfigurationError, match=r"max_queue_wait \(0.5\) must be >= max_wait"):
+        MicroBatcher(rec, max_wait=1.0, max_queue_wait=0.5)
+
+
+async def test_queued_item_times_out_after_exactly_max_queue_wait() -> None:
+    rec = Recorder(latency=10.0)  # the one batch slot is busy for 10 s at a time
+    async with MicroBatcher(rec, max_size=1, max_wait=0.0, max_queue_wait=3.0) as b:
+        failed_at: dict[int, float] = {}
+        got: dict[int, tuple[int, float]] = {}
+
+        async def call(i: int, at: float) -> None:
+            await anyio.sleep(at)
+            try:
+                got[i] = (await b.submit(i), anyio.current_time())
+            except BulkheadFullError as exc:
+                assert exc.backend == "batcher" and "max_queue_wait=3s" in str(exc)
+                failed_at[i] = anyio.current_time()
+
+        start = anyio.current_time()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(call, 1, 0.0)  # sent at once; answered at 10
+            tg.start_soon(call, 2, 1.0)  # queued behind it: fails at 4
+            tg.start_soon(call, 3, 5.0)  # fails at 8
+            tg.start_soon(call, 4, 8.5)  # its wait would end at 11.5: the slot frees at 10
+    assert {i: t - start for i, t in failed_at.items()} == pytest.approx({2: 4.0, 3: 8.0})
+    assert {i: r for i, (r, _) in got.items()} == {1: 10, 4: 40}
+    assert {i: t - start for i, (_, t) in got.items()} == pytest.approx({1: 10.0, 4: 20.0})
+    assert rec.batches == [[1], [4]]  # timed-out items are never sent
+    stats = b.statistics()
+    assert (stats.timed_out, stats.items, stats.failed_items, stats.queued) == (2, 2, 0, 0)
+
+
+async def test_an_item_in_a_running_batch_is_never_timed_out() -> None:
+    rec = Recorder(latency=100.0)
+    async with MicroBatcher(rec, max_size=4, max_wait=0.5, max_queue_wait=1.0) as b:
+        start = anyio.current_time()
+        out = await b.submit_many([1, 2, 3])
+        took = anyio.current_time() - start
+    assert out == [10, 20, 30] and took == pytest.approx(100.5)
+    assert b.statistics().timed_out == 0
+
+
+async def test_an_item_due_when_its_queue_wait_ends_is_sent_if_a_slot_is_free() -> None:
+    rec = Recorder()
+    async with MicroBatcher(rec, max_size=10, max_wait=2.0, max_queue_wait=2.0) as b:
+        assert await b.submit(7) == 70
+    assert b.statistics().timed_out == 0
+
+
+async def test_a_timed_out_item_makes_room_for_a_waiting_submitter() -> None:
+    rec = Recorder(latency=10.0)
+    async with MicroBatcher(rec, max_size=1, max_wait=0.0, max_queue=1, max_queue_wait=2.0) as b:
+        outcomes: dict[int, tuple[int | str, float]] = {}
+
+        async def call(i: int) -> None:
+            try:
+                outcomes[i] = (await b.submit(i), anyio.current_time())
+            except BulkheadFullError:
+                outcomes[i] = ("timed out", anyio.current_time())
+
+        start = anyio.current_time()
+        async with anyio.create_task_group() as tg:
+            for i in range(3):  # 0 runs; 1 is queued; 2 waits for room (not yet queued)
+                tg.start_soon(call, i)
+                await anyio.wait_all_tasks_blocked()
+    # 1 times out at 2; 2 enters the queue then and times out at 4; 0 answers at 10.
+    assert {i: r for i, (r, _) in outcomes.items()} == {0: 0, 1: "timed out", 2: "timed out"}
+    assert {i: t - start for i, (_, t) in outcomes.items()} == pytest.approx(
+        {0: 10.0, 1: 2.0, 2: 4.0}
+    )
+    assert b.statistics().timed_out == 2
+
+
+def run_trio(fn: Callable[[], Awaitable[None]]) -> None:
+    anyio.run(fn, backend="trio", backend_options={"clock": MockClock(autojump_threshold=0)})
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    calls=st.integers(1, 300),
+    max_size=st.integers(1, 8),
+    max_wait=st.floats(0.0, 1.0),
+    extra_wait=st.floats(0.0, 5.0),
+    max_queue=st.integers(1, 64),
+    max_concurrent_batches=st.integers(1, 3),
+    failure_rate=st.floats(0.0, 0.5),
+)
+def test_every_item_ends_once_and_none_is_sent_after_its_queue_wait(
+    seed: int,
+    calls: int,
+    max_size: int,
+    max_wait: float,
+    extra_wait: float,
+    max_queue: int,
+    max_concurrent_batches: int,
+    failure_rate: float,
+) -> None:
+    """Random arrivals, latencies and failures; queue timeouts and a full queue shed items.
+
+    Every submission ends as exactly one result or one error, a timed-out item is never sent,
+    and every sent item was sent before its queue wait ran out.
+    """
+    rng = random.Random(seed)
+    max_queue_wait = max_wait + extra_wait
+    submitted: dict[int, float] = {}
+    sent: dict[int, float] = {}
+    outcomes: list[list[object]] = [[] for _ in range(calls)]
+
+    async def handler(items: list[int]) -> list[int | BaseException]:
+        for i in items:
+            assert i not in sent  # no item is sent twice
+            sent[i] = anyio.current_time()
+        await anyio.sleep(rng.uniform(0.0, 3.0))
+        return [ValueError(i) if rng.random() < failure_rate else i for i in items]
+
+    async def main() -> None:
+        async with MicroBatcher(
+            handler,
+            max_size=max_size,
+            max_wait=max_wait,
+            max_queue=max_queue,
+            on_full="reject",
+            max_queue_wait=max_queue_wait,
+            max_concurrent_batches=max_concurrent_batches,
+        ) as b:
+
+            async def one(i: int) -> None:
+                await anyio.sleep(rng.uniform(0.0, 20.0))
+                submitted[i] = anyio.current_time()
+                try:
+                    outcomes[i].append(await b.submit(i))
+                except (BulkheadFullError, ValueError) as exc:
+                    outcomes[i].append(exc)
+
+            async with anyio.create_task_group() as tg:
+                for i in range(calls):
+                    tg.start_soon(one, i)
+        stats = b.statistics()
+        shed = [o[0] for o in outcomes if isinstance(o[0], BulkheadFullError)]
+        timed_out = [e for e in shed if "max_queue_wait" in str(e)]
+        assert stats.timed_out == len(timed_out)
+        assert stats.rejected == len(shed) - len(timed_out)
+        assert stats.items == len(sent) == calls - len(shed)
+        assert stats.queued == 0 and stats.in_flight_batches == 0
+
+    run_trio(main)
+    assert all(len(o) == 1 for o in outcomes)  # exactly one outcome per call
+    for i, o in enumerate(outcomes):
+        if isinstance(o[0], BulkheadFullError):
+            assert i not in sent
+        else:
+            assert o[0] == i or (isinstance(o[0], ValueError) and o[0].args == (i,))
+            assert sent[i] - submitted[i] <= max_queue_wait + 1e-9
 
 
 class FakeEmbedder:
@@ -309,3 +469,55 @@ async def test_batching_backend_is_a_backend_for_fan_out() -> None:
         results = await fan.map(["a", "b", "no", "c"], max_in_flight=4)
     assert [getattr(r, "text", None) for r in results] == ["A", "B", None, "C"]
     assert engine.sizes == [4]
+
+
+class SlowEmbedder:
+    async def embed(self, texts: Sequence[str]) -> list[list[float]]:
+        await anyio.sleep(5.0)
+        return [[1.0] for _ in texts]
+
+
+async def test_batching_embedder_passes_max_queue_wait_to_its_batcher() -> None:
+    async with BatchingEmbedder(
+        SlowEmbedder(), max_size=1, max_concurrent_batches=1, max_queue_wait=1.0, name="emb"
+    ) as emb:
+        out: list[object] = []
+
+        async def one(text: str) -> None:
+            try:
+                out.append(await emb.embed_one(text))
+            except BulkheadFullError as exc:
+                out.append(exc)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(one, "a")
+            tg.start_soon(one, "b")
+    # One text is sent; the other waits behind it and times out after 1 s, unsent.
+    assert out[1] == [1.0]
+    assert isinstance(out[0], BulkheadFullError) and out[0].backend == "emb"
+    assert emb.statistics().timed_out == 1
+
+
+class SlowEngine(BatchEngine):
+    async def complete_batch(
+        self, requests: Sequence[ChatRequest]
+    ) -> list[Completion | BackendError]:
+        await anyio.sleep(5.0)
+        return await super().complete_batch(requests)
+
+
+async def test_batching_backend_passes_max_queue_wait_to_its_batcher() -> None:
+    out: list[object] = []
+    async with BatchingBackend(SlowEngine(), max_size=1, max_queue_wait=2.5) as backend:
+
+        async def one(prompt: str) -> None:
+            try:
+                out.append((await backend.complete(ChatRequest.from_prompt(prompt))).text)
+            except BulkheadFullError as exc:
+                out.append((exc.backend, anyio.current_time() - start))
+
+        start = anyio.current_time()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(one, "a")
+            tg.start_soon(one, "b")
+    assert out[0] == ("engine", pytest.approx(2.5)) and out[1] in ("A", "B")

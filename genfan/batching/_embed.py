@@ -66,6 +66,9 @@ class BatchingEmbedder:
         max_wait: seconds the first text of a batch may wait for company.
         max_queue: texts waiting at most; then ``on_full`` applies.
         on_full: ``"wait"`` (backpressure) or ``"reject"``.
+        max_queue_wait: seconds a text may stay queued while every request slot is busy;
+            then it fails with :class:`~genfan.errors.BulkheadFullError` unsent (``None``: no
+            limit; must be ``>= max_wait``).
         max_concurrent_batches: requests in flight at once.
         split_on_batch_error: when a whole request fails, retry its texts alone? Default:
             :func:`split_unless_outage`.
@@ -86,6 +89,7 @@ class BatchingEmbedder:
         max_wait: float = 0.005,
         max_queue: int = 10_000,
         on_full: OnFull = "wait",
+        max_queue_wait: float | None = None,
         max_concurrent_batches: int = 4,
         split_on_batch_error: bool | Callable[[BaseException], bool] = split_unless_outage,
         name: str | None = None,
@@ -98,6 +102,7 @@ class BatchingEmbedder:
             max_wait=max_wait,
             max_queue=max_queue,
             on_full=on_full,
+            max_queue_wait=max_queue_wait,
             max_concurrent_batches=max_concurrent_batches,
             split_on_batch_error=split_on_batch_error,
             name=self.name,
@@ -156,6 +161,9 @@ class BatchingBackend:
         max_wait: seconds the first request of a batch may wait for company.
         max_queue: requests waiting at most; then ``on_full`` applies.
         on_full: ``"wait"`` (backpressure) or ``"reject"``.
+        max_queue_wait: seconds a request may stay queued while every batch slot is busy;
+            then it fails with :class:`~genfan.errors.BulkheadFullError` unsent (``None``: no
+            limit; must be ``>= max_wait``).
         max_concurrent_batches: batches in flight at once.
         split_on_batch_error: as for :class:`MicroBatcher`; default :func:`split_unless_outage`.
     """
@@ -168,6 +176,7 @@ class BatchingBackend:
         max_wait: float = 0.01,
         max_queue: int = 10_000,
         on_full: OnFull = "wait",
+        max_queue_wait: float | None = None,
         max_concurrent_batches: int = 1,
         split_on_batch_error: bool | Callable[[BaseException], bool] = split_unless_outage,
     ) -> None:
@@ -178,6 +187,7 @@ class BatchingBackend:
             max_wait=max_wait,
             max_queue=max_queue,
             on_full=on_full,
+            max_queue_wait=max_queue_wait,
             max_concurrent_batches=max_concurrent_batches,
             split_on_batch_error=split_on_batch_error,
             name=backend.name,

@@ -1,8 +1,11 @@
 """The micro-batcher: many callers submit one item each; a handler sees them in batches.
 
 A batch is flushed when it holds ``max_size`` items or when its oldest item has waited
-``max_wait`` seconds, whichever comes first. Waiting goes through anyio's clock, so trio's
-``MockClock(autojump_threshold=0)`` runs hours of batching logic in milliseconds.
+``max_wait`` seconds, whichever comes first. With ``max_queue_wait``, an item that is still
+queued (every batch slot busy) that many seconds after it entered the queue fails unsent, like
+the queue policy of Triton's dynamic batcher (``timeout_action: REJECT``). Waiting goes through
+anyio's clock, so trio's ``MockClock(autojump_threshold=0)`` runs hours of batching logic in
+milliseconds.
 """
 
 from __future__ import annotations
@@ -48,8 +51,10 @@ class BatcherStatistics:
         mean_batch_latency: mean seconds the handler took per batch.
         queued: items waiting now; ``in_flight_batches``: batches being handled now.
         rejected: submissions refused because the queue was full (``on_full="reject"``).
+        timed_out: items failed unsent because they waited ``max_queue_wait`` in the queue.
         cancelled: callers that gave up (removed from the queue, or result dropped).
-        failed_items: items that ended with an exception.
+        failed_items: items that ended with an exception from the handler (or the batcher
+            closing under them); ``rejected`` and ``timed_out`` items are not counted here.
         split_batches: batches whose failure was split into per-item retries.
     """
 
@@ -66,6 +71,7 @@ class BatcherStatistics:
     queued: int
     in_flight_batches: int
     rejected: int
+    timed_out: int
     cancelled: int
     failed_items: int
     split_batches: int
@@ -103,6 +109,11 @@ class MicroBatcher(Generic[T, R]):
         max_queue: the most items waiting to be sent; then ``on_full`` applies.
         on_full: ``"wait"`` (backpressure: ``submit`` waits for room) or ``"reject"`` (raise
             :class:`~genfan.errors.BulkheadFullError` at once).
+        max_queue_wait: seconds an item may stay queued (counted from when it entered the
+            queue) while every batch slot is busy; then it fails with
+            :class:`~genfan.errors.BulkheadFullError` and is never sent. ``None`` (the
+            default): no limit. Must be ``>= max_wait``. An item already sent in a batch is
+            never timed out by this.
         split_on_batch_error: when the handler raises for a batch of several items, retry each
             item alone (``True``), never (``False``), or when this predicate says so.
         max_concurrent_batches: batches handled at the same time.
@@ -126,6 +137,7 @@ class MicroBatcher(Generic[T, R]):
         max_wait: float = 0.01,
         max_queue: int = 10_000,
         on_full: OnFull = "wait",
+        max_queue_wait: float | None = None,
         split_on_batch_error: bool | Callable[[BaseException], bool] = True,
         max_concurrent_batches: int = 1,
         name: str = "batcher",
@@ -140,6 +152,18 @@ class MicroBatcher(Generic[T, R]):
             raise ConfigurationError(f"max_queue must be an integer >= 1, got {max_queue!r}")
         if on_full not in ("wait", "reject"):
             raise ConfigurationError(f"on_full must be 'wait' or 'reject', got {on_full!r}")
+        if max_queue_wait is not None:
+            if not (isinstance(max_queue_wait, int | float) and math.isfinite(max_queue_wait)):
+                raise ConfigurationError(
+                    "max_queue_wait must be a finite number of seconds or None, "
+                    f"got {max_queue_wait!r}"
+                )
+            if max_queue_wait < max_wait:
+                raise ConfigurationError(
+                    f"max_queue_wait ({max_queue_wait!r}) must be >= max_wait ({max_wait!r}): "
+                    "otherwise an item would time out before its batch is due; raise "
+                    "max_queue_wait or lower max_wait"
+                )
         if not isinstance(max_concurrent_batches, int) or max_concurrent_batches < 1:
             raise ConfigurationError(
                 f"max_concurrent_batches must be an integer >= 1, got {max_concurrent_batches!r}"
@@ -149,6 +173,7 @@ class MicroBatcher(Generic[T, R]):
         self.max_wait = float(max_wait)
         self.max_queue = max_queue
         self.on_full: OnFull = on_full
+        self.max_queue_wait = None if max_queue_wait is None else float(max_queue_wait)
         self._split = split_on_batch_error
         self.max_concurrent_batches = max_concurrent_batches
         self.name = name
@@ -170,6 +195,7 @@ class MicroBatcher(Generic[T, R]):
         self._latency_total = 0.0
         self._in_flight = 0
         self._rejected = 0
+        self._timed_out = 0
         self._cancelled = 0
         self._failed = 0
         self._splits = 0
@@ -211,7 +237,8 @@ class MicroBatcher(Generic[T, R]):
         """Queue ``item`` and wait for its result.
 
         Raises:
-            BulkheadFullError: the queue is full and ``on_full="reject"``.
+            BulkheadFullError: the queue is full and ``on_full="reject"``, or the item waited
+                ``max_queue_wait`` seconds in the queue without being sent.
             ConfigurationError: the batcher is not running (use ``async with``) or is closed.
             Exception: whatever the handler returned or raised for this item.
         """
@@ -282,6 +309,7 @@ class MicroBatcher(Generic[T, R]):
             queued=len(self._queue),
             in_flight_batches=self._in_flight,
             rejected=self._rejected,
+            timed_out=self._timed_out,
             cancelled=self._cancelled,
             failed_items=self._failed,
             split_batches=self._splits,
@@ -316,7 +344,8 @@ class MicroBatcher(Generic[T, R]):
                     await changed.wait()
                 continue
             # A batch is due: wait for a slot, then take what is queued by then.
-            await self._slots.acquire()
+            if not await self._acquire_slot():
+                continue
             if not self._queue:
                 self._slots.release()
                 continue
@@ -344,6 +373,57 @@ class MicroBatcher(Generic[T, R]):
             self._in_flight += 1
             telemetry.event("batch_flushed", batcher=self.name, size=len(batch), reason=reason)
             self._tg.start_soon(self._dispatch, batch)
+
+    async def _acquire_slot(self) -> bool:
+        """Take a batch slot; ``False`` when the head's queue wait ran out first (it is failed).
+
+        A slot that is free now is always taken, so an item whose ``max_queue_wait`` ends at
+        the very moment its batch can be sent is sent, not timed out.
+        """
+        assert self._slots is not None
+        if self.max_queue_wait is None:
+            await self._slots.acquire()
+            return True
+        try:
+            self._slots.acquire_nowait()
+            return True
+        except anyio.WouldBlock:
+            pass
+        # The queue is FIFO, so its head is the first to run out of time.
+        with anyio.move_on_at(self._queue[0].enqueued + self.max_queue_wait):
+            await self._slots.acquire()
+            return True
+        self._expire()
+        return False
+
+    def _expire(self) -> None:
+        """Fail, unsent, every queued item that has waited ``max_queue_wait`` or more."""
+        assert self.max_queue_wait is not None
+        now = anyio.current_time()
+        expired: list[_Pending[T, R]] = []
+        while self._queue and now >= self._queue[0].enqueued + self.max_queue_wait:
+            expired.append(self._queue.popleft())
+        if not expired:
+            return
+        self._timed_out += len(expired)
+        self._free_room()
+        telemetry.event(
+            "batcher_timed_out",
+            level="info",
+            batcher=self.name,
+            items=len(expired),
+            in_flight_batches=self._in_flight,
+        )
+        for p in expired:
+            p.error = BulkheadFullError(
+                f"item waited {now - p.enqueued:g}s in the batch queue and was not sent "
+                f"(max_queue_wait={self.max_queue_wait:g}s, {self._in_flight} batches in "
+                "flight); raise max_queue_wait, max_concurrent_batches or max_size, or submit "
+                "less",
+                backend=self.name,
+            )
+            p.state = "done"
+            p.done.set()
 
     async def _dispatch(self, batch: list[_Pending[T, R]]) -> None:
         assert self._slots is not None
