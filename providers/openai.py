@@ -15,16 +15,22 @@ async with OpenAIBackend("gpt-4o-mini") as gpt:          # key from $OPENAI_API_
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import aclosing
-from typing import Any
+from typing import Any, Literal, TypeAlias
 
 import httpx
 from pydantic import SecretStr
 
 from genfan.backend import merge_tool_call_deltas
-from genfan.errors import HTTPStatusError, MalformedResponseError, RateLimitError
+from genfan.errors import (
+    ConfigurationError,
+    HTTPStatusError,
+    MalformedResponseError,
+    RateLimitError,
+)
 from genfan.types import (
     ChatRequest,
     Completion,
@@ -40,7 +46,14 @@ from genfan.types import (
 
 from ._http import HTTPBackend, parse_duration, parse_int, prefixed_headers
 
-__all__ = ["OpenAIBackend"]
+__all__ = ["MaxTokensField", "OpenAIBackend"]
+
+#: Which body field carries ``ChatRequest.max_tokens`` (see :class:`OpenAIBackend`).
+MaxTokensField: TypeAlias = Literal["auto", "max_tokens", "max_completion_tokens"]
+_MAX_TOKENS_FIELDS = ("auto", "max_tokens", "max_completion_tokens")
+#: OpenAI's reasoning models, which reject ``max_tokens``: o1, o3, o4-mini, gpt-5 and their
+#: dated or sized variants (``o3-mini``, ``gpt-5.1``, ``gpt-5-mini-2025-08-07``).
+_REASONING_MODEL = re.compile(r"(?:o[134]|gpt-5)(?:$|[-.:_])", re.IGNORECASE)
 
 _FINISH: dict[str | None, FinishReason] = {
     "stop": "stop",
@@ -70,9 +83,17 @@ class OpenAIBackend(HTTPBackend):
         max_concurrency: requests in flight at once (and pool size); more wait in genfan.
         price: USD per million input and output tokens, to fill ``Usage.cost``.
         client: use this ``httpx.AsyncClient`` (left open by :meth:`aclose`).
+        max_tokens_field: the body field that carries ``ChatRequest.max_tokens``. OpenAI
+            deprecated ``max_tokens`` for chat completions and its reasoning models reject it
+            for ``max_completion_tokens``; OpenAI-compatible servers (vLLM, Ollama, llama.cpp,
+            Together, OpenRouter) read ``max_tokens``. ``"auto"`` sends
+            ``max_completion_tokens`` when ``base_url`` is ``api.openai.com`` or the request's
+            model is an OpenAI reasoning model (``o1``, ``o3``, ``o4``, ``gpt-5`` and their
+            variants), and ``max_tokens`` otherwise.
 
     Raises:
-        ConfigurationError: a bad ``base_url``, ``timeout``, ``max_concurrency`` or ``price``.
+        ConfigurationError: a bad ``base_url``, ``timeout``, ``max_concurrency``, ``price`` or
+            ``max_tokens_field``.
     """
 
     provider = "openai"
@@ -90,7 +111,15 @@ class OpenAIBackend(HTTPBackend):
         max_concurrency: int = 64,
         price: tuple[float, float] | None = None,
         client: httpx.AsyncClient | None = None,
+        max_tokens_field: MaxTokensField = "auto",
     ) -> None:
+        if max_tokens_field not in _MAX_TOKENS_FIELDS:
+            raise ConfigurationError(
+                "max_tokens_field must be one of "
+                + ", ".join(repr(f) for f in _MAX_TOKENS_FIELDS)
+                + f", got {max_tokens_field!r}"
+            )
+        self.max_tokens_field: MaxTokensField = max_tokens_field
         super().__init__(
             model,
             name=name,
@@ -105,6 +134,16 @@ class OpenAIBackend(HTTPBackend):
         )
         self._chat_url = self.base_url + "/chat/completions"
         self._embed_url = self.base_url + "/embeddings"
+        self._is_openai = httpx.URL(self.base_url).host == "api.openai.com"
+
+    def _max_tokens_key(self, model: str | None) -> str:
+        """The body field for ``max_tokens`` when calling ``model``."""
+        field = self.max_tokens_field
+        if field != "auto":
+            return field
+        if self._is_openai or (model is not None and _REASONING_MODEL.match(model)):
+            return "max_completion_tokens"
+        return "max_tokens"
 
     # -- requests ------------------------------------------------------------------------------
 
@@ -119,7 +158,7 @@ class OpenAIBackend(HTTPBackend):
         if request.top_p is not None:
             body["top_p"] = request.top_p
         if request.max_tokens is not None:
-            body["max_tokens"] = request.max_tokens
+            body[self._max_tokens_key(model)] = request.max_tokens
         if request.stop:
             body["stop"] = list(request.stop)
         if request.seed is not None:
