@@ -9,7 +9,7 @@ arguments) is kept apart from failures that happen while talking to a backend::
     ├── BackendError(backend=)        a run-time failure of one backend call
     │   ├── BackendTimeoutError       the call ran past its timeout or the deadline
     │   ├── BackendConnectionError    the backend could not be reached
-    │   ├── HTTPStatusError(status_code)
+    │   ├── HTTPStatusError(status_code, rate_limit)
     │   │   └── RateLimitError(retry_after)   HTTP 429 (or a provider's quota error)
     │   ├── MalformedResponseError    the backend answered something we cannot read
     │   ├── CircuitOpenError(retry_at, retry_after)   the breaker is open: not called
@@ -25,7 +25,10 @@ so the original cause is always kept as ``__cause__``.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .types import RateLimitInfo
 
 __all__ = [
     "AllBackendsFailedError",
@@ -131,11 +134,25 @@ class HTTPStatusError(BackendError):
 
     5xx, 408 and 409 are retryable; other 4xx are not, and by default do not count against the
     circuit breaker (the request was at fault, not the backend).
+
+    Attributes:
+        status_code: the HTTP status.
+        rate_limit: the quota the provider reported in the error response's rate-limit headers
+            (OpenAI's ``x-ratelimit-*``, Anthropic's ``anthropic-ratelimit-*``); ``None`` when
+            it sent none. The same :class:`~genfan.types.RateLimitInfo` a completion carries.
     """
 
-    def __init__(self, message: str, *, backend: str = "?", status_code: int) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        backend: str = "?",
+        status_code: int,
+        rate_limit: RateLimitInfo | None = None,
+    ) -> None:
         super().__init__(message, backend=backend)
         self.status_code = status_code
+        self.rate_limit = rate_limit
 
     @property
     def retryable(self) -> bool:
@@ -157,6 +174,7 @@ class RateLimitError(HTTPStatusError):
 
     Attributes:
         retry_after: seconds the backend asked us to wait, when it said so.
+        rate_limit: the provider's parsed rate-limit headers (see :class:`HTTPStatusError`).
     """
 
     def __init__(
@@ -166,8 +184,9 @@ class RateLimitError(HTTPStatusError):
         backend: str = "?",
         status_code: int = 429,
         retry_after: float | None = None,
+        rate_limit: RateLimitInfo | None = None,
     ) -> None:
-        super().__init__(message, backend=backend, status_code=status_code)
+        super().__init__(message, backend=backend, status_code=status_code, rate_limit=rate_limit)
         self.retry_after = retry_after
 
 

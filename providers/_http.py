@@ -402,7 +402,8 @@ class HTTPBackend(BaseBackend):
         return "the request was rejected; fix it before retrying"
 
     def _raise_status(self, response: httpx.Response, content: bytes, url: str) -> NoReturn:
-        """Raise :class:`HTTPStatusError` / :class:`RateLimitError` for an error status."""
+        """Raise :class:`HTTPStatusError` / :class:`RateLimitError` for an error status, with
+        the quota from the response's rate-limit headers as ``rate_limit``."""
         status = response.status_code
         try:
             detail = self._error_message(json.loads(content))
@@ -410,13 +411,19 @@ class HTTPBackend(BaseBackend):
             detail = None
         text = self._redact(detail)[:_ERROR_BODY_CHARS] if detail else self._snippet(content)
         message = f"HTTP {status} from {url}: {text}; {self._status_hint(status)}"
+        rate_limit = self._rate_limit_info(response.headers)
         err: HTTPStatusError
         if status == 429:
             err = RateLimitError(
-                message, backend=self.name, retry_after=parse_retry_after(response.headers)
+                message,
+                backend=self.name,
+                retry_after=parse_retry_after(response.headers),
+                rate_limit=rate_limit,
             )
         else:
-            err = HTTPStatusError(message, backend=self.name, status_code=status)
+            err = HTTPStatusError(
+                message, backend=self.name, status_code=status, rate_limit=rate_limit
+            )
         telemetry.event("backend_http_failed", level="info", backend=self.name, status_code=status)
         raise err from None
 
@@ -447,6 +454,8 @@ class HTTPBackend(BaseBackend):
         )
 
     def _rate_limit_info(self, headers: httpx.Headers) -> RateLimitInfo | None:
+        """The quota in a response's rate-limit headers (each provider reads its own), for
+        completions and error statuses alike; ``None`` when there are none."""
         return None
 
     # -- shared helpers ------------------------------------------------------------------------

@@ -229,7 +229,8 @@ class AnthropicBackend(HTTPBackend):
 
         Raises:
             HTTPStatusError: an error status (``RateLimitError`` for 429, with ``retry_after``;
-                529 when Anthropic is overloaded).
+                529 when Anthropic is overloaded), with the ``anthropic-ratelimit-*`` headers
+                as ``rate_limit``.
             BackendTimeoutError: the call timed out.
             BackendConnectionError: the server could not be reached or broke the connection.
             MalformedResponseError: the answer is not a message.
@@ -242,7 +243,7 @@ class AnthropicBackend(HTTPBackend):
         json_tool = body.get("tool_choice", {}).get("name") == _JSON_TOOL
         try:
             if data.get("type") == "error":
-                self._raise_event_error(data, url)
+                self._raise_event_error(data, url, response)
             texts: list[str] = []
             calls: list[ToolCall] = []
             for block in data["content"]:
@@ -357,7 +358,7 @@ class AnthropicBackend(HTTPBackend):
                     elif kind == "message_stop":
                         stopped = True
                     elif kind == "error":
-                        self._raise_event_error(ev, url)
+                        self._raise_event_error(ev, url, resp)
                 except (KeyError, IndexError, TypeError, AttributeError, ValueError) as exc:
                     raise self._unreadable("event", url, data, exc) from exc
                 if out and ttft is None:
@@ -384,15 +385,16 @@ class AnthropicBackend(HTTPBackend):
             )
         )
 
-    def _raise_event_error(self, ev: Mapping[str, Any], url: str) -> None:
+    def _raise_event_error(self, ev: Mapping[str, Any], url: str, response: httpx.Response) -> None:
         error = ev.get("error") or {}
         etype = error.get("type") if isinstance(error, dict) else None
         message = self._error_message(ev) or str(etype)
         status = _ERROR_STATUS.get(str(etype), 500)
         text = f"{etype} error from {url}: {self._redact(message)[:300]}"
+        rate_limit = self._rate_limit_info(response.headers)
         if status == 429:
-            raise RateLimitError(text, backend=self.name)
-        raise HTTPStatusError(text, backend=self.name, status_code=status)
+            raise RateLimitError(text, backend=self.name, rate_limit=rate_limit)
+        raise HTTPStatusError(text, backend=self.name, status_code=status, rate_limit=rate_limit)
 
     def _status_hint(self, status: int) -> str:
         if status == 529:

@@ -204,7 +204,8 @@ class OpenAIBackend(HTTPBackend):
         """Answer ``request`` with one non-streaming call.
 
         Raises:
-            HTTPStatusError: an error status (``RateLimitError`` for 429, with ``retry_after``).
+            HTTPStatusError: an error status (``RateLimitError`` for 429, with ``retry_after``),
+                with the ``x-ratelimit-*`` headers as ``rate_limit``.
             BackendTimeoutError: the call timed out.
             BackendConnectionError: the server could not be reached or broke the connection.
             MalformedResponseError: the answer is not a chat completion.
@@ -270,7 +271,7 @@ class OpenAIBackend(HTTPBackend):
                             f"a chunk must be a JSON object, got {type(chunk).__name__}"
                         )
                     if chunk.get("error") is not None:
-                        self._raise_stream_error(chunk, url)
+                        self._raise_stream_error(chunk, url, resp)
                     model = chunk.get("model") or model
                     if chunk.get("usage"):
                         usage = chunk["usage"]
@@ -320,20 +321,24 @@ class OpenAIBackend(HTTPBackend):
             )
         )
 
-    def _raise_stream_error(self, chunk: Mapping[str, Any], url: str) -> None:
+    def _raise_stream_error(
+        self, chunk: Mapping[str, Any], url: str, response: httpx.Response
+    ) -> None:
         error = chunk["error"]
         message = self._error_message(chunk) or str(error)
         code = error.get("code") if isinstance(error, dict) else None
         kind = error.get("type") if isinstance(error, dict) else None
         status = code if isinstance(code, int) and code >= 400 else 500
         text = f"error event in the stream from {url}: {self._redact(message)[:300]}"
+        # The quota the stream's response reported when it began.
+        rate_limit = self._rate_limit_info(response.headers)
         if (
             status == 429
             or kind in ("rate_limit_exceeded", "rate_limit_error")
             or code == ("rate_limit_exceeded")
         ):
-            raise RateLimitError(text, backend=self.name)
-        raise HTTPStatusError(text, backend=self.name, status_code=status)
+            raise RateLimitError(text, backend=self.name, rate_limit=rate_limit)
+        raise HTTPStatusError(text, backend=self.name, status_code=status, rate_limit=rate_limit)
 
     async def embed(self, texts: Sequence[str], *, model: str | None = None) -> list[list[float]]:
         """Embed ``texts`` with ``POST {base_url}/embeddings``, one vector per text, in order.

@@ -11,7 +11,7 @@ import anyio
 import anyio.lowlevel
 
 from ..backend import Backend
-from ..errors import RateLimitError, RateLimitExceededError
+from ..errors import HTTPStatusError, RateLimitError, RateLimitExceededError
 from ..types import ChatRequest, Completion, RateLimitInfo, StreamEnd, StreamEvent
 from ._base import NOT_SENT, Guard, decision, metrics, set_span_attribute, time_left
 from ._policies import RateLimitPolicy
@@ -96,12 +96,14 @@ class RateLimiter(Guard):
     :class:`~genfan.errors.RateLimitExceededError` (``retry_after`` says when quota is back);
     ``reject`` mode fails at once whenever quota is short.
 
-    With ``learn`` on, the limiter adopts the quota the provider reports: ``remaining_*`` from a
-    completion's :class:`~genfan.types.RateLimitInfo` lowers the buckets (and a zero stops calls
-    until the matching ``reset_*``), and a :class:`~genfan.errors.RateLimitError` with
-    ``retry_after`` stops every call to the backend for that long. Token use is estimated before
-    the call and corrected from the completion's usage afterwards. Quota taken by a call that a
-    guard inside refused (it never reached the backend) is given back.
+    With ``learn`` on, the limiter adopts the quota the provider reports: ``remaining_*`` in the
+    :class:`~genfan.types.RateLimitInfo` of a completion or of an error
+    (:class:`~genfan.errors.HTTPStatusError`'s ``rate_limit``, a 429's included) lowers the
+    buckets (and a zero stops calls until the matching ``reset_*``), and a
+    :class:`~genfan.errors.RateLimitError` with ``retry_after`` stops every call to the backend
+    for that long (the longer of the two wins). Token use is estimated before the call and
+    corrected from the completion's usage afterwards. Quota taken by a call that a guard inside
+    refused (it never reached the backend) is given back.
     """
 
     def __init__(self, inner: Backend, policy: RateLimitPolicy | None = None) -> None:
@@ -221,7 +223,11 @@ class RateLimiter(Guard):
     def _failed(self, exc: BaseException, tokens: int) -> None:
         if isinstance(exc, NOT_SENT):
             self._give_back(tokens)
-        elif isinstance(exc, RateLimitError) and exc.retry_after is not None and self.policy.learn:
+            return
+        if isinstance(exc, HTTPStatusError) and exc.rate_limit is not None:
+            # The error response's headers report quota just as a completion's do.
+            self.learn(exc.rate_limit, estimated=tokens, used=None)
+        if isinstance(exc, RateLimitError) and exc.retry_after is not None and self.policy.learn:
             self.block_for(exc.retry_after)
             decision(
                 "rate_limit_learned", backend=self.name, level="info", blocked_for=exc.retry_after
