@@ -28,6 +28,7 @@ from genfan.schedule import (
     ScheduleRetry,
     SQLiteStore,
 )
+from genfan.schedule._config import parse_schedules
 from genfan.schedule._store import jitter_us
 from genfan.schedule._triggers import to_us
 from genfan.testing import capture_events
@@ -365,6 +366,64 @@ async def test_restart_resumes_where_it_was(tmp_path: Path) -> None:
     job = _shared.pop()
     # 0, 60, 120; then down from 150 to 750; the latest missed fire (720) runs at 750; then 780.
     assert job.calls == [(0, 0, 1), (60, 60, 1), (120, 120, 1), (720, 750, 1), (780, 780, 1)]
+
+
+def _config_entry(toml: str) -> tuple[str, Any, Any, SchedulePolicy]:
+    """The one schedule of a ``[schedules]`` TOML text, as ``genfan schedule run`` adds it."""
+    import tomllib
+
+    cfg = parse_schedules(tomllib.loads(toml)["schedules"])
+    ((sid, entry),) = cfg.entries.items()
+    return sid, entry.job(None), entry.trigger(), entry.policy()
+
+
+_ONCE = """
+[schedules.once]
+func = "tests.test_schedule_scheduler:shared_job"
+delay = "10m"
+"""
+
+
+async def _live(db: Path, clock: AnyioClock, seconds: float) -> None:
+    """One process life: start, add the configured schedule, run ``seconds``, stop."""
+    sid, job, trigger, policy = _config_entry(_ONCE)
+    async with scheduler(db, clock=clock) as s:
+        info = await s.add_schedule(job, trigger, id=sid, policy=policy)
+        assert info.next_fire in (T0 + timedelta(minutes=10), None)
+        await anyio.sleep(seconds)
+
+
+@pytest.mark.anyio
+async def test_restarts_neither_postpone_nor_repeat_a_delay_trigger(tmp_path: Path) -> None:
+    db = tmp_path / "s.db"
+    clock = AnyioClock(start=T0)
+    _shared.append(Recorder(clock))
+    await _live(db, clock, 300)  # added at 0: due at 600; stops at 300
+    await anyio.sleep(100)
+    await _live(db, clock, 600)  # restarted at 400: still due at 600, not at 1000
+    await anyio.sleep(200)
+    await _live(db, clock, 7200)  # restarted at 1200, after the fire: nothing more runs
+    job = _shared.pop()
+    assert job.calls == [(600, 600, 1)]
+    async with scheduler(db, clock=clock, process_runs=False) as admin:
+        info = await admin.get_schedule("once")
+        runs = await admin.history("once")
+    assert (
+        info is not None and info.next_fire is None and info.last_fire == T0 + timedelta(minutes=10)
+    )
+    assert [(r.fire_time, r.status) for r in runs] == [(T0 + timedelta(minutes=10), "succeeded")]
+
+
+@pytest.mark.anyio
+async def test_a_delay_due_while_the_process_was_down_runs_on_restart(tmp_path: Path) -> None:
+    db = tmp_path / "s.db"
+    clock = AnyioClock(start=T0)
+    _shared.append(Recorder(clock))
+    await _live(db, clock, 300)  # added at 0: due at 600; down from 300 to 900
+    await anyio.sleep(600)
+    await _live(db, clock, 3600)  # restarted at 900: runs the missed fire now, not at 1500
+    job = _shared.pop()
+    assert job.calls == [(600, 900, 1)]
 
 
 @pytest.mark.anyio

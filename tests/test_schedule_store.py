@@ -17,6 +17,7 @@ from genfan.schedule import (
     IntervalTrigger,
     PostgresStore,
     RunContext,
+    ScheduleInfo,
     SchedulePolicy,
     Scheduler,
     SQLiteStore,
@@ -155,6 +156,63 @@ async def test_sync_job_by_import_path_with_args(tmp_path: Path) -> None:
             while not (await s.history(info.id, statuses=["succeeded"])):  # noqa: ASYNC110
                 await anyio.sleep(0.05)
     assert out.exists()
+
+
+_JOB = {"kind": "call", "func": "os:getpid", "args": [], "kwargs": {}}
+_T0 = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def _at(seconds: float) -> datetime:
+    return _T0 + timedelta(seconds=seconds)
+
+
+@pytest.mark.anyio
+async def test_a_re_added_delay_trigger_keeps_its_fire_time_across_restarts(
+    store: Store, tmp_path: Path
+) -> None:
+    async def add(s: Store, delay: str, now: datetime) -> ScheduleInfo:
+        return await s.put_schedule(
+            id="once", trigger=DateTrigger(delay=delay), job=_JOB, policy=SchedulePolicy(), now=now
+        )
+
+    first = await add(store, "10m", _T0)
+    assert first.next_fire == _at(600)
+    # A restarted process (a fresh store on the same database) re-adds it before the fire.
+    restarted = _twin(store, tmp_path)
+    try:
+        again = await add(restarted, "10m", _at(300))
+        assert again.next_fire == _at(600) and again.trigger == first.trigger
+        assert (await restarted.process_due(_at(600))).created == 1
+        (claim,) = (await restarted.claim("a", _at(600), 30, 5)).claimed
+        assert await restarted.finish(claim.run.key, "a", "succeeded", _at(601), None, 1)
+    finally:
+        await restarted.aclose()
+    # Re-added after it fired: it stays done.
+    done = await add(store, "10m", _at(900))
+    assert done.next_fire is None and done.last_fire == _at(600)
+    assert (await store.process_due(_at(100_000))).created == 0
+    assert [(r.fire_time, r.status) for r in await store.history("once")] == [
+        (_at(600), "succeeded")
+    ]
+    # A different delay is a changed trigger: bound anew, from now.
+    changed = await add(store, "20m", _at(1000))
+    assert changed.next_fire == _at(2200)
+    assert (await add(store, "20m", _at(1500))).next_fire == _at(2200)
+
+
+@pytest.mark.anyio
+async def test_delay_rows_stored_before_bound_delay_existed_keep_their_time(store: Store) -> None:
+    async def add(sid: str, trigger: DateTrigger, now: datetime) -> ScheduleInfo:
+        return await store.put_schedule(
+            id=sid, trigger=trigger, job=_JOB, policy=SchedulePolicy(), now=now
+        )
+
+    # Earlier versions stored a bound delay as a plain ``at``: the time added plus the delay.
+    await add("legacy", DateTrigger(at=_at(600)), _T0)
+    assert (await add("legacy", DateTrigger(delay=600), _at(300))).next_fire == _at(600)
+    # A schedule whose ``at`` is some other time, switched to a delay, is bound from now.
+    await add("switched", DateTrigger(at=_at(5000)), _T0)
+    assert (await add("switched", DateTrigger(delay=600), _at(300))).next_fire == _at(900)
 
 
 def test_store_from_url(tmp_path: Path) -> None:

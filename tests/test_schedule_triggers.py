@@ -125,6 +125,9 @@ def test_date_trigger_at_and_delay() -> None:
     assert at.next_after(now + timedelta(hours=1)) is None
     delay = DateTrigger(delay="in 10 minutes").bind(now)
     assert delay.first_fire(now) == now + timedelta(minutes=10)
+    # The bound form remembers its delay, so a re-added schedule can keep its fire time.
+    assert delay.at == now + timedelta(minutes=10) and delay.bound_delay == 600.0
+    assert at.bound_delay is None and delay != DateTrigger(at=now + timedelta(minutes=10))
 
 
 @pytest.mark.parametrize(
@@ -169,6 +172,13 @@ def test_stored_form_round_trips() -> None:
         CronTrigger(expr="0 7 * * mon-fri", timezone="Europe/Berlin", start=start),
         IntervalTrigger(seconds=2.5, start=start, end=start + timedelta(days=1)),
         DateTrigger(at=start),
+        DateTrigger(delay="10m").bind(start),
     ):
         assert trigger_from_dict(trig.to_dict()) == trig
+    # The stored form of an ``at`` trigger is what it always was (stored rows compare equal).
+    assert DateTrigger(at=start).to_dict() == {
+        "kind": "date",
+        "at": "2026-01-01T00:00:00.123456+00:00",
+        "delay": None,
+    }
     assert from_us(to_us(start)) == start

@@ -31,7 +31,7 @@ import anyio
 
 from ..errors import ConfigurationError, MissingExtraError
 from ._policy import SchedulePolicy
-from ._triggers import IntervalTrigger, Trigger, from_us, to_us, trigger_from_dict
+from ._triggers import DateTrigger, IntervalTrigger, Trigger, from_us, to_us, trigger_from_dict
 
 __all__ = [
     "Claim",
@@ -251,7 +251,7 @@ class _SQL:
         cur.execute(self.q(f"SELECT {self._SCHED_COLS} FROM {{S}} WHERE id = ?{lock}"), (id,))
         row = cur.fetchone()
         if row is not None:
-            trigger = _rebind(trigger, trigger_from_dict(json.loads(row[1])))
+            trigger = _rebind(trigger, trigger_from_dict(json.loads(row[1])), from_us(row[7]))
         trigger = trigger.bind(now)
         tjson = json.dumps(trigger.to_dict(), sort_keys=True)
         jjson = json.dumps(job, sort_keys=True)
@@ -699,9 +699,15 @@ class _SQL:
         return [self.run(r) for r in cur.fetchall()]
 
 
-def _rebind(new: Trigger, old: Trigger) -> Trigger:
-    """An interval without a start, re-added over the same interval, keeps the stored start
-    (a restarted process re-adding its schedules must not move them)."""
+def _rebind(new: Trigger, old: Trigger, created: datetime) -> Trigger:
+    """Keep the stored binding of a trigger relative to "now" when it is re-added, so a
+    restarted process re-adding its schedules does not move them.
+
+    An interval without a start keeps the stored start. A ``delay`` keeps the stored fire time
+    when it was bound from the same delay, so it neither fires again after it has fired nor is
+    postponed (rows written before ``bound_delay`` existed are recognised by
+    ``at == created + delay``). A different delay, or a switch from ``at=``, binds anew.
+    """
     from dataclasses import replace
 
     if (
@@ -711,6 +717,17 @@ def _rebind(new: Trigger, old: Trigger) -> Trigger:
         and old.start is not None
     ):
         return replace(new, start=old.start)
+    if (
+        isinstance(new, DateTrigger)
+        and isinstance(old, DateTrigger)
+        and isinstance(new.delay, float)
+        and old.at is not None
+        and (
+            old.bound_delay == new.delay
+            or (old.bound_delay is None and old.at == created + timedelta(seconds=new.delay))
+        )
+    ):
+        return old
     return new
 
 

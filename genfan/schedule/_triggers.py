@@ -6,14 +6,15 @@ read a clock, so the same trigger gives the same fire times on every replica and
 
 Triggers that depend on "now" (an interval without a start, a delay) are *bound* when the schedule
 is added: :meth:`Trigger.bind` fixes them to the scheduler's clock, and the bound form is what the
-store keeps.
+store keeps. Re-adding the same schedule (a restarted process loading its config) keeps the stored
+binding, so its fire times do not move.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, ClassVar, Protocol, runtime_checkable
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -207,12 +208,18 @@ class DateTrigger:
         at: an aware datetime.
         delay: seconds (or a string like ``"10m"``, ``"in 10 minutes"``); exactly one of ``at``
             and ``delay``.
+
+    Attributes:
+        bound_delay: on the bound form of a ``delay`` trigger (``at`` fixed by :meth:`bind`),
+            the delay it was bound from; ``None`` otherwise. The store uses it to recognise a
+            re-added delay trigger and keep its fire time across restarts.
     """
 
     kind: ClassVar[str] = "date"
 
     at: datetime | None = None
     delay: float | str | None = None
+    bound_delay: float | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         if (self.at is None) == (self.delay is None):
@@ -226,7 +233,13 @@ class DateTrigger:
         if self.at is not None:
             return self
         assert isinstance(self.delay, float)
-        return DateTrigger(at=_utc(now, "now") + timedelta(seconds=self.delay))
+        return DateTrigger._bound(_utc(now, "now") + timedelta(seconds=self.delay), self.delay)
+
+    @staticmethod
+    def _bound(at: datetime, delay: float | None) -> DateTrigger:
+        trigger = DateTrigger(at=at)
+        object.__setattr__(trigger, "bound_delay", delay)
+        return trigger
 
     def first_fire(self, now: datetime) -> datetime | None:
         return self.bind(now).at
@@ -237,7 +250,10 @@ class DateTrigger:
         return self.at if after < self.at else None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "at": _iso(self.at), "delay": self.delay}
+        data: dict[str, Any] = {"kind": self.kind, "at": _iso(self.at), "delay": self.delay}
+        if self.bound_delay is not None:  # absent otherwise: stored forms of ``at`` unchanged
+            data["bound_delay"] = self.bound_delay
+        return data
 
     def __str__(self) -> str:
         return f"once at {_iso(self.at)}" if self.at else f"once in {self.delay}s"
@@ -403,7 +419,10 @@ def trigger_from_dict(data: dict[str, Any]) -> Trigger:
         )
     if kind == "date":
         at = _from_iso(data.get("at"))
-        return DateTrigger(at=at) if at is not None else DateTrigger(delay=data["delay"])
+        if at is None:
+            return DateTrigger(delay=data["delay"])
+        bound = data.get("bound_delay")
+        return DateTrigger._bound(at, None if bound is None else float(bound))
     if kind == "cron":
         return CronTrigger(
             expr=data["expr"],
