@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing, nullcontext
 from types import TracebackType
 from typing import Any, Protocol, Self, runtime_checkable
 
@@ -126,14 +127,17 @@ async def collect_stream(events: AsyncIterator[StreamEvent], *, backend: str = "
     """
     start = time.perf_counter()
     ttft: float | None = None
-    async for ev in events:
-        if ttft is None and not isinstance(ev, StreamEnd):
-            ttft = time.perf_counter() - start
-        if isinstance(ev, StreamEnd):
-            c = ev.completion
-            if c.ttft is None and ttft is not None:
-                c = c.model_copy(update={"ttft": ttft})
-            return c
+    # Closed on return, so the stream (and the connection or slot it holds) is let go now,
+    # not whenever the garbage collector finalises it.
+    async with aclosing(events) if hasattr(events, "aclose") else nullcontext():  # type: ignore[type-var]
+        async for ev in events:
+            if ttft is None and not isinstance(ev, StreamEnd):
+                ttft = time.perf_counter() - start
+            if isinstance(ev, StreamEnd):
+                c = ev.completion
+                if c.ttft is None and ttft is not None:
+                    c = c.model_copy(update={"ttft": ttft})
+                return c
     raise MalformedResponseError("stream ended without a final event (truncated)", backend=backend)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import aclosing
 from types import TracebackType
 from typing import Protocol, Self, runtime_checkable
 
@@ -207,8 +208,9 @@ class BatchingBackend:
     async def stream(self, request: ChatRequest) -> AsyncIterator[StreamEvent]:
         """Stream through the wrapped backend (streams are not batched)."""
         if isinstance(self.inner, Backend):
-            async for event in self.inner.stream(request):
-                yield event
+            async with aclosing(self.inner.stream(request)) as events:  # type: ignore[type-var]
+                async for event in events:
+                    yield event
             return
         from ..types import StreamEnd, TextDelta
 

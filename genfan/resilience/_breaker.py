@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Literal, TypeAlias
 
@@ -315,10 +316,11 @@ class CircuitBreaker(Guard):
         start = anyio.current_time()
         outcome = _IGNORED
         try:
-            async for event in self.inner.stream(request):
-                if isinstance(event, StreamEnd):
-                    outcome = _SUCCESS
-                yield event
+            async with aclosing(self.inner.stream(request)) as events:  # type: ignore[type-var]
+                async for event in events:
+                    if isinstance(event, StreamEnd):
+                        outcome = _SUCCESS
+                    yield event
         except anyio.get_cancelled_exc_class():
             outcome = _IGNORED
             raise

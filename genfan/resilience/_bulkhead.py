@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from dataclasses import dataclass
 
 import anyio
@@ -160,7 +161,9 @@ class Bulkhead(Guard):
     async def stream(self, request: ChatRequest) -> AsyncIterator[StreamEvent]:
         await self.acquire()
         try:
-            async for event in self.inner.stream(request):
-                yield event
+            # Closed here, not by the garbage collector, so the slot is free only once it is.
+            async with aclosing(self.inner.stream(request)) as events:  # type: ignore[type-var]
+                async for event in events:
+                    yield event
         finally:
             self.release()
