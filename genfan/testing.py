@@ -11,6 +11,7 @@ Latency is slept with ``anyio.sleep``, so under trio's ``MockClock(autojump_thre
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import itertools
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, MutableMapping, Sequence
@@ -53,10 +54,16 @@ def is_testing() -> tuple[bool, int | None]:
 
 @dataclass(frozen=True, kw_only=True)
 class Reply:
-    """One scripted answer."""
+    """One scripted answer.
+
+    ``latency`` is the whole answer's. ``ttft``, when set, shapes :meth:`FakeBackend.stream`: the
+    first word arrives after ``ttft`` and the others are spread evenly over the rest of
+    ``latency`` (by default the stream waits the whole latency, then sends every word).
+    """
 
     text: str = ""
     latency: float = 0.0
+    ttft: float | None = None
     tool_calls: tuple[ToolCall, ...] = ()
     usage: Usage | None = None
     finish_reason: str = "stop"
@@ -122,37 +129,13 @@ class FakeBackend(BaseBackend):
         return next(self._script)
 
     async def complete(self, request: ChatRequest) -> Completion:
-        self.calls.append(request)
-        self.in_flight += 1
-        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        self._enter(request)
         start = anyio.current_time()
         try:
-            item = await self._next(request)
-            if isinstance(item, str):
-                item = Reply(text=item, latency=self.latency)
-            latency = item.latency or self.latency
-            if latency:
-                await anyio.sleep(latency)
-            if isinstance(item, Fail):
-                self.failed += 1
-                err = item.error
-                if isinstance(err, type):
-                    err = err(f"scripted {err.__name__}", backend=self.name)
-                raise err
-            self.completed += 1
-            usage = item.usage or Usage(
-                input_tokens=sum(len((m.content or "").split()) for m in request.messages),
-                output_tokens=len(item.text.split()),
-            )
-            return Completion(
-                text=item.text,
-                tool_calls=item.tool_calls,
-                finish_reason="tool_calls" if item.tool_calls else item.finish_reason,
-                usage=usage,
-                model=request.model or self.model,
-                backend=self.name,
-                latency=anyio.current_time() - start,
-            )
+            item = await self._reply(request)
+            if item.latency:
+                await anyio.sleep(item.latency)
+            return self._finish(request, item, start)
         except anyio.get_cancelled_exc_class():
             self.cancelled += 1
             raise
@@ -160,12 +143,75 @@ class FakeBackend(BaseBackend):
             self.in_flight -= 1
 
     async def stream(self, request: ChatRequest) -> AsyncIterator[StreamEvent]:
-        """Streams the scripted reply word by word."""
-        completion = await self.complete(request)
-        words = completion.text.split(" ")
-        for i, word in enumerate(words):
-            yield TextDelta(text=word if i == 0 else " " + word)
-        yield StreamEnd(completion=completion)
+        """Streams the scripted reply word by word (paced by :attr:`Reply.ttft`, when set)."""
+        self._enter(request)
+        start = anyio.current_time()
+        ended = False
+        try:
+            item = await self._reply(request)
+            if isinstance(item, Fail) or item.ttft is None:
+                if item.latency:
+                    await anyio.sleep(item.latency)
+                gap = 0.0
+            else:
+                first = min(item.ttft, item.latency)
+                await anyio.sleep(first)
+                gap = (item.latency - first) / len(item.text.split(" "))
+            if isinstance(item, Fail):
+                self._finish(request, item, start)  # raises the scripted error
+                return
+            words = item.text.split(" ")
+            for i, word in enumerate(words):
+                if i and gap:
+                    await anyio.sleep(gap)
+                yield TextDelta(text=word if i == 0 else " " + word)
+            if gap:
+                await anyio.sleep(gap)
+            completion = self._finish(request, item, start)
+            ended = True
+            yield StreamEnd(completion=completion)
+        except (anyio.get_cancelled_exc_class(), GeneratorExit):
+            if not ended:
+                self.cancelled += 1
+            raise
+        finally:
+            self.in_flight -= 1
+
+    def _enter(self, request: ChatRequest) -> None:
+        self.calls.append(request)
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+
+    async def _reply(self, request: ChatRequest) -> Reply | Fail:
+        item = await self._next(request)
+        if isinstance(item, str):
+            return Reply(text=item, latency=self.latency)
+        if not item.latency and self.latency:
+            return dataclasses.replace(item, latency=self.latency)
+        return item
+
+    def _finish(self, request: ChatRequest, item: Reply | Fail, start: float) -> Completion:
+        """The completion of a reply, or the scripted failure raised."""
+        if isinstance(item, Fail):
+            self.failed += 1
+            err = item.error
+            if isinstance(err, type):
+                err = err(f"scripted {err.__name__}", backend=self.name)
+            raise err
+        self.completed += 1
+        usage = item.usage or Usage(
+            input_tokens=sum(len((m.content or "").split()) for m in request.messages),
+            output_tokens=len(item.text.split()),
+        )
+        return Completion(
+            text=item.text,
+            tool_calls=item.tool_calls,
+            finish_reason="tool_calls" if item.tool_calls else item.finish_reason,
+            usage=usage,
+            model=request.model or self.model,
+            backend=self.name,
+            latency=anyio.current_time() - start,
+        )
 
     async def aclose(self) -> None:
         self.closed = True

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from trio.testing import MockClock
 
 from genfan import ChatRequest, Completion
+from genfan.backend import collect_stream
 from genfan.errors import (
     BackendConnectionError,
     BackendError,
@@ -48,7 +49,8 @@ def script(rng: random.Random, failure_rate: float, max_latency: float) -> FakeB
         latency = rng.uniform(0.0, max_latency)
         if rng.random() < failure_rate:
             return Fail(error=rng.choice(ERRORS), latency=latency)
-        return Reply(text="ok", latency=latency)
+        # Streams send their first word after ``ttft`` and the other two over the rest.
+        return Reply(text="ok ok ok", latency=latency, ttft=rng.uniform(0.0, latency))
 
     return FakeBackend("fake", reply)
 
@@ -69,6 +71,7 @@ def run_trio(fn, *args):  # type: ignore[no-untyped-def]
     max_latency=st.floats(0.0, 5.0),
     hedge=st.booleans(),
     deadline=st.one_of(st.none(), st.floats(0.5, 30.0)),
+    stream=st.booleans(),
 )
 def test_bulkhead_bound_and_exactly_one_outcome(
     seed: int,
@@ -79,7 +82,9 @@ def test_bulkhead_bound_and_exactly_one_outcome(
     max_latency: float,
     hedge: bool,
     deadline: float | None,
+    stream: bool,
 ) -> None:
+    """Also for streams (hedged on their first token): each read to its end or to one error."""
     rng = random.Random(seed)
     fake = script(rng, failure_rate, max_latency)
     guarded = guard(
@@ -99,7 +104,10 @@ def test_bulkhead_bound_and_exactly_one_outcome(
         await anyio.sleep(rng.uniform(0, 10))
         try:
             with anyio.fail_after(deadline) if deadline else _nothing():
-                outcomes[i].append(await guarded.complete(REQ))
+                if stream:
+                    outcomes[i].append(await collect_stream(guarded.stream(REQ)))
+                else:
+                    outcomes[i].append(await guarded.complete(REQ))
         except BackendError as exc:
             outcomes[i].append(exc)
         except TimeoutError:
@@ -114,6 +122,7 @@ def test_bulkhead_bound_and_exactly_one_outcome(
     assert fake.max_in_flight <= max_concurrent
     assert all(len(o) == 1 for o in outcomes)  # exactly one outcome per call
     assert all(isinstance(o[0], Completion | BackendError) or o[0] == "deadline" for o in outcomes)
+    assert all(o[0].text == "ok ok ok" for o in outcomes if isinstance(o[0], Completion))
     assert fake.in_flight == 0
     assert guarded.bulkhead is not None
     stats = guarded.bulkhead.statistics()

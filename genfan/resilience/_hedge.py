@@ -4,20 +4,24 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import aclosing
 from dataclasses import dataclass
+from typing import TypeVar
 
 import anyio
 import anyio.abc
 
-from ..backend import Backend
-from ..errors import BackendError
-from ..types import ChatRequest, Completion, StreamEvent
+from ..backend import Backend, collect_stream
+from ..errors import BackendError, MalformedResponseError
+from ..types import ChatRequest, Completion, StreamEnd, StreamEvent
 from ._base import Guard, decision, metrics, set_span_attribute, time_left
 from ._policies import HedgePolicy, RetryBudgetPolicy
 from ._retry import RetryBudget
 
 __all__ = ["Hedge", "HedgeStatistics", "LatencyTracker"]
+
+_T = TypeVar("_T")
 
 
 class LatencyTracker:
@@ -63,7 +67,9 @@ class HedgeStatistics:
         hedge_wins: calls answered by a hedge.
         primary_wins: calls answered by the primary request.
         budget_refused: hedges not sent because the extra-load budget was spent.
-        delay: the hedge delay in force now (``None`` while still learning).
+        delay: the hedge delay for whole answers now (``None`` while still learning).
+        first_token_delay: the hedge delay for first tokens (streams) now (``None`` while
+            still learning).
     """
 
     calls: int
@@ -72,6 +78,7 @@ class HedgeStatistics:
     primary_wins: int
     budget_refused: int
     delay: float | None
+    first_token_delay: float | None = None
 
     @property
     def extra_ratio(self) -> float:
@@ -86,7 +93,13 @@ class Hedge(Guard):
     a hedge is sent; up to ``max_hedges`` of them, one ``delay`` apart. The first good answer
     wins and the others are cancelled. A failed attempt starts the next hedge at once (if any
     remain). Hedges are spent from a budget of ``max_extra_ratio`` of calls, and none is started
-    when the deadline leaves less than the backend's median latency. Streams are not hedged.
+    when the deadline leaves less than the backend's median latency.
+
+    Streams are hedged on their **first token**: the delay is the learned percentile of times to
+    first token, the first attempt to produce an event wins, and the caller then reads that one
+    stream (tokens, once passed on, are never taken back, so nothing is hedged after the first
+    token). With ``HedgePolicy(trigger="first_token")``, :meth:`complete` runs the same way over
+    the backend's stream.
 
     Args:
         inner: the primary backend.
@@ -104,7 +117,10 @@ class Hedge(Guard):
         super().__init__(inner)
         self.policy = policy or HedgePolicy()
         self.alternates = tuple(alternates)
+        #: Whole-answer latencies (``complete()`` calls and finished streams).
         self.latencies = LatencyTracker(self.policy.window)
+        #: Times to the first stream event.
+        self.first_token_latencies = LatencyTracker(self.policy.window)
         self.budget = RetryBudget(
             RetryBudgetPolicy(
                 ratio=self.policy.max_extra_ratio, min_per_second=0.0, ttl=self.policy.budget_ttl
@@ -116,13 +132,20 @@ class Hedge(Guard):
         self._primary_wins = 0
         self._refused = 0
 
-    def current_delay(self) -> float | None:
-        """The delay before a hedge now (``None``: not hedging yet, still learning)."""
+    def _learned(self, tracker: LatencyTracker) -> float | None:
         if self.policy.delay is not None:
             return self.policy.delay
-        if len(self.latencies) < self.policy.min_samples:
+        if len(tracker) < self.policy.min_samples:
             return None
-        return self.latencies.percentile(self.policy.percentile)
+        return tracker.percentile(self.policy.percentile)
+
+    def current_delay(self) -> float | None:
+        """The delay before a hedge of a whole answer now (``None``: still learning)."""
+        return self._learned(self.latencies)
+
+    def current_first_token_delay(self) -> float | None:
+        """The delay before a hedge of a stream's first token now (``None``: still learning)."""
+        return self._learned(self.first_token_latencies)
 
     def statistics(self) -> HedgeStatistics:
         return HedgeStatistics(
@@ -132,6 +155,7 @@ class Hedge(Guard):
             primary_wins=self._primary_wins,
             budget_refused=self._refused,
             delay=self.current_delay(),
+            first_token_delay=self.current_first_token_delay(),
         )
 
     def _target(self, attempt: int) -> Backend:
@@ -141,16 +165,28 @@ class Hedge(Guard):
 
     def _may_hedge(self, attempt: int) -> bool:
         left = time_left()
-        if left != math.inf and len(self.latencies) and left <= self.latencies.percentile(0.5):
-            decision("hedge_skipped", backend=self.name, reason="deadline", time_left=left)
-            return False
+        if left != math.inf:
+            typical = self.latencies if len(self.latencies) else self.first_token_latencies
+            if len(typical) and left <= typical.percentile(0.5):
+                decision("hedge_skipped", backend=self.name, reason="deadline", time_left=left)
+                return False
         if not self.budget.try_withdraw():
             self._refused += 1
             decision("hedge_skipped", backend=self.name, reason="budget", attempt=attempt)
             return False
         return True
 
+    def _won(self, attempt: int) -> None:
+        if attempt:
+            self._hedge_wins += 1
+            set_span_attribute("genfan.hedge.winner", attempt)
+            decision("hedge_won", backend=self.name, attempt=attempt)
+        else:
+            self._primary_wins += 1
+
     async def complete(self, request: ChatRequest) -> Completion:
+        if self.policy.trigger == "first_token":
+            return await collect_stream(self.stream(request), backend=self.name)
         self._calls += 1
         self.budget.deposit()
         delay = self.current_delay()
@@ -160,21 +196,66 @@ class Hedge(Guard):
             self.latencies.add(anyio.current_time() - start)
             self._primary_wins += 1
             return completion
-        return await self._race(request, delay)
+        attempt, completion = await self._race(
+            delay, lambda backend: backend.complete(request), self.latencies
+        )
+        self._won(attempt)
+        return completion
 
-    async def _race(self, request: ChatRequest, delay: float) -> Completion:
+    async def stream(self, request: ChatRequest) -> AsyncIterator[StreamEvent]:
+        self._calls += 1
+        self.budget.deposit()
+        start = anyio.current_time()
+        delay = self.current_first_token_delay()
+        if delay is None:
+            first, events = await _first_event(self.inner, request)
+            self.first_token_latencies.add(anyio.current_time() - start)
+            attempt = 0
+        else:
+            attempt, (first, events) = await self._race(
+                delay,
+                lambda backend: _first_event(backend, request),
+                self.first_token_latencies,
+                discard=_close_loser,
+            )
+        self._won(attempt)
+        async with aclosing(events):  # type: ignore[type-var,unused-ignore]
+            event = first
+            while True:
+                if isinstance(event, StreamEnd):
+                    self.latencies.add(anyio.current_time() - start)
+                yield event
+                try:
+                    event = await anext(events)
+                except StopAsyncIteration:
+                    return
+
+    async def _race(
+        self,
+        delay: float,
+        run: Callable[[Backend], Awaitable[_T]],
+        tracker: LatencyTracker,
+        *,
+        discard: Callable[[_T], Awaitable[None]] | None = None,
+    ) -> tuple[int, _T]:
+        """Run ``run`` on the primary, and on hedges ``delay`` apart, until one succeeds.
+
+        Returns the winning attempt's index and result; the other attempts are cancelled (and a
+        result that arrived too late is passed to ``discard``). ``tracker`` learns each
+        attempt's latency (a cancelled loser's elapsed time, a lower bound of it).
+        """
         max_attempts = 1 + self.policy.max_hedges
-        outcomes: deque[tuple[int, float, Completion | BaseException]] = deque()
+        outcomes: deque[tuple[int, float, _T | BaseException]] = deque()
         arrived = [anyio.Event()]
         starts: list[float] = []
         errors: list[BaseException] = []
         finished: set[int] = set()
-        winner: tuple[int, Completion] | None = None
+        winner: tuple[int, _T] | None = None
 
         async def attempt(i: int, backend: Backend) -> None:
             start = anyio.current_time()
             try:
-                outcome: Completion | BaseException = await backend.complete(request)
+                outcome: _T | BaseException = await run(backend)
             except Exception as exc:
                 outcome = exc
             outcomes.append((i, anyio.current_time() - start, outcome))
@@ -191,61 +272,97 @@ class Hedge(Guard):
                 decision("hedge_sent", backend=self.name, attempt=i, to=backend.name, delay=delay)
             tg.start_soon(attempt, i, backend)
 
-        async with anyio.create_task_group() as tg:
-            launch(tg)
-            pending = 1
-            hedging = True
-            while pending and winner is None:
-                if not outcomes:
-                    if hedging and len(starts) < max_attempts:
-                        with anyio.move_on_after(starts[-1] + delay - anyio.current_time()):
+        try:
+            async with anyio.create_task_group() as tg:
+                launch(tg)
+                pending = 1
+                hedging = True
+                while pending and winner is None:
+                    if not outcomes:
+                        if hedging and len(starts) < max_attempts:
+                            with anyio.move_on_after(starts[-1] + delay - anyio.current_time()):
+                                await arrived[0].wait()
+                        else:
                             await arrived[0].wait()
-                    else:
-                        await arrived[0].wait()
-                if not outcomes:
-                    # The delay passed without an answer: hedge, if allowed.
-                    if self._may_hedge(len(starts)):
-                        launch(tg)
-                        pending += 1
-                    else:
-                        hedging = False
-                    continue
-                arrived[0] = anyio.Event()
-                while outcomes:
-                    i, latency, outcome = outcomes.popleft()
-                    pending -= 1
-                    finished.add(i)
-                    self.latencies.add(latency)
-                    if isinstance(outcome, Completion):
-                        winner = (i, outcome)
-                        break
-                    errors.append(outcome)
-                    retryable = isinstance(outcome, BackendError) and outcome.retryable
-                    if (
-                        hedging
-                        and retryable
-                        and len(starts) < max_attempts
-                        and self._may_hedge(len(starts))
-                    ):
-                        launch(tg)
-                        pending += 1
-            if pending:
-                now = anyio.current_time()
-                for j, started in enumerate(starts):
-                    if j not in finished:
-                        # A loser is cancelled: its elapsed time is a lower bound of its latency.
-                        self.latencies.add(now - started)
-                tg.cancel_scope.cancel()
+                    if not outcomes:
+                        # The delay passed without an answer: hedge, if allowed.
+                        if self._may_hedge(len(starts)):
+                            launch(tg)
+                            pending += 1
+                        else:
+                            hedging = False
+                        continue
+                    arrived[0] = anyio.Event()
+                    while outcomes:
+                        i, latency, outcome = outcomes.popleft()
+                        pending -= 1
+                        finished.add(i)
+                        tracker.add(latency)
+                        if not isinstance(outcome, BaseException):
+                            winner = (i, outcome)
+                            break
+                        errors.append(outcome)
+                        retryable = isinstance(outcome, BackendError) and outcome.retryable
+                        if (
+                            hedging
+                            and retryable
+                            and len(starts) < max_attempts
+                            and self._may_hedge(len(starts))
+                        ):
+                            launch(tg)
+                            pending += 1
+                if pending:
+                    now = anyio.current_time()
+                    for j, started in enumerate(starts):
+                        if j not in finished:
+                            # A loser is cancelled: its elapsed time is a lower bound.
+                            tracker.add(now - started)
+                    tg.cancel_scope.cancel()
+        except BaseException:
+            # Cancelled from outside after a winner was chosen: its result is let go too.
+            if winner is not None and discard is not None:
+                with anyio.move_on_after(_CLOSE_TIMEOUT, shield=True):
+                    await discard(winner[1])
+            raise
+        finally:
+            # Results that arrived beside the winner's are let go.
+            leftovers = [o for _, _, o in outcomes if not isinstance(o, BaseException)]
+            outcomes.clear()
+            if discard is not None and leftovers:
+                with anyio.move_on_after(_CLOSE_TIMEOUT, shield=True):
+                    for leftover in leftovers:
+                        await discard(leftover)
         if winner is not None:
-            i, completion = winner
-            if i:
-                self._hedge_wins += 1
-                set_span_attribute("genfan.hedge.winner", i)
-                decision("hedge_won", backend=self.name, attempt=i)
-            else:
-                self._primary_wins += 1
-            return completion
+            return winner
         raise errors[-1]
 
-    def stream(self, request: ChatRequest) -> AsyncIterator[StreamEvent]:
-        return self.inner.stream(request)
+
+#: Seconds allowed for closing a losing stream (shielded from the cancellation that ended it).
+_CLOSE_TIMEOUT = 5.0
+
+
+async def _first_event(
+    backend: Backend, request: ChatRequest
+) -> tuple[StreamEvent, AsyncIterator[StreamEvent]]:
+    """Open ``backend``'s stream and wait for its first event; close it if that fails."""
+    events = backend.stream(request)
+    try:
+        return await anext(events), events
+    except StopAsyncIteration:
+        raise MalformedResponseError(
+            "stream ended before its first event", backend=backend.name
+        ) from None
+    except BaseException:
+        await _close_stream(events)
+        raise
+
+
+async def _close_loser(result: tuple[StreamEvent, AsyncIterator[StreamEvent]]) -> None:
+    await _close_stream(result[1])
+
+
+async def _close_stream(events: AsyncIterator[StreamEvent]) -> None:
+    aclose = getattr(events, "aclose", None)
+    if aclose is not None:
+        with anyio.move_on_after(_CLOSE_TIMEOUT, shield=True):
+            await aclose()

@@ -303,6 +303,13 @@ class HedgePolicy:
         max_hedges: extra requests per call, at most.
         max_extra_ratio: hedges may be at most this share of calls (a budget over ``budget_ttl``).
         budget_ttl: seconds over which the extra-load budget is counted.
+        trigger: what a call must have by the delay for no hedge to be sent. ``"answer"``: the
+            whole answer (``complete()`` calls the backend's ``complete()``). ``"first_token"``:
+            its first token; ``complete()`` then runs as a stream, the delay is learned from
+            times to first token, and the first attempt to produce a token wins (a stall before
+            the first token, from queueing, prefill or a cold replica, is caught after the p95 of
+            time to first token instead of the p95 of the whole answer). Streams are always
+            hedged on their first token.
     """
 
     delay: float | None = None
@@ -312,9 +319,11 @@ class HedgePolicy:
     max_hedges: int = 1
     max_extra_ratio: float = 0.05
     budget_ttl: float = 10.0
+    trigger: Literal["answer", "first_token"] = "answer"
 
     def __post_init__(self) -> None:
         p = "HedgePolicy."
+        _check_choice(p + "trigger", self.trigger, ("answer", "first_token"))
         _check(p + "delay", self.delay, low=0, allow_none=True)
         _check(p + "percentile", self.percentile, low=0, high=1, low_open=True)
         _check_int(p + "window", self.window, low=1)
