@@ -122,6 +122,24 @@ async def test_complete_with_first_token_trigger_catches_a_stall_sooner() -> Non
 
 
 @pytest.mark.anyio
+async def test_complete_with_first_token_trigger_still_hedges_a_slow_answer() -> None:
+    """First token on time, then slow tokens: hedged at p95 of whole answers, first answer wins."""
+    normal = Reply(text="x y", latency=5.0, ttft=0.5)
+    slow_decode = Reply(text="x y", latency=50.0, ttft=0.5)
+    fake = FakeBackend("p", [normal] * 20 + [slow_decode, normal])
+    hedge = Hedge(fake, HedgePolicy(trigger="first_token", min_samples=20, max_extra_ratio=1.0))
+    for _ in range(20):
+        await hedge.complete(REQ)
+    start = anyio.current_time()
+    with capture_events() as log:
+        completion = await hedge.complete(REQ)
+    assert anyio.current_time() - start == pytest.approx(10.0)  # hedged at 5 s, + 5 s
+    assert completion.text == "x y" and completion.ttft == pytest.approx(0.5)
+    assert [e["delay"] for e in log if e["event"] == "hedge_sent"] == [5.0]
+    assert fake.in_flight == 0 and fake.cancelled == 1
+
+
+@pytest.mark.anyio
 async def test_error_before_first_token_hedges_at_once_error_after_it_is_raised() -> None:
     primary = FakeBackend("p", [Fail(error=BackendConnectionError("p down"), latency=0.5)])
     alternate = FakeBackend("alt", [Reply(text="ok", latency=1.0, ttft=0.5)])

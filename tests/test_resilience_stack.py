@@ -158,3 +158,10 @@ def test_guards_config_rejects_bad_values_naming_the_field() -> None:
         GuardsConfig.model_validate({"retry": {"atempts": 3}})
     with pytest.raises(ValidationError):
         GuardsConfig.model_validate({"circuit": True})
+
+
+def test_guards_config_hedge_trigger() -> None:
+    g = GuardsConfig.model_validate({"hedge": {"trigger": "first_token"}}).build(FakeBackend("b"))
+    assert g.hedge is not None and g.hedge.policy.trigger == "first_token"
+    with pytest.raises(ValidationError, match=r"HedgePolicy.trigger must be one of"):
+        GuardsConfig.model_validate({"hedge": {"trigger": "token"}})

@@ -28,6 +28,7 @@ from genfan import (
     ToolSpec,
     collect_stream,
 )
+from genfan.resilience import HedgePolicy, guard
 from genfan.testserver import (
     FakeLLMServer,
     Fault,
@@ -345,6 +346,32 @@ async def test_abandoned_stream_releases_its_connection(srv: FakeLLMServer) -> N
         assert await eventually(lambda: srv.abandoned == before + 1)
     finally:
         srv.chunk_delay = 0.0
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("streamed", [True, False])
+async def test_hedge_on_first_token_over_http(srv: FakeLLMServer, streamed: bool) -> None:
+    """A model server stalled before its first token is hedged to a replica; the stalled
+    stream's connection is closed (handed between tasks on asyncio and trio alike)."""
+    srv.set_latency(30.0, model="stalled")
+    before = srv.abandoned
+    policy = HedgePolicy(delay=0.2, max_extra_ratio=1.0, trigger="first_token")
+    async with oai(srv, "stalled") as primary, oai(srv, "replica") as replica:
+        hedged = guard(primary, hedge=policy, hedge_alternates=[guard(replica)])
+        assert hedged.hedge is not None
+        hedged.hedge.budget.deposit()
+        request = ChatRequest.from_prompt("who answers")
+        with anyio.fail_after(10):
+            if streamed:
+                c = await collect_stream(hedged.stream(request))
+            else:
+                c = await hedged.complete(request)
+        assert c.text == "echo: who answers" and c.model == "replica"
+        assert c.ttft is not None and c.ttft < 5.0
+        assert hedged.hedge.statistics().hedge_wins == 1
+        assert await eventually(lambda: srv.abandoned == before + 1)
+        for client in primary.clients:
+            assert client._transport._pool.connections == []  # type: ignore[attr-defined]
 
 
 # -- the server as a subprocess ----------------------------------------------------------------

@@ -12,7 +12,7 @@ from typing import TypeVar
 import anyio
 import anyio.abc
 
-from ..backend import Backend, collect_stream
+from ..backend import Backend
 from ..errors import BackendError, MalformedResponseError
 from ..types import ChatRequest, Completion, StreamEnd, StreamEvent
 from ._base import Guard, decision, metrics, set_span_attribute, time_left
@@ -98,8 +98,9 @@ class Hedge(Guard):
     Streams are hedged on their **first token**: the delay is the learned percentile of times to
     first token, the first attempt to produce an event wins, and the caller then reads that one
     stream (tokens, once passed on, are never taken back, so nothing is hedged after the first
-    token). With ``HedgePolicy(trigger="first_token")``, :meth:`complete` runs the same way over
-    the backend's stream.
+    token). With ``HedgePolicy(trigger="first_token")``, :meth:`complete` reads the backend's
+    stream and hedges both a late first token (at the learned first-token delay) and, once a
+    token has come, a late answer (at the answer delay); the first whole answer wins.
 
     Args:
         inner: the primary backend.
@@ -185,10 +186,10 @@ class Hedge(Guard):
             self._primary_wins += 1
 
     async def complete(self, request: ChatRequest) -> Completion:
-        if self.policy.trigger == "first_token":
-            return await collect_stream(self.stream(request), backend=self.name)
         self._calls += 1
         self.budget.deposit()
+        if self.policy.trigger == "first_token":
+            return await self._complete_over_stream(request)
         delay = self.current_delay()
         if delay is None:
             start = anyio.current_time()
@@ -197,9 +198,47 @@ class Hedge(Guard):
             self._primary_wins += 1
             return completion
         attempt, completion = await self._race(
-            delay, lambda backend: backend.complete(request), self.latencies
+            lambda backend, _: backend.complete(request), self.latencies, delay
         )
         self._won(attempt)
+        return completion
+
+    async def _complete_over_stream(self, request: ChatRequest) -> Completion:
+        """``complete()`` with ``trigger="first_token"``: each attempt reads the backend's stream.
+
+        A hedge is sent when no attempt has a first token after the first-token delay, or no
+        answer after the answer delay once one has; the first whole answer wins (nothing has
+        been passed to the caller yet, so a slow stream can still be overtaken).
+        """
+
+        async def attempt(backend: Backend, first_token: Callable[[], None]) -> Completion:
+            start = anyio.current_time()
+            ttft: float | None = None
+            events = backend.stream(request)
+            try:
+                async for event in events:
+                    if ttft is None:
+                        ttft = anyio.current_time() - start
+                        self.first_token_latencies.add(ttft)
+                        first_token()
+                    if isinstance(event, StreamEnd):
+                        c = event.completion
+                        return c if c.ttft is not None else c.model_copy(update={"ttft": ttft})
+            finally:
+                if ttft is None:  # failed or cancelled first: a lower bound of its ttft
+                    self.first_token_latencies.add(anyio.current_time() - start)
+                await _close_stream(events)
+            raise MalformedResponseError(
+                "stream ended without a final event (truncated)", backend=backend.name
+            )
+
+        attempt_no, completion = await self._race(
+            attempt,
+            self.latencies,
+            self.current_first_token_delay(),
+            delay_after_first_token=self.current_delay(),
+        )
+        self._won(attempt_no)
         return completion
 
     async def stream(self, request: ChatRequest) -> AsyncIterator[StreamEvent]:
@@ -213,9 +252,9 @@ class Hedge(Guard):
             attempt = 0
         else:
             attempt, (first, events) = await self._race(
-                delay,
-                lambda backend: _first_event(backend, request),
+                lambda backend, _: _first_event(backend, request),
                 self.first_token_latencies,
+                delay,
                 discard=_close_loser,
             )
         self._won(attempt)
@@ -232,17 +271,20 @@ class Hedge(Guard):
 
     async def _race(
         self,
-        delay: float,
-        run: Callable[[Backend], Awaitable[_T]],
+        run: Callable[[Backend, Callable[[], None]], Awaitable[_T]],
         tracker: LatencyTracker,
+        delay: float | None,
         *,
+        delay_after_first_token: float | None = None,
         discard: Callable[[_T], Awaitable[None]] | None = None,
     ) -> tuple[int, _T]:
-        """Run ``run`` on the primary, and on hedges ``delay`` apart, until one succeeds.
+        """Run ``run`` on the primary, and on hedges while it is slow, until one succeeds.
 
-        Returns the winning attempt's index and result; the other attempts are cancelled (and a
-        result that arrived too late is passed to ``discard``). ``tracker`` learns each
-        attempt's latency (a cancelled loser's elapsed time, a lower bound of it).
+        A hedge is sent ``delay`` after the last attempt started, or, once an attempt has called
+        its ``first_token`` callback, ``delay_after_first_token`` after (``None``: no hedge in
+        that phase). Returns the winning attempt's index and result; the other attempts are
+        cancelled (and a result that arrived too late is passed to ``discard``). ``tracker``
+        learns each attempt's latency (a cancelled loser's elapsed time, a lower bound of it).
         """
         max_attempts = 1 + self.policy.max_hedges
         outcomes: deque[tuple[int, float, _T | BaseException]] = deque()
@@ -251,17 +293,23 @@ class Hedge(Guard):
         errors: list[BaseException] = []
         finished: set[int] = set()
         winner: tuple[int, _T] | None = None
+        first_token = [False]
+
+        def on_first_token() -> None:
+            if not first_token[0]:
+                first_token[0] = True
+                arrived[0].set()
 
         async def attempt(i: int, backend: Backend) -> None:
             start = anyio.current_time()
             try:
-                outcome: _T | BaseException = await run(backend)
+                outcome: _T | BaseException = await run(backend, on_first_token)
             except Exception as exc:
                 outcome = exc
             outcomes.append((i, anyio.current_time() - start, outcome))
             arrived[0].set()
 
-        def launch(tg: anyio.abc.TaskGroup) -> None:
+        def launch(tg: anyio.abc.TaskGroup, after: float | None) -> None:
             i = len(starts)
             starts.append(anyio.current_time())
             backend = self._target(i)
@@ -269,25 +317,29 @@ class Hedge(Guard):
                 self._hedges += 1
                 set_span_attribute("genfan.hedge.sent", i)
                 metrics().hedges.add(1, self._attrs)
-                decision("hedge_sent", backend=self.name, attempt=i, to=backend.name, delay=delay)
+                decision("hedge_sent", backend=self.name, attempt=i, to=backend.name, delay=after)
             tg.start_soon(attempt, i, backend)
 
         try:
             async with anyio.create_task_group() as tg:
-                launch(tg)
+                launch(tg, None)
                 pending = 1
                 hedging = True
                 while pending and winner is None:
+                    after = delay_after_first_token if first_token[0] else delay
                     if not outcomes:
-                        if hedging and len(starts) < max_attempts:
-                            with anyio.move_on_after(starts[-1] + delay - anyio.current_time()):
+                        if hedging and after is not None and len(starts) < max_attempts:
+                            with anyio.move_on_after(starts[-1] + after - anyio.current_time()):
                                 await arrived[0].wait()
                         else:
                             await arrived[0].wait()
                     if not outcomes:
+                        if arrived[0].is_set():  # a first token: the next delay applies
+                            arrived[0] = anyio.Event()
+                            continue
                         # The delay passed without an answer: hedge, if allowed.
                         if self._may_hedge(len(starts)):
-                            launch(tg)
+                            launch(tg, after)
                             pending += 1
                         else:
                             hedging = False
@@ -309,7 +361,7 @@ class Hedge(Guard):
                             and len(starts) < max_attempts
                             and self._may_hedge(len(starts))
                         ):
-                            launch(tg)
+                            launch(tg, 0.0)
                             pending += 1
                 if pending:
                     now = anyio.current_time()

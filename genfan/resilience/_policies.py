@@ -303,13 +303,12 @@ class HedgePolicy:
         max_hedges: extra requests per call, at most.
         max_extra_ratio: hedges may be at most this share of calls (a budget over ``budget_ttl``).
         budget_ttl: seconds over which the extra-load budget is counted.
-        trigger: what a call must have by the delay for no hedge to be sent. ``"answer"``: the
-            whole answer (``complete()`` calls the backend's ``complete()``). ``"first_token"``:
-            its first token; ``complete()`` then runs as a stream, the delay is learned from
-            times to first token, and the first attempt to produce a token wins (a stall before
-            the first token, from queueing, prefill or a cold replica, is caught after the p95 of
-            time to first token instead of the p95 of the whole answer). Streams are always
-            hedged on their first token.
+        trigger: what ``complete()`` hedges on. ``"answer"``: a whole answer later than the
+            delay (the backend's ``complete()`` is called). ``"first_token"``: also a first
+            token later than the p95 of times to first token; ``complete()`` then reads the
+            backend's stream, so a stall before the first token (queueing, prefill, a cold
+            replica) is caught after a fraction of the answer's p95, and a slow answer is still
+            hedged at the answer's delay. Streams are always hedged on their first token.
     """
 
     delay: float | None = None
