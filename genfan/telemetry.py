@@ -103,9 +103,6 @@ def get_tracer() -> Tracer:
     return _trace_module().get_tracer(_INSTRUMENTATION)  # type: ignore[no-any-return]
 
 
-_default_get_tracer = get_tracer
-
-
 def get_meter() -> Meter:
     """genfan's OpenTelemetry meter (a no-op until an SDK is configured)."""
     from opentelemetry import metrics
@@ -140,7 +137,7 @@ def span(name: str, /, **attributes: Any) -> AbstractContextManager[Span]:
     provider) is installed, this yields a shared non-recording span and does nothing else: the
     hot path of a fan-out should not pay ~15 µs per span for spans nobody records.
     """
-    if get_tracer is _default_get_tracer and not _tracing_on():
+    if not _tracing_on():
         return _no_span()
     return _real_span(name, attributes)
 

@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import anyio
 import anyio.lowlevel
 import pytest
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from pydantic import BaseModel
 from trio.testing import MockClock
 
-from genfan import FanOut, telemetry
+from genfan import FanOut
 from genfan.agents import (
     Chain,
     ChainFailedError,
@@ -439,15 +435,6 @@ async def test_llm_steps_fill_templates_parse_models_and_use_fan_outs() -> None:
     request = LLMCall(backend, "Hi {name}", system="S", temperature=0.1).request(name="Ann")
     assert request.messages[0].content == "S" and request.prompt == "Hi Ann"
     assert request.temperature == 0.1
-
-
-@pytest.fixture
-def spans(monkeypatch: pytest.MonkeyPatch) -> Iterator[InMemorySpanExporter]:
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    monkeypatch.setattr(telemetry, "get_tracer", lambda: provider.get_tracer("genfan"))
-    yield exporter
 
 
 @pytest.mark.anyio

@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 
 import anyio
 import pytest
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from trio.testing import MockClock
 
-from genfan import FanOut, telemetry
+from genfan import FanOut
 from genfan.agents import (
     Agent,
     AgentFinished,
@@ -370,16 +367,6 @@ def test_agent_configuration_errors() -> None:
         Agent(backend, max_parallel_tools=0)
     with pytest.raises(ConfigurationError, match="Backend or a FanOut"):
         Agent("openai:gpt-4o")  # type: ignore[arg-type]
-
-
-@pytest.fixture
-def spans(monkeypatch: pytest.MonkeyPatch) -> Iterator[InMemorySpanExporter]:
-    # A private provider, so this module never fights others over the global one.
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    monkeypatch.setattr(telemetry, "get_tracer", lambda: provider.get_tracer("genfan"))
-    yield exporter
 
 
 @pytest.mark.anyio

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo
 
 import anyio
@@ -32,6 +32,9 @@ from genfan.schedule._config import parse_schedules
 from genfan.schedule._store import jitter_us
 from genfan.schedule._triggers import to_us
 from genfan.testing import capture_events
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -565,23 +568,17 @@ async def test_stopping_while_outcomes_are_being_written_records_them_all() -> N
 
 @pytest.mark.anyio
 async def test_span_per_run_and_metrics_for_runs_retries_and_drift(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, spans: InMemorySpanExporter
 ) -> None:
     from opentelemetry.sdk.metrics import MeterProvider
     from opentelemetry.sdk.metrics.export import InMemoryMetricReader
-    from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
     from genfan import telemetry
 
-    exporter = InMemorySpanExporter()
-    tracer_provider = TracerProvider()
-    tracer_provider.add_span_processor(SimpleSpanProcessor(exporter))
+    exporter = spans
     reader = InMemoryMetricReader()
     meter_provider = MeterProvider(metric_readers=[reader])
-    # Local providers (the global ones can be set once per process).
-    monkeypatch.setattr(telemetry, "get_tracer", lambda: tracer_provider.get_tracer("t"))
+    # A local meter provider (the global one can be set once per process).
     monkeypatch.setattr(telemetry, "get_meter", lambda: meter_provider.get_meter("t"))
     instruments = telemetry._Instruments()
     monkeypatch.setattr(telemetry, "instruments", lambda: instruments)

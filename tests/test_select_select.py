@@ -2,15 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 import genfan
-from genfan import telemetry
 from genfan.backend import register_backend
 from genfan.errors import ConfigurationError
 from genfan.select import (
@@ -190,15 +185,6 @@ def test_select_validates_its_options() -> None:
 
 
 # --- telemetry -------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def spans(monkeypatch: pytest.MonkeyPatch) -> Iterator[InMemorySpanExporter]:
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    monkeypatch.setattr(telemetry, "get_tracer", lambda: provider.get_tracer("genfan"))
-    yield exporter
 
 
 async def test_scores_and_pick_are_span_attributes_events_and_log_events(
