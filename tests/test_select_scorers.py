@@ -89,6 +89,34 @@ def test_final_number_options() -> None:
     assert FinalNumber()("5 + 7", None) == "7"  # without the request nothing is an echo
 
 
+@pytest.mark.parametrize(
+    ("text", "numbers"),
+    [
+        ("twenty-one apples", ["21"]),
+        ("Three hundred and five", ["305"]),
+        ("one thousand two hundred thirty four", ["1234"]),
+        ("two million five hundred thousand", ["2500000"]),
+        ("a hundred", ["100"]),
+        ("one two three", ["1", "2", "3"]),  # a run of units is several numbers
+        ("twenty thirty", ["20", "30"]),
+        ("3 cats and twelve dogs, then 4", ["3", "12", "4"]),  # in order with the digits
+        ("someone has gone often", []),  # words inside words are not numbers
+    ],
+)
+def test_numbers_written_in_words(text: str, numbers: list[str]) -> None:
+    assert numbers_in(text, words=True) == numbers
+    assert numbers_in("twenty-one and 5") == ["5"]  # off by default
+
+
+def test_number_words_extractor_votes_and_ignores_echoes() -> None:
+    seven = ChatRequest.from_prompt("What is five plus seven?")
+    extract = as_extractor("number_words")
+    assert extract("Five plus seven is twelve.", seven) == "12"
+    assert extract("The answer is 12", seven) == "12"  # digits and words agree
+    assert extract("five plus seven", seven) is None  # only echoes
+    assert FinalNumber()("Five plus seven is twelve.", seven) is None  # digits only
+
+
 def test_other_extractors() -> None:
     assert Normalized()('  "Paris."  ', None) == "paris"
     assert Normalized()("  ", None) is None

@@ -75,14 +75,79 @@ def _canonical_number(raw: str) -> str | None:
     return text
 
 
-def numbers_in(text: str) -> list[str]:
-    """The numbers in ``text``, in order, canonicalised (``"1,000.50"`` -> ``"1000.5"``)."""
-    out = []
+_UNITS = {
+    w: i
+    for i, w in enumerate(
+        """zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen
+        fifteen sixteen seventeen eighteen nineteen""".split()
+    )
+}
+_TENS = {
+    w: 10 * i
+    for i, w in enumerate("twenty thirty forty fifty sixty seventy eighty ninety".split(), 2)
+}
+_SCALES = {"thousand": 10**3, "million": 10**6, "billion": 10**9, "trillion": 10**12}
+_NUMBER_WORD = "|".join(sorted([*_UNITS, *_TENS, "hundred", *_SCALES], key=len, reverse=True))
+_NUMBER_WORDS = re.compile(
+    rf"\b(?:{_NUMBER_WORD})(?:(?:[\s-]+|\s+and\s+)(?:{_NUMBER_WORD}))*\b", re.IGNORECASE
+)
+
+
+def _words_values(phrase: str) -> list[int]:
+    """The numbers in a run of number words: ``"three hundred and twenty-one"`` -> [321],
+    ``"one two three"`` -> [1, 2, 3]."""
+    values: list[int] = []
+    total = current = 0
+    previous = ""
+
+    def flush() -> None:
+        nonlocal total, current
+        if previous:
+            values.append(total + current)
+        total = current = 0
+
+    for word in re.findall(r"[a-z]+", phrase.casefold()):
+        if word == "and":
+            continue
+        if word in _UNITS or word in _TENS:
+            value = _UNITS[word] if word in _UNITS else _TENS[word]
+            # "twenty one" is 21; "one two", "twenty thirty" or "twenty twelve" are two numbers.
+            if previous in _UNITS or (previous in _TENS and value >= 10):
+                flush()
+            current += value
+        elif word == "hundred":
+            if previous in ("", "hundred", *_SCALES):
+                flush()
+                current = 1
+            current *= 100
+        else:
+            if previous in _SCALES and _SCALES[previous] <= _SCALES[word]:
+                flush()
+            total += (current or 1) * _SCALES[word]
+            current = 0
+        previous = word
+    flush()
+    return values
+
+
+def numbers_in(text: str, *, words: bool = False) -> list[str]:
+    """The numbers in ``text``, in order, canonicalised (``"1,000.50"`` -> ``"1000.5"``).
+
+    Args:
+        text: the text.
+        words: also read cardinal numbers written in English words (``"twenty-one"`` -> ``"21"``,
+            ``"three hundred and five"`` -> ``"305"``). Off by default: "one" is often a pronoun.
+    """
+    found: list[tuple[float, str]] = []
     for m in _NUMBER.finditer(text):
         n = _canonical_number(m.group(0))
         if n is not None:
-            out.append(n)
-    return out
+            found.append((m.start(), n))
+    if words:
+        for m in _NUMBER_WORDS.finditer(text):
+            found.extend((m.start() + i * 1e-3, str(v)) for i, v in enumerate(_words_values(m[0])))
+        found.sort(key=lambda item: item[0])
+    return [n for _, n in found]
 
 
 def _question(request: ChatRequest | None) -> str:
@@ -110,23 +175,30 @@ class FinalNumber:
             only numbers come from the question gives ``None``: it casts no vote. The price: a
             correct answer equal to a number of the question is not counted either.
         first: take the first number instead of the last.
+        words: also read numbers written in words (``"twelve"``, ``"twenty-one"``); see
+            :func:`numbers_in`.
     """
 
-    def __init__(self, *, ignore_echo: bool = True, first: bool = False) -> None:
+    def __init__(
+        self, *, ignore_echo: bool = True, first: bool = False, words: bool = False
+    ) -> None:
         self.ignore_echo = ignore_echo
         self.first = first
+        self.words = words
 
     def __call__(self, text: str, request: ChatRequest | None = None, /) -> str | None:
-        found = numbers_in(text)
+        found = numbers_in(text, words=self.words)
         if self.ignore_echo and found:
-            echoed = set(numbers_in(_question(request)))
+            echoed = set(numbers_in(_question(request), words=self.words))
             found = [n for n in found if n not in echoed]
         if not found:
             return None
         return found[0] if self.first else found[-1]
 
     def __repr__(self) -> str:
-        return f"FinalNumber(ignore_echo={self.ignore_echo}, first={self.first})"
+        return (
+            f"FinalNumber(ignore_echo={self.ignore_echo}, first={self.first}, words={self.words})"
+        )
 
 
 class RegexExtract:
@@ -213,8 +285,9 @@ def as_extractor(spec: ExtractorLike) -> Extractor:
     """Build an extractor from a name, a pattern or a function.
 
     Names: ``"normalize"`` (whole answer, normalised), ``"number"`` (the final number, echoes of
-    the question ignored), ``"words"`` (:class:`NovelWords`). A string starting with ``re:`` or a
-    compiled pattern becomes a :class:`RegexExtract`.
+    the question ignored), ``"number_words"`` (the same, numbers written in words read too),
+    ``"words"`` (:class:`NovelWords`). A string starting with ``re:`` or a compiled pattern
+    becomes a :class:`RegexExtract`.
     """
     if isinstance(spec, Normalized | FinalNumber | RegexExtract | NovelWords | _Function):
         return spec
@@ -225,12 +298,15 @@ def as_extractor(spec: ExtractorLike) -> Extractor:
             return Normalized()
         if spec in ("number", "final_number"):
             return FinalNumber()
+        if spec == "number_words":
+            return FinalNumber(words=True)
         if spec in ("words", "novel_words"):
             return NovelWords()
         if spec.startswith("re:"):
             return RegexExtract(spec[3:])
         raise ConfigurationError(
-            f"extract must be 'normalize', 'number', 'words', 're:<pattern>' or a function, "
+            "extract must be 'normalize', 'number', 'number_words', 'words', 're:<pattern>' or a "
+            f"function, "
             f"got {spec!r}"
         )
     if callable(spec):
