@@ -1,4 +1,5 @@
-"""Retries: exact delays, Retry-After, what is never retried, the budget and the deadline."""
+"""Retries: exact delays, Retry-After and rate-limit resets, what is never retried, the budget and
+the deadline."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import anyio
 import pytest
 from trio.testing import MockClock
 
-from genfan import ChatRequest
+from genfan import ChatRequest, RateLimitInfo
 from genfan.errors import (
     BackendConnectionError,
     BackendError,
@@ -98,6 +99,127 @@ async def test_retry_after_longer_than_allowed_fails_fast() -> None:
     with pytest.raises(RateLimitError):
         await retry.complete(REQ)
     assert len(script.times) == 1
+
+
+def limited(retry_after: float | None = None, **info: float) -> RateLimitError:
+    """A 429 with the given Retry-After and rate-limit headers (RateLimitInfo fields)."""
+    return RateLimitError(
+        "rate limited", retry_after=retry_after, rate_limit=RateLimitInfo.model_validate(info)
+    )
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("info", "wait"),
+    [
+        ({"remaining_requests": 0, "reset_requests": 7.0, "reset_tokens": 2.0}, 7.0),
+        ({"remaining_tokens": 0, "reset_tokens": 12.5, "reset_requests": 0.5}, 12.5),
+        # both quotas spent: the later reset, when both have refilled
+        ({"remaining_requests": 0, "remaining_tokens": 0, "reset_requests": 4.0,
+          "reset_tokens": 9.0}, 9.0),
+        # the quota that is not spent does not hold the retry back
+        ({"remaining_requests": 0, "remaining_tokens": 10, "reset_requests": 4.0,
+          "reset_tokens": 30.0}, 4.0),
+    ],
+)  # fmt: skip
+async def test_429_without_retry_after_waits_for_the_exhausted_quota_to_reset(
+    info: dict[str, float], wait: float
+) -> None:
+    script = Script(limited(**info))
+    retry = Retry(FakeBackend("b", script), NO_JITTER)  # its own guess would be 1 s
+    with capture_events() as events:
+        assert (await retry.complete(REQ)).text == "ok"
+    assert script.gaps() == pytest.approx([wait])
+    scheduled = [e for e in events if e["event"] == "retry_scheduled"]
+    assert scheduled[0]["delay"] == pytest.approx(wait)
+
+
+@pytest.mark.anyio
+async def test_retry_after_wins_over_the_rate_limit_reset() -> None:
+    script = Script(limited(retry_after=2.0, remaining_requests=0, reset_requests=20.0))
+    await Retry(FakeBackend("b", script), NO_JITTER).complete(REQ)
+    assert script.gaps() == pytest.approx([2.0])
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    "info",
+    [
+        {},  # no rate-limit headers
+        {"remaining_requests": 3, "remaining_tokens": 100, "reset_requests": 20.0},  # not spent
+        {"remaining_requests": 0},  # spent, but no reset reported
+    ],
+)
+async def test_429_without_a_known_reset_backs_off_as_usual(info: dict[str, float]) -> None:
+    script = Script(limited(**info), limited(**info))
+    await Retry(FakeBackend("b", script), NO_JITTER).complete(REQ)
+    assert script.gaps() == pytest.approx([1.0, 2.0])
+
+
+@pytest.mark.anyio
+async def test_rate_limit_reset_of_other_errors_is_not_a_wait() -> None:
+    # a 503 carrying quota headers is not a rate limit: the backoff applies
+    info = RateLimitInfo(remaining_requests=0, reset_requests=30.0)
+    script = Script(HTTPStatusError("busy", status_code=503, rate_limit=info))
+    await Retry(FakeBackend("b", script), NO_JITTER).complete(REQ)
+    assert script.gaps() == pytest.approx([1.0])
+
+
+@pytest.mark.anyio
+async def test_rate_limit_reset_is_ignored_when_retry_after_is_not_respected() -> None:
+    policy = RetryPolicy(
+        attempts=2, initial=1.0, jitter="none", respect_retry_after=False, budget=None
+    )
+    script = Script(limited(remaining_requests=0, reset_requests=30.0))
+    await Retry(FakeBackend("b", script), policy).complete(REQ)
+    assert script.gaps() == pytest.approx([1.0])
+
+
+@pytest.mark.anyio
+async def test_rate_limit_reset_longer_than_allowed_fails_fast() -> None:
+    script = Script(limited(remaining_tokens=0, reset_tokens=3600.0))
+    retry = Retry(FakeBackend("b", script), NO_JITTER)  # max_retry_after=60
+    start = anyio.current_time()
+    with capture_events() as events:
+        with pytest.raises(RateLimitError):
+            await retry.complete(REQ)
+    assert len(script.times) == 1 and anyio.current_time() == start
+    assert events[-1]["event"] == "retry_gave_up"
+    assert events[-1]["reason"] == "rate_limit_reset too long"
+    assert events[-1]["rate_limit_reset"] == 3600.0
+
+
+@pytest.mark.anyio
+async def test_rate_limit_reset_that_does_not_fit_the_deadline_fails_fast() -> None:
+    script = Script(limited(remaining_requests=0, reset_requests=5.0))
+    retry = Retry(FakeBackend("b", script), NO_JITTER)
+    start = anyio.current_time()
+    with capture_events() as events:
+        with anyio.move_on_after(4.0):
+            with pytest.raises(RateLimitError):
+                await retry.complete(REQ)
+    # the 1 s backoff would fit, but the quota is back only in 5 s: not worth a 429 more
+    assert len(script.times) == 1 and anyio.current_time() == start
+    assert retry.statistics().deadline_stops == 1
+    assert events[-1]["reason"] == "deadline" and events[-1]["backoff"] == 5.0
+
+
+@pytest.mark.anyio
+async def test_testing_mode_does_not_wait_for_the_rate_limit_reset() -> None:
+    set_testing(True)
+    try:
+        script = Script(limited(remaining_requests=0, reset_requests=30.0))
+        await Retry(FakeBackend("b", script), NO_JITTER).complete(REQ)
+        assert script.gaps() == [0.0]
+    finally:
+        set_testing(False)
+
+
+@pytest.mark.anyio
+async def test_stream_waits_for_the_rate_limit_reset() -> None:
+    script = Script(limited(remaining_requests=0, reset_requests=6.0))
+    events = [e async for e in Retry(FakeBackend("b", script), NO_JITTER).stream(REQ)]
+    assert events[-1].type == "end" and script.gaps() == pytest.approx([6.0])
 
 
 @pytest.mark.anyio

@@ -1,4 +1,5 @@
-"""Retries with tenacity: exponential backoff with jitter, Retry-After, a budget, the deadline."""
+"""Retries with tenacity: exponential backoff with jitter, Retry-After and rate-limit resets,
+a budget, the deadline."""
 
 from __future__ import annotations
 
@@ -89,20 +90,50 @@ class RetryStatistics:
     deadline_stops: int
 
 
+def server_wait(exc: BaseException | None) -> tuple[float, str] | None:
+    """How long a rate-limited backend said to wait before the next call, and how it said it.
+
+    A :class:`~genfan.errors.RateLimitError`'s ``retry_after`` (its ``Retry-After``) comes
+    first: ``(seconds, "retry_after")``. Without it, its ``rate_limit``
+    (:class:`~genfan.types.RateLimitInfo`) tells when an exhausted quota refills: with
+    ``remaining_requests == 0`` the wait is ``reset_requests``, with ``remaining_tokens == 0``
+    it is ``reset_tokens``, and with both spent the later of the two:
+    ``(seconds, "rate_limit_reset")``. ``None`` when the backend said neither (any other error,
+    a quota not at zero, or no reset reported): the policy's backoff applies then.
+    """
+    if not isinstance(exc, RateLimitError):
+        return None
+    if exc.retry_after is not None:
+        return max(0.0, exc.retry_after), "retry_after"
+    info = exc.rate_limit
+    if info is None:
+        return None
+    resets = [
+        reset
+        for remaining, reset in (
+            (info.remaining_requests, info.reset_requests),
+            (info.remaining_tokens, info.reset_tokens),
+        )
+        if remaining == 0 and reset is not None
+    ]
+    if not resets:
+        return None
+    return max(0.0, *resets), "rate_limit_reset"
+
+
 def retry_delay(
     policy: RetryPolicy, state: RetryCallState, rng: random.Random, *, testing: bool
 ) -> float:
-    """Seconds to sleep after ``state``'s attempt (a tenacity ``wait``): the server's
-    ``retry_after`` when ``policy`` respects it, else the policy's backoff with its jitter;
-    always 0 while ``testing``. Shared by :class:`Retry` and the agents' tool and step retries.
+    """Seconds to sleep after ``state``'s attempt (a tenacity ``wait``): when ``policy``
+    respects it, what the server said (its ``retry_after``, else the reset of the exhausted
+    quota in its rate-limit headers; see :func:`server_wait`), else the policy's backoff with
+    its jitter; always 0 while ``testing``. Shared by :class:`Retry` and the agents' tool and
+    step retries.
     """
     exc = state.outcome.exception() if state.outcome is not None else None
-    if (
-        policy.respect_retry_after
-        and isinstance(exc, RateLimitError)
-        and exc.retry_after is not None
-    ):
-        return 0.0 if testing else max(0.0, exc.retry_after)
+    told = server_wait(exc) if policy.respect_retry_after else None
+    if told is not None:
+        return 0.0 if testing else told[0]
     if testing:
         return 0.0
     n = state.attempt_number  # retry number n follows attempt n
@@ -119,9 +150,11 @@ class Retry(Guard):
     """Retry retryable failures with exponential backoff, within a budget and the deadline.
 
     Uses tenacity's ``AsyncRetrying`` sleeping with ``anyio.sleep`` (so it works on trio and
-    under a mock clock). A retry is not started when the retry budget is spent, when the backend
-    asked (``Retry-After``) for more than ``max_retry_after``, or when its backoff would not fit
-    in what is left of the deadline: the last error is raised at once instead. Under
+    under a mock clock). After a 429 it waits what the backend said: its ``Retry-After``, or,
+    without one, until the exhausted quota its rate-limit headers report resets
+    (:func:`server_wait`). A retry is not started when the retry budget is spent, when
+    the backend asked (either way) for more than ``max_retry_after``, or when its wait would not
+    fit in what is left of the deadline: the last error is raised at once instead. Under
     :func:`genfan.testing.set_testing` backoff is zero (and attempts capped).
 
     Args:
@@ -171,17 +204,16 @@ class Retry(Guard):
         attempts = p.attempts if not (testing and cap) else min(p.attempts, cap)
         if state.attempt_number >= attempts:
             return True
-        if (
-            p.respect_retry_after
-            and isinstance(exc, RateLimitError)
-            and exc.retry_after is not None
-            and exc.retry_after > p.max_retry_after
-        ):
+        told = server_wait(exc) if p.respect_retry_after else None
+        if told is not None and told[0] > p.max_retry_after:
+            wait, how = told
+            fields: dict[str, float] = {how: wait}  # retry_after= or rate_limit_reset=
             decision(
                 "retry_gave_up",
                 backend=self.name,
-                reason="retry_after too long",
-                retry_after=exc.retry_after,
+                level="debug",
+                reason=f"{how} too long",
+                **fields,
             )
             return True
         sleep = state.upcoming_sleep
