@@ -165,6 +165,49 @@ async def test_timeout_stream() -> None:
     assert [e.type async for e in ok.stream(REQ)] == ["text", "text", "text", "end"]
 
 
+@pytest.mark.anyio
+async def test_timeout_stream_first_token_and_idle() -> None:
+    policy = TimeoutPolicy(timeout=100.0, first_token=2.0, idle=3.0)
+    stalled = Timeout(FakeBackend("b", [Reply(text="a b", latency=50.0, ttft=40.0)]), policy)
+    start = anyio.current_time()
+    with (
+        capture_events() as log,
+        pytest.raises(BackendTimeoutError, match="no first token within 2s"),
+    ):
+        async for _ in stalled.stream(REQ):
+            pass
+    assert anyio.current_time() - start == pytest.approx(2.0)
+    assert [e["event"] for e in log] == ["stream_stalled"]
+
+    # First token at 1 s, then 10 s between words: idle after 3 s, with the first word passed on.
+    paused = FakeBackend("b", [Reply(text="a b", latency=21.0, ttft=1.0)])
+    got: list[str] = []
+    start = anyio.current_time()
+    with pytest.raises(BackendTimeoutError, match="stream idle for 3s"):
+        async for ev in Timeout(paused, policy).stream(REQ):
+            got.append(ev.type)
+    assert got == ["text"] and anyio.current_time() - start == pytest.approx(4.0)
+    assert paused.in_flight == 0 and paused.cancelled == 1
+
+    # Steady words within both limits: the whole stream, even past first_token + idle.
+    steady = FakeBackend("b", [Reply(text="a b c d e", latency=12.5, ttft=1.5)])
+    events = [e.type async for e in Timeout(steady, policy).stream(REQ)]
+    assert events == ["text"] * 5 + ["end"]
+
+    # The whole-stream limit still applies when it is the tighter one.
+    short = TimeoutPolicy(timeout=1.0, first_token=2.0)
+    with pytest.raises(BackendTimeoutError, match="no answer within 1s"):
+        async for _ in Timeout(FakeBackend("b", latency=5.0), short).stream(REQ):
+            pass
+
+
+def test_timeout_policy_validates_first_token_and_idle() -> None:
+    with pytest.raises(ConfigurationError, match=r"TimeoutPolicy.idle must be a number > 0"):
+        TimeoutPolicy(idle=0)
+    with pytest.raises(ConfigurationError, match=r"TimeoutPolicy.first_token must be a number"):
+        TimeoutPolicy(first_token=-1.0)
+
+
 # -- fallback ---------------------------------------------------------------------------------
 
 

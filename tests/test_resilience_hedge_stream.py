@@ -1,4 +1,5 @@
-"""Hedging on the first token: streams, and ``complete()`` with ``trigger="first_token"``."""
+"""The first token: hedging streams on it (and ``complete()`` with ``trigger="first_token"``),
+and retrying a stream stalled before it."""
 
 from __future__ import annotations
 
@@ -125,7 +126,7 @@ async def test_complete_with_first_token_trigger_catches_a_stall_sooner() -> Non
 async def test_complete_with_first_token_trigger_still_hedges_a_slow_answer() -> None:
     """First token on time, then slow tokens: hedged at p95 of whole answers, first answer wins."""
     normal = Reply(text="x y", latency=5.0, ttft=0.5)
-    slow_decode = Reply(text="x y", latency=50.0, ttft=0.5)
+    slow_decode = Reply(text="x y", latency=50.0, ttft=0.3)  # on time, before p95(TTFT)
     fake = FakeBackend("p", [normal] * 20 + [slow_decode, normal])
     hedge = Hedge(fake, HedgePolicy(trigger="first_token", min_samples=20, max_extra_ratio=1.0))
     for _ in range(20):
@@ -134,7 +135,7 @@ async def test_complete_with_first_token_trigger_still_hedges_a_slow_answer() ->
     with capture_events() as log:
         completion = await hedge.complete(REQ)
     assert anyio.current_time() - start == pytest.approx(10.0)  # hedged at 5 s, + 5 s
-    assert completion.text == "x y" and completion.ttft == pytest.approx(0.5)
+    assert completion.text == "x y" and completion.ttft == pytest.approx(0.5)  # the hedge's
     assert [e["delay"] for e in log if e["event"] == "hedge_sent"] == [5.0]
     assert fake.in_flight == 0 and fake.cancelled == 1
 
@@ -258,3 +259,22 @@ def aclosing_stream(events: AsyncIterator[StreamEvent]):  # type: ignore[no-unty
     from contextlib import aclosing
 
     return aclosing(events)  # type: ignore[type-var]
+
+
+@pytest.mark.anyio
+async def test_stream_stalled_before_first_token_is_retried() -> None:
+    fake = FakeBackend(
+        "f", [Reply(text="stalled", latency=90.0, ttft=80.0), Reply(text="fresh", latency=1.0)]
+    )
+    guarded = guard(
+        fake,
+        retry=RetryPolicy(attempts=2, initial=0.5, jitter="none"),
+        timeout=TimeoutPolicy(timeout=60.0, first_token=2.0),
+    )
+    start = anyio.current_time()
+    with capture_events() as log:
+        completion = await collect_stream(guarded.stream(REQ))
+    assert completion.text == "fresh"
+    assert anyio.current_time() - start == pytest.approx(2.0 + 0.5 + 1.0)
+    assert [e["event"] for e in log] == ["stream_stalled", "retry_scheduled"]
+    assert fake.in_flight == 0 and fake.cancelled == 1

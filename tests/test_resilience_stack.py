@@ -165,3 +165,10 @@ def test_guards_config_hedge_trigger() -> None:
     assert g.hedge is not None and g.hedge.policy.trigger == "first_token"
     with pytest.raises(ValidationError, match=r"HedgePolicy.trigger must be one of"):
         GuardsConfig.model_validate({"hedge": {"trigger": "token"}})
+
+
+def test_guards_config_stream_timeouts() -> None:
+    cfg = {"timeout": {"timeout": 120, "first_token": 10, "idle": 15}}
+    g = GuardsConfig.model_validate(cfg).build(FakeBackend("b"))
+    assert g.timeout is not None
+    assert (g.timeout.policy.first_token, g.timeout.policy.idle) == (10, 15)

@@ -280,12 +280,25 @@ class RetryPolicy:
 
 @dataclass(frozen=True, kw_only=True, slots=True, repr=False)
 class TimeoutPolicy:
-    """Limit each attempt to ``timeout`` seconds (and the request's own ``timeout``, if smaller)."""
+    """Limit each attempt to ``timeout`` seconds (and the request's own ``timeout``, if smaller).
+
+    Args:
+        timeout: the whole attempt (a stream: until its last event).
+        first_token: a stream's first event must come within this (``None``: only ``timeout``).
+            A stalled stream then fails early with a retryable timeout, before anything was
+            passed on, so the retry guard can try again.
+        idle: the longest wait between two events of a stream (``None``: only ``timeout``). A
+            stream that stops mid-answer fails instead of hanging until ``timeout``.
+    """
 
     timeout: float = 60.0
+    first_token: float | None = None
+    idle: float | None = None
 
     def __post_init__(self) -> None:
         _check("TimeoutPolicy.timeout", self.timeout, low=0, low_open=True)
+        _check("TimeoutPolicy.first_token", self.first_token, low=0, low_open=True, allow_none=True)
+        _check("TimeoutPolicy.idle", self.idle, low=0, low_open=True, allow_none=True)
 
     __repr__ = _policy_repr
 

@@ -45,17 +45,31 @@ class Timeout(Guard):
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def stream(self, request: ChatRequest) -> AsyncIterator[StreamEvent]:
-        """The whole stream must end within the limit (each wait is bounded by what is left)."""
+        """The whole stream must end within the limit, its first event come within
+        ``first_token`` and no gap between events pass ``idle`` (when set)."""
         limit = self._limit(request)
         end = anyio.current_time() + limit
+        first = True
         async with aclosing(self.inner.stream(request)) as events:  # type: ignore[type-var]
             iterator = aiter(events)
             while True:
-                with anyio.move_on_after(end - anyio.current_time()) as scope:
+                gap = self.policy.first_token if first else self.policy.idle
+                left = end - anyio.current_time()
+                bounded_by_gap = gap is not None and gap < left
+                with anyio.move_on_after(
+                    gap if gap is not None and bounded_by_gap else left
+                ) as scope:
                     try:
                         event = await anext(iterator)
                     except StopAsyncIteration:
                         return
                 if scope.cancelled_caught:
-                    raise self._expired(limit)
+                    if not bounded_by_gap:
+                        raise self._expired(limit)
+                    why = (
+                        f"no first token within {gap:g}s" if first else f"stream idle for {gap:g}s"
+                    )
+                    decision("stream_stalled", backend=self.name, level="info", reason=why)
+                    raise BackendTimeoutError(why, backend=self.name)
+                first = False
                 yield event
