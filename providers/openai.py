@@ -24,6 +24,7 @@ from typing import Any, Literal, TypeAlias
 import httpx
 from pydantic import SecretStr
 
+from genfan import telemetry
 from genfan.backend import merge_tool_call_deltas
 from genfan.errors import (
     ConfigurationError,
@@ -46,7 +47,7 @@ from genfan.types import (
 
 from ._http import HTTPBackend, parse_duration, parse_int, prefixed_headers
 
-__all__ = ["MaxTokensField", "OpenAIBackend"]
+__all__ = ["MaxTokensField", "OpenAIBackend", "UnsupportedParams"]
 
 #: Which body field carries ``ChatRequest.max_tokens`` (see :class:`OpenAIBackend`).
 MaxTokensField: TypeAlias = Literal["auto", "max_tokens", "max_completion_tokens"]
@@ -54,6 +55,9 @@ _MAX_TOKENS_FIELDS = ("auto", "max_tokens", "max_completion_tokens")
 #: OpenAI's reasoning models, which reject ``max_tokens``: o1, o3, o4-mini, gpt-5 and their
 #: dated or sized variants (``o3-mini``, ``gpt-5.1``, ``gpt-5-mini-2025-08-07``).
 _REASONING_MODEL = re.compile(r"(?:o[134]|gpt-5)(?:$|[-.:_])", re.IGNORECASE)
+#: What to do with sampling parameters a reasoning model rejects (see :class:`OpenAIBackend`).
+UnsupportedParams: TypeAlias = Literal["drop", "error", "send"]
+_UNSUPPORTED_PARAMS = ("drop", "error", "send")
 
 _FINISH: dict[str | None, FinishReason] = {
     "stop": "stop",
@@ -90,10 +94,17 @@ class OpenAIBackend(HTTPBackend):
             ``max_completion_tokens`` when ``base_url`` is ``api.openai.com`` or the request's
             model is an OpenAI reasoning model (``o1``, ``o3``, ``o4``, ``gpt-5`` and their
             variants), and ``max_tokens`` otherwise.
+        unsupported_params: what to do with the sampling parameters that OpenAI's reasoning
+            models (the same ``o1``, ``o3``, ``o4``, ``gpt-5`` names as above, by the request's
+            model) reject with a 400: ``temperature`` other than 1 and ``top_p``. ``"drop"``
+            leaves them out of the body and logs an ``openai_unsupported_params_dropped``
+            warning naming them; ``"error"`` raises :class:`~genfan.errors.ConfigurationError`
+            before sending; ``"send"`` sends them as given (for a compatible server that reuses
+            those model names and accepts them). Other models always get them.
 
     Raises:
-        ConfigurationError: a bad ``base_url``, ``timeout``, ``max_concurrency``, ``price`` or
-            ``max_tokens_field``.
+        ConfigurationError: a bad ``base_url``, ``timeout``, ``max_concurrency``, ``price``,
+            ``max_tokens_field`` or ``unsupported_params``.
     """
 
     provider = "openai"
@@ -112,6 +123,7 @@ class OpenAIBackend(HTTPBackend):
         price: tuple[float, float] | None = None,
         client: httpx.AsyncClient | None = None,
         max_tokens_field: MaxTokensField = "auto",
+        unsupported_params: UnsupportedParams = "drop",
     ) -> None:
         if max_tokens_field not in _MAX_TOKENS_FIELDS:
             raise ConfigurationError(
@@ -120,6 +132,13 @@ class OpenAIBackend(HTTPBackend):
                 + f", got {max_tokens_field!r}"
             )
         self.max_tokens_field: MaxTokensField = max_tokens_field
+        if unsupported_params not in _UNSUPPORTED_PARAMS:
+            raise ConfigurationError(
+                "unsupported_params must be one of "
+                + ", ".join(repr(v) for v in _UNSUPPORTED_PARAMS)
+                + f", got {unsupported_params!r}"
+            )
+        self.unsupported_params: UnsupportedParams = unsupported_params
         super().__init__(
             model,
             name=name,
@@ -145,18 +164,60 @@ class OpenAIBackend(HTTPBackend):
             return "max_completion_tokens"
         return "max_tokens"
 
+    def _sampling_params(self, request: ChatRequest, model: str | None) -> dict[str, Any]:
+        """The sampling fields of the body for ``request``: all of them, except those a
+        reasoning ``model`` rejects when ``unsupported_params`` is ``"drop"``.
+
+        Raises:
+            ConfigurationError: ``unsupported_params="error"`` and the request sets some.
+        """
+        params: dict[str, Any] = {}
+        if request.temperature is not None:
+            params["temperature"] = request.temperature
+        if request.top_p is not None:
+            params["top_p"] = request.top_p
+        if (
+            not params
+            or self.unsupported_params == "send"
+            or model is None
+            or not _REASONING_MODEL.match(model)
+        ):
+            return params
+        # Reasoning models accept only the default temperature, 1, and no top_p.
+        rejected = {k: v for k, v in params.items() if not (k == "temperature" and v == 1)}
+        if not rejected:
+            return params
+        names = ", ".join(f"{k}={v!r}" for k, v in rejected.items())
+        if self.unsupported_params == "error":
+            raise ConfigurationError(
+                f"{model!r} is an OpenAI reasoning model, which rejects {names} with a 400; "
+                "remove them from the request, or build the backend with "
+                "unsupported_params='drop' to leave them out (or 'send' if your server "
+                "accepts them for this model)"
+            )
+        telemetry.event(
+            "openai_unsupported_params_dropped",
+            level="warning",
+            backend=self.name,
+            model=model,
+            params=sorted(rejected),
+        )
+        return {k: v for k, v in params.items() if k not in rejected}
+
     # -- requests ------------------------------------------------------------------------------
 
     def build_body(self, request: ChatRequest, *, stream: bool = False) -> dict[str, Any]:
-        """The JSON body sent for ``request`` (public so that tests and tools can inspect it)."""
+        """The JSON body sent for ``request`` (public so that tests and tools can inspect it).
+
+        Raises:
+            ConfigurationError: the request sets sampling parameters that its reasoning model
+                rejects, and ``unsupported_params`` is ``"error"``.
+        """
         body: dict[str, Any] = {"messages": [_message(m) for m in request.messages]}
         model = request.model or self.model
         if model:
             body["model"] = model
-        if request.temperature is not None:
-            body["temperature"] = request.temperature
-        if request.top_p is not None:
-            body["top_p"] = request.top_p
+        body.update(self._sampling_params(request, model))
         if request.max_tokens is not None:
             body[self._max_tokens_key(model)] = request.max_tokens
         if request.stop:
@@ -204,6 +265,7 @@ class OpenAIBackend(HTTPBackend):
         """Answer ``request`` with one non-streaming call.
 
         Raises:
+            ConfigurationError: see :meth:`build_body`; nothing was sent.
             HTTPStatusError: an error status (``RateLimitError`` for 429, with ``retry_after``),
                 with the ``x-ratelimit-*`` headers as ``rate_limit``.
             BackendTimeoutError: the call timed out.
