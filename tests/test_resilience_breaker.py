@@ -252,6 +252,26 @@ async def test_isolate_and_close_by_hand_with_events_and_listeners() -> None:
 
 
 @pytest.mark.anyio
+async def test_disabled_breaker_lets_everything_through_and_records_nothing() -> None:
+    fake = FakeBackend("b", [Fail(error=BackendConnectionError("down"))])
+    breaker = CircuitBreaker(fake, BreakerPolicy(minimum_throughput=2, consecutive_failures=2))
+    with capture_events() as events:
+        breaker.disable()
+        for _ in range(20):
+            with pytest.raises(BackendConnectionError):
+                await breaker.complete(REQ)
+        assert breaker.state == "disabled" and breaker.available()
+        assert len(fake.calls) == 20 and breaker.statistics().calls == 0
+        breaker.close()
+        for _ in range(2):
+            with pytest.raises(BackendConnectionError):
+                await breaker.complete(REQ)
+    assert breaker.state == "open"  # enabled again: two failures open it
+    names = [e["event"] for e in events]
+    assert names == ["breaker_disabled", "breaker_closed", "breaker_opened"]
+
+
+@pytest.mark.anyio
 async def test_state_change_events_on_open_and_recovery() -> None:
     switch = Switch()
     breaker = CircuitBreaker(

@@ -20,7 +20,7 @@ from ._policies import BreakerPolicy, as_predicate, default_counts_as_failure
 
 __all__ = ["BreakerState", "BreakerStatistics", "CircuitBreaker", "StateListener"]
 
-BreakerState: TypeAlias = Literal["closed", "open", "half_open", "isolated"]
+BreakerState: TypeAlias = Literal["closed", "open", "half_open", "isolated", "disabled"]
 #: Called as ``listener(old_state, new_state, breaker)`` on every state change.
 StateListener: TypeAlias = Callable[[BreakerState, BreakerState, "CircuitBreaker"], None]
 
@@ -138,7 +138,7 @@ class CircuitBreaker(Guard):
     def available(self) -> bool:
         """Whether a call made now would be let through (used by pools to skip replicas)."""
         state = self.state
-        if state == "closed":
+        if state in ("closed", "disabled"):
             return True
         if state == "half_open":
             return self._state == "open" or self._probes_admitted < self.policy.half_open_probes
@@ -168,8 +168,15 @@ class CircuitBreaker(Guard):
         self._retry_at = math.inf
         self._transition("isolated")
 
+    def disable(self) -> None:
+        """Let every call through and record nothing (resilience4j's DISABLED) until
+        :meth:`close`: for a backend whose failures are handled elsewhere, or while debugging."""
+        self._retry_at = math.inf
+        self._transition("disabled")
+
     def close(self) -> None:
-        """Close the circuit by hand (also ends an isolation) and forget the window."""
+        """Close the circuit by hand (also ends an isolation or a disable) and forget the
+        window."""
         self._window.clear()
         self._consecutive = 0
         self._opens_in_a_row = 0
@@ -184,7 +191,7 @@ class CircuitBreaker(Guard):
             return
         self._state = new
         attrs = {"genfan.backend": self.name}
-        was_open, is_open = old != "closed", new != "closed"
+        was_open, is_open = old not in ("closed", "disabled"), new not in ("closed", "disabled")
         if is_open and not was_open:
             telemetry.instruments().breaker_state.add(1, attrs)
         elif was_open and not is_open:
@@ -195,6 +202,7 @@ class CircuitBreaker(Guard):
             "closed": "breaker_closed",
             "half_open": "breaker_half_open",
             "isolated": "breaker_isolated",
+            "disabled": "breaker_disabled",
         }[new]
         level = "warning" if new in ("open", "isolated") else "info"
         decision(name, backend=self.name, level=level, previous=old, **fields)
@@ -234,7 +242,7 @@ class CircuitBreaker(Guard):
     def admit(self) -> bool:
         """Let a call through or raise :class:`CircuitOpenError`; returns whether it is a probe."""
         state = self._state
-        if state == "closed":
+        if state in ("closed", "disabled"):
             return False
         now = anyio.current_time()
         if state == "open":
