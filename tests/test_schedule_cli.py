@@ -148,6 +148,8 @@ def test_parse_schedules() -> None:
                 "coalesce": "all",
                 "retry": {"attempts": 3},
                 "jitter": 30,
+                "keep_succeeded": 10,
+                "keep_failed": 0,
             },
             "digest": {
                 "delay": "in 10 minutes",
@@ -161,6 +163,8 @@ def test_parse_schedules() -> None:
     assert nightly.trigger() == CronTrigger(expr="0 3 * * *", timezone="Europe/Berlin")
     assert nightly.call_kwargs == {"days": 7}
     assert nightly.policy().coalesce == "all" and nightly.policy().retry.attempts == 3
+    assert (nightly.policy().keep_succeeded, nightly.policy().keep_failed) == (10, 0)
+    assert cfg.entries["digest"].policy().keep_succeeded is None  # default: keep every run
     job = cfg.entries["digest"].job(cfg.base_dir)
     assert isinstance(job, ContentJob) and job.collect == ("in/*.md",) and job.base_dir == "/srv"
     assert cfg.entries["digest"].trigger().delay == 600  # type: ignore[union-attr]
@@ -178,6 +182,7 @@ def test_parse_schedules() -> None:
         ({"x": {"func": "a:b", "interval": 5, "overlap": "queue"}}, "schedules.x.overlap"),
         ({"x": {"func": "a:b", "interval": 5, "colaesce": "all"}}, "unknown key"),
         ({"lease_time": 0}, "schedules.lease_time"),
+        ({"x": {"func": "a:b", "interval": 5, "keep_succeeded": 0}}, "schedules.x.keep_succeeded"),
     ],
 )
 def test_parse_schedules_rejects(data: dict[str, object], match: str) -> None:

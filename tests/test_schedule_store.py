@@ -17,6 +17,7 @@ from genfan.schedule import (
     IntervalTrigger,
     PostgresStore,
     RunContext,
+    RunRecord,
     ScheduleInfo,
     SchedulePolicy,
     Scheduler,
@@ -230,3 +231,84 @@ def test_store_from_url(tmp_path: Path) -> None:
         store_from_url("redis://x")
     with pytest.raises(ConfigurationError, match="schema"):
         PostgresStore(PG_DSN, schema="bad-name;drop")
+
+
+async def _finish_next(store: Store, now: datetime, status: str) -> None:
+    """Create and claim what is due at ``now``, and record ``status`` for it."""
+    await store.process_due(now)
+    (claim,) = (await store.claim("w", now, 30, 10)).claimed
+    assert await store.finish(claim.run.key, "w", status, now, None, 1)  # type: ignore[arg-type]
+
+
+def _minutes(runs: list[RunRecord]) -> list[tuple[float, str]]:
+    return sorted(((r.fire_time - _T0).total_seconds() / 60, r.status) for r in runs)
+
+
+@pytest.mark.anyio
+async def test_history_limits_prune_each_schedule_after_a_run_is_recorded(store: Store) -> None:
+    every_minute = IntervalTrigger(minutes=1, start=_T0)
+    limited = SchedulePolicy(overlap="allow", keep_succeeded=2, keep_failed=1)
+    await store.put_schedule(id="lim", trigger=every_minute, job=_JOB, policy=limited, now=_T0)
+    await store.put_schedule(
+        id="all", trigger=every_minute, job=_JOB, policy=SchedulePolicy(overlap="allow"), now=_T0
+    )
+    outcomes = ["succeeded", "failed", "succeeded", "timeout", "succeeded", "succeeded"]
+    for minute, status in enumerate(outcomes):
+        now = _at(60 * minute)
+        await store.process_due(now)
+        res = await store.claim("w", now, 30, 10)
+        assert len(res.claimed) == 2
+        assert await store.finish_many(
+            "w",
+            [(c.run.key, status, now, None, 1) for c in res.claimed],  # type: ignore[misc]
+        ) == [True, True]
+    # The newest 2 successes and the newest other outcome (timeout counts as failed) stay.
+    assert _minutes(await store.history("lim")) == [
+        (3, "timeout"),
+        (4, "succeeded"),
+        (5, "succeeded"),
+    ]
+    # Without limits (the default) every run stays, as it always has.
+    assert len(await store.history("all")) == len(outcomes)
+    assert await store.pause("all")
+    # A run still going is never pruned, however many are kept.
+    await store.process_due(_at(360))
+    await store.claim("w", _at(360), 3600, 1)
+    await _finish_next(store, _at(420), "failed")
+    assert _minutes(await store.history("lim")) == [
+        (4, "succeeded"),
+        (5, "succeeded"),
+        (6, "running"),
+        (7, "failed"),
+    ]
+
+
+@pytest.mark.anyio
+async def test_history_limits_also_prune_runs_skipped_when_claimed(store: Store) -> None:
+    policy = SchedulePolicy(overlap="skip", keep_failed=0, keep_succeeded=1)
+    await store.put_schedule(
+        id="s", trigger=IntervalTrigger(minutes=1, start=_T0), job=_JOB, policy=policy, now=_T0
+    )
+    await store.process_due(_T0)
+    (running,) = (await store.claim("w", _T0, 3600, 10)).claimed
+    for minute in (1, 2, 3):
+        await store.process_due(_at(60 * minute))
+        res = await store.claim("w", _at(60 * minute), 3600, 10)
+        assert [r.status for r in res.ended] == ["skipped"]  # reported, then pruned
+    assert _minutes(await store.history("s")) == [(0, "running")]
+    assert await store.finish(running.run.key, "w", "succeeded", _at(200), None, 1)
+    await _finish_next(store, _at(240), "succeeded")
+    assert _minutes(await store.history("s")) == [(4, "succeeded")]
+
+
+def test_history_limits_are_validated_and_stored_only_when_set() -> None:
+    with pytest.raises(ConfigurationError, match="keep_succeeded must be an int >= 1"):
+        SchedulePolicy(keep_succeeded=0)
+    with pytest.raises(ConfigurationError, match="keep_failed must be an int >= 0"):
+        SchedulePolicy(keep_failed=-1)
+    with pytest.raises(ConfigurationError, match="keep_failed"):
+        SchedulePolicy(keep_failed=True)  # type: ignore[arg-type]
+    assert "keep_succeeded" not in SchedulePolicy().to_dict()
+    kept = SchedulePolicy(keep_succeeded=3, keep_failed=0)
+    assert SchedulePolicy.from_dict(kept.to_dict()) == kept
+    assert SchedulePolicy.from_dict(SchedulePolicy().to_dict()) == SchedulePolicy()

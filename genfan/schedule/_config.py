@@ -18,6 +18,8 @@ overlap = "skip"                 # skip | buffer_one | buffer_all | allow | canc
 timeout = 120
 jitter = 30
 retry = { attempts = 3, initial = 5, max_delay = 60 }
+keep_succeeded = 10              # history limits (default: keep every run)
+keep_failed = 5
 
 [schedules.digest]
 interval = "30m"
@@ -96,6 +98,8 @@ class ScheduleEntry(BaseModel):  # type: ignore[no-redef,unused-ignore]
     timeout: Annotated[float, Field(gt=0)] | None = None
     jitter: Annotated[float, Field(ge=0, le=86400)] = 0.0
     retry: _Retry = Field(default_factory=_Retry)
+    keep_succeeded: Annotated[int, Field(ge=1, le=1_000_000)] | None = None
+    keep_failed: Annotated[int, Field(ge=0, le=1_000_000)] | None = None
     paused: bool = False
 
     @model_validator(mode="after")
@@ -135,6 +139,8 @@ class ScheduleEntry(BaseModel):  # type: ignore[no-redef,unused-ignore]
             timeout=self.timeout,
             jitter=self.jitter,
             retry=ScheduleRetry(**self.retry.model_dump()),
+            keep_succeeded=self.keep_succeeded,
+            keep_failed=self.keep_failed,
         )
 
     def job(self, base_dir: Path | None) -> str | ContentJob:

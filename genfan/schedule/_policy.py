@@ -47,6 +47,17 @@ def _check(
         raise ConfigurationError(f"{name} must be {lo}{hi}{none}, got {value!r}")
 
 
+def _check_keep(name: str, value: int | None, *, low: int) -> None:
+    if value is None:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= 1_000_000:
+        why = " (the newest success is the next run's previous_success)" if low else ""
+        raise ConfigurationError(
+            f"{name} must be an int >= {low} and <= 1000000{why}, or None to keep all; "
+            f"got {value!r}"
+        )
+
+
 @dataclass(frozen=True, kw_only=True)
 class ScheduleRetry:
     """Retries of a failed run, with exponential backoff (through tenacity).
@@ -99,6 +110,15 @@ class SchedulePolicy:
         jitter: a run starts up to this many seconds after its fire time, spread evenly and
             the same on every replica, so that schedules on the same second do not all start
             at once (0 to 86400).
+        keep_succeeded: how many ``succeeded`` runs of the schedule the history keeps (the
+            newest by planned start); older ones are deleted after each recorded run
+            (Kubernetes' ``successfulJobsHistoryLimit``). At least 1: the newest success is
+            the next run's ``previous_success`` (a content job collects files since it).
+            ``None`` (default): keep all, as before.
+        keep_failed: the same for every other outcome (``failed``, ``timeout``,
+            ``cancelled``, ``skipped``, ``missed``); 0 keeps none (Kubernetes'
+            ``failedJobsHistoryLimit``). ``None`` (default): keep all. Pending and running runs
+            are never deleted.
     """
 
     misfire_grace_time: float | None = None
@@ -107,6 +127,8 @@ class SchedulePolicy:
     timeout: float | None = None
     retry: ScheduleRetry = field(default_factory=ScheduleRetry)
     jitter: float = 0.0
+    keep_succeeded: int | None = None
+    keep_failed: int | None = None
 
     def __post_init__(self) -> None:
         _check(
@@ -126,6 +148,8 @@ class SchedulePolicy:
             )
         _check("SchedulePolicy.timeout", self.timeout, low=0, low_open=True, allow_none=True)
         _check("SchedulePolicy.jitter", self.jitter, low=0, high=86400)
+        _check_keep("SchedulePolicy.keep_succeeded", self.keep_succeeded, low=1)
+        _check_keep("SchedulePolicy.keep_failed", self.keep_failed, low=0)
         if isinstance(self.retry, dict):
             object.__setattr__(self, "retry", ScheduleRetry(**self.retry))
         if not isinstance(self.retry, ScheduleRetry):
@@ -133,8 +157,19 @@ class SchedulePolicy:
                 f"SchedulePolicy.retry must be a ScheduleRetry, got {self.retry!r}"
             )
 
+    @property
+    def prunes_history(self) -> bool:
+        """Whether the history of the schedule's runs is limited."""
+        return self.keep_succeeded is not None or self.keep_failed is not None
+
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        # Unset history limits are left out, so stored policies stay readable by replicas
+        # running an older genfan during a rolling upgrade.
+        for key in ("keep_succeeded", "keep_failed"):
+            if data[key] is None:
+                del data[key]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SchedulePolicy:

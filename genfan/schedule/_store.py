@@ -52,6 +52,8 @@ RunStatus = Literal[
     "pending", "running", "succeeded", "failed", "timeout", "cancelled", "skipped", "missed"
 ]
 FINAL = ("succeeded", "failed", "timeout", "cancelled", "skipped", "missed")
+#: The outcomes ``SchedulePolicy.keep_failed`` limits: every final one but ``succeeded``.
+NOT_SUCCEEDED = FINAL[1:]
 #: (schedule id, fire time in epoch microseconds)
 RunKey = tuple[str, int]
 Conflict = Literal["replace", "keep", "error"]
@@ -468,6 +470,7 @@ class _SQL:
         takeovers: list[tuple[Any, ...]] = []
         running = self._running_of(cur, [r[0] for r in rows if r[3] == "pending"])
         jobs: dict[str, dict[str, Any]] = {}
+        prune: dict[str, SchedulePolicy] = {}  # schedules with runs ended here, and limits
         for row in rows:
             if len(claimed) >= limit:
                 break
@@ -485,6 +488,8 @@ class _SQL:
                     )
                     self._end(cur, sid, fus, "failed", now_us, err)
                     ended.append(_with(run, status="failed", ended=now, error=err))
+                    if policy.prunes_history:
+                        prune[sid] = policy
                     continue
                 takeovers.append((owner, lease_us, sid, fus))
                 claimed.append(
@@ -502,6 +507,8 @@ class _SQL:
                 err = f"started {late:.3f}s late, past the misfire grace time of {grace}s"
                 self._end(cur, sid, fus, "missed", None, err)
                 ended.append(_with(run, status="missed", error=err))
+                if policy.prunes_history:
+                    prune[sid] = policy
                 continue
             others = running.get(sid, set()) - {fus}
             if others and policy.overlap != "allow":
@@ -509,6 +516,8 @@ class _SQL:
                     err = "skipped: the previous run was still going (overlap=skip)"
                     self._end(cur, sid, fus, "skipped", None, err)
                     ended.append(_with(run, status="skipped", error=err))
+                    if policy.prunes_history:
+                        prune[sid] = policy
                 elif policy.overlap == "buffer_one":
                     ra = to_us(run.run_at)
                     cur.execute(
@@ -522,6 +531,8 @@ class _SQL:
                         err = "skipped: a run was already waiting (overlap=buffer_one)"
                         self._end(cur, sid, fus, "skipped", None, err)
                         ended.append(_with(run, status="skipped", error=err))
+                        if policy.prunes_history:
+                            prune[sid] = policy
                 elif policy.overlap == "cancel_old":
                     cancel.extend((sid, f) for f in others)
                     cur.executemany(
@@ -566,6 +577,8 @@ class _SQL:
                 ),
                 takeovers,
             )
+        for sid in sorted(prune):
+            self.prune(cur, sid, prune[sid])
         return ClaimResult(claimed=claimed, cancel=cancel, ended=ended)
 
     def _end(
@@ -612,7 +625,49 @@ class _SQL:
         out = []
         for key, status, now, error, attempts in items:
             out.append(self.finish(cur, key, owner, status, now, error, attempts))
+        self.prune_schedules(cur, {k[0] for (k, *_), ok in zip(items, out, strict=True) if ok})
         return out
+
+    # -- history limits -------------------------------------------------------------------------
+
+    def prune_schedules(self, cur: Any, sids: set[str]) -> None:
+        """Apply the history limits of these schedules (those that have any)."""
+        unique = sorted(sids)
+        for i in range(0, len(unique), 500):
+            chunk = unique[i : i + 500]
+            cur.execute(
+                self.q(
+                    f"SELECT id, policy FROM {{S}} WHERE id IN ({', '.join('?' for _ in chunk)})"
+                ),
+                chunk,
+            )
+            for sid, pjson in cur.fetchall():
+                policy = self.policy(pjson)
+                if policy.prunes_history:
+                    self.prune(cur, sid, policy)
+
+    def prune(self, cur: Any, sid: str, policy: SchedulePolicy) -> int:
+        """Delete the schedule's ended runs beyond its ``keep_succeeded``/``keep_failed``,
+        oldest planned start first. Returns how many rows went."""
+        deleted = 0
+        for statuses, keep in (
+            (("succeeded",), policy.keep_succeeded),
+            (NOT_SUCCEEDED, policy.keep_failed),
+        ):
+            if keep is None:
+                continue
+            marks = ", ".join("?" for _ in statuses)
+            cur.execute(
+                self.q(
+                    f"DELETE FROM {{R}} WHERE schedule_id = ? AND status IN ({marks})"
+                    " AND fire_time NOT IN ("
+                    f"SELECT fire_time FROM {{R}} WHERE schedule_id = ? AND status IN ({marks})"
+                    " ORDER BY run_at DESC, fire_time DESC LIMIT ?)"
+                ),
+                (sid, *statuses, sid, *statuses, keep),
+            )
+            deleted += max(cur.rowcount, 0)
+        return deleted
 
     def record_attempt(self, cur: Any, key: RunKey, owner: str, attempts: int) -> bool:
         cur.execute(
@@ -880,10 +935,9 @@ class Store:
         error: str | None,
         attempts: int,
     ) -> bool:
-        """Record a run's outcome; ``False`` if ``owner`` no longer held it."""
-        return await self._tx(
-            lambda c: self._sql.finish(c, key, owner, status, now, error, attempts)
-        )
+        """Record a run's outcome; ``False`` if ``owner`` no longer held it. The schedule's
+        history limits are applied in the same transaction."""
+        return (await self.finish_many(owner, [(key, status, now, error, attempts)]))[0]
 
     async def finish_many(
         self, owner: str, items: Sequence[tuple[RunKey, RunStatus, datetime, str | None, int]]
