@@ -72,3 +72,21 @@ async def test_a_batch_refused_for_its_content_is_split_per_text(server: FakeLLM
     finally:
         server.clear_faults()
     assert server.count("/v1/embeddings") == 4  # the batch, then each text alone
+
+
+async def test_a_preferred_size_is_sent_without_waiting_for_max_wait(
+    server: FakeLLMServer,
+) -> None:
+    server.reset()
+    backend = OpenAIBackend("emb", base_url=server.url, api_key_env=None)
+    texts = [f"text {i}" for i in range(20)]
+    async with (
+        backend,
+        BatchingEmbedder(backend, max_size=50, max_wait=60.0, preferred_sizes=(10,)) as embedder,
+    ):
+        with anyio.fail_after(30):  # far below max_wait: only preferred sizes were sent
+            vectors = await embedder.embed(texts)
+        stats = embedder.statistics()
+    assert len(vectors) == 20 and all(vectors)
+    assert server.count("/v1/embeddings") == 2  # two requests of exactly 10 texts
+    assert (stats.batches, stats.flushed_preferred, stats.items) == (2, 2, 20)

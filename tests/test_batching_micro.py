@@ -1,10 +1,11 @@
-"""The micro-batcher: flush by size and by time, order, error isolation, cancellation, backpressure,
-queue timeouts."""
+"""The micro-batcher: flush by size, by time and at preferred sizes, order, priorities, error
+isolation, cancellation, backpressure, queue timeouts."""
 
 from __future__ import annotations
 
 import random
 from collections.abc import Awaitable, Callable, Sequence
+from functools import partial
 
 import anyio
 import pytest
@@ -249,6 +250,20 @@ async def test_misuse_is_a_configuration_error() -> None:
         MicroBatcher(rec, max_queue_wait=float("inf"))
     with pytest.raises(ConfigurationError, match=r"max_queue_wait \(0.5\) must be >= max_wait"):
         MicroBatcher(rec, max_wait=1.0, max_queue_wait=0.5)
+    with pytest.raises(ConfigurationError, match=r"preferred_sizes .* max_size \(4\), got 5"):
+        MicroBatcher(rec, max_size=4, preferred_sizes=(2, 5))
+    for bad in [(0,), (-2,), (2.0,), (True,), ("8",)]:
+        with pytest.raises(ConfigurationError, match="preferred_sizes must hold integers"):
+            MicroBatcher(rec, preferred_sizes=bad)  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError, match="preferred_sizes must be a sequence"):
+        MicroBatcher(rec, preferred_sizes=8)  # type: ignore[arg-type]
+    for priority in [1.5, "high", None, True]:
+        with pytest.raises(ConfigurationError, match="priority must be an integer"):
+            await MicroBatcher(rec).submit(1, priority=priority)  # type: ignore[arg-type]
+    async with MicroBatcher(rec) as running:
+        with pytest.raises(ConfigurationError, match="priority must be an integer"):
+            await running.submit_many([1, 2], priority="1")  # type: ignore[arg-type]
+    assert rec.batches == []
 
 
 async def test_queued_item_times_out_after_exactly_max_queue_wait() -> None:
@@ -320,6 +335,140 @@ async def test_a_timed_out_item_makes_room_for_a_waiting_submitter() -> None:
     assert b.statistics().timed_out == 2
 
 
+async def test_a_batch_takes_the_highest_priorities_first_and_oldest_first_within_one() -> None:
+    rec = Recorder(latency=10.0)
+    async with MicroBatcher(rec, max_size=3, max_wait=1.0) as b:
+        start = anyio.current_time()
+        queued_at_5_5 = -1
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(b.submit, 100)  # sent alone at 1; the only slot is busy until 11
+            await anyio.sleep(1.5)
+            # item, priority: queued one by one (2.0 to 5.0) while the slot is busy
+            for item, priority in [(1, 0), (2, 5), (3, 1), (4, 5), (5, 0), (6, -1), (7, 1)]:
+                tg.start_soon(partial(b.submit, item, priority=priority))
+                await anyio.sleep(0.5)
+            queued_at_5_5 = b.statistics().queued
+    assert queued_at_5_5 == 7
+    assert rec.batches == [[100], [2, 4, 3], [7, 1, 5], [6]]
+    assert [t - start for t in rec.times] == pytest.approx([1.0, 11.0, 21.0, 31.0])
+    stats = b.statistics()
+    assert (stats.batches, stats.flushed_full, stats.flushed_on_time) == (4, 2, 2)
+    assert (stats.items, stats.queued) == (8, 0)
+
+
+async def test_priority_orders_a_batch_but_does_not_make_it_due_sooner() -> None:
+    rec = Recorder()
+    async with MicroBatcher(rec, max_size=10, max_wait=2.0) as b:
+        start = anyio.current_time()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(partial(b.submit, 1, priority=-3))
+            await anyio.sleep(1.5)
+            tg.start_soon(partial(b.submit, 2, priority=9))
+    assert rec.batches == [[2, 1]]
+    assert rec.times[0] - start == pytest.approx(2.0)  # due when the oldest waited max_wait
+
+
+@pytest.mark.parametrize("max_queue_wait", [None, 3.0])
+async def test_a_low_priority_item_waits_while_higher_ones_keep_coming(
+    max_queue_wait: float | None,
+) -> None:
+    """Documented starvation: one slot, one item a second, always a high-priority one queued."""
+    rec = Recorder(latency=1.0)
+    async with MicroBatcher(rec, max_size=1, max_wait=0.0, max_queue_wait=max_queue_wait) as b:
+        start = anyio.current_time()
+        low: list[tuple[object, float]] = []
+
+        async def submit_low() -> None:
+            try:
+                low.append((await b.submit(0, priority=0), anyio.current_time() - start))
+            except BulkheadFullError as exc:
+                assert "priority 0" in str(exc)
+                low.append(("timed out", anyio.current_time() - start))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(partial(b.submit, 1, priority=1))  # sent at 0, answered at 1
+            await anyio.sleep(0.25)
+            tg.start_soon(submit_low)
+            for i in range(2, 11):  # one more high-priority item half a second before each slot
+                await anyio.sleep(0.25 if i == 2 else 1.0)
+                tg.start_soon(partial(b.submit, i, priority=1))
+    high = list(range(1, 11))
+    if max_queue_wait is None:
+        assert rec.batches == [[i] for i in high] + [[0]]
+        assert low == [(0, pytest.approx(11.0))]  # sent when the high-priority load stopped
+    else:
+        assert rec.batches == [[i] for i in high]  # never sent
+        assert low == [("timed out", pytest.approx(3.25))]  # bounded by max_queue_wait
+        assert b.statistics().timed_out == 1
+
+
+async def test_a_cancelled_caller_leaves_its_priority_queue_and_the_rest_unchanged() -> None:
+    rec = Recorder()
+    async with MicroBatcher(rec, max_size=10, max_wait=5.0) as b:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(partial(b.submit, 1, priority=1))
+            with anyio.move_on_after(1.0):
+                await b.submit(2, priority=7)  # the only item of its priority gives up
+            tg.start_soon(partial(b.submit, 3, priority=7))
+            tg.start_soon(partial(b.submit, 4, priority=0))
+    assert rec.batches == [[3, 1, 4]]
+    stats = b.statistics()
+    assert (stats.cancelled, stats.items, stats.queued) == (1, 3, 0)
+
+
+async def test_a_preferred_size_is_sent_at_once_without_waiting_for_max_wait() -> None:
+    rec = Recorder()
+    async with MicroBatcher(rec, max_size=16, max_wait=10.0, preferred_sizes=(8, 4)) as b:
+        start = anyio.current_time()
+        async with anyio.create_task_group() as tg:
+            for i in range(3):
+                tg.start_soon(b.submit, i)
+            await anyio.sleep(1.0)
+            tg.start_soon(b.submit, 3)  # the queue now holds 4: sent at once
+            await anyio.sleep(1.0)
+            tg.start_soon(b.submit, 4)
+            tg.start_soon(b.submit, 5)  # 2 < 4: these wait for max_wait
+    assert [sorted(x) for x in rec.batches] == [[0, 1, 2, 3], [4, 5]]
+    assert [t - start for t in rec.times] == pytest.approx([1.0, 12.0])
+    stats = b.statistics()
+    assert (stats.flushed_preferred, stats.flushed_on_time, stats.flushed_full) == (1, 1, 0)
+    assert b.preferred_sizes == (4, 8)
+
+
+async def test_the_largest_preferred_size_that_fits_is_sent_and_the_rest_waits() -> None:
+    rec = Recorder(latency=5.0)
+    async with MicroBatcher(rec, max_size=10, max_wait=100.0, preferred_sizes=(2, 4, 8)) as b:
+        start = anyio.current_time()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(b.submit, 0)
+            await anyio.sleep(0.1)
+            tg.start_soon(b.submit, 1)  # 2 queued: sent at 0.1; the slot is busy until 5.1
+            for i in range(2, 13):  # 11 queued by 5.1 (more than max_size)
+                await anyio.sleep(0.1)
+                tg.start_soon(partial(b.submit, i, priority=1 if i == 12 else 0))
+    # 5.1: 8 of 11 (the largest preferred size, not max_size); 10.1: 2 of 3 (the newest,
+    # priority 1, first); the last one alone when it has waited max_wait.
+    assert rec.batches == [[0, 1], [12, 2, 3, 4, 5, 6, 7, 8], [9, 10], [11]]
+    assert [t - start for t in rec.times] == pytest.approx([0.1, 5.1, 10.1, 101.1])
+    stats = b.statistics()
+    assert (stats.flushed_preferred, stats.flushed_on_time, stats.flushed_full) == (3, 1, 0)
+    assert stats.fill_rate == pytest.approx(13 / 40)
+
+
+async def test_a_preferred_size_equal_to_max_size_counts_as_a_full_batch() -> None:
+    rec = Recorder(latency=5.0)
+    async with MicroBatcher(rec, max_size=4, max_wait=60.0, preferred_sizes=(2, 4)) as b:
+        start = anyio.current_time()
+        async with anyio.create_task_group() as tg:
+            for i in range(7):  # 0.0 to 0.6; 0 and 1 are sent at 0.1, the rest queue
+                tg.start_soon(b.submit, i)
+                await anyio.sleep(0.1)
+    assert rec.batches == [[0, 1], [2, 3, 4, 5], [6]]
+    assert [t - start for t in rec.times] == pytest.approx([0.1, 5.1, 60.6])
+    stats = b.statistics()
+    assert (stats.flushed_preferred, stats.flushed_full, stats.flushed_on_time) == (1, 1, 1)
+
+
 def run_trio(fn: Callable[[], Awaitable[None]]) -> None:
     anyio.run(fn, backend="trio", backend_options={"clock": MockClock(autojump_threshold=0)})
 
@@ -334,6 +483,8 @@ def run_trio(fn: Callable[[], Awaitable[None]]) -> None:
     max_queue=st.integers(1, 64),
     max_concurrent_batches=st.integers(1, 3),
     failure_rate=st.floats(0.0, 0.5),
+    levels=st.integers(1, 4),
+    preferred=st.lists(st.integers(1, 8), max_size=3),
 )
 def test_every_item_ends_once_and_none_is_sent_after_its_queue_wait(
     seed: int,
@@ -344,22 +495,33 @@ def test_every_item_ends_once_and_none_is_sent_after_its_queue_wait(
     max_queue: int,
     max_concurrent_batches: int,
     failure_rate: float,
+    levels: int,
+    preferred: list[int],
 ) -> None:
-    """Random arrivals, latencies and failures; queue timeouts and a full queue shed items.
+    """Random arrivals, priorities, latencies and failures; queue timeouts and a full queue
+    shed items; preferred sizes send some batches early.
 
     Every submission ends as exactly one result or one error, a timed-out item is never sent,
-    and every sent item was sent before its queue wait ran out.
+    every sent item was sent before its queue wait ran out, every batch took the highest
+    priorities queued (oldest first within one), batch sizes follow ``preferred_sizes``, and
+    the statistics add up.
     """
     rng = random.Random(seed)
     max_queue_wait = max_wait + extra_wait
+    preferred_sizes = tuple(p for p in preferred if p <= max_size)
+    priority = [rng.randrange(levels) - levels // 2 for _ in range(calls)]
     submitted: dict[int, float] = {}
     sent: dict[int, float] = {}
+    ended: dict[int, float] = {}  # when a queued item left the queue unsent (timed out)
+    batches: list[tuple[float, list[int]]] = []
     outcomes: list[list[object]] = [[] for _ in range(calls)]
 
     async def handler(items: list[int]) -> list[int | BaseException]:
+        now = anyio.current_time()
+        batches.append((now, list(items)))
         for i in items:
             assert i not in sent  # no item is sent twice
-            sent[i] = anyio.current_time()
+            sent[i] = now
         await anyio.sleep(rng.uniform(0.0, 3.0))
         return [ValueError(i) if rng.random() < failure_rate else i for i in items]
 
@@ -368,6 +530,7 @@ def test_every_item_ends_once_and_none_is_sent_after_its_queue_wait(
             handler,
             max_size=max_size,
             max_wait=max_wait,
+            preferred_sizes=preferred_sizes,
             max_queue=max_queue,
             on_full="reject",
             max_queue_wait=max_queue_wait,
@@ -378,9 +541,11 @@ def test_every_item_ends_once_and_none_is_sent_after_its_queue_wait(
                 await anyio.sleep(rng.uniform(0.0, 20.0))
                 submitted[i] = anyio.current_time()
                 try:
-                    outcomes[i].append(await b.submit(i))
+                    outcomes[i].append(await b.submit(i, priority=priority[i]))
                 except (BulkheadFullError, ValueError) as exc:
                     outcomes[i].append(exc)
+                    if isinstance(exc, BulkheadFullError):
+                        ended[i] = anyio.current_time()
 
             async with anyio.create_task_group() as tg:
                 for i in range(calls):
@@ -392,6 +557,11 @@ def test_every_item_ends_once_and_none_is_sent_after_its_queue_wait(
         assert stats.rejected == len(shed) - len(timed_out)
         assert stats.items == len(sent) == calls - len(shed)
         assert stats.queued == 0 and stats.in_flight_batches == 0
+        assert stats.batches == len(batches)
+        # every caller had finished before the batcher closed: nothing was flushed by closing
+        assert stats.batches == stats.flushed_full + stats.flushed_on_time + stats.flushed_preferred
+        if not preferred_sizes:
+            assert stats.flushed_preferred == 0
 
     run_trio(main)
     assert all(len(o) == 1 for o in outcomes)  # exactly one outcome per call
@@ -401,6 +571,21 @@ def test_every_item_ends_once_and_none_is_sent_after_its_queue_wait(
         else:
             assert o[0] == i or (isinstance(o[0], ValueError) and o[0].args == (i,))
             assert sent[i] - submitted[i] <= max_queue_wait + 1e-9
+
+    def order(i: int) -> tuple[int, float]:  # the order the queue gives: priority, then age
+        return (-priority[i], submitted[i])
+
+    left = {**ended, **sent}  # when each queued item left the queue
+    for at, items in batches:
+        assert len(items) <= max_size
+        if preferred_sizes:
+            assert len(items) in preferred_sizes or len(items) < preferred_sizes[0]
+        assert [order(i) for i in items] == sorted(order(i) for i in items)
+        # nothing still queued when the batch was formed came before any item it took
+        last = max(order(i) for i in items)
+        for y, gone in left.items():
+            if submitted[y] < at < gone:
+                assert order(y) >= last, (y, items)
 
 
 class FakeEmbedder:
@@ -521,3 +706,70 @@ async def test_batching_backend_passes_max_queue_wait_to_its_batcher() -> None:
             tg.start_soon(one, "a")
             tg.start_soon(one, "b")
     assert out[0] == ("engine", pytest.approx(2.5)) and out[1] in ("A", "B")
+
+
+async def test_batching_embedder_passes_priorities_and_preferred_sizes() -> None:
+    inner = FakeEmbedder()
+    async with BatchingEmbedder(inner, max_size=8, max_wait=60.0, preferred_sizes=(3,)) as emb:
+        start = anyio.current_time()
+        low: list[list[float]] = []
+        async with anyio.create_task_group() as tg:
+
+            async def background() -> None:
+                low.append(await emb.embed_one("low", priority=-1))
+
+            tg.start_soon(background)
+            await anyio.sleep(1.0)
+            urgent = await emb.embed(["xx", "yyy"], priority=3)  # the queue holds 3: sent now
+            took = anyio.current_time() - start
+    assert urgent == [[2.0, 1.0], [3.0, 1.0]] and low == [[3.0, 1.0]]
+    assert took == pytest.approx(1.05)  # not max_wait: 1 s of waiting, 0.05 s to embed
+    [request] = inner.requests
+    assert sorted(request[:2]) == ["xx", "yyy"] and request[2] == "low"
+    assert emb.statistics().flushed_preferred == 1
+    with pytest.raises(ConfigurationError, match="preferred_sizes"):
+        BatchingEmbedder(inner, max_size=4, preferred_sizes=(8,))
+
+
+class RecordingEngine(BatchEngine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.prompts: list[list[str]] = []
+
+    async def complete_batch(
+        self, requests: Sequence[ChatRequest]
+    ) -> list[Completion | BackendError]:
+        self.prompts.append([r.prompt for r in requests])
+        return await super().complete_batch(requests)
+
+
+async def test_batching_backend_takes_priorities_from_the_call_or_the_request() -> None:
+    engine = RecordingEngine()
+
+    def from_metadata(request: ChatRequest) -> int:
+        return int(request.metadata.get("priority", "0"))
+
+    def req(prompt: str, priority: str) -> ChatRequest:
+        return ChatRequest.from_prompt(prompt, metadata={"priority": priority})
+
+    async with BatchingBackend(
+        engine, max_size=8, max_wait=60.0, preferred_sizes=(4,), priority_of=from_metadata
+    ) as backend:
+        start = anyio.current_time()
+        texts: list[str] = []
+        async with anyio.create_task_group() as tg:
+
+            async def one(request: ChatRequest, priority: int | None = None) -> None:
+                texts.append((await backend.complete(request, priority=priority)).text or "")
+
+            tg.start_soon(one, req("bg", "-1"))
+            tg.start_soon(one, ChatRequest.from_prompt("plain"))  # no metadata: 0
+            await anyio.sleep(1.0)
+            tg.start_soon(one, req("urgent", "5"))
+            await anyio.sleep(1.0)
+            tg.start_soon(one, req("vip", "0"), 9)  # the call's priority wins
+    assert engine.prompts == [["vip", "urgent", "plain", "bg"]]
+    assert anyio.current_time() - start == pytest.approx(2.0)  # sent when 4 were queued
+    assert sorted(texts) == ["BG", "PLAIN", "URGENT", "VIP"]
+    with pytest.raises(ConfigurationError, match="priority_of"):
+        BatchingBackend(engine, priority_of=5)  # type: ignore[arg-type]

@@ -1,8 +1,8 @@
 """Batching: a micro-batcher for single calls, and resumable batch jobs over data sets.
 
-* :class:`MicroBatcher` groups single submissions into batches (size or time), with
-  backpressure, load shedding (a full queue, a queue timeout), per-item error isolation and
-  statistics; :class:`BatchingEmbedder` and :class:`BatchingBackend` use it for embeddings and
+* :class:`MicroBatcher` groups single submissions into batches (size, time, or a preferred
+  size at once), takes higher priorities first, with backpressure, load shedding (a full queue,
+  a queue timeout), per-item error isolation and statistics; :class:`BatchingEmbedder` and :class:`BatchingBackend` use it for embeddings and
   batch-capable backends.
 * :class:`BatchJob` / :func:`run_batch_job` fan every row of a JSONL file out, write results row
   by row, resume after a kill, and re-run failures; ``executor="ray"`` spreads rows over a Ray

@@ -8,7 +8,7 @@ from types import TracebackType
 from typing import Protocol, Self, runtime_checkable
 
 from ..backend import Backend
-from ..errors import BackendError, MalformedResponseError
+from ..errors import BackendError, ConfigurationError, MalformedResponseError
 from ..types import ChatRequest, Completion, StreamEvent
 from ._micro import BatcherStatistics, MicroBatcher, OnFull
 
@@ -58,13 +58,16 @@ class BatchingEmbedder:
     """Turns many single ``embed_one(text)`` calls into few batched ``embed(texts)`` requests.
 
     Concurrent callers' texts are grouped by a :class:`MicroBatcher`: one HTTP request carries
-    up to ``max_size`` texts, sent when full or after ``max_wait`` seconds. Use it as an async
+    up to ``max_size`` texts, sent when full, when the queue holds one of ``preferred_sizes``,
+    or after ``max_wait`` seconds. Texts with a higher ``priority`` go first. Use it as an async
     context manager.
 
     Args:
         embedder: the object that really embeds (``async embed(texts) -> vectors``).
         max_size: the most texts per request.
         max_wait: seconds the first text of a batch may wait for company.
+        preferred_sizes: request sizes sent at once, without waiting for ``max_wait`` (the
+            largest that the queue holds); as for :class:`MicroBatcher`.
         max_queue: texts waiting at most; then ``on_full`` applies.
         on_full: ``"wait"`` (backpressure) or ``"reject"``.
         max_queue_wait: seconds a text may stay queued while every request slot is busy;
@@ -88,6 +91,7 @@ class BatchingEmbedder:
         *,
         max_size: int = 64,
         max_wait: float = 0.005,
+        preferred_sizes: Sequence[int] = (),
         max_queue: int = 10_000,
         on_full: OnFull = "wait",
         max_queue_wait: float | None = None,
@@ -101,6 +105,7 @@ class BatchingEmbedder:
             self._handle,
             max_size=max_size,
             max_wait=max_wait,
+            preferred_sizes=preferred_sizes,
             max_queue=max_queue,
             on_full=on_full,
             max_queue_wait=max_queue_wait,
@@ -129,17 +134,26 @@ class BatchingEmbedder:
     ) -> bool | None:
         return await self._batcher.__aexit__(exc_type, exc, tb)
 
-    async def embed_one(self, text: str) -> list[float]:
-        """The vector of ``text``, computed in a batch with other callers' texts."""
-        return await self._batcher.submit(text)
+    async def embed_one(self, text: str, *, priority: int = 0) -> list[float]:
+        """The vector of ``text``, computed in a batch with other callers' texts.
 
-    async def embed(self, texts: Sequence[str]) -> list[list[float]]:
+        Args:
+            text: the text to embed.
+            priority: higher is sent first (see :class:`MicroBatcher`).
+        """
+        return await self._batcher.submit(text, priority=priority)
+
+    async def embed(self, texts: Sequence[str], *, priority: int = 0) -> list[list[float]]:
         """Vectors for ``texts`` (batched together with any concurrent callers' texts).
+
+        Args:
+            texts: the texts to embed.
+            priority: of every text; higher is sent first (see :class:`MicroBatcher`).
 
         Raises:
             Exception: the first text's error, when any text failed.
         """
-        results = await self._batcher.submit_many(list(texts))
+        results = await self._batcher.submit_many(list(texts), priority=priority)
         for r in results:
             if isinstance(r, BaseException):
                 raise r
@@ -156,10 +170,18 @@ class BatchingBackend:
     Streaming is not batched: :meth:`stream` goes straight to the wrapped backend when it can
     stream. Use it as an async context manager (it runs the batcher).
 
+    A request's priority (higher is sent first, see :class:`MicroBatcher`) is the
+    ``priority=`` given to :meth:`complete`, else ``priority_of(request)``, else ``0``.
+    :class:`~genfan.types.ChatRequest` has no priority field, and a fan-out calls
+    ``complete(request)``, so ``priority_of`` is the way to set one for a fan-out target, for
+    example from the request's ``metadata``.
+
     Args:
         backend: a backend with ``complete_batch`` (see :class:`BatchCompleter`).
         max_size: the most requests in one batch.
         max_wait: seconds the first request of a batch may wait for company.
+        preferred_sizes: batch sizes sent at once, without waiting for ``max_wait`` (the
+            largest that the queue holds); as for :class:`MicroBatcher`.
         max_queue: requests waiting at most; then ``on_full`` applies.
         on_full: ``"wait"`` (backpressure) or ``"reject"``.
         max_queue_wait: seconds a request may stay queued while every batch slot is busy;
@@ -167,6 +189,17 @@ class BatchingBackend:
             limit; must be ``>= max_wait``).
         max_concurrent_batches: batches in flight at once.
         split_on_batch_error: as for :class:`MicroBatcher`; default :func:`split_unless_outage`.
+        priority_of: ``request -> int``, the priority of a request sent without ``priority=``
+            (``None``: ``0``).
+
+    Example:
+        ```python
+        def urgent_first(request: ChatRequest) -> int:
+            return int(request.metadata.get("priority", "0"))
+
+        async with BatchingBackend(engine, preferred_sizes=(8, 16), priority_of=urgent_first):
+            ...
+        ```
     """
 
     def __init__(
@@ -175,17 +208,25 @@ class BatchingBackend:
         *,
         max_size: int = 16,
         max_wait: float = 0.01,
+        preferred_sizes: Sequence[int] = (),
         max_queue: int = 10_000,
         on_full: OnFull = "wait",
         max_queue_wait: float | None = None,
         max_concurrent_batches: int = 1,
         split_on_batch_error: bool | Callable[[BaseException], bool] = split_unless_outage,
+        priority_of: Callable[[ChatRequest], int] | None = None,
     ) -> None:
+        if priority_of is not None and not callable(priority_of):
+            raise ConfigurationError(
+                f"priority_of must be a function of the request or None, got {priority_of!r}"
+            )
         self.inner = backend
+        self.priority_of = priority_of
         self._batcher: MicroBatcher[ChatRequest, Completion] = MicroBatcher(
             self._handle,
             max_size=max_size,
             max_wait=max_wait,
+            preferred_sizes=preferred_sizes,
             max_queue=max_queue,
             on_full=on_full,
             max_queue_wait=max_queue_wait,
@@ -201,9 +242,16 @@ class BatchingBackend:
     async def _handle(self, requests: list[ChatRequest]) -> Sequence[Completion | BackendError]:
         return await self.inner.complete_batch(requests)
 
-    async def complete(self, request: ChatRequest) -> Completion:
-        """Answer ``request`` as part of a batch."""
-        return await self._batcher.submit(request)
+    async def complete(self, request: ChatRequest, *, priority: int | None = None) -> Completion:
+        """Answer ``request`` as part of a batch.
+
+        Args:
+            request: the request.
+            priority: higher is sent first; ``None``: ``priority_of(request)``, or ``0``.
+        """
+        if priority is None:
+            priority = 0 if self.priority_of is None else self.priority_of(request)
+        return await self._batcher.submit(request, priority=priority)
 
     async def stream(self, request: ChatRequest) -> AsyncIterator[StreamEvent]:
         """Stream through the wrapped backend (streams are not batched)."""

@@ -1,11 +1,14 @@
 """The micro-batcher: many callers submit one item each; a handler sees them in batches.
 
 A batch is flushed when it holds ``max_size`` items or when its oldest item has waited
-``max_wait`` seconds, whichever comes first. With ``max_queue_wait``, an item that is still
-queued (every batch slot busy) that many seconds after it entered the queue fails unsent, like
-the queue policy of Triton's dynamic batcher (``timeout_action: REJECT``). Waiting goes through
-anyio's clock, so trio's ``MockClock(autojump_threshold=0)`` runs hours of batching logic in
-milliseconds.
+``max_wait`` seconds, whichever comes first; with ``preferred_sizes``, as soon as the queue
+holds one of those sizes (the largest that fits is taken, like Triton's
+``preferred_batch_size``). Items are taken highest ``priority`` first, first come first served
+within a priority. With ``max_queue_wait``, an item that is still queued (every batch slot busy,
+or passed over for higher priorities) that many seconds after it entered the queue fails
+unsent, like the queue policy of Triton's dynamic batcher (``timeout_action: REJECT``). Waiting
+goes through anyio's clock, so trio's ``MockClock(autojump_threshold=0)`` runs hours of
+batching logic in milliseconds.
 """
 
 from __future__ import annotations
@@ -44,8 +47,10 @@ class BatcherStatistics:
         mean_batch_size: ``items / batches``.
         fill_rate: ``mean_batch_size / max_size``, 0..1 (the usual target is 0.80-0.95).
         flushed_full: batches flushed because they reached ``max_size``.
-        flushed_on_time: batches flushed because their oldest item waited ``max_wait``
-            (the rest of ``batches`` were flushed early by closing the batcher).
+        flushed_on_time: batches flushed because their oldest item waited ``max_wait``.
+        flushed_preferred: batches flushed at once because the queue held one of the
+            ``preferred_sizes`` (a preferred size equal to ``max_size`` counts as
+            ``flushed_full``). The rest of ``batches`` were flushed early by closing the batcher.
         mean_wait: mean seconds an item waited in the queue before its batch was sent.
         max_wait_seen: the longest such wait.
         mean_batch_latency: mean seconds the handler took per batch.
@@ -65,6 +70,7 @@ class BatcherStatistics:
     fill_rate: float
     flushed_full: int
     flushed_on_time: int
+    flushed_preferred: int
     mean_wait: float
     max_wait_seen: float
     mean_batch_latency: float
@@ -78,15 +84,39 @@ class BatcherStatistics:
 
 
 class _Pending(Generic[T, R]):
-    __slots__ = ("done", "enqueued", "error", "item", "result", "state")
+    __slots__ = ("done", "enqueued", "error", "item", "priority", "result", "state")
 
-    def __init__(self, item: T, enqueued: float) -> None:
+    def __init__(self, item: T, enqueued: float, priority: int) -> None:
         self.item = item
         self.enqueued = enqueued
+        self.priority = priority
         self.state: Literal["queued", "sent", "done", "abandoned"] = "queued"
         self.done = anyio.Event()
         self.result: R | None = None
         self.error: BaseException | None = None
+
+
+def _preferred_sizes(sizes: Sequence[int], max_size: int) -> tuple[int, ...]:
+    try:
+        values = tuple(sizes)
+    except TypeError:
+        raise ConfigurationError(
+            f"preferred_sizes must be a sequence of integers, got {sizes!r}"
+        ) from None
+    for size in values:
+        if not isinstance(size, int) or isinstance(size, bool) or not 1 <= size <= max_size:
+            raise ConfigurationError(
+                f"preferred_sizes must hold integers from 1 to max_size ({max_size}), got "
+                f"{size!r} in {values!r}; lower it or raise max_size"
+            )
+    return tuple(sorted(set(values)))
+
+
+def _check_priority(priority: int) -> None:
+    if not isinstance(priority, int) or isinstance(priority, bool):
+        raise ConfigurationError(
+            f"priority must be an integer (higher is sent first), got {priority!r}"
+        )
 
 
 class MicroBatcher(Generic[T, R]):
@@ -99,6 +129,14 @@ class MicroBatcher(Generic[T, R]):
     removed (it is never sent); if the batch was already sent, its result is dropped and the
     other items are unaffected.
 
+    **Priorities.** ``submit(item, priority=...)``: a higher number is sent first (``0`` by
+    default; negative numbers for background work), first come first served within a priority.
+    Priority decides which queued items a batch takes, not when a batch is due: ``max_wait``
+    still counts from the oldest item of any priority. While higher-priority items keep the
+    batches full, a lower-priority item can wait without bound; ``max_queue_wait`` bounds it
+    (the item then fails with :class:`~genfan.errors.BulkheadFullError`, unsent). Callers
+    waiting for room under ``on_full="wait"`` are not ordered by priority.
+
     Use it as an async context manager: it runs its flusher in a task group, and on exit sends
     what is still queued and waits for batches in flight.
 
@@ -106,14 +144,20 @@ class MicroBatcher(Generic[T, R]):
         handler: ``async (items) -> results``; one result or exception per item, same order.
         max_size: the most items in one batch.
         max_wait: seconds the oldest queued item may wait before its batch is sent anyway.
+        preferred_sizes: batch sizes to send at once, without waiting for ``max_wait``: when
+            the queue holds at least one of them, a batch of the largest that fits is sent (the
+            rest keep waiting); with fewer than the smallest queued, ``max_size`` and
+            ``max_wait`` apply as usual. Each an integer from 1 to ``max_size``; batches then
+            have a preferred size, or fewer items than the smallest, so list ``max_size`` too
+            if full batches are wanted. ``()`` (the default): none.
         max_queue: the most items waiting to be sent; then ``on_full`` applies.
         on_full: ``"wait"`` (backpressure: ``submit`` waits for room) or ``"reject"`` (raise
             :class:`~genfan.errors.BulkheadFullError` at once).
         max_queue_wait: seconds an item may stay queued (counted from when it entered the
-            queue) while every batch slot is busy; then it fails with
-            :class:`~genfan.errors.BulkheadFullError` and is never sent. ``None`` (the
-            default): no limit. Must be ``>= max_wait``. An item already sent in a batch is
-            never timed out by this.
+            queue) while every batch slot is busy or higher priorities fill the batches; then
+            it fails with :class:`~genfan.errors.BulkheadFullError` and is never sent.
+            ``None`` (the default): no limit. Must be ``>= max_wait``. An item already sent in
+            a batch is never timed out by this.
         split_on_batch_error: when the handler raises for a batch of several items, retry each
             item alone (``True``), never (``False``), or when this predicate says so.
         max_concurrent_batches: batches handled at the same time.
@@ -135,6 +179,7 @@ class MicroBatcher(Generic[T, R]):
         *,
         max_size: int = 32,
         max_wait: float = 0.01,
+        preferred_sizes: Sequence[int] = (),
         max_queue: int = 10_000,
         on_full: OnFull = "wait",
         max_queue_wait: float | None = None,
@@ -148,6 +193,7 @@ class MicroBatcher(Generic[T, R]):
             raise ConfigurationError(
                 f"max_wait must be a finite number of seconds >= 0, got {max_wait!r}"
             )
+        preferred = _preferred_sizes(preferred_sizes, max_size)
         if not isinstance(max_queue, int) or max_queue < 1:
             raise ConfigurationError(f"max_queue must be an integer >= 1, got {max_queue!r}")
         if on_full not in ("wait", "reject"):
@@ -171,6 +217,8 @@ class MicroBatcher(Generic[T, R]):
         self._handler = handler
         self.max_size = max_size
         self.max_wait = float(max_wait)
+        #: the preferred sizes, ascending, without duplicates
+        self.preferred_sizes: tuple[int, ...] = preferred
         self.max_queue = max_queue
         self.on_full: OnFull = on_full
         self.max_queue_wait = None if max_queue_wait is None else float(max_queue_wait)
@@ -178,7 +226,10 @@ class MicroBatcher(Generic[T, R]):
         self.max_concurrent_batches = max_concurrent_batches
         self.name = name
 
-        self._queue: deque[_Pending[T, R]] = deque()
+        # One FIFO per priority present (an empty one is removed); items enter in time
+        # order, so each FIFO's head is its oldest item.
+        self._queues: dict[int, deque[_Pending[T, R]]] = {}
+        self._queued = 0
         self._changed = anyio.Event()  # set (and replaced) whenever the queue changes
         self._room = anyio.Event()  # set (and replaced) whenever queue space frees up
         self._tg: TaskGroup | None = None
@@ -190,6 +241,7 @@ class MicroBatcher(Generic[T, R]):
         self._items = 0
         self._full = 0
         self._on_time = 0
+        self._preferred = 0
         self._wait_total = 0.0
         self._wait_max = 0.0
         self._latency_total = 0.0
@@ -227,25 +279,33 @@ class MicroBatcher(Generic[T, R]):
             return await self._tg.__aexit__(exc_type, exc, tb)
         finally:
             self._closed = True
-            for p in self._queue:  # only left when cancelled: nobody will send them
-                self._finish(p, GenfanError(f"{self.name} closed before the item was sent"))
-            self._queue.clear()
+            for queue in self._queues.values():  # only left when cancelled: nobody sends them
+                for p in queue:
+                    self._finish(p, GenfanError(f"{self.name} closed before the item was sent"))
+            self._queues.clear()
+            self._queued = 0
 
     # -- the callers' side ----------------------------------------------------------------------
 
-    async def submit(self, item: T) -> R:
+    async def submit(self, item: T, *, priority: int = 0) -> R:
         """Queue ``item`` and wait for its result.
+
+        Args:
+            item: what the handler will see.
+            priority: higher is sent first; first come first served within a priority.
 
         Raises:
             BulkheadFullError: the queue is full and ``on_full="reject"``, or the item waited
                 ``max_queue_wait`` seconds in the queue without being sent.
-            ConfigurationError: the batcher is not running (use ``async with``) or is closed.
+            ConfigurationError: the batcher is not running (use ``async with``) or is closed,
+                or ``priority`` is not an integer.
             Exception: whatever the handler returned or raised for this item.
         """
+        _check_priority(priority)
         if self._tg is None or self._closing:
             state = "closed" if self._closing else "not started (use 'async with')"
             raise ConfigurationError(f"{self.name} is {state}; cannot submit")
-        while len(self._queue) >= self.max_queue:
+        while self._queued >= self.max_queue:
             if self.on_full == "reject":
                 self._rejected += 1
                 telemetry.event("batcher_rejected", level="info", batcher=self.name)
@@ -256,8 +316,9 @@ class MicroBatcher(Generic[T, R]):
             await self._room.wait()
             if self._closing:
                 raise ConfigurationError(f"{self.name} closed while the item waited for room")
-        pending: _Pending[T, R] = _Pending(item, anyio.current_time())
-        self._queue.append(pending)
+        pending: _Pending[T, R] = _Pending(item, anyio.current_time(), priority)
+        self._queues.setdefault(priority, deque()).append(pending)
+        self._queued += 1
         self._notify()
         try:
             await pending.done.wait()
@@ -265,7 +326,7 @@ class MicroBatcher(Generic[T, R]):
             # Cancelled (or interrupted) while waiting: never send a queued item; drop the
             # result of one already sent.
             if pending.state == "queued":
-                self._queue.remove(pending)
+                self._unqueue(pending)
                 self._free_room()
                 self._notify()
                 self._cancelled += 1
@@ -277,13 +338,17 @@ class MicroBatcher(Generic[T, R]):
             raise pending.error
         return pending.result  # type: ignore[return-value]
 
-    async def submit_many(self, items: Sequence[T]) -> list[R | BaseException]:
-        """Submit ``items`` concurrently; their results (or exceptions) in the same order."""
+    async def submit_many(
+        self, items: Sequence[T], *, priority: int = 0
+    ) -> list[R | BaseException]:
+        """Submit ``items`` concurrently (all at ``priority``); their results (or exceptions)
+        in the same order."""
+        _check_priority(priority)
         out: list[R | BaseException | None] = [None] * len(items)
 
         async def one(i: int, item: T) -> None:
             try:
-                out[i] = await self.submit(item)
+                out[i] = await self.submit(item, priority=priority)
             except Exception as exc:
                 out[i] = exc
 
@@ -303,10 +368,11 @@ class MicroBatcher(Generic[T, R]):
             fill_rate=mean / self.max_size,
             flushed_full=self._full,
             flushed_on_time=self._on_time,
+            flushed_preferred=self._preferred,
             mean_wait=self._wait_total / self._items if self._items else 0.0,
             max_wait_seen=self._wait_max,
             mean_batch_latency=self._latency_total / self._batches if self._batches else 0.0,
-            queued=len(self._queue),
+            queued=self._queued,
             in_flight_batches=self._in_flight,
             rejected=self._rejected,
             timed_out=self._timed_out,
@@ -315,7 +381,7 @@ class MicroBatcher(Generic[T, R]):
             split_batches=self._splits,
         )
 
-    # -- the flusher ----------------------------------------------------------------------------
+    # -- the queue (one FIFO per priority) ------------------------------------------------------
 
     def _notify(self) -> None:
         self._changed.set()
@@ -325,39 +391,74 @@ class MicroBatcher(Generic[T, R]):
         self._room.set()
         self._room = anyio.Event()
 
+    def _oldest(self) -> _Pending[T, R]:
+        """The item queued longest, of any priority (the first due, the first to time out)."""
+        return min((q[0] for q in self._queues.values()), key=lambda p: p.enqueued)
+
+    def _unqueue(self, pending: _Pending[T, R]) -> None:
+        queue = self._queues[pending.priority]
+        queue.remove(pending)
+        if not queue:
+            del self._queues[pending.priority]
+        self._queued -= 1
+
+    def _take(self, size: int) -> list[_Pending[T, R]]:
+        """Remove up to ``size`` items: highest priority first, oldest first within one."""
+        batch: list[_Pending[T, R]] = []
+        for priority in sorted(self._queues, reverse=True):
+            queue = self._queues[priority]
+            while queue and len(batch) < size:
+                batch.append(queue.popleft())
+            if not queue:
+                del self._queues[priority]
+            if len(batch) == size:
+                break
+        self._queued -= len(batch)
+        return batch
+
+    def _plan(self) -> tuple[int, str] | None:
+        """The size of the batch due now and why it is due, or ``None`` when none is."""
+        n = self._queued
+        if n == 0:
+            return None
+        preferred = self.preferred_sizes
+        if preferred and n >= preferred[0]:
+            size = max(s for s in preferred if s <= n)
+            return size, "size" if size == self.max_size else "preferred"
+        if n >= self.max_size:
+            return self.max_size, "size"
+        if anyio.current_time() >= self._oldest().enqueued + self.max_wait:
+            return n, "time"
+        if self._closing:
+            return n, "close"
+        return None
+
+    # -- the flusher ----------------------------------------------------------------------------
+
     async def _flusher(self) -> None:
         assert self._tg is not None and self._slots is not None
         while True:
-            if not self._queue:
+            if not self._queued:
                 if self._closing:
                     return
                 await self._changed.wait()
                 continue
-            due = self._queue[0].enqueued + self.max_wait
-            if (
-                len(self._queue) < self.max_size
-                and anyio.current_time() < due
-                and not self._closing
-            ):
+            if self._plan() is None:
                 changed = self._changed
-                with anyio.move_on_at(due):
+                with anyio.move_on_at(self._oldest().enqueued + self.max_wait):
                     await changed.wait()
                 continue
-            # A batch is due: wait for a slot, then take what is queued by then.
+            # A batch is due: wait for a slot, then take what is due by then (the queue may
+            # have grown, or shrunk as callers gave up, meanwhile).
             if not await self._acquire_slot():
                 continue
-            if not self._queue:
+            plan = self._plan()
+            if plan is None:
                 self._slots.release()
                 continue
-            reason = (
-                "size"
-                if len(self._queue) >= self.max_size
-                else "time"
-                if anyio.current_time() >= self._queue[0].enqueued + self.max_wait
-                else "close"
-            )
+            size, reason = plan
             now = anyio.current_time()
-            batch = [self._queue.popleft() for _ in range(min(self.max_size, len(self._queue)))]
+            batch = self._take(size)
             for p in batch:
                 p.state = "sent"
                 waited = now - p.enqueued
@@ -370,12 +471,15 @@ class MicroBatcher(Generic[T, R]):
                 self._full += 1
             elif reason == "time":
                 self._on_time += 1
+            elif reason == "preferred":
+                self._preferred += 1
             self._in_flight += 1
             telemetry.event("batch_flushed", batcher=self.name, size=len(batch), reason=reason)
             self._tg.start_soon(self._dispatch, batch)
 
     async def _acquire_slot(self) -> bool:
-        """Take a batch slot; ``False`` when the head's queue wait ran out first (it is failed).
+        """Take a batch slot; ``False`` when the oldest item's queue wait ran out first (it is
+        failed).
 
         A slot that is free now is always taken, so an item whose ``max_queue_wait`` ends at
         the very moment its batch can be sent is sent, not timed out.
@@ -389,8 +493,8 @@ class MicroBatcher(Generic[T, R]):
             return True
         except anyio.WouldBlock:
             pass
-        # The queue is FIFO, so its head is the first to run out of time.
-        with anyio.move_on_at(self._queue[0].enqueued + self.max_queue_wait):
+        # Every item waits the same max_queue_wait, so the oldest is the first to run out.
+        with anyio.move_on_at(self._oldest().enqueued + self.max_queue_wait):
             await self._slots.acquire()
             return True
         self._expire()
@@ -401,10 +505,14 @@ class MicroBatcher(Generic[T, R]):
         assert self.max_queue_wait is not None
         now = anyio.current_time()
         expired: list[_Pending[T, R]] = []
-        while self._queue and now >= self._queue[0].enqueued + self.max_queue_wait:
-            expired.append(self._queue.popleft())
+        for priority, queue in list(self._queues.items()):
+            while queue and now >= queue[0].enqueued + self.max_queue_wait:
+                expired.append(queue.popleft())
+            if not queue:
+                del self._queues[priority]
         if not expired:
             return
+        self._queued -= len(expired)
         self._timed_out += len(expired)
         self._free_room()
         telemetry.event(
@@ -417,9 +525,10 @@ class MicroBatcher(Generic[T, R]):
         for p in expired:
             p.error = BulkheadFullError(
                 f"item waited {now - p.enqueued:g}s in the batch queue and was not sent "
-                f"(max_queue_wait={self.max_queue_wait:g}s, {self._in_flight} batches in "
-                "flight); raise max_queue_wait, max_concurrent_batches or max_size, or submit "
-                "less",
+                f"(max_queue_wait={self.max_queue_wait:g}s, priority {p.priority}, "
+                f"{self._in_flight} batches in flight); raise max_queue_wait, "
+                "max_concurrent_batches or max_size, or submit less (higher priorities are "
+                "sent first)",
                 backend=self.name,
             )
             p.state = "done"
@@ -489,5 +598,5 @@ class MicroBatcher(Generic[T, R]):
     def __repr__(self) -> str:
         return (
             f"MicroBatcher(name={self.name!r}, max_size={self.max_size}, "
-            f"max_wait={self.max_wait}, queued={len(self._queue)})"
+            f"max_wait={self.max_wait}, queued={self._queued})"
         )
