@@ -6,6 +6,10 @@ submitted to it concurrently, so vLLM batches them step by step (continuous batc
 running them one after another. The engine starts lazily on the first request (once, however many
 callers arrive together) and shuts down when the last backend using it is closed, or at exit.
 
+Tool calls work as on vLLM's OpenAI-compatible server: ``tool_choice="required"`` or a tool's name
+constrains the answer to tool-call JSON; ``"auto"`` reads calls out of the text with one of
+vLLM's tool parsers (``tool_parser="hermes"``, ...); ``"none"`` hides the tools from the model.
+
 vLLM is asyncio-only: this backend is the one part of genfan that does not run on trio.
 
 Example:
@@ -27,15 +31,24 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
+import copy
 import functools
 import importlib.util
 import json
 import os
+import sys
 import threading
 import time
 import traceback
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Callable,
+    Collection,
+    Mapping,
+    Sequence,
+)
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -44,7 +57,12 @@ import anyio
 
 from genfan import telemetry
 from genfan.backend import BaseBackend
-from genfan.errors import BackendTimeoutError, ConfigurationError, MissingExtraError
+from genfan.errors import (
+    BackendTimeoutError,
+    ConfigurationError,
+    MalformedResponseError,
+    MissingExtraError,
+)
 from genfan.local import (
     DEFAULT_MODEL_NAME,
     ContextLengthExceededError,
@@ -64,6 +82,9 @@ from genfan.types import (
     StreamEnd,
     StreamEvent,
     TextDelta,
+    ToolCall,
+    ToolCallDelta,
+    ToolSpec,
     Usage,
 )
 
@@ -186,6 +207,12 @@ class VLLMBackend(BaseBackend):
             ``ignore_eos``, ``min_tokens``, ...).
         per_request_seed: pass the request's seed to vLLM (default: on GPUs only).
         timeout: default seconds per call when the request sets none.
+        tool_parser: the vLLM tool parser (e.g. ``"hermes"`` for ``<tool_call>{...}</tool_call>``)
+            that reads tool calls out of the answer when the request's ``tool_choice`` is
+            ``"auto"`` (or unset) and it has tools; ``None`` (default): the answer is returned as
+            text. Any name vLLM's ``ToolParserManager`` knows (naming one imports vLLM now).
+            ``tool_choice="required"`` or a tool's name needs no parser: the answer is
+            constrained to tool-call JSON.
         progress: show the engine start (a spinner on a terminal, plain lines elsewhere).
         engine_options: further ``vllm.AsyncEngineArgs`` fields (engine options from a config
             file may also be given as keyword arguments).
@@ -194,7 +221,8 @@ class VLLMBackend(BaseBackend):
         MissingExtraError: vLLM is not installed.
         ModelFolderError: the model folder is missing or corrupt (for the default model: run
             ``genfan local prepare``).
-        ConfigurationError: an option is out of range.
+        ConfigurationError: an option is out of range, or ``tool_parser`` is not a vLLM tool
+            parser.
     """
 
     def __init__(
@@ -215,6 +243,7 @@ class VLLMBackend(BaseBackend):
         sampling: Mapping[str, Any] | None = None,
         per_request_seed: bool | None = None,
         timeout: float | None = None,
+        tool_parser: str | None = None,
         progress: ProgressLike = False,
         engine_options: Mapping[str, Any] | None = None,
         **engine_kwargs: Any,
@@ -265,6 +294,8 @@ class VLLMBackend(BaseBackend):
         self._sampling = dict(sampling or {})
         self._per_request_seed = per_request_seed
         self._timeout = timeout
+        self.tool_parser = tool_parser
+        self._tool_parser_cls = None if tool_parser is None else _tool_parser_class(tool_parser)
         self._progress = progress
         self._shared: _Engine | None = None
 
@@ -396,24 +427,13 @@ class VLLMBackend(BaseBackend):
 
     # -- requests ----------------------------------------------------------------------------
 
-    def _prompt_ids(self, shared: _Engine, request: ChatRequest) -> list[int]:
-        messages = [{"role": m.role, "content": m.content or ""} for m in request.messages]
+    def _prompt_ids(self, shared: _Engine, request: ChatRequest, plan: _ToolPlan) -> list[int]:
         kwargs: dict[str, Any] = {}
-        if request.tools:
-            kwargs["tools"] = [
-                {
-                    "type": "function",
-                    "function": {
-                        "name": t.name,
-                        "description": t.description,
-                        "parameters": t.parameters,
-                    },
-                }
-                for t in request.tools
-            ]
+        if plan.template_tools:
+            kwargs["tools"] = plan.template_tools
         try:
             out = shared.tokenizer.apply_chat_template(
-                messages, tokenize=True, add_generation_prompt=True, **kwargs
+                _template_messages(request), tokenize=True, add_generation_prompt=True, **kwargs
             )
         except Exception as exc:
             raise EngineRequestError(
@@ -422,8 +442,64 @@ class VLLMBackend(BaseBackend):
         ids = out["input_ids"] if hasattr(out, "keys") else out
         return [int(i) for i in ids]
 
+    def _tool_plan(self, shared: _Engine, request: ChatRequest) -> _ToolPlan:
+        """Decide how the request's tools are handled (see the notes above ``_ToolPlan``)."""
+        choice = request.tool_choice
+        tools = request.tools
+        if not tools:
+            if choice not in (None, "auto", "none"):
+                raise EngineRequestError(
+                    f"tool_choice={choice!r} needs tools: the request has none", backend=self.name
+                )
+            return _NO_TOOLS
+        if choice == "none":
+            return _NO_TOOLS  # the model is not shown the tools at all
+        template_tools = _template_tools(tools)
+        if choice is not None and choice != "auto":
+            try:
+                schema = _tool_call_schema(tools, choice)
+            except ValueError as exc:
+                raise EngineRequestError(str(exc), backend=self.name) from exc
+            return _ToolPlan(template_tools=template_tools, forced=choice, schema=schema)
+        parser_cls = self._tool_parser_cls
+        if parser_cls is None:
+            return _ToolPlan(template_tools=template_tools)
+        from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+
+        # vLLM's parsers read vLLM's own request object; only its tools matter to them.
+        parser_request = ChatCompletionRequest(
+            model=self.model_name,
+            messages=[{"role": "user", "content": request.prompt}],
+            tools=template_tools,
+            tool_choice="auto",
+        )
+        tokenizer = shared.tokenizer
+
+        def new_parser() -> Any:
+            return parser_cls(tokenizer, parser_request.tools)
+
+        try:
+            # e.g. hermes keeps special tokens in the text: <tool_call> is one in some models
+            adjusted = new_parser().adjust_request(parser_request.model_copy())
+        except Exception as exc:
+            raise ConfigurationError(
+                f"tool_parser {self.tool_parser!r} does not work with this model: {exc}"
+            ) from exc
+        return _ToolPlan(
+            template_tools=template_tools,
+            new_parser=new_parser,
+            parser_request=parser_request,
+            skip_special_tokens=bool(adjusted.skip_special_tokens),
+        )
+
     def _sampling_params(
-        self, shared: _Engine, request: ChatRequest, prompt_len: int, *, stream: bool
+        self,
+        shared: _Engine,
+        request: ChatRequest,
+        prompt_len: int,
+        plan: _ToolPlan,
+        *,
+        stream: bool,
     ) -> Any:
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
@@ -462,10 +538,14 @@ class VLLMBackend(BaseBackend):
             else:
                 telemetry.event("vllm_request_seed_ignored", backend=self.name, seed=request.seed)
         fmt = request.response_format
-        if fmt is not None and fmt.type == "json_schema" and fmt.json_schema is not None:
+        if plan.schema is not None:  # forced tool calls win over response_format, as in vLLM
+            params["structured_outputs"] = StructuredOutputsParams(json=plan.schema)
+        elif fmt is not None and fmt.type == "json_schema" and fmt.json_schema is not None:
             params["structured_outputs"] = StructuredOutputsParams(json=fmt.json_schema)
         elif fmt is not None and fmt.type in ("json_object", "json_schema"):
             params["structured_outputs"] = StructuredOutputsParams(json_object=True)
+        if plan.skip_special_tokens is not None:
+            params["skip_special_tokens"] = plan.skip_special_tokens
         try:
             return SamplingParams(**params)
         except TypeError as exc:
@@ -502,15 +582,16 @@ class VLLMBackend(BaseBackend):
 
     async def _generate(
         self, request: ChatRequest, *, stream: bool
-    ) -> AsyncGenerator[tuple[_Engine, int, Any], None]:
+    ) -> AsyncGenerator[tuple[_ToolPlan, int, Any], None]:
         """Submit one request to the shared engine and yield vLLM's outputs.
 
         Leaving early (cancellation, a consumer that stops reading) aborts the engine request, so
         it stops using a batch slot at once.
         """
         shared = await self._acquire()
-        ids = self._prompt_ids(shared, request)
-        params = self._sampling_params(shared, request, len(ids), stream=stream)
+        plan = self._tool_plan(shared, request)
+        ids = self._prompt_ids(shared, request, plan)
+        params = self._sampling_params(shared, request, len(ids), plan, stream=stream)
         request_id = f"genfan-{uuid.uuid4().hex}"
         engine = shared.engine
         outputs = engine.generate({"type": "token", "prompt_token_ids": ids}, params, request_id)
@@ -519,7 +600,7 @@ class VLLMBackend(BaseBackend):
             try:
                 async for out in outputs:
                     finished = bool(out.finished)
-                    yield shared, len(ids), out
+                    yield plan, len(ids), out
             except (asyncio.CancelledError, GeneratorExit):
                 raise
             except Exception as exc:
@@ -534,28 +615,72 @@ class VLLMBackend(BaseBackend):
                             await engine.abort(request_id)
                 telemetry.event("vllm_request_aborted", backend=self.name, request_id=request_id)
 
+    def _outcome(
+        self, plan: _ToolPlan, request: ChatRequest, text: str, finish: str | None
+    ) -> tuple[str, tuple[ToolCall, ...], FinishReason]:
+        """The answer's text, tool calls and finish reason, once the whole text is known.
+
+        Raises:
+            MalformedResponseError: a forced tool call (``required`` or a tool's name) did not
+                parse although the model stopped by itself, or the tool parser failed.
+        """
+        reason = _FINISH.get(finish, "unknown")
+        if plan.forced is not None:
+            names = {t.name for t in request.tools}
+            try:
+                calls = _parse_forced_tool_calls(text, plan.forced, names)
+            except ValueError as exc:
+                if reason == "length":  # cut short: a larger max_tokens fixes it, not a retry
+                    return text, (), reason
+                raise MalformedResponseError(
+                    f"the answer to tool_choice={plan.forced!r} is not a tool call ({exc}); "
+                    f"it began {text[:120]!r}",
+                    backend=self.name,
+                ) from exc
+            return "", calls, "tool_calls"
+        if plan.new_parser is not None:
+            try:
+                content, calls = _extract_tool_calls(plan.new_parser(), text, plan.parser_request)
+            except Exception as exc:
+                raise MalformedResponseError(
+                    f"tool_parser {self.tool_parser!r} failed on the answer: {exc}",
+                    backend=self.name,
+                ) from exc
+            if calls:
+                return content, calls, "tool_calls"
+        return text, (), reason
+
     def _limit(self, request: ChatRequest) -> float | None:
         return request.timeout if request.timeout is not None else self._timeout
 
     async def complete(self, request: ChatRequest) -> Completion:
-        """Generate a whole answer (submitted to the shared engine, batched with the others)."""
+        """Generate a whole answer (submitted to the shared engine, batched with the others).
+
+        With tools, ``tool_calls`` holds the calls the model made (see ``tool_parser``).
+
+        Raises:
+            MalformedResponseError: a forced tool call did not parse (retryable).
+        """
         start = time.perf_counter()
         limit = self._limit(request)
         final: Any = None
+        plan = _NO_TOOLS
         prompt_len = 0
         try:
             with anyio.fail_after(limit):
                 async with contextlib.aclosing(self._generate(request, stream=False)) as outputs:
-                    async for _shared, n_prompt, out in outputs:
-                        prompt_len, final = n_prompt, out
+                    async for step_plan, n_prompt, out in outputs:
+                        plan, prompt_len, final = step_plan, n_prompt, out
         except TimeoutError as exc:
             raise BackendTimeoutError(f"no answer within {limit:g}s", backend=self.name) from exc
         if final is None or not final.outputs:
             raise LocalEngineError("the engine returned no output", backend=self.name)
         choice = final.outputs[0]
+        text, calls, reason = self._outcome(plan, request, choice.text, choice.finish_reason)
         return Completion(
-            text=choice.text,
-            finish_reason=_FINISH.get(choice.finish_reason, "unknown"),
+            text=text,
+            tool_calls=calls,
+            finish_reason=reason,
             usage=Usage(input_tokens=prompt_len, output_tokens=len(choice.token_ids)),
             model=self.model_name,
             backend=self.name,
@@ -563,35 +688,77 @@ class VLLMBackend(BaseBackend):
         )
 
     async def stream(self, request: ChatRequest) -> AsyncIterator[StreamEvent]:
-        """Stream the answer token by token, then one :class:`StreamEnd` with usage."""
+        """Stream the answer token by token, then one :class:`StreamEnd` with usage.
+
+        Tool calls come as whole :class:`ToolCallDelta` s (one per call) once the answer is
+        complete. A forced tool call (``required`` or a tool's name) streams no text; with a
+        ``tool_parser``, text that belongs to a tool call is held back (by vLLM's streaming
+        parser) instead of being sent as text.
+        """
         start = time.perf_counter()
         limit = self._limit(request)
-        pieces: list[str] = []
+        pieces: list[str] = []  # everything generated
+        text = ""  # the same, joined as it grows, for a tool parser
+        shown: list[str] = []  # what went out as TextDelta
+        ids: list[int] = []
         tokens = 0
         prompt_len = 0
         ttft: float | None = None
         finish: str | None = None
+        plan = _NO_TOOLS
+        parser: Any = None
         try:
             with anyio.fail_after(limit):
                 async with contextlib.aclosing(self._generate(request, stream=True)) as outputs:
-                    async for _shared, n_prompt, out in outputs:
-                        prompt_len = n_prompt
+                    async for step_plan, n_prompt, out in outputs:
+                        plan, prompt_len = step_plan, n_prompt
                         if not out.outputs:
                             continue
                         choice = out.outputs[0]
-                        tokens += len(choice.token_ids)
+                        new_ids = [int(i) for i in choice.token_ids]
+                        tokens += len(new_ids)
                         finish = choice.finish_reason or finish
-                        if choice.text:
-                            if ttft is None:
-                                ttft = time.perf_counter() - start
-                            pieces.append(choice.text)
-                            yield TextDelta(text=choice.text)
+                        previous_ids = ids
+                        if plan.new_parser is not None:  # only vLLM's parsers read token ids
+                            ids = ids + new_ids
+                        if not choice.text:
+                            continue
+                        if ttft is None:
+                            ttft = time.perf_counter() - start
+                        pieces.append(choice.text)
+                        if plan.forced is not None:
+                            continue  # JSON for the tool calls: read whole at the end
+                        piece: str | None = choice.text
+                        if plan.new_parser is not None:
+                            if parser is None:
+                                parser = plan.new_parser()
+                            before, text = text, text + choice.text
+                            piece = _stream_content(
+                                parser,
+                                plan.parser_request,
+                                before,
+                                text,
+                                choice.text,
+                                previous_ids,
+                                ids,
+                                new_ids,
+                            )
+                        if piece:
+                            shown.append(piece)
+                            yield TextDelta(text=piece)
         except TimeoutError as exc:
             raise BackendTimeoutError(f"no answer within {limit:g}s", backend=self.name) from exc
+        answer, calls, reason = self._outcome(plan, request, "".join(pieces), finish)
+        sent = "".join(shown)
+        if len(answer) > len(sent) and answer.startswith(sent):  # text held back, or all of it
+            yield TextDelta(text=answer[len(sent) :])
+        for index, call in enumerate(calls):
+            yield ToolCallDelta(index=index, id=call.id, name=call.name, arguments=call.arguments)
         yield StreamEnd(
             completion=Completion(
-                text="".join(pieces),
-                finish_reason=_FINISH.get(finish, "unknown"),
+                text=answer,
+                tool_calls=calls,
+                finish_reason=reason,
                 usage=Usage(input_tokens=prompt_len, output_tokens=tokens),
                 model=self.model_name,
                 backend=self.name,
@@ -599,6 +766,236 @@ class VLLMBackend(BaseBackend):
                 ttft=ttft,
             )
         )
+
+
+# -- tool calls ------------------------------------------------------------------------------
+#
+# What vLLM's OpenAI-compatible server does, done in-process:
+#   * tool_choice="required" / a tool's name: the answer is constrained (structured outputs) to
+#     the JSON schema vLLM's `get_json_schema_from_tools` builds, then read as tool calls;
+#   * tool_choice="auto" (or None) with a `tool_parser`: one of vLLM's registered tool parsers
+#     (`ToolParserManager`) reads the calls out of the generated text;
+#   * tool_choice="none": the tools are not shown to the model and nothing is parsed.
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class _ToolPlan:
+    """How one request's tools are handled (see the notes above)."""
+
+    template_tools: list[dict[str, Any]] | None = None
+    forced: str | None = None  # "required", or the one tool's name
+    schema: dict[str, Any] | None = None
+    new_parser: Callable[[], Any] | None = None  # auto mode: a fresh vLLM ToolParser
+    parser_request: Any = None  # the vLLM ChatCompletionRequest the parser reads
+    skip_special_tokens: bool | None = None
+
+
+_NO_TOOLS: Final = _ToolPlan()
+_EMPTY_OBJECT: Final[Mapping[str, Any]] = {"type": "object", "properties": {}}
+
+
+def _new_call_id() -> str:
+    return f"call_{uuid.uuid4().hex[:24]}"
+
+
+def _template_tools(tools: Sequence[ToolSpec]) -> list[dict[str, Any]]:
+    return [
+        {
+            "type": "function",
+            "function": {"name": t.name, "description": t.description, "parameters": t.parameters},
+        }
+        for t in tools
+    ]
+
+
+def _tool_call_schema(tools: Sequence[ToolSpec], tool_choice: str) -> dict[str, Any]:
+    """The JSON schema that forces tool calls, as vLLM's ``get_json_schema_from_tools`` builds it.
+
+    ``"required"``: an array (at least one item) of ``{"name": <one tool's name>, "parameters":
+    <that tool's parameters>}`` objects, one ``anyOf`` branch per tool; every tool's ``$defs``
+    move to the top so their ``#/$defs/...`` references resolve. A tool's name: that tool's
+    parameters schema itself (the answer is the arguments object).
+
+    Raises:
+        ValueError: the named tool is not among ``tools``, or two tools define the same ``$defs``
+            entry differently.
+    """
+    if tool_choice != "required":
+        for t in tools:
+            if t.name == tool_choice:
+                return copy.deepcopy(t.parameters) if t.parameters else dict(_EMPTY_OBJECT)
+        names = ", ".join(t.name for t in tools) or "none"
+        raise ValueError(
+            f"tool_choice names the tool {tool_choice!r}, which is not in the request's tools "
+            f"({names})"
+        )
+    branches: list[dict[str, Any]] = []
+    defs: dict[str, Any] = {}
+    for t in tools:
+        params = copy.deepcopy(t.parameters) if t.parameters else dict(_EMPTY_OBJECT)
+        own = params.pop("$defs", {})
+        if not isinstance(own, dict):
+            raise ValueError(f"'$defs' in the parameters of tool {t.name!r} must be an object")
+        for key, value in own.items():
+            if key in defs and defs[key] != value:
+                raise ValueError(
+                    f"tools define '$defs/{key}' differently (seen again in {t.name!r}); "
+                    "rename one of the definitions"
+                )
+            defs[key] = value
+        branches.append(
+            {
+                "properties": {
+                    "name": {"type": "string", "enum": [t.name]},
+                    "parameters": params,
+                },
+                "required": ["name", "parameters"],
+            }
+        )
+    schema: dict[str, Any] = {
+        "type": "array",
+        "minItems": 1,
+        "items": {"type": "object", "anyOf": branches},
+    }
+    if defs:
+        schema["$defs"] = defs
+    return schema
+
+
+def _parse_forced_tool_calls(
+    text: str, tool_choice: str, names: Collection[str]
+) -> tuple[ToolCall, ...]:
+    """Read the answer to a ``required`` or named ``tool_choice`` as tool calls.
+
+    Raises:
+        ValueError: the text is not what :func:`_tool_call_schema` asks for (e.g. cut short),
+            or it calls a tool not in ``names``.
+    """
+    value = json.loads(text)
+    if tool_choice != "required":
+        if not isinstance(value, dict):
+            raise ValueError(f"the arguments must be a JSON object, got {type(value).__name__}")
+        return (ToolCall(id=_new_call_id(), name=tool_choice, arguments=text.strip()),)
+    if not isinstance(value, list) or not value:
+        raise ValueError("expected a non-empty JSON array of tool calls")
+    calls = []
+    for item in value:
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+            raise ValueError(f"a tool call must be an object with a string 'name', got {item!r}")
+        if item["name"] not in names:
+            raise ValueError(
+                f"the model called {item['name']!r}, which is not a tool of the request"
+            )
+        params = item.get("parameters")
+        if params is None:
+            params = {}
+        if not isinstance(params, dict):
+            raise ValueError(f"the parameters of {item['name']!r} must be a JSON object")
+        calls.append(
+            ToolCall(
+                id=_new_call_id(),
+                name=item["name"],
+                arguments=json.dumps(params, ensure_ascii=False),
+            )
+        )
+    return tuple(calls)
+
+
+def _extract_tool_calls(parser: Any, text: str, request: Any) -> tuple[str, tuple[ToolCall, ...]]:
+    """Tool calls a vLLM ``ToolParser`` finds in ``text``, and the text left around them.
+
+    As vLLM's server does: when the parser finds no call (or cannot read one, e.g. invalid JSON
+    inside ``<tool_call>``), the whole text is the answer.
+    """
+    info = parser.extract_tool_calls(text, request)
+    if not info.tools_called or not info.tool_calls:
+        return text, ()
+    calls = tuple(
+        ToolCall(id=_new_call_id(), name=tc.function.name, arguments=tc.function.arguments or "{}")
+        for tc in info.tool_calls
+    )
+    content = info.content or ""
+    return ("" if not content.strip() else content), calls
+
+
+def _stream_content(
+    parser: Any,
+    request: Any,
+    previous: str,
+    current: str,
+    delta: str,
+    previous_ids: list[int],
+    current_ids: list[int],
+    delta_ids: list[int],
+) -> str | None:
+    """The text of a streamed step that is not part of a tool call (vLLM's streaming parser).
+
+    A parser that fails holds the text back; the end of the stream sends what is left.
+    """
+    try:
+        message = parser.extract_tool_calls_streaming(
+            previous, current, delta, previous_ids, current_ids, delta_ids, request
+        )
+    except Exception:
+        return None
+    content = None if message is None else message.content
+    return content if isinstance(content, str) else None
+
+
+def _template_messages(request: ChatRequest) -> list[dict[str, Any]]:
+    """The messages as chat templates read them (tool calls' arguments as dicts, as in vLLM)."""
+    out: list[dict[str, Any]] = []
+    for m in request.messages:
+        d: dict[str, Any] = {"role": m.role, "content": m.content or ""}
+        if m.role == "assistant" and m.tool_calls:
+            d["tool_calls"] = [
+                {
+                    "id": c.id,
+                    "type": "function",
+                    "function": {"name": c.name, "arguments": _arguments_object(c.arguments)},
+                }
+                for c in m.tool_calls
+            ]
+        if m.role == "tool" and m.tool_call_id is not None:
+            d["tool_call_id"] = m.tool_call_id
+        if m.name:
+            d["name"] = m.name
+        out.append(d)
+    return out
+
+
+def _arguments_object(arguments: str) -> dict[str, Any]:
+    # vLLM coerces unreadable arguments in the history to {} rather than failing every later turn.
+    try:
+        value = json.loads(arguments or "{}")
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _tool_parser_class(name: str) -> Any:
+    """vLLM's registered tool parser ``name`` (imports vLLM, with the engine's environment).
+
+    Raises:
+        ConfigurationError: no tool parser has that name (the message lists them).
+    """
+    if "vllm" not in sys.modules:
+        with _env_lock:  # vLLM reads its environment (logging) when first imported
+            apply_engine_env(os.environ, log_file=new_log_file("vllm-engine"))
+    try:
+        from vllm.tool_parsers import ToolParserManager
+    except ImportError as exc:
+        raise MissingExtraError("vllm", "local", reason=f"{exc}; {_EXTRA_HINT}") from exc
+    available = ToolParserManager.list_registered()
+    if name not in available:
+        raise ConfigurationError(
+            f"tool_parser must be None or one of vLLM's tool parsers ({', '.join(available)}), "
+            f"got {name!r}"
+        )
+    try:
+        return ToolParserManager.get_tool_parser(name)
+    except Exception as exc:
+        raise ConfigurationError(f"vLLM's tool parser {name!r} cannot be loaded: {exc}") from exc
 
 
 def _no_op(*args: object, **kwargs: object) -> None:

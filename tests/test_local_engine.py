@@ -13,8 +13,21 @@ import anyio
 import pytest
 from pydantic import BaseModel, Field
 
-from genfan import ChatRequest, FanOut, ResponseFormat, StreamEnd, Target, TextDelta
+from genfan import (
+    Agent,
+    ChatRequest,
+    Completion,
+    FanOut,
+    ResponseFormat,
+    StreamEnd,
+    Target,
+    TextDelta,
+    ToolCallDelta,
+    tool,
+)
+from genfan.backend import merge_tool_call_deltas
 from genfan.local import ContextLengthExceededError, EngineStartError, prepare_default_model
+from genfan.testing import FunctionBackend
 
 pytestmark = [pytest.mark.engine, pytest.mark.anyio]
 
@@ -149,6 +162,87 @@ async def test_guided_json_matches_the_schema(local: object) -> None:
     assert c.finish_reason == "stop", c.text
     city = City.model_validate(json.loads(c.text))
     assert city.city
+
+
+@tool
+async def get_weather(city: str) -> dict[str, object]:
+    """Current weather in a city.
+
+    Args:
+        city: the city's name.
+    """
+    return {"city": city, "temp": 21, "sky": "sunny"}
+
+
+WEATHER_PROMPT = "What is the weather in Paris? Use the get_weather tool."
+
+
+async def test_required_tool_choice_returns_a_valid_tool_call(local: object) -> None:
+    import jsonschema
+
+    spec = get_weather.spec
+    request = ChatRequest.from_prompt(
+        WEATHER_PROMPT, tools=(spec,), tool_choice="required", max_tokens=120
+    )
+    c = await local.complete(request)  # type: ignore[attr-defined]
+    assert c.finish_reason == "tool_calls", c
+    assert c.text == ""
+    assert c.tool_calls and all(call.name == "get_weather" for call in c.tool_calls)
+    for call in c.tool_calls:
+        jsonschema.validate(call.parsed_arguments(), spec.parameters)
+        assert call.id.startswith("call_")
+    events = [e async for e in local.stream(request)]  # type: ignore[attr-defined]
+    assert not [e for e in events if isinstance(e, TextDelta)]
+    end = events[-1]
+    assert isinstance(end, StreamEnd)
+    deltas = [e for e in events if isinstance(e, ToolCallDelta)]
+    assert merge_tool_call_deltas(deltas) == end.completion.tool_calls
+    # Greedy: the same call as complete() (new ids).
+    assert [(t.name, t.arguments) for t in end.completion.tool_calls] == [
+        (t.name, t.arguments) for t in c.tool_calls
+    ]
+
+
+async def test_a_tool_parser_on_a_model_that_writes_no_tool_calls_returns_text(
+    local: object,
+) -> None:
+    """SmolLM2's template ignores tools: in auto mode hermes finds no call, the text stays."""
+    from providers.vllm_local import VLLMBackend
+
+    hermes = VLLMBackend(temperature=0.0, tool_parser="hermes", name="hermes")  # same engine
+    try:
+        request = ChatRequest.from_prompt(FRANCE, tools=(get_weather.spec,), max_tokens=24)
+        c = await hermes.complete(request)
+        assert c.tool_calls == () and c.finish_reason in ("stop", "length")
+        assert c.text == (await local.complete(request)).text  # type: ignore[attr-defined]
+        assert "<|im_end|>" not in c.text
+    finally:
+        await hermes.aclose()
+
+
+async def test_the_agent_loop_runs_a_tool_on_the_local_model(local: object) -> None:
+    """The loop sends one request shape every turn, so the first turn is forced here."""
+
+    async def first_turn_calls_a_tool(request: ChatRequest) -> Completion:
+        if not any(m.role == "tool" for m in request.messages):
+            request = request.with_overrides(tool_choice="required", max_tokens=120)
+        return await local.complete(request)  # type: ignore[attr-defined, no-any-return]
+
+    agent = Agent(
+        FunctionBackend(first_turn_calls_a_tool, name="local"),
+        tools=[get_weather],
+        max_steps=3,
+        max_tokens=48,
+    )
+    result = await agent.run(WEATHER_PROMPT)
+    assert result.stopped == "final"
+    assert len(result.steps) == 2
+    (record,) = result.steps[0].tool_calls
+    assert record.ok, record.output
+    assert record.name == "get_weather"
+    assert json.loads(record.output)["temp"] == 21
+    assert [m.role for m in result.messages][-3:] == ["assistant", "tool", "assistant"]
+    assert result.steps[1].completion.finish_reason in ("stop", "length")
 
 
 async def test_one_prompt_fans_out_to_three_sampling_configs_on_one_engine(local: object) -> None:
