@@ -189,6 +189,48 @@ async def test_step_limit_raises_with_the_partial_result_or_returns_flagged() ->
 
 
 @pytest.mark.anyio
+async def test_forced_tool_choice_applies_to_the_first_turn_then_resets_to_auto() -> None:
+    @tool
+    def weather(city: str) -> str:
+        return f"sunny in {city}"
+
+    def model(request: ChatRequest) -> Reply:
+        # A model that always calls a tool when forced to, and answers otherwise.
+        if request.tool_choice in ("required", "weather"):
+            return Reply(tool_calls=calls(("weather", {"city": "Paris"})))
+        return Reply(text="It is sunny.")
+
+    fake = FakeBackend(replies=model)
+    result = await Agent(fake, tools=[weather], tool_choice="required").run("Weather?")
+    assert result.stopped == "final" and result.text == "It is sunny."
+    assert [r.tool_choice for r in fake.calls] == ["required", "auto"]
+
+    named = FakeBackend(replies=model)
+    await Agent(named, tools=[weather], tool_choice="weather").run("Weather?")
+    assert [r.tool_choice for r in named.calls] == ["weather", "auto"]
+
+    # Without the reset the forced choice stays, and the loop runs into its step limit.
+    stuck = Agent(
+        FakeBackend(replies=model),
+        tools=[weather],
+        tool_choice="required",
+        reset_tool_choice=False,
+        max_steps=3,
+        on_step_limit="return",
+    )
+    assert (await stuck.run("Weather?")).stopped == "step_limit"
+
+
+def test_tool_choice_must_name_a_tool_of_the_agent() -> None:
+    @tool
+    def weather(city: str) -> str:
+        return city
+
+    with pytest.raises(ConfigurationError, match=r"'wether' is not one of the agent's tools"):
+        Agent(FakeBackend(), tools=[weather], tool_choice="wether")
+
+
+@pytest.mark.anyio
 async def test_model_failure_is_the_backends_typed_error() -> None:
     agent = Agent(FakeBackend(replies=[Fail(error=BackendConnectionError("refused"))]))
     with pytest.raises(BackendConnectionError):

@@ -175,6 +175,11 @@ class Agent:
         model: the model name to request (default: the backend's).
         temperature: sampling temperature for every model call.
         max_tokens: output limit for every model call.
+        tool_choice: ``"auto"``, ``"required"``, ``"none"`` or a tool's name, for the model's
+            first call (default: the backend's default, usually ``"auto"``).
+        reset_tool_choice: after a turn that called tools, ask the next turns with
+            ``tool_choice="auto"`` (as the OpenAI Agents SDK does), so a forced tool call does
+            not force one on every turn until ``max_steps``.
         name: the agent's name in spans and logs.
 
     Example:
@@ -197,6 +202,8 @@ class Agent:
         model: str | None = None,
         temperature: float | None = None,
         max_tokens: int | None = None,
+        tool_choice: str | None = None,
+        reset_tool_choice: bool = True,
         name: str = "agent",
     ) -> None:
         self.backend = check_model(backend, what="Agent")
@@ -220,6 +227,20 @@ class Agent:
         self.model = model
         self.temperature = temperature
         self.max_tokens = max_tokens
+        if tool_choice is not None and not isinstance(tool_choice, str):
+            raise ConfigurationError(
+                "Agent.tool_choice must be 'auto', 'required', 'none' or a tool's name, "
+                f"got {tool_choice!r}"
+            )
+        if tool_choice not in (None, "auto", "required", "none") and tool_choice not in (
+            self.tools.names
+        ):
+            raise ConfigurationError(
+                f"Agent.tool_choice {tool_choice!r} is not one of the agent's tools "
+                f"({', '.join(self.tools.names) or 'none'}), nor 'auto', 'required' or 'none'"
+            )
+        self.tool_choice = tool_choice
+        self.reset_tool_choice = reset_tool_choice
         self.name = name
 
     def __repr__(self) -> str:
@@ -268,6 +289,7 @@ class Agent:
             request = request.with_system(self.system)
         return request.with_overrides(
             tools=specs or None,
+            tool_choice=self.tool_choice,
             model=self.model,
             temperature=self.temperature,
             max_tokens=self.max_tokens,
@@ -308,6 +330,8 @@ class Agent:
                     messages.extend(
                         Message.tool(r.output, tool_call_id=r.id, name=r.name) for r in records
                     )
+                    if self.reset_tool_choice and request.tool_choice not in (None, "auto"):
+                        request = request.model_copy(update={"tool_choice": "auto"})
                 steps.append(
                     AgentStep(
                         index=index,
