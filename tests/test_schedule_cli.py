@@ -125,6 +125,8 @@ def test_list_history_pause_resume_trigger(ran: Path) -> None:
     assert trig.exit_code == 0 and "run queued" in trig.output
     missing = runner.invoke(app, ["schedule", "pause", "nope", *cfg])
     assert missing.exit_code == 2 and "no schedule" in missing.output
+    missing = runner.invoke(app, ["schedule", "trigger", "nope", *cfg])
+    assert missing.exit_code == 2 and "no schedule with id 'nope'" in missing.output
 
 
 def test_bad_config_is_reported_with_the_key(tmp_path: Path) -> None:
@@ -188,3 +190,76 @@ def test_parse_schedules() -> None:
 def test_parse_schedules_rejects(data: dict[str, object], match: str) -> None:
     with pytest.raises(ConfigurationError, match=match):
         parse_schedules(data)
+
+
+def test_backfill_queues_a_window_once_and_a_running_scheduler_runs_it(tmp_path: Path) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    import anyio
+
+    from genfan.schedule import SchedulePolicy, SQLiteStore
+
+    db = tmp_path / "s.db"
+    today = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    start, end = today - timedelta(days=3), today
+    fires = [(start + timedelta(days=d, hours=3)).isoformat() for d in range(3)]
+
+    async def add() -> None:
+        async with SQLiteStore(db) as store:
+            await store.put_schedule(
+                id="nightly",
+                trigger=CronTrigger(expr="0 3 * * *"),
+                job={"kind": "call", "func": "os:getpid", "args": [], "kwargs": {}},
+                policy=SchedulePolicy(),
+                now=datetime.now(UTC),
+                paused=True,  # its own fires never run here; backfilled ones do
+            )
+
+    anyio.run(add)
+    runner = CliRunner()
+    where = ["--store", f"sqlite:///{db}"]
+    window = ["--start", start.isoformat(), "--end", end.isoformat()]
+    out = runner.invoke(
+        app,
+        ["schedule", "backfill", "nightly", *window, *where, "--overlap", "buffer_all", "--json"],
+    )
+    assert out.exit_code == 0, out.output
+    assert json.loads(out.output) == {
+        "schedule": "nightly",
+        "fire_times": fires,
+        "queued": fires,
+        "existing": [],
+    }
+    again = runner.invoke(app, ["schedule", "backfill", "nightly", *window, *where])
+    assert again.exit_code == 0, again.output
+    assert "0 run(s) queued, 3 already in the history, of 3 fire time(s)" in again.output
+
+    for args, message in [
+        (
+            ["--start", "2026-01-01T00:00", "--end", end.isoformat()],
+            "--start '2026-01-01T00:00' has no timezone",
+        ),
+        (["--start", "yesterday", "--end", end.isoformat()], "is not an ISO 8601 time"),
+        (["--start", end.isoformat(), "--end", start.isoformat()], "window is empty"),
+        (["--start", start.isoformat(), "--end", "2999-01-01T00:00Z"], "is in the future"),
+        ([*window, "--max-fires", "2"], "narrow the window"),
+    ]:
+        bad = runner.invoke(app, ["schedule", "backfill", "nightly", *args, *where])
+        assert bad.exit_code == 2 and message in bad.output, (args, bad.output)
+    missing = runner.invoke(app, ["schedule", "backfill", "nope", *window, *where])
+    assert missing.exit_code == 2 and "no schedule with id 'nope'" in missing.output
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "genfan.cli", "schedule", "run", *where, "--duration", "2"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = runner.invoke(app, ["schedule", "history", "nightly", *where, "--json"])
+    runs = sorted(json.loads(out.output), key=lambda r: r["fire_time"])
+    assert [(r["fire_time"], r["status"], r["backfill"]) for r in runs] == [
+        (f, "succeeded", True) for f in fires
+    ]

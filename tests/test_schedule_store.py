@@ -312,3 +312,95 @@ def test_history_limits_are_validated_and_stored_only_when_set() -> None:
     kept = SchedulePolicy(keep_succeeded=3, keep_failed=0)
     assert SchedulePolicy.from_dict(kept.to_dict()) == kept
     assert SchedulePolicy.from_dict(SchedulePolicy().to_dict()) == SchedulePolicy()
+
+
+@pytest.mark.anyio
+async def test_replicas_backfilling_the_same_window_queue_each_fire_time_once(
+    store: Store, tmp_path: Path
+) -> None:
+    now = _at(86400)
+    await store.put_schedule(
+        id="b",
+        trigger=IntervalTrigger(hours=1, start=_T0),
+        job=_JOB,
+        policy=SchedulePolicy(),
+        now=now,
+        paused=True,
+    )
+    replicas = [store, _twin(store, tmp_path), _twin(store, tmp_path)]
+    results = []
+
+    async def backfill(s: Store) -> None:
+        results.append(await s.backfill("b", start=_T0, end=_at(12 * 3600), now=now))
+
+    async with anyio.create_task_group() as tg:
+        for s in replicas:
+            tg.start_soon(backfill, s)
+    for s in replicas[1:]:
+        await s.aclose()
+    fires = [_at(3600 * h) for h in range(12)]
+    assert all(r.fire_times == tuple(fires) for r in results)
+    queued = sorted(f for r in results for f in r.queued)
+    assert queued == fires  # each fire time queued by exactly one replica
+    assert all(sorted(r.queued + r.existing) == fires for r in results)
+    runs = await store.history("b")
+    assert sorted(r.fire_time for r in runs) == fires
+    assert all(r.status == "pending" and r.backfill and r.run_at == now for r in runs)
+    # Claimed like any run (the misfire grace time does not apply), oldest fire time first.
+    claims = (await store.claim("w", now, 30, 100)).claimed
+    assert [c.run.fire_time for c in claims] == [_T0]  # overlap=skip: the rest are skipped
+
+
+_OLD_DDL = [
+    "CREATE TABLE {S} (id TEXT PRIMARY KEY, trigger TEXT NOT NULL, job TEXT NOT NULL,"
+    " policy TEXT NOT NULL, paused INTEGER NOT NULL DEFAULT 0, next_fire BIGINT,"
+    " last_fire BIGINT, created BIGINT NOT NULL)",
+    "CREATE TABLE {R} (schedule_id TEXT NOT NULL, fire_time BIGINT NOT NULL,"
+    " run_at BIGINT NOT NULL, status TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0,"
+    " owner TEXT, lease_until BIGINT, started BIGINT, ended BIGINT, error TEXT,"
+    " manual INTEGER NOT NULL DEFAULT 0, cancel_requested INTEGER NOT NULL DEFAULT 0,"
+    " PRIMARY KEY (schedule_id, fire_time))",
+    "INSERT INTO {R} (schedule_id, fire_time, run_at, status) VALUES ('old', 0, 0, 'succeeded')",
+]
+
+
+@pytest.mark.anyio
+async def test_tables_of_an_earlier_version_get_the_backfill_columns(
+    store: Store, tmp_path: Path
+) -> None:
+    if isinstance(store, PostgresStore):
+        import psycopg
+
+        with psycopg.connect(PG_DSN, autocommit=True) as conn:
+            conn.execute(f"CREATE SCHEMA {store.schema}")
+            for stmt in _OLD_DDL:
+                conn.execute(stmt.format(S=f"{store.schema}.schedules", R=f"{store.schema}.runs"))
+    else:
+        import sqlite3
+
+        with sqlite3.connect(tmp_path / "s.db") as conn:
+            for stmt in _OLD_DDL:
+                conn.execute(stmt.format(S="schedules", R="runs"))
+        conn.close()
+    (old,) = await store.history()
+    assert (old.schedule_id, old.status, old.backfill) == ("old", "succeeded", False)
+    await store.put_schedule(
+        id="b",
+        trigger=IntervalTrigger(hours=1, start=_T0),
+        job=_JOB,
+        policy=SchedulePolicy(),
+        now=_at(7200),
+    )
+    done = await store.backfill("b", start=_T0, end=_at(7200), now=_at(7200), overlap="allow")
+    assert done.queued == (_T0, _at(3600))
+    await store.process_due(_at(7200))
+    claims = (await store.claim("w", _at(7200), 30, 10)).claimed
+    # The schedule's own run first, then the backfill's (overlap=allow: beside it).
+    assert [(c.run.fire_time, c.run.backfill) for c in claims] == [
+        (_at(7200), False),
+        (_T0, True),
+        (_at(3600), True),
+    ]
+    again = _twin(store, tmp_path)
+    await again.setup()  # setting up again finds the columns there
+    await again.aclose()

@@ -2,7 +2,8 @@
 
 * ``genfan schedule run --config genfan.toml``: add the config's ``[schedules.*]`` and run them
   until Ctrl-C / SIGTERM (start several, on one store, for replicas);
-* ``list``, ``history [ID]``, ``pause ID``, ``resume ID``, ``trigger ID``: against the same store.
+* ``list``, ``history [ID]``, ``pause ID``, ``resume ID``, ``trigger ID``, ``backfill ID``:
+  against the same store.
 """
 
 from __future__ import annotations
@@ -85,6 +86,19 @@ def _with_admin(config: Path | None, store: str | None, op: Callable[[Any], Awai
         return anyio.run(main)
     except GenfanError as exc:
         raise _fail(str(exc)) from None
+    except ExceptionGroup as group:
+        # The scheduler's task group wraps an error of ``op`` (an unknown id, a bad window).
+        errors, rest = group.split(GenfanError)
+        if errors is None or rest is not None:
+            raise
+        raise _fail("; ".join(str(e) for e in _leaves(errors))) from None
+
+
+def _leaves(group: BaseExceptionGroup[Any]) -> list[BaseException]:
+    out: list[BaseException] = []
+    for exc in group.exceptions:
+        out.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    return out
 
 
 def _ts(value: datetime | None) -> str:
@@ -230,6 +244,7 @@ def history(
                         "drift": r.drift,
                         "error": r.error,
                         "manual": r.manual,
+                        "backfill": r.backfill,
                     }
                     for r in runs
                 ],
@@ -243,7 +258,7 @@ def history(
     table = Table("schedule", "fire time", "started", "ended", "outcome", "attempts", "error")
     for r in runs:
         table.add_row(
-            r.schedule_id + (" (manual)" if r.manual else ""),
+            r.schedule_id + (" (manual)" if r.manual else " (backfill)" if r.backfill else ""),
             _ts(r.fire_time),
             _ts(r.started),
             _ts(r.ended),
@@ -286,6 +301,70 @@ def trigger(
 ) -> None:
     """Run a schedule once now (a running scheduler picks it up)."""
     _simple("trigger", schedule_id, config, store)
+
+
+def _instant(value: str, option: str) -> datetime:
+    try:
+        when = datetime.fromisoformat(value)
+    except ValueError:
+        raise _fail(
+            f"{option} {value!r} is not an ISO 8601 time; e.g. 2026-01-01T00:00:00+00:00"
+        ) from None
+    if when.tzinfo is None:
+        raise _fail(f"{option} {value!r} has no timezone; add one, e.g. {value}+00:00 or {value}Z")
+    return when
+
+
+@schedule_app.command("backfill")
+def backfill(
+    schedule_id: Annotated[str, typer.Argument()],
+    start: Annotated[
+        str, typer.Option("--start", help="Window start, ISO 8601 with a timezone (included).")
+    ],
+    end: Annotated[
+        str, typer.Option("--end", help="Window end, ISO 8601 with a timezone (excluded).")
+    ],
+    overlap: Annotated[
+        str | None,
+        typer.Option(
+            help="skip | buffer_one | buffer_all | allow | cancel_old (default: the schedule's)."
+        ),
+    ] = None,
+    max_fires: Annotated[int, typer.Option(help="The most fire times the window may hold.")] = 1000,
+    config: ConfigOpt = None,
+    store: StoreOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Queue runs for the fire times a schedule had in [start, end) that are not in its history.
+
+    A running scheduler (genfan schedule run) runs them, each with its nominal fire time.
+    """
+    lo, hi = _instant(start, "--start"), _instant(end, "--end")
+    result: Any = _with_admin(
+        config,
+        store,
+        lambda s: s.backfill(schedule_id, lo, hi, overlap=overlap, max_fires=max_fires),
+    )
+    if as_json:
+        print(
+            json.dumps(
+                {
+                    "schedule": result.schedule_id,
+                    "fire_times": [f.isoformat() for f in result.fire_times],
+                    "queued": [f.isoformat() for f in result.queued],
+                    "existing": [f.isoformat() for f in result.existing],
+                },
+                indent=2,
+            )
+        )
+        return
+    for f in result.fire_times:
+        typer.echo(f"  {f.isoformat()}  {'queued' if f in result.queued else 'in history'}")
+    typer.echo(
+        f"{schedule_id}: {len(result.queued)} run(s) queued, {len(result.existing)} already in "
+        f"the history, of {len(result.fire_times)} fire time(s) in [{lo.isoformat()}, "
+        f"{hi.isoformat()})"
+    )
 
 
 __all__ = ["schedule_app"]

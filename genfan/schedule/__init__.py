@@ -12,7 +12,8 @@ async with Scheduler("sqlite:///schedules.db") as scheduler:
     await scheduler.run_until_stopped()
 ```
 
-See docs/schedule.md for the semantics (misfires, coalescing, overlap, leases, DST).
+See docs/schedule.md for the semantics (misfires, coalescing, overlap, leases, DST,
+backfill, history limits).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from ._policy import Overlap as Overlap
 from ._policy import SchedulePolicy as SchedulePolicy
 from ._policy import ScheduleRetry as ScheduleRetry
 from ._scheduler import Scheduler as Scheduler
+from ._store import BackfillResult as BackfillResult
 from ._store import PostgresStore as PostgresStore
 from ._store import RunRecord as RunRecord
 from ._store import RunStatus as RunStatus
@@ -42,6 +44,7 @@ from ._triggers import parse_duration as parse_duration
 
 __all__ = [
     "AnyioClock",
+    "BackfillResult",
     "Clock",
     "Coalesce",
     "ContentJob",

@@ -43,8 +43,11 @@ class RunContext:
         fire_time: the planned fire time (the run's identity).
         scheduled_at: fire time plus jitter: when the run was meant to start.
         attempt: 1 for the first attempt, 2 for the first retry, ...
-        previous_success: the fire time of the schedule's last successful run, if any.
+        previous_success: the fire time of the schedule's last successful run before this
+            run's fire time, if any.
         manual: the run was triggered by hand (``trigger``), not by the trigger.
+        backfill: the run was queued by ``backfill`` for a past fire time; ``fire_time`` is
+            that nominal time, ``scheduled_at`` when the backfill queued it.
     """
 
     schedule_id: str
@@ -53,6 +56,7 @@ class RunContext:
     attempt: int
     previous_success: datetime | None = None
     manual: bool = False
+    backfill: bool = False
 
 
 #: Builds the fan-out of a content job (from the job's backends/select/mode settings).

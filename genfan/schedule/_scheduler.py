@@ -34,8 +34,9 @@ from ._jobs import (
     resolve_callable,
     takes_context,
 )
-from ._policy import SchedulePolicy
+from ._policy import Overlap, SchedulePolicy
 from ._store import (
+    BackfillResult,
     Claim,
     Conflict,
     RunKey,
@@ -310,6 +311,56 @@ class Scheduler:
         self._wake.set()
         return run
 
+    async def backfill(
+        self,
+        id: str,
+        start: datetime,
+        end: datetime,
+        *,
+        overlap: Overlap | None = None,
+        max_fires: int = 1000,
+    ) -> BackfillResult:
+        """Run the fire times the schedule's trigger had in a past window (Temporal's backfill).
+
+        Each fire time in ``[start, end)`` becomes a run with that nominal fire time, queued
+        now and executed by any running scheduler (this one, or another replica) like the
+        trigger's own runs: the job's timeout, retries and concurrency limits apply, the misfire
+        grace time does not. A fire time already in the history (run, skipped or missed before,
+        or queued by an earlier backfill) is not run again, so a backfill can be repeated; with
+        history limits, a fire time pruned from the history would run again.
+
+        Args:
+            id: the schedule.
+            start, end: the window, timezone-aware; ``end`` not after now.
+            overlap: how the backfill's runs overlap each other and the schedule's runs
+                (default: the schedule's policy). The default ``skip`` runs the first and skips
+                the rest while it goes; ``buffer_all`` runs them one after another, in order;
+                ``allow`` all at once.
+            max_fires: the most fire times the window may hold.
+
+        Returns:
+            The window's fire times, and which of them were queued or already in the history.
+
+        Raises:
+            ConfigurationError: a naive datetime, an empty or future window, more than
+                ``max_fires`` fire times, a bad ``overlap``, or no such schedule.
+        """
+        result = await self.store.backfill(
+            id, start=start, end=end, now=self._now(), overlap=overlap, max_fires=max_fires
+        )
+        telemetry.event(
+            "schedule_backfill",
+            schedule=id,
+            start=start.isoformat(),
+            end=end.isoformat(),
+            fires=len(result.fire_times),
+            queued=len(result.queued),
+            existing=len(result.existing),
+            overlap=overlap,
+        )
+        self._wake.set()
+        return result
+
     async def history(
         self,
         id: str | None = None,
@@ -386,7 +437,7 @@ class Scheduler:
         sid = run.schedule_id
         drift = (claimed_at - run.run_at).total_seconds()
         attrs = {"genfan.schedule.id": sid}
-        if not claim.takeover:
+        if not (claim.takeover or run.backfill):  # a backfill run's wait is not drift
             telemetry.instruments().schedule_drift.record(drift, attrs)
         telemetry.event(
             "schedule_run_started",
@@ -395,6 +446,7 @@ class Scheduler:
             attempt=run.attempts,
             drift=round(drift, 6),
             takeover=claim.takeover,
+            backfill=run.backfill,
             identity=self.identity,
         )
         status: RunStatus = "failed"
@@ -408,6 +460,7 @@ class Scheduler:
                 "genfan.schedule.attempt": run.attempts,
                 "genfan.schedule.drift": drift,
                 "genfan.schedule.takeover": claim.takeover,
+                "genfan.schedule.backfill": run.backfill,
             },
         ) as span:
             with local.scope:
@@ -518,7 +571,7 @@ class Scheduler:
             return "failed", f"ConfigurationError: {exc}", first
         previous: datetime | None = None
         if needs_context:
-            last = await self.store.last_success(run.schedule_id)
+            last = await self.store.last_success(run.schedule_id, before=run.fire_time)
             previous = None if last is None else last.fire_time
 
         testing, cap = is_testing()
@@ -533,6 +586,7 @@ class Scheduler:
                 attempt=state["attempt"],
                 previous_success=previous,
                 manual=run.manual,
+                backfill=run.backfill,
             )
             if policy.timeout is not None:
                 with anyio.fail_after(policy.timeout):

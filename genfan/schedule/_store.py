@@ -30,10 +30,11 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import anyio
 
 from ..errors import ConfigurationError, MissingExtraError
-from ._policy import SchedulePolicy
+from ._policy import _OVERLAP, Overlap, SchedulePolicy
 from ._triggers import DateTrigger, IntervalTrigger, Trigger, from_us, to_us, trigger_from_dict
 
 __all__ = [
+    "BackfillResult",
     "Claim",
     "PostgresStore",
     "RunKey",
@@ -83,7 +84,11 @@ class ScheduleInfo:
 
 @dataclass(frozen=True, kw_only=True)
 class RunRecord:
-    """One (schedule, fire time): its state and, once over, its outcome."""
+    """One (schedule, fire time): its state and, once over, its outcome.
+
+    ``manual``: queued by :meth:`Scheduler.trigger`; ``backfill``: queued by
+    :meth:`Scheduler.backfill` for a past fire time (its ``run_at`` is when it was queued).
+    """
 
     schedule_id: str
     fire_time: datetime
@@ -96,6 +101,7 @@ class RunRecord:
     ended: datetime | None = None
     error: str | None = None
     manual: bool = False
+    backfill: bool = False
 
     @property
     def key(self) -> RunKey:
@@ -107,6 +113,24 @@ class RunRecord:
         if self.started is None:
             return None
         return (self.started - self.run_at).total_seconds()
+
+
+@dataclass(frozen=True, kw_only=True)
+class BackfillResult:
+    """What :meth:`Scheduler.backfill` did.
+
+    Attributes:
+        schedule_id: the schedule.
+        fire_times: every fire time of its trigger in the window, oldest first.
+        queued: those queued now as runs (any running scheduler picks them up).
+        existing: those already in the history (run, running, pending, skipped or missed
+            before): not run again.
+    """
+
+    schedule_id: str
+    fire_times: tuple[datetime, ...]
+    queued: tuple[datetime, ...]
+    existing: tuple[datetime, ...]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -188,6 +212,7 @@ class _SQL:
                 " status TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0, owner TEXT,"
                 " lease_until BIGINT, started BIGINT, ended BIGINT, error TEXT,"
                 " manual INTEGER NOT NULL DEFAULT 0, cancel_requested INTEGER NOT NULL DEFAULT 0,"
+                " backfill INTEGER NOT NULL DEFAULT 0, overlap TEXT,"
                 " PRIMARY KEY (schedule_id, fire_time))"
             ),
             self.q(f"CREATE INDEX IF NOT EXISTS {self.ix}runs_status ON {{R}} (status, run_at)"),
@@ -195,12 +220,33 @@ class _SQL:
             self.q(f"CREATE INDEX IF NOT EXISTS {self.ix}schedules_next ON {{S}} (next_fire)"),
         ]
 
+    #: Columns added to ``runs`` after its first release: (name, SQL type and default).
+    _ADDED = (("backfill", "INTEGER NOT NULL DEFAULT 0"), ("overlap", "TEXT"))
+
+    def migrate(self, cur: Any) -> None:
+        """Add the columns that tables created by an earlier version lack."""
+        if self.pg:
+            schema, _, table = f"{self.ns}runs".rpartition(".")
+            cur.execute(
+                "SELECT column_name FROM information_schema.columns"
+                " WHERE table_schema = %s AND table_name = %s",
+                (schema.lower(), table),  # the unquoted schema name was folded to lower case
+            )
+            have = {r[0] for r in cur.fetchall()}
+        else:
+            cur.execute(f"PRAGMA table_info({self.ns}runs)")
+            have = {r[1] for r in cur.fetchall()}
+        guard = "IF NOT EXISTS " if self.pg else ""
+        for name, decl in self._ADDED:
+            if name not in have:  # (checked first: ALTER TABLE locks the table)
+                cur.execute(self.q(f"ALTER TABLE {{R}} ADD COLUMN {guard}{name} {decl}"))
+
     # -- rows -> records ------------------------------------------------------------------
 
     _SCHED_COLS = "id, trigger, job, policy, paused, next_fire, last_fire, created"
     _RUN_COLS = (
         "schedule_id, fire_time, run_at, status, attempts, owner, lease_until, started, ended,"
-        " error, manual"
+        " error, manual, backfill"
     )
 
     @staticmethod
@@ -233,6 +279,7 @@ class _SQL:
             ended=t(row[8]),
             error=row[9],
             manual=bool(row[10]),
+            backfill=bool(row[11]),
         )
 
     # -- schedules --------------------------------------------------------------------------
@@ -363,6 +410,58 @@ class _SQL:
             manual=True,
         )
 
+    def backfill(
+        self,
+        cur: Any,
+        id: str,
+        start: datetime,
+        end: datetime,
+        now: datetime,
+        overlap: str | None,
+        max_fires: int,
+    ) -> BackfillResult:
+        info = self.get_schedule(cur, id)
+        if info is None:
+            raise ConfigurationError(f"no schedule with id {id!r}")
+        fires: list[datetime] = []
+        f = info.trigger.next_after(start - _ONE_US)
+        while f is not None and f < end:
+            if len(fires) == max_fires:
+                raise ConfigurationError(
+                    f"schedule {id!r} ({info.trigger}) fires more than {max_fires} times in "
+                    f"[{start.isoformat()}, {end.isoformat()}); narrow the window (backfill it "
+                    "in parts) or raise max_fires"
+                )
+            fires.append(f)
+            f = info.trigger.next_after(f)
+        queued: list[datetime] = []
+        existing: list[datetime] = []
+        now_us = to_us(now)
+        insert = self.q(
+            "INSERT INTO {R} (schedule_id, fire_time, run_at, status, backfill, overlap)"
+            " VALUES (?, ?, ?, 'pending', 1, ?) ON CONFLICT DO NOTHING"
+        )
+        for f in fires:
+            # The (schedule, fire time) primary key is what keeps a fire time from running
+            # twice, across replicas and repeated backfills, exactly as for the trigger's fires.
+            cur.execute(insert, (id, to_us(f), now_us, overlap))
+            (queued if cur.rowcount == 1 else existing).append(f)
+        return BackfillResult(
+            schedule_id=id, fire_times=tuple(fires), queued=tuple(queued), existing=tuple(existing)
+        )
+
+    def last_success(self, cur: Any, schedule_id: str, before: datetime | None) -> RunRecord | None:
+        where = "" if before is None else " AND fire_time < ?"
+        cur.execute(
+            self.q(
+                f"SELECT {self._RUN_COLS} FROM {{R}} WHERE schedule_id = ?"
+                f" AND status = 'succeeded'{where} ORDER BY fire_time DESC LIMIT 1"
+            ),
+            (schedule_id,) if before is None else (schedule_id, to_us(before)),
+        )
+        row = cur.fetchone()
+        return None if row is None else self.run(row)
+
     # -- processing due schedules -------------------------------------------------------------
 
     def process_due(self, cur: Any, now: datetime, limit: int) -> DueResult:
@@ -453,12 +552,16 @@ class _SQL:
         lease_us = now_us + int(lease * 1_000_000)
         cols = ", ".join(f"r.{c.strip()}" for c in self._RUN_COLS.split(","))
         lock = " FOR UPDATE OF r SKIP LOCKED" if self.pg else ""
+        # Backfill runs come after the schedules' own due runs, so a long backfill waiting
+        # behind itself (buffer_all) never holds the others up; a schedule's runs start oldest
+        # fire time first.
         cur.execute(
             self.q(
-                f"SELECT {cols}, s.job, s.policy FROM {{R}} r JOIN {{S}} s ON s.id = r.schedule_id"
+                f"SELECT {cols}, r.overlap, s.job, s.policy"
+                " FROM {R} r JOIN {S} s ON s.id = r.schedule_id"
                 " WHERE (r.status = 'pending' AND r.run_at <= ?)"
                 " OR (r.status = 'running' AND r.lease_until <= ?)"
-                f" ORDER BY r.run_at, r.schedule_id LIMIT ?{lock}"
+                f" ORDER BY r.backfill, r.run_at, r.schedule_id, r.fire_time LIMIT ?{lock}"
             ),
             (now_us, now_us, max(limit * 2, 64)),
         )
@@ -474,11 +577,12 @@ class _SQL:
         for row in rows:
             if len(claimed) >= limit:
                 break
-            run = self.run(row[:11])
-            job = jobs.get(row[11])
+            run = self.run(row[:12])
+            job = jobs.get(row[13])
             if job is None:
-                job = jobs[row[11]] = json.loads(row[11])
-            policy = self.policy(row[12])
+                job = jobs[row[13]] = json.loads(row[13])
+            policy = self.policy(row[14])
+            overlap = row[12] or policy.overlap  # a backfill may override the schedule's
             sid, fus = run.key
             if run.status == "running":  # lease expired: the replica running it is gone
                 if run.attempts >= policy.retry.attempts:
@@ -503,7 +607,7 @@ class _SQL:
                 continue
             grace = policy.misfire_grace_time
             late = (now_us - to_us(run.run_at)) / 1e6
-            if grace is not None and not run.manual and late > grace:
+            if grace is not None and not (run.manual or run.backfill) and late > grace:
                 err = f"started {late:.3f}s late, past the misfire grace time of {grace}s"
                 self._end(cur, sid, fus, "missed", None, err)
                 ended.append(_with(run, status="missed", error=err))
@@ -511,29 +615,31 @@ class _SQL:
                     prune[sid] = policy
                 continue
             others = running.get(sid, set()) - {fus}
-            if others and policy.overlap != "allow":
-                if policy.overlap == "skip":
+            if others and overlap != "allow":
+                if overlap == "skip":
                     err = "skipped: the previous run was still going (overlap=skip)"
                     self._end(cur, sid, fus, "skipped", None, err)
                     ended.append(_with(run, status="skipped", error=err))
                     if policy.prunes_history:
                         prune[sid] = policy
-                elif policy.overlap == "buffer_one":
+                elif overlap == "buffer_one":
+                    # Is an earlier run already waiting? (Runs started in this round are
+                    # still 'pending' in the table: they do not count.)
                     ra = to_us(run.run_at)
                     cur.execute(
                         self.q(
-                            "SELECT COUNT(*) FROM {R} WHERE schedule_id = ? AND status = 'pending'"
-                            " AND (run_at < ? OR (run_at = ? AND fire_time < ?))"
+                            "SELECT fire_time FROM {R} WHERE schedule_id = ? AND status = 'pending'"
+                            " AND (run_at < ? OR (run_at = ? AND fire_time < ?)) LIMIT ?"
                         ),
-                        (sid, ra, ra, fus),
+                        (sid, ra, ra, fus, len(others) + 1),
                     )
-                    if cur.fetchone()[0]:
+                    if any(f not in others for (f,) in cur.fetchall()):
                         err = "skipped: a run was already waiting (overlap=buffer_one)"
                         self._end(cur, sid, fus, "skipped", None, err)
                         ended.append(_with(run, status="skipped", error=err))
                         if policy.prunes_history:
                             prune[sid] = policy
-                elif policy.overlap == "cancel_old":
+                elif overlap == "cancel_old":
                     cancel.extend((sid, f) for f in others)
                     cur.executemany(
                         self.q(
@@ -834,6 +940,36 @@ def _latest_at_or_before(trigger: Trigger, now: datetime, known: datetime) -> da
     return known
 
 
+def _check_backfill(
+    start: datetime, end: datetime, now: datetime, overlap: str | None, max_fires: int
+) -> None:
+    for name, value in (("start", start), ("end", end)):
+        if not isinstance(value, datetime):
+            raise ConfigurationError(f"backfill {name} must be a datetime, got {value!r}")
+        if value.tzinfo is None or value.utcoffset() is None:
+            raise ConfigurationError(
+                f"backfill {name} {value.isoformat()} has no timezone: pass a timezone-aware "
+                "datetime, e.g. datetime(2026, 1, 1, tzinfo=UTC) or '2026-01-01T00:00:00+00:00'"
+            )
+    if start >= end:
+        raise ConfigurationError(
+            f"backfill window is empty: start {start.isoformat()} must be before end "
+            f"{end.isoformat()} (the window is [start, end))"
+        )
+    if end > now:
+        raise ConfigurationError(
+            f"backfill end {end.isoformat()} is in the future (now is {now.isoformat()}): a "
+            "backfill runs past fire times; the trigger fires the later ones itself"
+        )
+    if overlap is not None and overlap not in _OVERLAP:
+        raise ConfigurationError(
+            f"backfill overlap must be one of {', '.join(_OVERLAP)} (or None: the schedule's), "
+            f"got {overlap!r}"
+        )
+    if not isinstance(max_fires, int) or isinstance(max_fires, bool) or not max_fires >= 1:
+        raise ConfigurationError(f"backfill max_fires must be an int >= 1, got {max_fires!r}")
+
+
 def _coalesce(fires: list[datetime], policy: SchedulePolicy) -> list[datetime]:
     if len(fires) <= 1 or policy.coalesce == "all":
         return fires
@@ -912,6 +1048,23 @@ class Store:
     async def add_manual_run(self, id: str, now: datetime) -> RunRecord:
         return await self._tx(lambda c: self._sql.add_manual_run(c, id, now))
 
+    async def backfill(
+        self,
+        id: str,
+        *,
+        start: datetime,
+        end: datetime,
+        now: datetime,
+        overlap: Overlap | None = None,
+        max_fires: int = 1000,
+    ) -> BackfillResult:
+        """Queue a run for each fire time of schedule ``id`` in ``[start, end)`` that is not in
+        the history yet (see :meth:`Scheduler.backfill`)."""
+        _check_backfill(start, end, now, overlap, max_fires)
+        return await self._tx(
+            lambda c: self._sql.backfill(c, id, start, end, now, overlap, max_fires)
+        )
+
     async def process_due(self, now: datetime, limit: int = 500) -> DueResult:
         """Create the runs of every due schedule (misfire grace and coalescing applied)."""
         return await self._tx(lambda c: self._sql.process_due(c, now, limit))
@@ -973,9 +1126,11 @@ class Store:
             lambda c: self._sql.history(c, schedule_id, limit, statuses), write=False
         )
 
-    async def last_success(self, schedule_id: str) -> RunRecord | None:
-        runs = await self.history(schedule_id, limit=1, statuses=["succeeded"])
-        return runs[0] if runs else None
+    async def last_success(
+        self, schedule_id: str, *, before: datetime | None = None
+    ) -> RunRecord | None:
+        """The schedule's newest successful run (with a fire time before ``before``)."""
+        return await self._tx(lambda c: self._sql.last_success(c, schedule_id, before), write=False)
 
 
 class _Pool:
@@ -1020,9 +1175,11 @@ class _PooledStore(Store):
     _ready: bool
 
     def _create(self, cur: Any) -> None:
-        """Create the tables (in the one transaction :meth:`setup` runs)."""
+        """Create the tables, or add what an earlier version's lack (in the one transaction
+        :meth:`setup` runs)."""
         for stmt in self._sql.ddl():
             cur.execute(stmt)
+        self._sql.migrate(cur)
 
     async def setup(self) -> None:
         if self._ready:
