@@ -16,7 +16,6 @@ from pydantic import BaseModel, Field
 from genfan import (
     Agent,
     ChatRequest,
-    Completion,
     FanOut,
     ResponseFormat,
     StreamEnd,
@@ -27,7 +26,6 @@ from genfan import (
 )
 from genfan.backend import merge_tool_call_deltas
 from genfan.local import ContextLengthExceededError, EngineStartError, prepare_default_model
-from genfan.testing import FunctionBackend
 
 pytestmark = [pytest.mark.engine, pytest.mark.anyio]
 
@@ -221,18 +219,13 @@ async def test_a_tool_parser_on_a_model_that_writes_no_tool_calls_returns_text(
 
 
 async def test_the_agent_loop_runs_a_tool_on_the_local_model(local: object) -> None:
-    """The loop sends one request shape every turn, so the first turn is forced here."""
-
-    async def first_turn_calls_a_tool(request: ChatRequest) -> Completion:
-        if not any(m.role == "tool" for m in request.messages):
-            request = request.with_overrides(tool_choice="required", max_tokens=120)
-        return await local.complete(request)  # type: ignore[attr-defined, no-any-return]
-
+    """The first turn is forced to call a tool; the next ones are asked with "auto"."""
     agent = Agent(
-        FunctionBackend(first_turn_calls_a_tool, name="local"),
+        local,  # type: ignore[arg-type]
         tools=[get_weather],
+        tool_choice="required",
         max_steps=3,
-        max_tokens=48,
+        max_tokens=120,
     )
     result = await agent.run(WEATHER_PROMPT)
     assert result.stopped == "final"
