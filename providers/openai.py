@@ -70,6 +70,12 @@ _FINISH: dict[str | None, FinishReason] = {
 }
 
 
+def _check_choice(option: str, value: object, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        allowed = ", ".join(repr(c) for c in choices)
+        raise ConfigurationError(f"{option} must be one of {allowed}, got {value!r}")
+
+
 class OpenAIBackend(HTTPBackend):
     """A backend for any OpenAI-compatible ``/chat/completions`` endpoint.
 
@@ -125,19 +131,9 @@ class OpenAIBackend(HTTPBackend):
         max_tokens_field: MaxTokensField = "auto",
         unsupported_params: UnsupportedParams = "drop",
     ) -> None:
-        if max_tokens_field not in _MAX_TOKENS_FIELDS:
-            raise ConfigurationError(
-                "max_tokens_field must be one of "
-                + ", ".join(repr(f) for f in _MAX_TOKENS_FIELDS)
-                + f", got {max_tokens_field!r}"
-            )
+        _check_choice("max_tokens_field", max_tokens_field, _MAX_TOKENS_FIELDS)
         self.max_tokens_field: MaxTokensField = max_tokens_field
-        if unsupported_params not in _UNSUPPORTED_PARAMS:
-            raise ConfigurationError(
-                "unsupported_params must be one of "
-                + ", ".join(repr(v) for v in _UNSUPPORTED_PARAMS)
-                + f", got {unsupported_params!r}"
-            )
+        _check_choice("unsupported_params", unsupported_params, _UNSUPPORTED_PARAMS)
         self.unsupported_params: UnsupportedParams = unsupported_params
         super().__init__(
             model,

@@ -17,45 +17,7 @@ from genfan import ChatRequest, ConfigurationError, create_backend
 from genfan.config import load_config, parse_config
 from providers.openai import OpenAIBackend
 
-OPENAI = "https://api.openai.com/v1"
-LOCAL = "http://127.0.0.1:8000/v1"
-KEY = "sk-test-SECRET-0123456789"
-
-
-def completion_body() -> dict[str, Any]:
-    return {
-        "model": "m",
-        "choices": [
-            {"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}
-        ],
-        "usage": {"prompt_tokens": 1, "completion_tokens": 1},
-    }
-
-
-def stream_body() -> bytes:
-    chunks = [
-        {"choices": [{"index": 0, "delta": {"content": "ok"}, "finish_reason": "stop"}]},
-        {"choices": [], "usage": {"prompt_tokens": 1, "completion_tokens": 1}},
-    ]
-    return ("".join(f"data: {json.dumps(c)}\n\n" for c in chunks) + "data: [DONE]\n\n").encode()
-
-
-async def sent_body(b: OpenAIBackend, req: ChatRequest, *, stream: bool = False) -> dict[str, Any]:
-    """The JSON body ``b`` sends for ``req`` (through the real request path)."""
-    with respx.mock:
-        if stream:
-            route = respx.post(b.base_url + "/chat/completions").respond(
-                content=stream_body(), headers={"content-type": "text/event-stream"}
-            )
-            async with b:
-                async for _ in b.stream(req):
-                    pass
-        else:
-            route = respx.post(b.base_url + "/chat/completions").respond(json=completion_body())
-            async with b:
-                await b.complete(req)
-    body: dict[str, Any] = json.loads(route.calls.last.request.content)
-    return body
+from ._openai_bodies import KEY, LOCAL, OPENAI, completion_body, sent_body
 
 
 def limit_fields(body: dict[str, Any]) -> dict[str, Any]:
