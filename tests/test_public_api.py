@@ -40,3 +40,19 @@ def test_genfan_never_imports_providers() -> None:
         if "from providers" in p.read_text() or "import providers" in p.read_text()
     ]
     assert offenders == []
+
+
+def test_resilience_all_names_resolve() -> None:
+    import genfan.resilience as resilience
+
+    for name in resilience.__all__:
+        assert getattr(resilience, name) is not None, name
+    assert sorted(set(resilience.__all__)) == sorted(resilience.__all__), "duplicates in __all__"
+    assert {"RedisQuota", "SharedQuotaError"} <= set(resilience.__all__)
+
+
+def test_shared_rate_limits_need_no_redis_package() -> None:
+    # The shared quota store speaks RESP itself (anyio), so it runs on trio too.
+    code = "import sys, genfan.resilience; print('redis' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -5,7 +5,8 @@ backend.
 :func:`guard` builds a backend's whole stack in one fixed order (:data:`GUARD_ORDER`, outermost
 first): hedge → bulkhead → retry → rate limit → breaker → timeout → provider. Every guard waits
 through anyio (works on asyncio and trio, and under a mock clock) and spends only what is left
-of the fan-out's deadline.
+of the fan-out's deadline. Rate limits can be shared by processes and hosts through Redis
+(:class:`RedisQuota`).
 """
 
 from ._base import time_left as time_left
@@ -34,6 +35,8 @@ from ._ratelimit import TokenBucket as TokenBucket
 from ._retry import Retry as Retry
 from ._retry import RetryBudget as RetryBudget
 from ._retry import RetryStatistics as RetryStatistics
+from ._shared import RedisQuota as RedisQuota
+from ._shared import SharedQuotaError as SharedQuotaError
 from ._stack import GUARD_ORDER as GUARD_ORDER
 from ._stack import GuardedBackend as GuardedBackend
 from ._stack import GuardStatistics as GuardStatistics
@@ -61,12 +64,14 @@ __all__ = [
     "RateLimitPolicy",
     "RateLimiter",
     "RateLimiterStatistics",
+    "RedisQuota",
     "ReplicaStatistics",
     "Retry",
     "RetryBudget",
     "RetryBudgetPolicy",
     "RetryPolicy",
     "RetryStatistics",
+    "SharedQuotaError",
     "Timeout",
     "TimeoutPolicy",
     "TokenBucket",

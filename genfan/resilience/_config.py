@@ -17,6 +17,7 @@ from ._policies import (
     RetryPolicy,
     TimeoutPolicy,
 )
+from ._shared import redact_redis_url
 from ._stack import GuardedBackend, guard
 
 __all__ = ["GuardsConfig"]
@@ -80,10 +81,14 @@ class GuardsConfig(BaseModel):
         rate_limit = { requests_per_minute = 500, tokens_per_minute = 200000 }
         hedge = { percentile = 0.95 }
         breaker = { failure_ratio = 0.5, break_duration = 10 }
+
+        [backends.shared-gpt.guards]  # one quota for every process, kept in Redis
+        rate_limit = { requests_per_minute = 500, shared_env = "GENFAN_REDIS_URL" }
         ```
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Inputs may hold a Redis URL with a password (rate_limit.shared): keep them out of errors.
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
 
     bulkhead: GuardSetting = None
     breaker: GuardSetting = None
@@ -105,6 +110,12 @@ class GuardsConfig(BaseModel):
     def _validate_policies(self) -> GuardsConfig:
         self.policies()  # raises ConfigurationError (a ValueError) naming the field
         return self
+
+    def __repr_args__(self) -> Any:
+        for name, value in super().__repr_args__():
+            if name == "rate_limit" and isinstance(value, dict) and "shared" in value:
+                value = {**value, "shared": redact_redis_url(str(value["shared"]))}
+            yield name, value
 
     def policies(self) -> dict[str, Any]:
         """The policy of each guard (``None`` when off)."""

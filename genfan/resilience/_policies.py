@@ -12,6 +12,7 @@ from dataclasses import dataclass, fields
 from typing import Literal, TypeAlias
 
 from ..errors import BackendError, ConfigurationError
+from ._shared import parse_redis_url, redact_redis_url
 
 __all__ = [
     "BreakerPolicy",
@@ -364,6 +365,14 @@ class RateLimitPolicy:
         max_wait: the longest wait for quota, in seconds (``None``: until the deadline).
         default_output_tokens: output tokens assumed when the request has no ``max_tokens``.
         learn: adopt the quota the provider reports (rate-limit headers, ``Retry-After``).
+        shared: a Redis URL (``redis://[[user]:password@]host[:port][/db]``) whose buckets
+            every process with this URL and backend name shares (``None``: this process's
+            own buckets); see :class:`~genfan.resilience.RedisQuota`.
+        shared_env: the environment variable that holds that URL, read when the limiter is
+            built (keeps a password out of config files); set ``shared`` or this, not both.
+        on_unavailable: when the shared store cannot be used (down, too slow, an error):
+            ``"local"`` decides with this process's buckets and logs a warning once per outage;
+            ``"raise"`` refuses the call with :class:`~genfan.errors.BackendConnectionError`.
     """
 
     requests_per_minute: float | None = None
@@ -374,6 +383,9 @@ class RateLimitPolicy:
     max_wait: float | None = 30.0
     default_output_tokens: int = 256
     learn: bool = True
+    shared: str | None = None
+    shared_env: str | None = None
+    on_unavailable: Literal["local", "raise"] = "local"
 
     def __post_init__(self) -> None:
         p = "RateLimitPolicy."
@@ -392,5 +404,25 @@ class RateLimitPolicy:
         _check_choice(p + "mode", self.mode, ("wait", "reject"))
         _check(p + "max_wait", self.max_wait, low=0, allow_none=True)
         _check_int(p + "default_output_tokens", self.default_output_tokens, low=0)
+        _check_choice(p + "on_unavailable", self.on_unavailable, ("local", "raise"))
+        if self.shared is not None:
+            try:
+                parse_redis_url(self.shared)
+            except ConfigurationError as exc:
+                raise ConfigurationError(f"{p}shared: {exc}") from None
+        if self.shared_env is not None:
+            if not isinstance(self.shared_env, str) or not self.shared_env:
+                raise ConfigurationError(
+                    f"{p}shared_env must name an environment variable, got {self.shared_env!r}"
+                )
+            if self.shared is not None:
+                raise ConfigurationError(f"{p}shared and shared_env: set one of them, not both")
 
-    __repr__ = _policy_repr
+    def __repr__(self) -> str:
+        # The shared store's URL may hold a password: show it redacted.
+        parts = ", ".join(
+            f"{f.name}={redact_redis_url(v) if f.name == 'shared' and v is not None else v!r}"
+            for f in fields(self)
+            for v in (getattr(self, f.name),)
+        )
+        return f"RateLimitPolicy({parts})"

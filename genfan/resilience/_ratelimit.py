@@ -1,8 +1,10 @@
-"""Local rate limits: token buckets for requests and tokens per minute, learning vendor quota."""
+"""Rate limits: token buckets for requests and tokens per minute, learning vendor quota; kept in
+this process, or shared by processes and hosts through Redis (:class:`RedisQuota`)."""
 
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass
@@ -11,10 +13,17 @@ import anyio
 import anyio.lowlevel
 
 from ..backend import Backend
-from ..errors import HTTPStatusError, RateLimitError, RateLimitExceededError
+from ..errors import (
+    BackendConnectionError,
+    ConfigurationError,
+    HTTPStatusError,
+    RateLimitError,
+    RateLimitExceededError,
+)
 from ..types import ChatRequest, Completion, RateLimitInfo, StreamEnd, StreamEvent
 from ._base import NOT_SENT, Guard, decision, metrics, set_span_attribute, time_left
 from ._policies import RateLimitPolicy
+from ._shared import BucketSpec, Grant, RedisQuota, SharedQuotaError
 
 __all__ = ["RateLimiter", "RateLimiterStatistics", "TokenBucket"]
 
@@ -73,6 +82,8 @@ class RateLimiterStatistics:
         rejected: calls refused (reject mode, or the wait would pass ``max_wait``/the deadline).
         wait_time: total seconds spent waiting.
         blocked_until: the time until which the provider asked us to stop (``None``: not blocked).
+        shared_fallbacks: calls decided with this process's buckets because the shared store
+            could not be used (``on_unavailable="local"``).
     """
 
     admitted: int
@@ -80,6 +91,7 @@ class RateLimiterStatistics:
     rejected: int
     wait_time: float
     blocked_until: float | None
+    shared_fallbacks: int = 0
 
 
 def estimate_tokens(request: ChatRequest, default_output: int) -> int:
@@ -104,9 +116,30 @@ class RateLimiter(Guard):
     for that long (the longer of the two wins). Token use is estimated before the call and
     corrected from the completion's usage afterwards. Quota taken by a call that a guard inside
     refused (it never reached the backend) is given back.
+
+    With a shared store (``shared``, or the policy's ``shared``/``shared_env`` URL) the buckets
+    live in Redis, and every limiter with the same store and backend name, in any process or
+    on any host, draws from them: reservations, waits, give-backs and what is learned from the
+    provider all hold across processes. This limiter's own buckets then mirror the shared ones,
+    and decide alone while the store cannot be used (policy ``on_unavailable``).
+
+    Args:
+        inner: the backend to limit.
+        policy: the limits (default: none, only learning).
+        shared: a shared quota store to use instead of the policy's URL; the caller closes it
+            (a store the limiter made from the policy's URL is closed by :meth:`aclose`).
+
+    Raises:
+        ConfigurationError: ``shared_env`` names an unset variable, or its URL is bad.
     """
 
-    def __init__(self, inner: Backend, policy: RateLimitPolicy | None = None) -> None:
+    def __init__(
+        self,
+        inner: Backend,
+        policy: RateLimitPolicy | None = None,
+        *,
+        shared: RedisQuota | None = None,
+    ) -> None:
         super().__init__(inner)
         self.policy = p = policy or RateLimitPolicy()
         self.requests = (
@@ -119,11 +152,19 @@ class RateLimiter(Guard):
             if p.tokens_per_minute
             else None
         )
+        self._owns_shared = False
+        if shared is None and (p.shared is not None or p.shared_env is not None):
+            shared = _store_from_policy(p)
+            self._owns_shared = True
+        #: The shared quota store, or ``None`` (this process's buckets only).
+        self.shared = shared
+        self._shared_failing = False
         self._blocked_until = -math.inf
         self._admitted = 0
         self._waited = 0
         self._rejected = 0
         self._wait_time = 0.0
+        self._fallbacks = 0
 
     def statistics(self) -> RateLimiterStatistics:
         now = anyio.current_time()
@@ -133,10 +174,14 @@ class RateLimiter(Guard):
             rejected=self._rejected,
             wait_time=self._wait_time,
             blocked_until=self._blocked_until if self._blocked_until > now else None,
+            shared_fallbacks=self._fallbacks,
         )
 
     def block_for(self, seconds: float) -> None:
-        """Stop every call for ``seconds`` (the provider said so)."""
+        """Stop every call through this limiter for ``seconds`` (the provider said so).
+
+        This process only; the limiter itself also shares what it learns with a shared store.
+        """
         self._blocked_until = max(self._blocked_until, anyio.current_time() + seconds)
 
     async def acquire(self, tokens: int) -> None:
@@ -144,37 +189,50 @@ class RateLimiter(Guard):
 
         Raises:
             RateLimitExceededError: not enough quota, and no time (or leave) to wait for it.
+            BackendConnectionError: the shared store cannot be used and ``on_unavailable`` is
+                ``"raise"``.
         """
+        p = self.policy
+        limit = (
+            0.0
+            if p.mode == "reject"
+            else min(math.inf if p.max_wait is None else p.max_wait, time_left())
+        )
+        grant = await self._shared_acquire(tokens, limit) if self.shared is not None else None
         now = anyio.current_time()
-        wait = max(0.0, self._blocked_until - now)
-        if self.requests is not None:
-            wait = max(wait, self.requests.wait_for(1, now))
-        if self.tokens is not None:
-            wait = max(wait, self.tokens.wait_for(tokens, now))
-        if wait > 0:
-            p = self.policy
-            limit = min(math.inf if p.max_wait is None else p.max_wait, time_left())
-            if p.mode == "reject" or wait > limit:
-                await anyio.lowlevel.checkpoint_if_cancelled()  # cancelled: say so
-                self._rejected += 1
-                reason = "reject mode" if p.mode == "reject" else "wait longer than allowed"
-                decision(
-                    "rate_limit_rejected",
-                    backend=self.name,
-                    level="info",
-                    reason=reason,
-                    retry_after=wait,
-                )
-                raise RateLimitExceededError(
-                    f"local rate limit: quota back in {wait:.3f}s ({reason})",
-                    backend=self.name,
-                    retry_after=wait,
-                )
-        # Reserve now (the bucket may go into debt) so that waiters are served in order.
-        if self.requests is not None:
-            self.requests.take(1, now)
-        if self.tokens is not None:
-            self.tokens.take(tokens, now)
+        if grant is None:
+            wait = max(0.0, self._blocked_until - now)
+            if self.requests is not None:
+                wait = max(wait, self.requests.wait_for(1, now))
+            if self.tokens is not None:
+                wait = max(wait, self.tokens.wait_for(tokens, now))
+            refused = wait > 0 and wait > limit
+        else:
+            wait, refused = grant.wait, not grant.admitted
+        if refused:
+            await anyio.lowlevel.checkpoint_if_cancelled()  # cancelled: say so
+            self._rejected += 1
+            reason = "reject mode" if p.mode == "reject" else "wait longer than allowed"
+            decision(
+                "rate_limit_rejected",
+                backend=self.name,
+                level="info",
+                reason=reason,
+                retry_after=wait,
+            )
+            kind = "local" if grant is None else "shared"
+            raise RateLimitExceededError(
+                f"{kind} rate limit: quota back in {wait:.3f}s ({reason})",
+                backend=self.name,
+                retry_after=wait,
+            )
+        if grant is None:
+            # Reserve now (the bucket may go into debt) so that waiters are served in order.
+            # (The shared store reserved already.)
+            if self.requests is not None:
+                self.requests.take(1, now)
+            if self.tokens is not None:
+                self.tokens.take(tokens, now)
         if wait > 0:
             self._waited += 1
             set_span_attribute("genfan.rate_limit.wait", wait)
@@ -184,6 +242,9 @@ class RateLimiter(Guard):
                 await anyio.sleep(wait)
             except BaseException:
                 self._give_back(tokens)
+                if grant is not None:
+                    with anyio.CancelScope(shield=True):  # bounded by the store's timeout
+                        await self._shared_update(requests=1, tokens=tokens)
                 raise
             self._wait_time += wait
         self._admitted += 1
@@ -195,7 +256,7 @@ class RateLimiter(Guard):
             self.tokens.give(tokens)
 
     def learn(self, info: RateLimitInfo | None, *, estimated: int, used: int | None) -> None:
-        """Adopt what the provider reported after a call."""
+        """Adopt what the provider reported after a call (in this process's buckets)."""
         now = anyio.current_time()
         if self.tokens is not None and used is not None:
             # Correct the estimate with the real usage (a refund when we over-estimated).
@@ -220,18 +281,140 @@ class RateLimiter(Guard):
                     blocked_for=reset,
                 )
 
-    def _failed(self, exc: BaseException, tokens: int) -> None:
+    async def _learned(
+        self,
+        info: RateLimitInfo | None,
+        *,
+        estimated: int,
+        used: int | None,
+        retry_after: float | None = None,
+    ) -> None:
+        """Adopt what the provider reported, here and in the shared store."""
+        self.learn(info, estimated=estimated, used=used)
+        learn = self.policy.learn
+        if retry_after is not None and learn:
+            self.block_for(retry_after)
+            decision("rate_limit_learned", backend=self.name, level="info", blocked_for=retry_after)
+        if self.shared is None:
+            return
+        remaining: tuple[float | None, float | None] = (None, None)
+        block = retry_after if retry_after is not None and learn else 0.0
+        if info is not None and learn:
+            remaining = (info.remaining_requests, info.remaining_tokens)
+            for left, reset in (
+                (info.remaining_requests, info.reset_requests),
+                (info.remaining_tokens, info.reset_tokens),
+            ):
+                if left is not None and left <= 0 and reset:
+                    block = max(block, reset)
+        await self._shared_update(
+            tokens=estimated - used if used is not None else 0,
+            remaining=remaining,
+            block=block,
+        )
+
+    async def _failed(self, exc: BaseException, tokens: int) -> None:
         if isinstance(exc, NOT_SENT):
             self._give_back(tokens)
+            if self.shared is not None:
+                await self._shared_update(requests=1, tokens=tokens)
             return
-        if isinstance(exc, HTTPStatusError) and exc.rate_limit is not None:
-            # The error response's headers report quota just as a completion's do.
-            self.learn(exc.rate_limit, estimated=tokens, used=None)
-        if isinstance(exc, RateLimitError) and exc.retry_after is not None and self.policy.learn:
-            self.block_for(exc.retry_after)
-            decision(
-                "rate_limit_learned", backend=self.name, level="info", blocked_for=exc.retry_after
+        # The error response's headers report quota just as a completion's do.
+        await self._learned(
+            exc.rate_limit if isinstance(exc, HTTPStatusError) else None,
+            estimated=tokens,
+            used=None,
+            retry_after=exc.retry_after if isinstance(exc, RateLimitError) else None,
+        )
+
+    # -- the shared store ----------------------------------------------------------------------
+
+    def _specs(
+        self,
+        requests: float,
+        tokens: float,
+        remaining: tuple[float | None, float | None] = (None, None),
+    ) -> tuple[BucketSpec | None, BucketSpec | None]:
+        specs: list[BucketSpec | None] = []
+        for bucket, amount, left in (
+            (self.requests, requests, remaining[0]),
+            (self.tokens, tokens, remaining[1]),
+        ):
+            specs.append(
+                BucketSpec(bucket.capacity, bucket.per_second, amount, left)
+                if bucket is not None
+                else None
             )
+        return specs[0], specs[1]
+
+    async def _shared_acquire(self, tokens: int, limit: float) -> Grant | None:
+        """Reserve in the shared store; ``None`` when it failed and the policy says decide
+        locally."""
+        assert self.shared is not None
+        requests, token_spec = self._specs(1, tokens)
+        own_block = max(0.0, self._blocked_until - anyio.current_time())
+        try:
+            grant = await self.shared._acquire(
+                self.name, requests=requests, tokens=token_spec, limit=limit, min_wait=own_block
+            )
+        except SharedQuotaError as exc:
+            self._shared_failed(exc)
+            if self.policy.on_unavailable == "raise":
+                raise BackendConnectionError(
+                    f"the shared rate limit cannot be checked: {exc}", backend=self.name
+                ) from exc
+            self._fallbacks += 1
+            return None
+        self._mirror(grant)
+        return grant
+
+    async def _shared_update(
+        self,
+        *,
+        requests: float = 0,
+        tokens: float = 0,
+        remaining: tuple[float | None, float | None] = (None, None),
+        block: float = 0.0,
+    ) -> None:
+        """Give back, correct or learn in the shared store; a failure is logged, never raised
+        (the call it follows is done)."""
+        assert self.shared is not None
+        r, t = self._specs(requests, tokens, remaining)
+        r = r if r is not None and (r.amount or r.remaining is not None) else None
+        t = t if t is not None and (t.amount or t.remaining is not None) else None
+        if r is None and t is None and not block > 0:
+            return
+        try:
+            grant = await self.shared._update(self.name, requests=r, tokens=t, block=block)
+        except SharedQuotaError as exc:
+            self._shared_failed(exc)
+            return
+        self._mirror(grant)
+
+    def _mirror(self, grant: Grant) -> None:
+        """This process's buckets follow the shared ones (so a fallback starts from them)."""
+        now = anyio.current_time()
+        if self._shared_failing:
+            self._shared_failing = False
+            decision("rate_limit_shared_restored", backend=self.name, level="info")
+        for bucket, level in ((self.requests, grant.requests), (self.tokens, grant.tokens)):
+            if bucket is not None and level is not None:
+                bucket.level, bucket.updated = level, now
+        if grant.blocked > 0:
+            self._blocked_until = max(self._blocked_until, now + grant.blocked)
+
+    def _shared_failed(self, exc: SharedQuotaError) -> None:
+        if not self._shared_failing:  # once per outage
+            self._shared_failing = True
+            decision(
+                "rate_limit_shared_unavailable",
+                backend=self.name,
+                level="warning",
+                error=str(exc),
+                fallback=self.policy.on_unavailable,
+            )
+
+    # -- the backend ---------------------------------------------------------------------------
 
     async def complete(self, request: ChatRequest) -> Completion:
         tokens = estimate_tokens(request, self.policy.default_output_tokens)
@@ -239,9 +422,9 @@ class RateLimiter(Guard):
         try:
             completion = await self.inner.complete(request)
         except Exception as exc:
-            self._failed(exc, tokens)
+            await self._failed(exc, tokens)
             raise
-        self.learn(
+        await self._learned(
             completion.rate_limit, estimated=tokens, used=completion.usage.total_tokens or None
         )
         return completion
@@ -254,10 +437,33 @@ class RateLimiter(Guard):
                 async for event in events:
                     if isinstance(event, StreamEnd):
                         c = event.completion
-                        self.learn(
+                        await self._learned(
                             c.rate_limit, estimated=tokens, used=c.usage.total_tokens or None
                         )
                     yield event
         except Exception as exc:
-            self._failed(exc, tokens)
+            await self._failed(exc, tokens)
             raise
+
+    async def aclose(self) -> None:
+        try:
+            if self._owns_shared and self.shared is not None:
+                await self.shared.aclose()
+        finally:
+            await self.inner.aclose()
+
+
+def _store_from_policy(policy: RateLimitPolicy) -> RedisQuota:
+    if policy.shared_env is None:
+        assert policy.shared is not None
+        return RedisQuota(policy.shared)
+    url = os.environ.get(policy.shared_env)
+    if not url:
+        raise ConfigurationError(
+            f"RateLimitPolicy.shared_env: the environment variable {policy.shared_env} is not"
+            " set; set it to a redis:// URL, or remove shared_env"
+        )
+    try:
+        return RedisQuota(url)
+    except ConfigurationError as exc:
+        raise ConfigurationError(f"the URL in ${policy.shared_env}: {exc}") from None

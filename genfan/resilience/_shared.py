@@ -1,0 +1,648 @@
+"""A quota shared by processes and hosts: token buckets kept in Redis.
+
+:class:`RedisQuota` holds the buckets of :class:`~genfan.resilience.RateLimiter` in Redis, so
+that every process using one provider key draws from one quota. One Lua script refills and takes
+(or gives back, or learns) in a single atomic step, on Redis's own clock (``TIME``), so hosts
+whose clocks disagree still agree on the quota; the script answers how long the caller must
+wait, and the caller waits on anyio's clock.
+
+It speaks RESP2 over :func:`anyio.connect_tcp` (a few commands: ``EVALSHA``/``EVAL``, ``AUTH``,
+``SELECT``, ``PING``, ``DEL``), so it runs on asyncio and trio alike; redis-py's asyncio client
+would not run on trio. Every command has a timeout, a dropped connection is replaced, and a
+Redis that cannot be reached fails fast (:class:`SharedQuotaError`) for ``reconnect_interval``
+seconds before it is tried again. Error messages and reprs never show the URL's password.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+from typing import NoReturn, TypeAlias
+from urllib.parse import unquote, urlsplit
+
+import anyio
+import anyio.abc
+
+from ..errors import ConfigurationError, GenfanError
+
+__all__ = ["RedisQuota", "SharedQuotaError", "redact_redis_url"]
+
+
+class SharedQuotaError(GenfanError):
+    """The shared quota store could not be used: Redis refused the connection, did not answer
+    in time, dropped the connection, or answered with an error. The message names the store
+    without its password."""
+
+
+# -- RESP2 -------------------------------------------------------------------------------------
+
+
+class RespError(str):
+    """An error reply (``-ERR ...``) as a value; :class:`RedisQuota` raises it."""
+
+    __slots__ = ()
+
+
+#: A decoded RESP2 reply: simple string (str), error, integer, bulk string (bytes), array, nil.
+RespValue: TypeAlias = "str | RespError | int | bytes | list[RespValue] | None"
+
+_MAX_BULK = 16 * 1024 * 1024  # our replies are tiny; a bigger length means a wrong peer
+_MAX_LINE = 64 * 1024
+
+
+def encode_command(*args: str | bytes | int | float) -> bytes:
+    """One command as a RESP2 array of bulk strings."""
+    out = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        if isinstance(arg, bytes):
+            data = arg
+        elif isinstance(arg, str):
+            data = arg.encode()
+        elif isinstance(arg, bool):
+            raise TypeError("a Redis argument cannot be a bool")
+        elif isinstance(arg, int):
+            data = b"%d" % arg
+        elif isinstance(arg, float):
+            if not math.isfinite(arg):
+                raise ValueError(f"a Redis argument must be finite, got {arg!r}")
+            data = repr(arg).encode()
+        else:
+            raise TypeError(f"a Redis argument must be str, bytes, int or float, not {arg!r}")
+        out.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    return b"".join(out)
+
+
+class _Incomplete(Exception):
+    pass
+
+
+class RespParser:
+    """An incremental (sans-I/O) RESP2 reply parser: :meth:`feed` bytes, then take complete
+    replies with :meth:`next`.
+
+    Raises:
+        SharedQuotaError: the bytes are not RESP2.
+    """
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+
+    def feed(self, data: bytes) -> None:
+        self._buf += data
+
+    def next(self) -> tuple[RespValue] | None:
+        """The next complete reply as a 1-tuple (a reply may be ``None``), or ``None`` when more
+        bytes are needed."""
+        try:
+            value, end = self._parse(0)
+        except _Incomplete:
+            return None
+        del self._buf[:end]
+        return (value,)
+
+    def _line(self, pos: int) -> tuple[bytes, int]:
+        end = self._buf.find(b"\r\n", pos)
+        if end < 0:
+            if len(self._buf) - pos > _MAX_LINE:
+                raise _protocol_error("a reply line without an end")
+            raise _Incomplete
+        return bytes(self._buf[pos:end]), end + 2
+
+    def _parse(self, pos: int) -> tuple[RespValue, int]:
+        if pos >= len(self._buf):
+            raise _Incomplete
+        kind = self._buf[pos : pos + 1]
+        line, pos = self._line(pos + 1)
+        if kind == b"+":
+            return line.decode("utf-8", "replace"), pos
+        if kind == b"-":
+            return RespError(line.decode("utf-8", "replace")), pos
+        if kind == b":":
+            return _int(line), pos
+        if kind == b"$":
+            n = _int(line)
+            if n == -1:
+                return None, pos
+            if not 0 <= n <= _MAX_BULK:
+                raise _protocol_error(f"a bulk string of length {n}")
+            if len(self._buf) < pos + n + 2:
+                raise _Incomplete
+            if self._buf[pos + n : pos + n + 2] != b"\r\n":
+                raise _protocol_error("a bulk string without its end")
+            return bytes(self._buf[pos : pos + n]), pos + n + 2
+        if kind == b"*":
+            n = _int(line)
+            if n == -1:
+                return None, pos
+            if not 0 <= n <= _MAX_BULK:
+                raise _protocol_error(f"an array of length {n}")
+            items: list[RespValue] = []
+            for _ in range(n):
+                item, pos = self._parse(pos)
+                items.append(item)
+            return items, pos
+        raise _protocol_error(f"a reply starting with {bytes(kind)!r}")
+
+
+def _int(line: bytes) -> int:
+    try:
+        return int(line)
+    except ValueError:
+        raise _protocol_error(f"{line[:20]!r} where a number belongs") from None
+
+
+def _protocol_error(what: str) -> SharedQuotaError:
+    return SharedQuotaError(f"the server sent {what}: is it Redis (RESP2)?")
+
+
+# -- the address -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, repr=False)
+class _Address:
+    host: str
+    port: int
+    db: int
+    username: str | None
+    password: str | None
+
+    @property
+    def redacted(self) -> str:
+        auth = ""
+        if self.username or self.password:
+            auth = f"{self.username or ''}{':***' if self.password else ''}@"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"redis://{auth}{host}:{self.port}/{self.db}"
+
+    def __repr__(self) -> str:
+        return f"_Address({self.redacted!r})"
+
+
+_URL_FORM = "redis://[[username]:password@]host[:port][/db]"
+
+
+def redact_redis_url(url: str) -> str:
+    """``url`` with its password replaced by ``***`` (for messages and reprs)."""
+    try:
+        return parse_redis_url(url).redacted
+    except ConfigurationError:
+        return "<a URL that is not redis://...>"
+
+
+def parse_redis_url(url: str) -> _Address:
+    """Parse ``redis://[[username]:password@]host[:port][/db]``.
+
+    Raises:
+        ConfigurationError: another form; the message never repeats the password.
+    """
+    if not isinstance(url, str):
+        raise ConfigurationError(f"a Redis URL must be a string like {_URL_FORM}, got {url!r}")
+    parts = urlsplit(url)
+    if parts.scheme == "rediss":
+        raise ConfigurationError(
+            "rediss:// (TLS) is not supported by the shared quota store yet; reach Redis through"
+            f" a TLS tunnel and write {_URL_FORM}"
+        )
+    if parts.scheme != "redis":
+        raise ConfigurationError(f"a Redis URL must look like {_URL_FORM}")
+    try:
+        port = parts.port or 6379
+    except ValueError:
+        raise ConfigurationError(
+            f"the Redis URL's port is not a number; write {_URL_FORM}"
+        ) from None
+    if not parts.hostname:
+        raise ConfigurationError(f"the Redis URL has no host; write {_URL_FORM}")
+    path = parts.path.strip("/")
+    if not (path == "" or path.isdigit()):
+        raise ConfigurationError(f"the Redis URL's database must be a number; write {_URL_FORM}")
+    if parts.query or parts.fragment:
+        raise ConfigurationError(f"the Redis URL takes no ?query or #fragment; write {_URL_FORM}")
+    return _Address(
+        host=parts.hostname,
+        port=port,
+        db=int(path or 0),
+        username=unquote(parts.username) if parts.username else None,
+        password=unquote(parts.password) if parts.password is not None else None,
+    )
+
+
+# -- the connection pool -----------------------------------------------------------------------
+
+_DROPPED = (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError)
+
+
+class _Connection:
+    __slots__ = ("parser", "stream")
+
+    def __init__(self, stream: anyio.abc.SocketStream) -> None:
+        self.stream = stream
+        self.parser = RespParser()
+
+    async def call(self, *args: str | bytes | int | float) -> RespValue:
+        await self.stream.send(encode_command(*args))
+        while (reply := self.parser.next()) is None:
+            self.parser.feed(await self.stream.receive(65536))
+        return reply[0]
+
+
+# -- the quota script --------------------------------------------------------------------------
+
+#: Token buckets that may go into debt (reservations are served in order). Numbers travel as
+#: strings: Redis would truncate a Lua number in a reply to an integer.
+_SCRIPT = """
+-- KEYS: requests bucket, tokens bucket (hashes: level, updated), block (the time it ends)
+-- ARGV[1] "acquire" | "update";  ARGV[2] now in seconds ("" = Redis TIME, shared by all hosts)
+-- ARGV[3..6] requests: capacity ("" = no bucket), per second, amount, remaining ("" = unknown)
+-- ARGV[7..10] tokens: the same
+-- acquire: take amount unless the wait passes ARGV[11] ("" = any wait); ARGV[12] a least wait
+-- update: add amount (give back; negative takes more), lower to remaining, block ARGV[11] s
+-- returns {admitted 1|0, wait, blocked for, requests level, tokens level}
+if redis.replicate_commands then redis.replicate_commands() end
+local now = tonumber(ARGV[2])
+if not now then
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+end
+local function fmt(x) return string.format('%.17g', x) end
+
+local buckets = {}
+for i = 1, 2 do
+  local a = 4 * (i - 1)
+  local cap = tonumber(ARGV[3 + a])
+  if cap then
+    local b = {key = KEYS[i], cap = cap, rate = tonumber(ARGV[4 + a]),
+               amount = tonumber(ARGV[5 + a]), remaining = tonumber(ARGV[6 + a])}
+    local v = redis.call('HMGET', b.key, 'level', 'updated')
+    local level, updated = tonumber(v[1]), tonumber(v[2])
+    if level and updated then
+      b.level = math.min(cap, level + math.max(0, now - updated) * b.rate)
+    else
+      b.level = cap  -- a missing bucket is a full one (idle buckets expire when full)
+    end
+    buckets[i] = b
+  end
+end
+
+local blocked = 0
+local ends = tonumber(redis.call('GET', KEYS[3]))
+if ends and ends > now then blocked = ends - now end
+
+local function save(b)
+  if b.level >= b.cap then
+    redis.call('DEL', b.key)
+  else
+    redis.call('HSET', b.key, 'level', fmt(b.level), 'updated', fmt(now))
+    local full_in = math.ceil((b.cap - b.level) / b.rate * 1000) + 1000
+    redis.call('PEXPIRE', b.key, string.format('%d', full_in))
+  end
+end
+
+local function reply(admitted, wait)
+  local levels = {}
+  for i = 1, 2 do levels[i] = buckets[i] and fmt(buckets[i].level) or '' end
+  return {admitted, fmt(wait), fmt(blocked), levels[1], levels[2]}
+end
+
+if ARGV[1] == 'acquire' then
+  local wait = math.max(blocked, tonumber(ARGV[12]) or 0)
+  for i = 1, 2 do
+    local b = buckets[i]
+    if b then
+      b.amount = math.min(b.amount, b.cap)  -- more than the bucket waits for a full one
+      local missing = b.amount - b.level
+      if missing > 0 then wait = math.max(wait, missing / b.rate) end
+    end
+  end
+  local limit = tonumber(ARGV[11])
+  if wait > 0 and limit and wait > limit then return reply(0, wait) end
+  for i = 1, 2 do
+    local b = buckets[i]
+    if b then
+      b.level = b.level - b.amount
+      save(b)
+    end
+  end
+  return reply(1, wait)
+end
+
+for i = 1, 2 do
+  local b = buckets[i]
+  if b then
+    b.level = math.min(b.cap, b.level + b.amount)
+    if b.remaining then b.level = math.min(b.level, b.remaining) end
+    save(b)
+  end
+end
+local block = tonumber(ARGV[11]) or 0
+if block > blocked then
+  redis.call('SET', KEYS[3], fmt(now + block), 'PX', string.format('%d', math.ceil(block * 1000)))
+  blocked = block
+end
+return reply(1, 0)
+"""
+_SHA = hashlib.sha1(_SCRIPT.encode()).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class BucketSpec:
+    """One bucket as a limiter sees it, and the amount of one operation on it.
+
+    Attributes:
+        capacity: the most it holds (the burst).
+        per_second: the refill rate.
+        amount: ``acquire``: what to take; ``update``: what to add (negative: take).
+        remaining: ``update``: the level the provider reported (``None``: unknown).
+    """
+
+    capacity: float
+    per_second: float
+    amount: float
+    remaining: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """The script's answer.
+
+    Attributes:
+        admitted: the amounts were taken (``acquire``; always true for ``update``).
+        wait: seconds until the reservation is due (when admitted) or until quota is back.
+        blocked: seconds left of a stop the provider asked for (0: none).
+        requests, tokens: the buckets' levels afterwards (``None``: no such bucket).
+    """
+
+    admitted: bool
+    wait: float
+    blocked: float
+    requests: float | None
+    tokens: float | None
+
+
+def _num(value: float | None) -> str:
+    return "" if value is None or value == math.inf else repr(float(value))
+
+
+def _spec_args(spec: BucketSpec | None) -> list[str]:
+    if spec is None:
+        return ["", "", "", ""]
+    return [_num(spec.capacity), _num(spec.per_second), _num(spec.amount), _num(spec.remaining)]
+
+
+def _level(value: RespValue) -> float | None:
+    return float(value) if isinstance(value, bytes) and value else None
+
+
+class RedisQuota:
+    """Rate-limit buckets kept in Redis, shared by every process (and host) that uses them.
+
+    Give it to a limiter with ``RateLimiter(inner, policy, shared=RedisQuota(url))``, or name
+    the URL in the policy (``RateLimitPolicy(shared="redis://...")``, TOML included). Buckets
+    are keyed by the backend's name and the quota's kind
+    (``{key_prefix}{{name}}:requests``, ``...:tokens``, ``...:block``; the braces keep one
+    backend's keys in one Redis Cluster slot) and expire once they would have refilled, so idle
+    quotas vanish.
+
+    One instance serves one event loop; it opens connections on first use (at most
+    ``max_connections``) and :meth:`aclose` closes them.
+
+    Args:
+        url: ``redis://[[username]:password@]host[:port][/db]`` (TLS is not supported yet).
+        key_prefix: prepended to every key (separate applications or environments with it).
+        timeout: seconds for one command, connecting included; past it the command fails.
+        reconnect_interval: after a failure, commands fail at once for this many seconds
+            before Redis is tried again (a Redis that is down costs no time per call).
+        max_connections: connections open at once (further commands wait for one).
+
+    Raises:
+        ConfigurationError: a bad URL or value.
+    """
+
+    def __init__(
+        self,
+        url: str = "redis://127.0.0.1:6379/0",
+        *,
+        key_prefix: str = "genfan:quota:",
+        timeout: float = 1.0,
+        reconnect_interval: float = 1.0,
+        max_connections: int = 8,
+    ) -> None:
+        self._address = parse_redis_url(url)
+        if not isinstance(key_prefix, str):
+            raise ConfigurationError(f"RedisQuota.key_prefix must be a string, got {key_prefix!r}")
+        for name, value in (("timeout", timeout), ("reconnect_interval", reconnect_interval)):
+            if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+                raise ConfigurationError(f"RedisQuota.{name} must be a number > 0, got {value!r}")
+            if not math.isfinite(value):
+                raise ConfigurationError(f"RedisQuota.{name} must be finite, got {value!r}")
+        if isinstance(max_connections, bool) or not isinstance(max_connections, int):
+            raise ConfigurationError(
+                f"RedisQuota.max_connections must be an integer >= 1, got {max_connections!r}"
+            )
+        if max_connections < 1:
+            raise ConfigurationError(
+                f"RedisQuota.max_connections must be an integer >= 1, got {max_connections!r}"
+            )
+        self.key_prefix = key_prefix
+        self.timeout = float(timeout)
+        self.reconnect_interval = float(reconnect_interval)
+        self.max_connections = max_connections
+        self._idle: list[_Connection] = []
+        self._slots: anyio.Semaphore | None = None
+        self._down_until = -math.inf
+        self._down_reason = ""
+        self._closed = False
+
+    @property
+    def url(self) -> str:
+        """The URL, its password replaced by ``***``."""
+        return self._address.redacted
+
+    def __repr__(self) -> str:
+        return f"RedisQuota({self.url!r}, key_prefix={self.key_prefix!r})"
+
+    def keys(self, name: str) -> tuple[str, str, str]:
+        """The keys of backend ``name``: its requests bucket, tokens bucket and block."""
+        base = f"{self.key_prefix}{{{name}}}"
+        return f"{base}:requests", f"{base}:tokens", f"{base}:block"
+
+    async def __aenter__(self) -> RedisQuota:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the connections; later commands fail with :class:`SharedQuotaError`."""
+        self._closed = True
+        idle, self._idle = self._idle, []
+        for conn in idle:
+            await anyio.aclose_forcefully(conn.stream)
+
+    async def ping(self) -> None:
+        """Check that Redis answers (raises :class:`SharedQuotaError` if not)."""
+        await self._execute("PING")
+
+    async def reset(self, name: str) -> None:
+        """Forget backend ``name``'s shared quota (its buckets start full again)."""
+        await self._execute("DEL", *self.keys(name))
+
+    async def _acquire(
+        self,
+        name: str,
+        *,
+        requests: BucketSpec | None,
+        tokens: BucketSpec | None,
+        limit: float | None,
+        min_wait: float = 0.0,
+        now: float | None = None,
+    ) -> Grant:
+        """Reserve ``amount`` of each bucket of backend ``name``, unless the wait would pass
+        ``limit`` seconds (``None``: any wait). ``min_wait`` adds the caller's own stop; ``now``
+        replaces Redis's clock (for tests)."""
+        return await self._run(
+            "acquire", name, requests, tokens, _num(limit), _num(min_wait), now=now
+        )
+
+    async def _update(
+        self,
+        name: str,
+        *,
+        requests: BucketSpec | None,
+        tokens: BucketSpec | None,
+        block: float = 0.0,
+        now: float | None = None,
+    ) -> Grant:
+        """Give back (or take) ``amount``, lower to ``remaining``, and stop every call to backend
+        ``name`` for ``block`` seconds (the longer stop wins)."""
+        return await self._run("update", name, requests, tokens, _num(block), "", now=now)
+
+    async def _run(
+        self,
+        op: str,
+        name: str,
+        requests: BucketSpec | None,
+        tokens: BucketSpec | None,
+        arg11: str,
+        arg12: str,
+        *,
+        now: float | None,
+    ) -> Grant:
+        argv = [op, _num(now), *_spec_args(requests), *_spec_args(tokens), arg11, arg12]
+        keys = self.keys(name)
+        reply = await self._execute("EVALSHA", _SHA, 3, *keys, *argv, script_missing_ok=True)
+        if isinstance(reply, RespError) and reply.startswith("NOSCRIPT"):
+            reply = await self._execute("EVAL", _SCRIPT, 3, *keys, *argv)
+        if not (isinstance(reply, list) and len(reply) == 5 and isinstance(reply[1], bytes)):
+            raise SharedQuotaError(f"Redis at {self.url}: unexpected script reply {reply!r:.80}")
+        try:
+            return Grant(
+                admitted=reply[0] == 1,
+                wait=max(0.0, float(reply[1])),
+                blocked=max(0.0, float(reply[2])) if isinstance(reply[2], bytes) else 0.0,
+                requests=_level(reply[3]),
+                tokens=_level(reply[4]),
+            )
+        except ValueError:
+            raise SharedQuotaError(
+                f"Redis at {self.url}: unexpected script reply {reply!r:.80}"
+            ) from None
+
+    async def _execute(
+        self, *args: str | bytes | int | float, script_missing_ok: bool = False
+    ) -> RespValue:
+        """Send one command and return its reply.
+
+        Raises:
+            SharedQuotaError: Redis unreachable, too slow, the connection dropped, or an error
+                reply (a ``NOSCRIPT`` one is returned instead when ``script_missing_ok``).
+        """
+        if self._closed:
+            raise SharedQuotaError(f"the shared quota store {self.url} is closed")
+        now = anyio.current_time()
+        if now < self._down_until:
+            raise SharedQuotaError(
+                f"Redis at {self.url} is unavailable ({self._down_reason}); trying again in"
+                f" {self._down_until - now:.1f}s"
+            )
+        try:
+            with anyio.fail_after(self.timeout):
+                reply = await self._pooled(args)
+        except TimeoutError:
+            self._down(f"no answer within {self.timeout:g}s")
+        except SharedQuotaError as exc:
+            self._down(str(exc).removeprefix(f"Redis at {self.url}: "))
+        except _DROPPED as exc:
+            self._down(_describe(exc))
+        self._down_until = -math.inf
+        if isinstance(reply, RespError):
+            if script_missing_ok and reply.startswith("NOSCRIPT"):
+                return reply
+            raise SharedQuotaError(f"Redis at {self.url} answered: {reply}")
+        return reply
+
+    def _down(self, reason: str) -> NoReturn:
+        self._down_until = anyio.current_time() + self.reconnect_interval
+        self._down_reason = reason
+        raise SharedQuotaError(f"Redis at {self.url}: {reason}")
+
+    async def _pooled(self, args: tuple[str | bytes | int | float, ...]) -> RespValue:
+        if self._slots is None:
+            self._slots = anyio.Semaphore(self.max_connections)
+        async with self._slots:
+            for attempt in range(2):
+                if self._idle:
+                    conn, fresh = self._idle.pop(), False
+                else:
+                    conn, fresh = await self._connect(), True
+                try:
+                    reply = await conn.call(*args)
+                except _DROPPED:
+                    await anyio.aclose_forcefully(conn.stream)
+                    if fresh or attempt:
+                        raise
+                    # The server closed an idle connection (a restart, its idle timeout): the
+                    # other idle ones are likely gone too. Try once on a fresh one.
+                    stale, self._idle = self._idle, []
+                    for other in stale:
+                        await anyio.aclose_forcefully(other.stream)
+                    continue
+                except BaseException:
+                    # cancelled or failed mid-command: its reply may still come; never reuse
+                    await anyio.aclose_forcefully(conn.stream)
+                    raise
+                if self._closed:
+                    await anyio.aclose_forcefully(conn.stream)
+                else:
+                    self._idle.append(conn)
+                return reply
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _connect(self) -> _Connection:
+        a = self._address
+        stream = await anyio.connect_tcp(a.host, a.port)
+        conn = _Connection(stream)
+        try:
+            if a.password is not None:
+                auth = ("AUTH", a.username, a.password) if a.username else ("AUTH", a.password)
+                reply = await conn.call(*auth)
+                if isinstance(reply, RespError):
+                    raise SharedQuotaError(f"Redis at {self.url}: AUTH failed: {reply}")
+            if a.db:
+                reply = await conn.call("SELECT", a.db)
+                if isinstance(reply, RespError):
+                    raise SharedQuotaError(f"Redis at {self.url}: SELECT {a.db} failed: {reply}")
+        except BaseException:
+            await anyio.aclose_forcefully(stream)
+            raise
+        return conn
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, anyio.EndOfStream | anyio.BrokenResourceError):
+        return "the connection was closed"
+    cause = exc.__cause__ if isinstance(exc.__cause__, OSError) else exc
+    if isinstance(cause, ConnectionRefusedError):
+        return "connection refused"
+    return f"cannot connect: {exc}" if str(exc) else f"cannot connect: {type(exc).__name__}"
