@@ -18,6 +18,11 @@ arguments) is kept apart from failures that happen while talking to a backend::
     │   └── CallCancelledError        the call was cancelled (a race was won elsewhere)
     └── AllBackendsFailedError        every backend failed; also an ``ExceptionGroup``
 
+Subpackages add their own, under the same root: ``genfan.agents`` (``ToolError``,
+``AgentStepLimitError``, ``StepTimeoutError``, ``ChainFailedError``), ``genfan.local``
+(``ModelFolderError``, ``LocalEngineError``, ``EngineRequestError``) and ``genfan.resilience``
+(``SharedQuotaError``: the shared Redis quota store could not be used).
+
 Provider adapters translate transport and vendor errors at the edge with ``raise ... from exc``,
 so the original cause is always kept as ``__cause__``.
 """
