@@ -8,7 +8,12 @@ from pydantic import ValidationError
 from trio.testing import MockClock
 
 from genfan import ChatRequest, FanOut
-from genfan.errors import BackendConnectionError, CircuitOpenError, HTTPStatusError
+from genfan.errors import (
+    BackendConnectionError,
+    CircuitOpenError,
+    ConfigurationError,
+    HTTPStatusError,
+)
 from genfan.resilience import (
     GUARD_ORDER,
     BreakerPolicy,
@@ -172,3 +177,18 @@ def test_guards_config_stream_timeouts() -> None:
     g = GuardsConfig.model_validate(cfg).build(FakeBackend("b"))
     assert g.timeout is not None
     assert (g.timeout.policy.first_token, g.timeout.policy.idle) == (10, 15)
+
+
+@pytest.mark.anyio
+async def test_guards_share_one_rate_limit_store() -> None:
+    from genfan.resilience import RedisQuota
+
+    store = RedisQuota("redis://:secret@127.0.0.1:6379/0")
+    policy = RateLimitPolicy(requests_per_minute=60)
+    a = guard(FakeBackend("a"), rate_limit=policy, rate_limit_store=store)
+    b = guard(FakeBackend("b"), rate_limit=policy, rate_limit_store=store)
+    assert a.rate_limiter is not None and b.rate_limiter is not None
+    assert a.rate_limiter.shared is store and b.rate_limiter.shared is store
+    with pytest.raises(ConfigurationError, match=r"needs a rate_limit policy"):
+        guard(FakeBackend("c"), rate_limit_store=store)
+    await store.aclose()

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from ..backend import Backend
+from ..errors import ConfigurationError
 from ..types import ChatRequest, Completion, StreamEvent
 from ._base import Guard
 from ._breaker import BreakerStatistics, CircuitBreaker
@@ -23,6 +24,7 @@ from ._policies import (
 )
 from ._ratelimit import RateLimiter, RateLimiterStatistics
 from ._retry import Retry, RetryBudget, RetryStatistics
+from ._shared import RedisQuota
 from ._timeout import Timeout
 
 __all__ = ["GUARD_ORDER", "GuardStatistics", "GuardedBackend", "guard"]
@@ -112,6 +114,7 @@ def guard(
     rate_limit: RateLimitPolicy | None = None,
     hedge_alternates: Sequence[Backend] = (),
     retry_budget: RetryBudget | None = None,
+    rate_limit_store: RedisQuota | None = None,
     rng: random.Random | None = None,
 ) -> GuardedBackend:
     """Wrap ``backend`` in its guard stack, in the fixed order :data:`GUARD_ORDER`.
@@ -131,11 +134,18 @@ def guard(
         rate_limit: requests/tokens per minute.
         hedge_alternates: backends hedges go to (default: this backend again).
         retry_budget: share a budget between several stacks (default: one per backend).
+        rate_limit_store: a shared quota store (:class:`RedisQuota`) for the rate limiter, so
+            several stacks use one connection pool (default: the one ``rate_limit.shared``
+            names, opened by this stack).
         rng: the random source for retry jitter.
 
     Returns:
         The guarded backend; its guards are reachable as attributes.
     """
+    if rate_limit_store is not None and rate_limit is None:
+        raise ConfigurationError(
+            "guard(rate_limit_store=...) needs a rate_limit policy (the quota to share)"
+        )
     if isinstance(timeout, bool):
         timeout = _TIMEOUT if timeout else None
     elif isinstance(timeout, int | float):
@@ -145,7 +155,7 @@ def guard(
     node = t or node
     b = CircuitBreaker(node, breaker) if breaker is not None else None
     node = b or node
-    rl = RateLimiter(node, rate_limit) if rate_limit is not None else None
+    rl = RateLimiter(node, rate_limit, shared=rate_limit_store) if rate_limit is not None else None
     node = rl or node
     r = Retry(node, retry, budget=retry_budget, rng=rng) if retry is not None else None
     node = r or node
