@@ -11,7 +11,15 @@ from trio.testing import MockClock
 
 from genfan import ChatRequest
 from genfan.errors import BackendConnectionError, CircuitOpenError, ConfigurationError
-from genfan.resilience import BreakerPolicy, BulkheadPolicy, CircuitBreaker, Pool, guard
+from genfan.resilience import (
+    BreakerPolicy,
+    BulkheadPolicy,
+    CircuitBreaker,
+    Hedge,
+    HedgePolicy,
+    Pool,
+    guard,
+)
 from genfan.testing import Fail, FakeBackend, Reply
 
 REQ = ChatRequest.from_prompt("hi")
@@ -47,6 +55,22 @@ async def test_round_robin_and_weighted_are_exact() -> None:
     names = [(await weighted.complete(REQ)).backend for _ in range(7)]
     assert Counter(names) == {"a": 5, "b": 1, "c": 1}
     assert names[:3] == ["a", "a", "b"] or names.count("a") == 5  # smooth, not bursty
+
+
+@pytest.mark.anyio
+async def test_a_hedge_through_a_pool_goes_to_another_replica() -> None:
+    slow = FakeBackend("a", ["slow"], latency=10.0)
+    fast = FakeBackend("b", ["fast"], latency=0.5)
+    # The weights alone would send the hedge to "a" again (smooth weighted: a, a, ..., b).
+    pool = Pool([slow, fast], strategy="weighted", weights=[100, 1])
+    hedged = Hedge(pool, HedgePolicy(delay=1.0, max_extra_ratio=1.0))
+    hedged.budget.deposit()
+    start = anyio.current_time()
+    completion = await hedged.complete(REQ)
+    assert completion.backend == "b" and anyio.current_time() - start == pytest.approx(1.5)
+    assert len(slow.calls) == 1 and slow.cancelled == 1 and len(fast.calls) == 1
+    # Outside a hedge, nothing is avoided: the weights decide.
+    assert [(await pool.complete(REQ)).backend for _ in range(3)] == ["a", "a", "a"]
 
 
 @pytest.mark.anyio

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import AsyncIterator
+from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -30,6 +31,12 @@ NOT_SENT: tuple[type[BackendError], ...] = (
     RateLimitExceededError,
     CallCancelledError,
 )
+
+
+#: The replicas the current call has been sent to: a hedge sets a fresh set for its attempts,
+#: and a :class:`Pool` sends each attempt to a replica not in it while a healthy one is left
+#: (Envoy's ``previous_hosts``), so that a hedge reaches another replica than the slow one.
+tried_replicas: ContextVar[set[int] | None] = ContextVar("genfan_tried_replicas", default=None)
 
 
 def time_left() -> float:

@@ -15,7 +15,7 @@ import anyio.abc
 from ..backend import Backend
 from ..errors import BackendError, MalformedResponseError
 from ..types import ChatRequest, Completion, StreamEnd, StreamEvent
-from ._base import Guard, decision, metrics, set_span_attribute, time_left
+from ._base import Guard, decision, metrics, set_span_attribute, time_left, tried_replicas
 from ._policies import HedgePolicy, RetryBudgetPolicy
 from ._retry import RetryBudget
 
@@ -320,6 +320,7 @@ class Hedge(Guard):
                 decision("hedge_sent", backend=self.name, attempt=i, to=backend.name, delay=after)
             tg.start_soon(attempt, i, backend)
 
+        replicas = tried_replicas.set(set())  # shared by the attempts: each a new replica
         try:
             async with anyio.create_task_group() as tg:
                 launch(tg, None)
@@ -377,6 +378,7 @@ class Hedge(Guard):
                     await discard(winner[1])
             raise
         finally:
+            tried_replicas.reset(replicas)
             # Results that arrived beside the winner's are let go.
             leftovers = [o for _, _, o in outcomes if not isinstance(o, BaseException)]
             outcomes.clear()

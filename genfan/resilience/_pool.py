@@ -14,7 +14,7 @@ import anyio
 from ..backend import AsyncCloseable, Backend
 from ..errors import CircuitOpenError, ConfigurationError
 from ..types import ChatRequest, Completion, StreamEnd, StreamEvent
-from ._base import NOT_SENT, decision
+from ._base import NOT_SENT, decision, tried_replicas
 from ._breaker import CircuitBreaker
 
 __all__ = ["Pool", "PoolStrategy", "ReplicaStatistics", "find_breaker"]
@@ -229,7 +229,11 @@ class Pool(AsyncCloseable):
                 retry_at=retry_at,
                 retry_after=max(0.0, retry_at - now),
             )
-        first = self._pick(healthy)
+        tried = tried_replicas.get()
+        fresh = [r for r in healthy if id(r) not in tried] if tried else healthy
+        first = self._pick(fresh or healthy)
+        if tried is not None:
+            tried.add(id(first))
         rest = sorted((r for r in healthy if r is not first), key=lambda r: r.cost())
         return [first, *rest]
 
