@@ -61,6 +61,8 @@ IN_FLIGHT = 64  # concurrent engine requests
 THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.8, 1.0)  # a vote share of k of n stops at <= k/n
 
 EXTRACT = FinalNumber()
+#: The vote's extractor; ``--number-words`` reads numbers written in words too (and grades so).
+VOTE_EXTRACT = "number"
 
 
 class Metered(BaseBackend):
@@ -141,7 +143,7 @@ async def run_cascades(
 ) -> dict[str, dict[str, float]]:
     """Replay the recorded samples through the real Cascade: ``first`` samples, then the rest."""
     out: dict[str, dict[str, float]] = {}
-    vote = MajorityVote(extract="number")
+    vote = MajorityVote(extract=VOTE_EXTRACT)
     all_tokens = sum(tokens(s) for s in samples)
     for threshold in THRESHOLDS:
         right, spent, estimated_all, escalated = 0, 0.0, 0.0, 0
@@ -236,7 +238,7 @@ async def main(fake: bool, limit: int | None, judge_every: int) -> dict[str, Any
         judge = LLMJudge(
             judge_backend, max_tokens=JUDGE_MAX_TOKENS, max_concurrency=9, name="judge"
         )
-        vote = Select(MajorityVote(extract="number"))
+        vote = Select(MajorityVote(extract=VOTE_EXTRACT))
         consensus = Select(Consensus())
         judged = Select(judge)
 
@@ -415,11 +417,20 @@ def cli(argv: Sequence[str] | None = None, run: Callable[..., Any] = anyio.run) 
     parser.add_argument(
         "--judge-every", type=int, default=3, help="judge every N-th question (default 3)"
     )
+    parser.add_argument(
+        "--number-words",
+        action="store_true",
+        help="vote and grade with numbers written in words read too (extract='number_words')",
+    )
     args = parser.parse_args(argv)
+    if args.number_words:
+        global EXTRACT, VOTE_EXTRACT
+        EXTRACT, VOTE_EXTRACT = FinalNumber(words=True), "number_words"
     report = run(main, args.fake, args.limit, args.judge_every, backend="asyncio")
     print_report(report)
     RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / ("selection-fake.json" if args.fake else "selection.json")
+    stem = "selection-fake" if args.fake else "selection"
+    path = RESULTS / (stem + ("-number-words" if args.number_words else "") + ".json")
     path.write_text(json.dumps(report, indent=2))
     print(f"\nwrote {path.relative_to(HERE.parent)}")
 
