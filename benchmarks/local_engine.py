@@ -75,7 +75,8 @@ async def raw_concurrent(backend: Any, texts: list[str], tokens: int) -> tuple[f
 
     shared = backend._shared
     engine = shared.engine
-    ids = [backend._prompt_ids(shared, ChatRequest.from_prompt(t)) for t in texts]
+    requests = [ChatRequest.from_prompt(t) for t in texts]
+    ids = [backend._prompt_ids(shared, r, backend._tool_plan(shared, r)) for r in requests]
     params = SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True)
     out = [0] * len(texts)
 
