@@ -290,3 +290,12 @@ async def test_an_engine_that_cannot_start_reports_its_reason(
         await greedy.complete(ChatRequest.from_prompt(FRANCE))
     assert info.value.log_path is not None
     await greedy.aclose()
+
+
+async def test_the_benchmarks_raw_vllm_baseline_still_runs(local: object) -> None:
+    """benchmarks/local_engine.py builds raw-vLLM requests from the backend's private prompt
+    path; this keeps that baseline working when the backend changes."""
+    from benchmarks.local_engine import raw_concurrent
+
+    seconds, tokens = await raw_concurrent(local, [FRANCE, "Say hi."], 4)
+    assert tokens == 2 * 4 and seconds > 0
