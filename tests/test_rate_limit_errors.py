@@ -69,13 +69,18 @@ async def openai_error(
         respx.post(OPENAI_URL).respond(
             status, json=body or {"error": {"message": "slow down"}}, headers=headers
         )
-        async with openai() as b:
-            with pytest.raises(HTTPStatusError) as info:
-                if stream:
-                    async for _ in b.stream(REQ):
-                        pass
-                else:
-                    await b.complete(REQ)
+        return await raised_by(openai(), stream=stream)
+
+
+async def raised_by(backend: Any, *, stream: bool) -> HTTPStatusError:
+    """The error ``backend`` raises for ``REQ`` (read as a stream, or completed)."""
+    async with backend as b:
+        with pytest.raises(HTTPStatusError) as info:
+            if stream:
+                async for _ in b.stream(REQ):
+                    pass
+            else:
+                await b.complete(REQ)
     return info.value
 
 
@@ -146,14 +151,7 @@ async def test_anthropic_429_and_529_carry_parsed_headers(stream: bool) -> None:
                 json={"type": "error", "error": {"type": etype, "message": "busy"}},
                 headers=headers,
             )
-            async with anthropic() as b:
-                with pytest.raises(HTTPStatusError) as info:
-                    if stream:
-                        async for _ in b.stream(REQ):
-                            pass
-                    else:
-                        await b.complete(REQ)
-        err = info.value
+            err = await raised_by(anthropic(), stream=stream)
         assert err.status_code == status
         assert isinstance(err, RateLimitError) == (status == 429)
         rl = err.rate_limit
