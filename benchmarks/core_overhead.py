@@ -42,9 +42,9 @@ RESULTS = Path(__file__).parent / "results"
 async def _sequential(kind: str, url: str, n: int, warmup: int) -> dict[str, Any]:
     """Run ``n`` sequential calls of one client kind; return CPU and wall per call."""
     import httpx
+    from genfan_providers.openai import OpenAIBackend
 
     from genfan import ChatRequest, FanOut
-    from providers.openai import OpenAIBackend
 
     request = ChatRequest.from_prompt("Say hello to the bench.", model="bench-model")
     if kind == "raw_httpx":
@@ -108,9 +108,9 @@ async def _burst(kind: str, urls: list[str], n: int, max_concurrency: int) -> di
     """Start ``n`` requests at once over the backends at ``urls``; count answers."""
     import anyio
     import httpx
+    from genfan_providers.openai import OpenAIBackend
 
     from genfan import ChatRequest
-    from providers.openai import OpenAIBackend
 
     answered = 0
     failed: dict[str, int] = {}

@@ -29,8 +29,7 @@ from typing import Any
 
 import anyio
 
-from genfan import ChatRequest
-from genfan.backend import Backend, collect_stream
+from genfan import Backend, ChatRequest, collect_stream
 from genfan.resilience import Hedge, HedgePolicy
 from genfan.testing import FakeBackend, Reply
 

@@ -27,8 +27,7 @@ from pathlib import Path
 
 import anyio
 
-from genfan import FanOut
-from genfan.errors import AllBackendsFailedError, BackendConnectionError
+from genfan import AllBackendsFailedError, BackendConnectionError, FanOut
 from genfan.resilience import BreakerPolicy, guard
 from genfan.testing import Fail, FakeBackend
 

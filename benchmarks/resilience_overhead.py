@@ -27,8 +27,7 @@ from pathlib import Path
 
 import anyio
 
-from genfan import ChatRequest
-from genfan.backend import Backend
+from genfan import Backend, ChatRequest
 from genfan.resilience import HedgePolicy, RateLimitPolicy, guard
 
 RESULTS = Path(__file__).parent / "results"
@@ -74,9 +73,10 @@ def main() -> None:
     args = parser.parse_args()
     n, rounds = (300, 3) if args.quick else (1000, 5)
 
+    from genfan_providers.openai import OpenAIBackend
+
     from genfan.testing import FakeBackend
     from genfan.testserver import ServerProcess
-    from providers.openai import OpenAIBackend
 
     with ServerProcess(latency=0.0) as server:
         http = anyio.run(

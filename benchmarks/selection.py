@@ -33,19 +33,26 @@ from typing import Any
 
 import anyio
 
-from genfan import ChatRequest, Completion, FanOut, Target, Usage
-from genfan.backend import Backend, BaseBackend
-from genfan.errors import AllBackendsFailedError
+from genfan import (
+    AllBackendsFailedError,
+    Backend,
+    BaseBackend,
+    Cascade,
+    ChatRequest,
+    Completion,
+    FanOut,
+    Target,
+    Tier,
+    Usage,
+)
 from genfan.select import (
     Candidate,
-    Cascade,
     Consensus,
     FinalNumber,
     LLMJudge,
     MajorityVote,
     Select,
     Selector,
-    Tier,
 )
 from genfan.testing import FakeBackend, FunctionBackend, Reply
 
@@ -214,7 +221,7 @@ async def main(fake: bool, limit: int | None, judge_every: int) -> dict[str, Any
         backend: Backend = fake_backend(tasks)
         model = "scripted"
     else:
-        from providers.vllm_local import VLLMBackend
+        from genfan_providers.vllm_local import VLLMBackend
 
         backend = VLLMBackend()
         model = backend.model_name

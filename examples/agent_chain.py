@@ -13,7 +13,8 @@ from __future__ import annotations
 import anyio
 from pydantic import BaseModel
 
-from genfan import Chain, ChatRequest, LLMCall, tool
+from genfan import ChatRequest
+from genfan.agents import Chain, LLMCall, tool
 from genfan.testing import FunctionBackend
 
 DOCUMENT = (

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import anyio
 
-from genfan import Agent, tool
+from genfan.agents import Agent, tool
 from genfan.local import prepare_default_model
 
 
@@ -28,7 +28,7 @@ async def get_weather(city: str) -> dict[str, object]:
 
 
 async def main() -> None:
-    from providers.vllm_local import VLLMBackend  # loads vLLM (seconds): only when run
+    from genfan_providers.vllm_local import VLLMBackend  # loads vLLM (seconds): only when run
 
     prepare_default_model(progress=False)  # instant once the model is prepared
     async with VLLMBackend(temperature=0.0, max_tokens=120, name="local") as model:

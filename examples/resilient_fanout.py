@@ -15,18 +15,8 @@ import random
 
 import anyio
 
-from genfan import (
-    BreakerPolicy,
-    ChatRequest,
-    Fallback,
-    FanOut,
-    HTTPStatusError,
-    Pool,
-    RateLimitError,
-    RetryPolicy,
-    guard,
-)
-from genfan.errors import BackendConnectionError
+from genfan import BackendConnectionError, ChatRequest, FanOut, HTTPStatusError, RateLimitError
+from genfan.resilience import BreakerPolicy, Fallback, Pool, RetryPolicy, guard
 from genfan.testing import Fail, FakeBackend, Reply
 
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import anyio
 
-from genfan import Cascade, FanOut, MajorityVote, RefusalDetector, Select, Tier
+from genfan import Cascade, FanOut, Tier, Usage
+from genfan.select import MajorityVote, RefusalDetector, Select
 from genfan.testing import FakeBackend, Reply
-from genfan.types import Usage
 
 QUESTION = "What is 17 * 3?"
 

@@ -14,7 +14,8 @@ from enum import StrEnum
 
 import anyio
 
-from genfan import Agent, ChatRequest, Completion, ToolCall, tool
+from genfan import ChatRequest, Completion, ToolCall
+from genfan.agents import Agent, tool
 from genfan.testing import FunctionBackend
 
 

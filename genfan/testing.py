@@ -22,9 +22,9 @@ from typing import Any
 import anyio
 import structlog
 
-from .backend import BaseBackend
-from .errors import BackendError, ConfigurationError
-from .types import ChatRequest, Completion, StreamEnd, StreamEvent, TextDelta, ToolCall, Usage
+from ._backend import BaseBackend
+from ._errors import BackendError, ConfigurationError
+from ._types import ChatRequest, Completion, StreamEnd, StreamEvent, TextDelta, ToolCall, Usage
 
 __all__ = [
     "Fail",

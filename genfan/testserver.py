@@ -50,7 +50,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from .types import ToolCall
+from ._types import ToolCall
 
 __all__ = [
     "FakeLLMServer",
@@ -80,7 +80,7 @@ class TextReply:
 class ToolCallsReply:
     """Answer with one or several (parallel) tool calls.
 
-    ``calls`` holds :class:`~genfan.types.ToolCall` s or ``(name, arguments)`` pairs, where
+    ``calls`` holds :class:`~genfan.ToolCall` s or ``(name, arguments)`` pairs, where
     arguments is a dict or a JSON string; ids are generated when missing.
     """
 

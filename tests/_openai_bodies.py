@@ -6,9 +6,9 @@ import json
 from typing import Any
 
 import respx
+from genfan_providers.openai import OpenAIBackend
 
 from genfan import ChatRequest, collect_stream
-from providers.openai import OpenAIBackend
 
 OPENAI = "https://api.openai.com/v1"
 LOCAL = "http://127.0.0.1:8000/v1"

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from genfan.errors import BackendError, CallCancelledError
+from genfan import BackendError, CallCancelledError, ChatRequest, Completion, Usage
 from genfan.select import Candidate
-from genfan.types import ChatRequest, Completion, Usage
 
 
 def ok(

@@ -9,7 +9,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from pydantic import BaseModel
 from trio.testing import MockClock
 
-from genfan import FanOut
+from genfan import BackendConnectionError, ChatRequest, ConfigurationError, FanOut
 from genfan.agents import (
     Chain,
     ChainFailedError,
@@ -20,9 +20,7 @@ from genfan.agents import (
     ToolError,
     tool,
 )
-from genfan.errors import BackendConnectionError, ConfigurationError
 from genfan.testing import Fail, FakeBackend, FunctionBackend, capture_events
-from genfan.types import ChatRequest
 
 mock_clock = pytest.mark.parametrize(
     "anyio_backend", [("trio", {"clock": MockClock(autojump_threshold=0)})]

@@ -8,12 +8,12 @@ from collections.abc import Callable, Iterator
 
 import anyio
 import pytest
+from genfan_providers.anthropic import AnthropicBackend
+from genfan_providers.openai import OpenAIBackend
 
+from genfan import Backend
 from genfan.agents import Agent, tool
-from genfan.backend import Backend
 from genfan.testserver import FakeLLMServer, TextReply, ToolCallsReply
-from providers.anthropic import AnthropicBackend
-from providers.openai import OpenAIBackend
 
 Factory = Callable[[str, str], Backend]
 PROVIDERS = pytest.mark.parametrize(

@@ -9,7 +9,15 @@ import pytest
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from trio.testing import MockClock
 
-from genfan import FanOut
+from genfan import (
+    BackendConnectionError,
+    ChatRequest,
+    ConfigurationError,
+    FanOut,
+    Message,
+    ToolCall,
+    Usage,
+)
 from genfan.agents import (
     Agent,
     AgentFinished,
@@ -25,9 +33,7 @@ from genfan.agents import (
     UnknownToolError,
     tool,
 )
-from genfan.errors import BackendConnectionError, ConfigurationError
 from genfan.testing import Fail, FakeBackend, Reply
-from genfan.types import ChatRequest, Message, ToolCall, Usage
 
 
 def calls(*specs: tuple[str, dict[str, object]]) -> tuple[ToolCall, ...]:

@@ -13,6 +13,7 @@ import pytest
 from pydantic import BaseModel, Field
 from trio.testing import MockClock
 
+from genfan import BackendTimeoutError, ConfigurationError, HTTPStatusError, ToolCall
 from genfan.agents import (
     Tool,
     ToolArgumentsError,
@@ -22,10 +23,8 @@ from genfan.agents import (
     UnknownToolError,
     tool,
 )
-from genfan.errors import BackendTimeoutError, ConfigurationError, HTTPStatusError
 from genfan.resilience import RetryPolicy
 from genfan.testing import capture_events
-from genfan.types import ToolCall
 
 
 @pytest.fixture

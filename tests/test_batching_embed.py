@@ -6,11 +6,11 @@ from collections.abc import Iterator
 
 import anyio
 import pytest
+from genfan_providers.openai import OpenAIBackend
 
+from genfan import HTTPStatusError
 from genfan.batching import BatchingEmbedder, Embedder
-from genfan.errors import HTTPStatusError
 from genfan.testserver import FakeLLMServer, Fault
-from providers.openai import OpenAIBackend
 
 pytestmark = pytest.mark.anyio
 

@@ -13,15 +13,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from trio.testing import MockClock
 
-from genfan.batching import BatchingBackend, BatchingEmbedder, MicroBatcher
-from genfan.errors import (
+from genfan import (
     BackendError,
     BulkheadFullError,
+    ChatRequest,
+    Completion,
     ConfigurationError,
     HTTPStatusError,
     MalformedResponseError,
 )
-from genfan.types import ChatRequest, Completion
+from genfan.batching import BatchingBackend, BatchingEmbedder, MicroBatcher
 
 pytestmark = pytest.mark.anyio
 

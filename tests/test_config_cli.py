@@ -11,9 +11,15 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from genfan import ChatRequest, ConfigurationError, create_backend, register_backend
+from genfan import (
+    ChatRequest,
+    ConfigurationError,
+    create_backend,
+    load_config,
+    parse_config,
+    register_backend,
+)
 from genfan.cli import app
-from genfan.config import load_config, parse_config
 from genfan.resilience import GuardedBackend
 from genfan.testing import FakeBackend
 

@@ -13,7 +13,6 @@ from genfan import (
     BackendError,
     BackendTimeoutError,
     CallCancelledError,
-    Candidate,
     ChatRequest,
     ConfigurationError,
     FanOut,
@@ -22,6 +21,7 @@ from genfan import (
     RateLimitError,
     Target,
 )
+from genfan.select import Candidate
 from genfan.testing import Fail, FakeBackend, FunctionBackend, Reply
 
 pytestmark = pytest.mark.anyio

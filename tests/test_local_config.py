@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from genfan.config import load_config
+from genfan import load_config
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "local.toml"
 

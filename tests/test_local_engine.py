@@ -14,7 +14,6 @@ import pytest
 from pydantic import BaseModel, Field
 
 from genfan import (
-    Agent,
     ChatRequest,
     FanOut,
     ResponseFormat,
@@ -22,9 +21,9 @@ from genfan import (
     Target,
     TextDelta,
     ToolCallDelta,
-    tool,
+    merge_tool_call_deltas,
 )
-from genfan.backend import merge_tool_call_deltas
+from genfan.agents import Agent, tool
 from genfan.local import ContextLengthExceededError, EngineStartError, prepare_default_model
 
 pytestmark = [pytest.mark.engine, pytest.mark.anyio]
@@ -40,7 +39,7 @@ def anyio_backend() -> str:
 @pytest.fixture(scope="module")
 async def local() -> AsyncIterator[object]:
     """The module's engine: the prepared default model, greedy decoding."""
-    from providers.vllm_local import VLLMBackend
+    from genfan_providers.vllm_local import VLLMBackend
 
     prepare_default_model(progress=False)  # instant when already prepared
     backend = VLLMBackend(temperature=0.0, max_tokens=64, name="local")
@@ -205,7 +204,7 @@ async def test_a_tool_parser_on_a_model_that_writes_no_tool_calls_returns_text(
     local: object,
 ) -> None:
     """SmolLM2's template ignores tools: in auto mode hermes finds no call, the text stays."""
-    from providers.vllm_local import VLLMBackend
+    from genfan_providers.vllm_local import VLLMBackend
 
     hermes = VLLMBackend(temperature=0.0, tool_parser="hermes", name="hermes")  # same engine
     try:
@@ -239,7 +238,7 @@ async def test_the_agent_loop_runs_a_tool_on_the_local_model(local: object) -> N
 
 
 async def test_one_prompt_fans_out_to_three_sampling_configs_on_one_engine(local: object) -> None:
-    from providers.vllm_local import VLLMBackend
+    from genfan_providers.vllm_local import VLLMBackend
 
     creative = VLLMBackend(temperature=0.9, name="creative")  # same engine options: shared
     fan = FanOut(
@@ -281,7 +280,7 @@ async def test_the_registry_builds_the_default_local_backend(local: object) -> N
 async def test_an_engine_that_cannot_start_reports_its_reason(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from providers.vllm_local import VLLMBackend
+    from genfan_providers.vllm_local import VLLMBackend
 
     # Far more KV cache than the machine has: the engine's worker refuses at start-up.
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "4096")  # the CPU build reads this first

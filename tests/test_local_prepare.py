@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from genfan.errors import ConfigurationError, MissingExtraError
+from genfan import ConfigurationError, MissingExtraError
 from genfan.local import (
     DEFAULT_MODEL_NAME,
     EngineStartError,
@@ -224,7 +224,7 @@ def test_importing_the_local_parts_stays_light() -> None:
     code = textwrap.dedent(
         """
         import sys
-        import genfan.local, genfan.cli._local, providers.vllm_local
+        import genfan.local, genfan.cli._local, genfan_providers.vllm_local
         heavy = sorted(m for m in ("vllm", "torch", "transformers") if m in sys.modules)
         print(heavy)
         """
@@ -246,7 +246,7 @@ def test_importing_the_local_parts_stays_light() -> None:
 def test_missing_vllm_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
     import importlib.util
 
-    from providers import vllm_local
+    from genfan_providers import vllm_local
 
     real = importlib.util.find_spec
     monkeypatch.setattr(
@@ -260,7 +260,7 @@ def test_missing_vllm_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_backend_options_are_validated(fake_steps: Calls) -> None:
-    from providers.vllm_local import VLLMBackend
+    from genfan_providers.vllm_local import VLLMBackend
 
     prepare_default_model(progress=False)
     with pytest.raises(ConfigurationError, match="dtype"):
@@ -284,8 +284,9 @@ def test_backend_without_a_prepared_model_says_how_to_fix(cache: Path) -> None:
 @pytest.mark.anyio
 @pytest.mark.parametrize("anyio_backend", ["trio"])
 async def test_on_trio_the_backend_says_it_needs_asyncio(fake_steps: Calls) -> None:
+    from genfan_providers.vllm_local import VLLMBackend
+
     from genfan import ChatRequest
-    from providers.vllm_local import VLLMBackend
 
     prepare_default_model(progress=False)
     backend = VLLMBackend()

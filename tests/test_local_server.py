@@ -15,7 +15,7 @@ from genfan.local import DEFAULT_MODEL_NAME, LocalServer, prepare_default_model,
 
 pytestmark = pytest.mark.engine
 
-providers_openai = pytest.importorskip("providers.openai")
+providers_openai = pytest.importorskip("genfan_providers.openai")
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,12 @@ from typing import Any
 
 import jsonschema
 import pytest
+from genfan_providers.vllm_local import (
+    _extract_tool_calls,
+    _parse_forced_tool_calls,
+    _template_messages,
+    _tool_call_schema,
+)
 
 from genfan import (
     ChatRequest,
@@ -27,15 +33,9 @@ from genfan import (
     ToolCall,
     ToolCallDelta,
     ToolSpec,
+    merge_tool_call_deltas,
 )
-from genfan.backend import merge_tool_call_deltas
 from genfan.local import EngineRequestError
-from providers.vllm_local import (
-    _extract_tool_calls,
-    _parse_forced_tool_calls,
-    _template_messages,
-    _tool_call_schema,
-)
 
 CALL_ID = re.compile(r"^call_[0-9a-f]{24}$")
 
@@ -246,7 +246,7 @@ def _shared(tokenizer: _Tokenizer | None = None) -> Any:
 
 
 def _backend(**options: Any) -> Any:
-    from providers.vllm_local import VLLMBackend
+    from genfan_providers.vllm_local import VLLMBackend
 
     return VLLMBackend("scripted-model", name="scripted", **options)
 

@@ -9,6 +9,7 @@ from typing import Any
 import httpx
 import pytest
 import respx
+from genfan_providers.anthropic import ANTHROPIC_VERSION, AnthropicBackend
 from pydantic import BaseModel
 
 from genfan import (
@@ -29,7 +30,6 @@ from genfan import (
     collect_stream,
     create_backend,
 )
-from providers.anthropic import ANTHROPIC_VERSION, AnthropicBackend
 
 BASE = "https://claude.test/v1"
 URL = BASE + "/messages"

@@ -11,6 +11,8 @@ import anyio
 import httpx
 import pytest
 import respx
+from genfan_providers._http import SSEParser, parse_duration, parse_retry_after
+from genfan_providers.openai import OpenAIBackend
 from pydantic import BaseModel, SecretStr
 from trio.testing import MockClock
 
@@ -32,8 +34,6 @@ from genfan import (
     collect_stream,
     create_backend,
 )
-from providers._http import SSEParser, parse_duration, parse_retry_after
-from providers.openai import OpenAIBackend
 
 BASE = "https://llm.test/v1"
 URL = BASE + "/chat/completions"

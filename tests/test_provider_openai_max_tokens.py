@@ -12,10 +12,9 @@ from typing import Any
 
 import pytest
 import respx
+from genfan_providers.openai import OpenAIBackend
 
-from genfan import ChatRequest, ConfigurationError, create_backend
-from genfan.config import load_config, parse_config
-from providers.openai import OpenAIBackend
+from genfan import ChatRequest, ConfigurationError, create_backend, load_config, parse_config
 
 from ._openai_bodies import KEY, LOCAL, OPENAI, completion_body, sent_body
 

@@ -11,11 +11,10 @@ from typing import Any
 
 import pytest
 import respx
+from genfan_providers.openai import OpenAIBackend
 
-from genfan import ChatRequest, ConfigurationError, collect_stream, create_backend
-from genfan.config import load_config
+from genfan import ChatRequest, ConfigurationError, collect_stream, create_backend, load_config
 from genfan.testing import capture_events
-from providers.openai import OpenAIBackend
 
 from ._openai_bodies import KEY, LOCAL, OPENAI, completion_body, sent_body
 

@@ -37,7 +37,7 @@ def test_genfan_never_imports_providers() -> None:
     offenders = [
         str(p)
         for p in root.rglob("*.py")
-        if "from providers" in p.read_text() or "import providers" in p.read_text()
+        if "from providers" in p.read_text() or "import genfan_providers" in p.read_text()
     ]
     assert offenders == []
 
@@ -56,3 +56,62 @@ def test_shared_rate_limits_need_no_redis_package() -> None:
     code = "import sys, genfan.resilience; print('redis' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+FACADES = (
+    "genfan",
+    "genfan.select",
+    "genfan.resilience",
+    "genfan.agents",
+    "genfan.batching",
+    "genfan.schedule",
+    "genfan.testing",
+    "genfan.testserver",
+    "genfan.telemetry",
+)
+
+
+def test_every_public_name_has_one_import_path() -> None:
+    import importlib
+    import types
+
+    homes: dict[int, str] = {}
+    for facade in FACADES:
+        module = importlib.import_module(facade)
+        for name in module.__all__:
+            value = getattr(module, name)
+            if not isinstance(value, type | types.FunctionType):
+                continue
+            if not str(value.__module__).startswith("genfan"):
+                continue  # a typing construct (JsonValue) or a re-exported third-party name
+            path = f"{facade}.{name}"
+            assert id(value) not in homes, f"{path} is also {homes[id(value)]}"
+            homes[id(value)] = path
+            # reprs, pickles and the docs name the path users import from
+            assert value.__module__ == facade, f"{path}.__module__ is {value.__module__}"
+
+
+def test_no_public_module_beside_the_facades() -> None:
+    import pkgutil
+
+    public = {m.name for m in pkgutil.iter_modules(genfan.__path__) if not m.name.startswith("_")}
+    assert public == {
+        "agents",
+        "batching",
+        "cli",
+        "resilience",
+        "schedule",
+        "select",
+        "telemetry",
+        "testing",
+        "testserver",
+    } | ({"local"} if "local" in public else set())
+
+
+def test_dir_lists_the_exports() -> None:
+    import genfan.select
+
+    assert dir(genfan) == sorted(genfan.__all__)
+    assert "MajorityVote" in dir(genfan.select)
+    with pytest.raises(AttributeError, match="genfan.select"):
+        _ = genfan.select.Cascade  # type: ignore[attr-defined]

@@ -11,14 +11,13 @@ from typing import Any
 import anyio
 import pytest
 import respx
+from genfan_providers.anthropic import AnthropicBackend
+from genfan_providers.openai import OpenAIBackend
 from trio.testing import MockClock
 
-from genfan import ChatRequest, HTTPStatusError, RateLimitError
+from genfan import ChatRequest, HTTPStatusError, RateLimitError, RateLimitInfo
 from genfan.resilience import RateLimiter, RateLimitPolicy
 from genfan.testing import Fail, FakeBackend
-from genfan.types import RateLimitInfo
-from providers.anthropic import AnthropicBackend
-from providers.openai import OpenAIBackend
 
 OPENAI_BASE = "https://llm.test/v1"
 OPENAI_URL = OPENAI_BASE + "/chat/completions"

@@ -5,12 +5,13 @@ from __future__ import annotations
 import anyio
 import pytest
 
-from genfan import ChatRequest, StreamEnd
-from genfan.errors import (
+from genfan import (
     BackendConnectionError,
     BackendTimeoutError,
     BulkheadFullError,
+    ChatRequest,
     CircuitOpenError,
+    StreamEnd,
 )
 from genfan.resilience import (
     BreakerPolicy,

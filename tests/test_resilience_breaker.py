@@ -8,10 +8,10 @@ import anyio
 import pytest
 from trio.testing import MockClock
 
-from genfan import ChatRequest
-from genfan.errors import (
+from genfan import (
     BackendConnectionError,
     BulkheadFullError,
+    ChatRequest,
     CircuitOpenError,
     ConfigurationError,
     HTTPStatusError,

@@ -16,9 +16,7 @@ from typing import Any
 import anyio
 import pytest
 
-from genfan import ChatRequest, Completion, FanOut
-from genfan.backend import Backend, BaseBackend
-from genfan.errors import AllBackendsFailedError
+from genfan import AllBackendsFailedError, Backend, BaseBackend, ChatRequest, Completion, FanOut
 from genfan.resilience import (
     BreakerPolicy,
     BulkheadPolicy,
@@ -31,7 +29,7 @@ from genfan.resilience import (
 from genfan.testing import capture_events
 
 testserver = pytest.importorskip("genfan.testserver")
-openai_provider = pytest.importorskip("providers.openai")
+openai_provider = pytest.importorskip("genfan_providers.openai")
 FakeLLMServer, Fault, TextReply = testserver.FakeLLMServer, testserver.Fault, testserver.TextReply
 
 

@@ -9,15 +9,18 @@ import anyio.lowlevel
 import pytest
 from trio.testing import MockClock
 
-from genfan import ChatRequest, Completion
-from genfan.errors import (
+from genfan import (
     BackendConnectionError,
     BackendTimeoutError,
     BulkheadFullError,
+    ChatRequest,
+    Completion,
     ConfigurationError,
     HTTPStatusError,
     RateLimitError,
     RateLimitExceededError,
+    RateLimitInfo,
+    Usage,
 )
 from genfan.resilience import (
     Bulkhead,
@@ -31,7 +34,6 @@ from genfan.resilience import (
     TimeoutPolicy,
 )
 from genfan.testing import Fail, FakeBackend, Reply, capture_events
-from genfan.types import RateLimitInfo, Usage
 
 REQ = ChatRequest.from_prompt("hi")
 

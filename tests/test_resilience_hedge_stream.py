@@ -9,12 +9,18 @@ import anyio
 import pytest
 from trio.testing import MockClock
 
-from genfan import ChatRequest
-from genfan.backend import collect_stream
-from genfan.errors import BackendConnectionError, ConfigurationError, MalformedResponseError
+from genfan import (
+    BackendConnectionError,
+    ChatRequest,
+    ConfigurationError,
+    MalformedResponseError,
+    StreamEnd,
+    StreamEvent,
+    TextDelta,
+    collect_stream,
+)
 from genfan.resilience import Hedge, HedgePolicy, RetryPolicy, TimeoutPolicy, guard
 from genfan.testing import Fail, FakeBackend, Reply, capture_events
-from genfan.types import StreamEnd, StreamEvent, TextDelta
 
 REQ = ChatRequest.from_prompt("hi")
 

@@ -9,8 +9,7 @@ import anyio
 import pytest
 from trio.testing import MockClock
 
-from genfan import ChatRequest
-from genfan.errors import BackendConnectionError, CircuitOpenError, ConfigurationError
+from genfan import BackendConnectionError, ChatRequest, CircuitOpenError, ConfigurationError
 from genfan.resilience import (
     BreakerPolicy,
     BulkheadPolicy,

@@ -14,14 +14,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from trio.testing import MockClock
 
-from genfan import ChatRequest, Completion
-from genfan.backend import collect_stream
-from genfan.errors import (
+from genfan import (
     BackendConnectionError,
     BackendError,
     BackendTimeoutError,
+    ChatRequest,
+    Completion,
     HTTPStatusError,
     RateLimitError,
+    collect_stream,
 )
 from genfan.resilience import (
     BreakerPolicy,

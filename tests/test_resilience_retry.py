@@ -10,15 +10,16 @@ import anyio
 import pytest
 from trio.testing import MockClock
 
-from genfan import ChatRequest, RateLimitInfo
-from genfan.errors import (
+from genfan import (
     BackendConnectionError,
     BackendError,
     BackendTimeoutError,
+    ChatRequest,
     ConfigurationError,
     HTTPStatusError,
     MalformedResponseError,
     RateLimitError,
+    RateLimitInfo,
 )
 from genfan.resilience import Retry, RetryBudget, RetryBudgetPolicy, RetryPolicy
 from genfan.testing import Fail, FakeBackend, Reply, capture_events, set_testing

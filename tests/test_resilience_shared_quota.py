@@ -24,13 +24,16 @@ import anyio
 import anyio.abc
 import pytest
 
-from genfan import ChatRequest, Completion
-from genfan.errors import (
+from genfan import (
     BackendConnectionError,
     BulkheadFullError,
+    ChatRequest,
+    Completion,
     ConfigurationError,
     RateLimitError,
     RateLimitExceededError,
+    RateLimitInfo,
+    Usage,
 )
 from genfan.resilience import (
     GuardsConfig,
@@ -48,7 +51,6 @@ from genfan.resilience._shared import (
     redact_redis_url,
 )
 from genfan.testing import Fail, FakeBackend, FunctionBackend, capture_events
-from genfan.types import RateLimitInfo, Usage
 from tests._services import port_open, require_service
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -586,7 +588,7 @@ WORKER = textwrap.dedent(
     import anyio
 
     from genfan import ChatRequest
-    from genfan.errors import RateLimitExceededError
+    from genfan import RateLimitExceededError
     from genfan.resilience import RateLimiter, RateLimitPolicy, RedisQuota
     from genfan.testing import FakeBackend
 

@@ -7,11 +7,12 @@ import pytest
 from pydantic import ValidationError
 from trio.testing import MockClock
 
-from genfan import ChatRequest, FanOut
-from genfan.errors import (
+from genfan import (
     BackendConnectionError,
+    ChatRequest,
     CircuitOpenError,
     ConfigurationError,
+    FanOut,
     HTTPStatusError,
 )
 from genfan.resilience import (

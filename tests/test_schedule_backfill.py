@@ -16,7 +16,7 @@ import anyio
 import pytest
 from trio.testing import MockClock
 
-from genfan.errors import ConfigurationError
+from genfan import ConfigurationError
 from genfan.schedule import (
     AnyioClock,
     CronTrigger,

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from genfan import ConfigurationError
 from genfan.cli import app
-from genfan.errors import ConfigurationError
 from genfan.schedule import ContentJob, CronTrigger, IntervalTrigger
 from genfan.schedule._config import parse_schedules
 

@@ -9,8 +9,7 @@ from pathlib import Path
 import anyio
 import pytest
 
-from genfan import ChatRequest, FanOut
-from genfan.errors import ConfigurationError
+from genfan import ChatRequest, ConfigurationError, FanOut
 from genfan.schedule import (
     ContentJob,
     DateTrigger,

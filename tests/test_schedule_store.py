@@ -11,7 +11,7 @@ from pathlib import Path
 import anyio
 import pytest
 
-from genfan.errors import ConfigurationError
+from genfan import ConfigurationError
 from genfan.schedule import (
     DateTrigger,
     IntervalTrigger,

@@ -8,7 +8,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from genfan.errors import ConfigurationError
+from genfan import ConfigurationError
 from genfan.schedule import CronTrigger, DateTrigger, IntervalTrigger, parse_duration
 from genfan.schedule._triggers import from_us, to_us, trigger_from_dict
 

@@ -8,17 +8,8 @@ from __future__ import annotations
 import anyio
 import pytest
 
-from genfan import ChatRequest, FanOut, Target
-from genfan.select import (
-    Cascade,
-    Consensus,
-    LLMJudge,
-    MajorityVote,
-    RefusalDetector,
-    Select,
-    Synthesis,
-    Tier,
-)
+from genfan import Cascade, ChatRequest, FanOut, Synthesis, Target, Tier
+from genfan.select import Consensus, LLMJudge, MajorityVote, RefusalDetector, Select
 
 pytestmark = [pytest.mark.engine, pytest.mark.anyio]
 
@@ -29,7 +20,7 @@ def anyio_backend() -> str:
 
 
 async def test_selection_end_to_end_on_the_local_model() -> None:
-    vllm_local = pytest.importorskip("providers.vllm_local")
+    vllm_local = pytest.importorskip("genfan_providers.vllm_local")
     backend = vllm_local.VLLMBackend()
     try:
         await backend.start()

@@ -5,18 +5,23 @@ from __future__ import annotations
 import pytest
 from trio.testing import MockClock
 
-from genfan import FanOut, Target
-from genfan.errors import AllBackendsFailedError, BackendConnectionError, ConfigurationError
-from genfan.select import (
+from genfan import (
     AGGREGATE_PROMPT,
+    AllBackendsFailedError,
+    BackendConnectionError,
     Cascade,
-    MajorityVote,
+    ChatRequest,
+    ConfigurationError,
+    FanOut,
+    Message,
     Synthesis,
+    Target,
     Tier,
+    Usage,
     aggregate_request,
 )
+from genfan.select import MajorityVote
 from genfan.testing import Fail, FakeBackend, Reply
-from genfan.types import ChatRequest, Message, Usage
 
 pytestmark = pytest.mark.anyio
 
@@ -96,7 +101,7 @@ def test_early_exit_validates_k() -> None:
 
 
 def test_agreement_key_binds_to_the_request() -> None:
-    from genfan.types import Completion
+    from genfan import Completion
 
     key = MajorityVote(extract="number").agreement_key
     assert key(Completion(text="5 + 7")) == "7"  # unbound: nothing to call an echo

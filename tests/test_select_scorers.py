@@ -9,7 +9,13 @@ import anyio.lowlevel
 import pytest
 from pydantic import BaseModel
 
-from genfan.errors import BackendTimeoutError, ConfigurationError, MissingExtraError
+from genfan import (
+    BackendTimeoutError,
+    ChatRequest,
+    ConfigurationError,
+    MissingExtraError,
+    ResponseFormat,
+)
 from genfan.select import (
     Consensus,
     FinalNumber,
@@ -36,7 +42,6 @@ from genfan.select import (
     token_jaccard,
 )
 from genfan.testing import Fail, FakeBackend
-from genfan.types import ChatRequest, ResponseFormat
 
 from ._select_helpers import Q, cancelled, failed, ok, texts
 

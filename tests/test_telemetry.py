@@ -55,8 +55,7 @@ async def test_capture_sees_debug_events_under_an_app_level_filter() -> None:
 async def test_api_key_never_reaches_spans_or_events(spans: InMemorySpanExporter) -> None:
     import httpx
     import respx
-
-    from providers.openai import OpenAIBackend
+    from genfan_providers.openai import OpenAIBackend
 
     key = "sk-test-SECRET-0123456789"
     backend = OpenAIBackend("gpt-test", base_url="https://llm.invalid/v1", api_key=key)

@@ -11,6 +11,8 @@ from typing import Any
 import anyio
 import httpx
 import pytest
+from genfan_providers.anthropic import AnthropicBackend
+from genfan_providers.openai import OpenAIBackend
 
 from genfan import (
     AllBackendsFailedError,
@@ -37,8 +39,6 @@ from genfan.testserver import (
     TextReply,
     ToolCallsReply,
 )
-from providers.anthropic import AnthropicBackend
-from providers.openai import OpenAIBackend
 
 
 @pytest.fixture(scope="module")

@@ -25,8 +25,8 @@ from genfan import (
     ToolCall,
     ToolCallDelta,
     Usage,
+    merge_tool_call_deltas,
 )
-from genfan.backend import merge_tool_call_deltas
 
 
 def test_from_prompt_builds_system_and_user_messages() -> None:

@@ -7,72 +7,43 @@ and chains whose independent steps run at once (the LLMCompiler idea).
 * :class:`Chain`: steps wired by their inputs; each runs as soon as its inputs are ready.
 """
 
-from ._chain import Chain as Chain
-from ._chain import ChainResult as ChainResult
-from ._chain import Input as Input
-from ._chain import LLMCall as LLMCall
-from ._chain import OnError as OnError
-from ._chain import StepKind as StepKind
-from ._chain import StepRecord as StepRecord
-from ._chain import StepRef as StepRef
-from ._chain import StepStatus as StepStatus
-from ._errors import AgentStepLimitError as AgentStepLimitError
-from ._errors import ChainFailedError as ChainFailedError
-from ._errors import StepTimeoutError as StepTimeoutError
-from ._errors import ToolArgumentsError as ToolArgumentsError
-from ._errors import ToolError as ToolError
-from ._errors import ToolTimeoutError as ToolTimeoutError
-from ._errors import UnknownToolError as UnknownToolError
-from ._loop import Agent as Agent
-from ._loop import AgentEvent as AgentEvent
-from ._loop import AgentFinished as AgentFinished
-from ._loop import AgentResult as AgentResult
-from ._loop import AgentStep as AgentStep
-from ._loop import AgentStream as AgentStream
-from ._loop import ModelResponse as ModelResponse
-from ._loop import ModelTextDelta as ModelTextDelta
-from ._loop import ToolFailed as ToolFailed
-from ._loop import ToolFinished as ToolFinished
-from ._loop import ToolStarted as ToolStarted
-from ._model import FanOutLike as FanOutLike
-from ._model import Model as Model
-from ._tools import Tool as Tool
-from ._tools import ToolCallRecord as ToolCallRecord
-from ._tools import ToolRegistry as ToolRegistry
-from ._tools import tool as tool
+from typing import TYPE_CHECKING
 
-__all__ = [
-    "Agent",
-    "AgentEvent",
-    "AgentFinished",
-    "AgentResult",
-    "AgentStep",
-    "AgentStepLimitError",
-    "AgentStream",
-    "Chain",
-    "ChainFailedError",
-    "ChainResult",
-    "FanOutLike",
-    "Input",
-    "LLMCall",
-    "Model",
-    "ModelResponse",
-    "ModelTextDelta",
-    "OnError",
-    "StepKind",
-    "StepRecord",
-    "StepRef",
-    "StepStatus",
-    "StepTimeoutError",
-    "Tool",
-    "ToolArgumentsError",
-    "ToolCallRecord",
-    "ToolError",
-    "ToolFailed",
-    "ToolFinished",
-    "ToolRegistry",
-    "ToolStarted",
-    "ToolTimeoutError",
-    "UnknownToolError",
-    "tool",
-]
+from genfan._facade import lazy
+
+if TYPE_CHECKING:
+    from ._chain import Chain as Chain
+    from ._chain import ChainResult as ChainResult
+    from ._chain import Input as Input
+    from ._chain import LLMCall as LLMCall
+    from ._chain import OnError as OnError
+    from ._chain import StepKind as StepKind
+    from ._chain import StepRecord as StepRecord
+    from ._chain import StepRef as StepRef
+    from ._chain import StepStatus as StepStatus
+    from ._errors import AgentStepLimitError as AgentStepLimitError
+    from ._errors import ChainFailedError as ChainFailedError
+    from ._errors import StepTimeoutError as StepTimeoutError
+    from ._errors import ToolArgumentsError as ToolArgumentsError
+    from ._errors import ToolError as ToolError
+    from ._errors import ToolTimeoutError as ToolTimeoutError
+    from ._errors import UnknownToolError as UnknownToolError
+    from ._loop import Agent as Agent
+    from ._loop import AgentEvent as AgentEvent
+    from ._loop import AgentFinished as AgentFinished
+    from ._loop import AgentResult as AgentResult
+    from ._loop import AgentStep as AgentStep
+    from ._loop import AgentStream as AgentStream
+    from ._loop import ModelResponse as ModelResponse
+    from ._loop import ModelTextDelta as ModelTextDelta
+    from ._loop import ToolFailed as ToolFailed
+    from ._loop import ToolFinished as ToolFinished
+    from ._loop import ToolStarted as ToolStarted
+    from ._model import FanOutLike as FanOutLike
+    from ._model import Model as Model
+    from ._tools import Tool as Tool
+    from ._tools import ToolCallRecord as ToolCallRecord
+    from ._tools import ToolRegistry as ToolRegistry
+    from ._tools import tool as tool
+
+__getattr__, __dir__, __all__ = lazy(__name__, __file__)

@@ -24,9 +24,9 @@ from anyio.abc import TaskGroup
 from pydantic import BaseModel
 
 from .. import telemetry
-from ..errors import ConfigurationError
+from .._errors import ConfigurationError
+from .._types import ChatRequest, ResponseFormat
 from ..resilience import RetryPolicy
-from ..types import ChatRequest, ResponseFormat
 from ._errors import ChainFailedError, StepTimeoutError
 from ._model import Model, check_model, complete, model_name
 from ._tools import Tool, as_retry, is_async, retrying_for

@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from ..errors import GenfanError
+from .._errors import GenfanError
 
 if TYPE_CHECKING:
     from ._chain import ChainResult

@@ -20,8 +20,8 @@ from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from .. import telemetry
-from ..errors import ConfigurationError
-from ..types import ChatRequest, Completion, Message, ToolCall, Usage
+from .._errors import ConfigurationError
+from .._types import ChatRequest, Completion, Message, ToolCall, Usage
 from ._errors import AgentStepLimitError
 from ._model import Model, check_model, complete, model_name
 from ._tools import ToolCallRecord, ToolLike, ToolRegistry

@@ -1,4 +1,4 @@
-"""What agents and chains call: a :class:`~genfan.backend.Backend`, or a fan-out.
+"""What agents and chains call: a :class:`~genfan.Backend`, or a fan-out.
 
 Agents sit below the fan-out in genfan's floors, so a fan-out is recognised by shape (an
 ``async run(request)`` whose result has a ``completion``), not imported.
@@ -11,9 +11,9 @@ from contextlib import aclosing, nullcontext
 from typing import Any, Protocol, TypeAlias, runtime_checkable
 
 from .. import telemetry
-from ..backend import Backend
-from ..errors import ConfigurationError, MalformedResponseError
-from ..types import ChatRequest, Completion, StreamEnd, TextDelta
+from .._backend import Backend
+from .._errors import ConfigurationError, MalformedResponseError
+from .._types import ChatRequest, Completion, StreamEnd, TextDelta
 
 __all__ = ["FanOutLike", "Model", "complete", "model_name"]
 

@@ -11,7 +11,7 @@ from typing import Any, get_type_hints
 from pydantic import BaseModel, ConfigDict, Field, create_model
 from pydantic.fields import FieldInfo
 
-from ..errors import ConfigurationError
+from .._errors import ConfigurationError
 
 __all__ = ["Docstring", "arguments_model", "clean_schema", "parse_docstring"]
 

@@ -24,9 +24,9 @@ from pydantic import BaseModel, ValidationError
 from pydantic_core import to_json
 
 from .. import telemetry
-from ..errors import BackendError, ConfigurationError
+from .._errors import BackendError, ConfigurationError
+from .._types import ToolCall, ToolSpec
 from ..resilience import RetryPolicy
-from ..types import ToolCall, ToolSpec
 from ._errors import ToolArgumentsError, ToolError, ToolTimeoutError, UnknownToolError
 from ._schema import arguments_model, clean_schema, parse_docstring
 
@@ -439,7 +439,7 @@ def _mark_failed(span: Any, exc: BaseException) -> None:
 
 def transient(exc: BaseException) -> bool:
     """Whether a tool's failure may pass on a retry: timeouts, connection errors (httpx's
-    transport errors too) and :class:`~genfan.errors.BackendError` s marked ``retryable``."""
+    transport errors too) and :class:`~genfan.BackendError` s marked ``retryable``."""
     if isinstance(exc, BackendError):
         return exc.retryable
     if isinstance(exc, TimeoutError | ConnectionError):
@@ -579,7 +579,7 @@ class ToolRegistry:
         return list(self._tools)
 
     def specs(self) -> tuple[ToolSpec, ...]:
-        """Every tool's :class:`~genfan.types.ToolSpec`, in registration order."""
+        """Every tool's :class:`~genfan.ToolSpec`, in registration order."""
         return tuple(t.spec for t in self._tools.values())
 
     async def run(self, call: ToolCall) -> ToolCallRecord:

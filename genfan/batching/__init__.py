@@ -9,38 +9,26 @@
   cluster.
 """
 
-from ._embed import BatchCompleter as BatchCompleter
-from ._embed import BatchingBackend as BatchingBackend
-from ._embed import BatchingEmbedder as BatchingEmbedder
-from ._embed import Embedder as Embedder
-from ._embed import split_unless_outage as split_unless_outage
-from ._job import BatchJob as BatchJob
-from ._job import Executor as Executor
-from ._job import FanOutFactory as FanOutFactory
-from ._job import JobSummary as JobSummary
-from ._job import Rerun as Rerun
-from ._job import run_batch_job as run_batch_job
-from ._micro import BatcherStatistics as BatcherStatistics
-from ._micro import BatchHandler as BatchHandler
-from ._micro import MicroBatcher as MicroBatcher
-from ._micro import OnFull as OnFull
-from ._output import read_results as read_results
+from typing import TYPE_CHECKING
 
-__all__ = [
-    "BatchCompleter",
-    "BatchHandler",
-    "BatchJob",
-    "BatcherStatistics",
-    "BatchingBackend",
-    "BatchingEmbedder",
-    "Embedder",
-    "Executor",
-    "FanOutFactory",
-    "JobSummary",
-    "MicroBatcher",
-    "OnFull",
-    "Rerun",
-    "read_results",
-    "run_batch_job",
-    "split_unless_outage",
-]
+from genfan._facade import lazy
+
+if TYPE_CHECKING:
+    from ._embed import BatchCompleter as BatchCompleter
+    from ._embed import BatchingBackend as BatchingBackend
+    from ._embed import BatchingEmbedder as BatchingEmbedder
+    from ._embed import Embedder as Embedder
+    from ._embed import split_unless_outage as split_unless_outage
+    from ._job import BatchJob as BatchJob
+    from ._job import Executor as Executor
+    from ._job import FanOutFactory as FanOutFactory
+    from ._job import JobSummary as JobSummary
+    from ._job import Rerun as Rerun
+    from ._job import run_batch_job as run_batch_job
+    from ._micro import BatcherStatistics as BatcherStatistics
+    from ._micro import BatchHandler as BatchHandler
+    from ._micro import MicroBatcher as MicroBatcher
+    from ._micro import OnFull as OnFull
+    from ._output import read_results as read_results
+
+__getattr__, __dir__, __all__ = lazy(__name__, __file__)

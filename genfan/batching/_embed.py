@@ -7,9 +7,9 @@ from contextlib import aclosing
 from types import TracebackType
 from typing import Protocol, Self, runtime_checkable
 
-from ..backend import Backend
-from ..errors import BackendError, ConfigurationError, MalformedResponseError
-from ..types import ChatRequest, Completion, StreamEvent
+from .._backend import Backend
+from .._errors import BackendError, ConfigurationError, MalformedResponseError
+from .._types import ChatRequest, Completion, StreamEvent
 from ._micro import BatcherStatistics, MicroBatcher, OnFull
 
 __all__ = [
@@ -71,7 +71,7 @@ class BatchingEmbedder:
         max_queue: texts waiting at most; then ``on_full`` applies.
         on_full: ``"wait"`` (backpressure) or ``"reject"``.
         max_queue_wait: seconds a text may stay queued while every request slot is busy;
-            then it fails with :class:`~genfan.errors.BulkheadFullError` unsent (``None``: no
+            then it fails with :class:`~genfan.BulkheadFullError` unsent (``None``: no
             limit; must be ``>= max_wait``).
         max_concurrent_batches: requests in flight at once.
         split_on_batch_error: when a whole request fails, retry its texts alone? Default:
@@ -172,7 +172,7 @@ class BatchingBackend:
 
     A request's priority (higher is sent first, see :class:`MicroBatcher`) is the
     ``priority=`` given to :meth:`complete`, else ``priority_of(request)``, else ``0``.
-    :class:`~genfan.types.ChatRequest` has no priority field, and a fan-out calls
+    :class:`~genfan.ChatRequest` has no priority field, and a fan-out calls
     ``complete(request)``, so ``priority_of`` is the way to set one for a fan-out target, for
     example from the request's ``metadata``.
 
@@ -185,7 +185,7 @@ class BatchingBackend:
         max_queue: requests waiting at most; then ``on_full`` applies.
         on_full: ``"wait"`` (backpressure) or ``"reject"``.
         max_queue_wait: seconds a request may stay queued while every batch slot is busy;
-            then it fails with :class:`~genfan.errors.BulkheadFullError` unsent (``None``: no
+            then it fails with :class:`~genfan.BulkheadFullError` unsent (``None``: no
             limit; must be ``>= max_wait``).
         max_concurrent_batches: batches in flight at once.
         split_on_batch_error: as for :class:`MicroBatcher`; default :func:`split_unless_outage`.
@@ -260,7 +260,7 @@ class BatchingBackend:
                 async for event in events:
                     yield event
             return
-        from ..types import StreamEnd, TextDelta
+        from .._types import StreamEnd, TextDelta
 
         completion = await self.complete(request)
         if completion.text:

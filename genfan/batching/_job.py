@@ -26,9 +26,9 @@ import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream
 
 from .. import telemetry
-from ..errors import AllBackendsFailedError, BackendError, ConfigurationError
-from ..fanout import FanOut, FanOutResult
-from ..types import ChatRequest
+from .._errors import AllBackendsFailedError, BackendError, ConfigurationError
+from .._fanout import FanOut, FanOutResult
+from .._types import ChatRequest
 from ._output import OutputFile, Record, row_key
 
 __all__ = [
@@ -370,7 +370,7 @@ def resolve(job: BatchJob) -> ResolvedJob:
     """Merge the job's fields over the config file's ``[batch]`` table."""
     table: Mapping[str, Any] = {}
     if job.config is not None:
-        from ..config import load_config
+        from .._config import load_config
 
         table = load_config(job.config).batch
         unknown = set(table) - {"template", "system", "max_in_flight"}
@@ -409,7 +409,7 @@ def import_factory(path: str) -> FanOutFactory:
 async def make_fanout(job: BatchJob) -> FanOut:
     """Build the job's fan-out (its backends and guards are this process's own)."""
     if job.config is not None:
-        from ..config import load_config
+        from .._config import load_config
 
         return load_config(job.config).build_fanout()
     factory = import_factory(job.fanout) if isinstance(job.fanout, str) else job.fanout

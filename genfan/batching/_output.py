@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from ..errors import ConfigurationError
+from .._errors import ConfigurationError
 
 __all__ = ["OutputFile", "Record", "read_results", "row_key"]
 

@@ -16,8 +16,8 @@ from typing import Any
 
 import anyio
 
-from ..errors import MissingExtraError
-from ..fanout import FanOut
+from .._errors import MissingExtraError
+from .._fanout import FanOut
 from ._job import (
     BatchJob,
     Emit,

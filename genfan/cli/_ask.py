@@ -10,7 +10,7 @@ from typing import Annotated, Any
 import anyio
 import typer
 
-from ..errors import AllBackendsFailedError, GenfanError
+from .._errors import AllBackendsFailedError, GenfanError
 
 DEFAULT_CONFIG = Path("genfan.toml")
 
@@ -74,8 +74,8 @@ def _build(
     select: str | None,
     early_exit: int | None = None,
 ) -> Any:
-    from ..config import GenfanConfig, load_config
-    from ..errors import ConfigurationError
+    from .._config import GenfanConfig, load_config
+    from .._errors import ConfigurationError
 
     path = config or (DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None)
     cfg = load_config(path) if path is not None else GenfanConfig()
@@ -86,7 +86,7 @@ def _build(
             "no backends: pass --config genfan.toml or --backend provider:model"
         )
     if specs:
-        from ..config import BackendConfig
+        from .._config import BackendConfig
 
         extra = {}
         for i, spec in enumerate(specs):
@@ -107,7 +107,7 @@ def _build(
 
 
 async def _run(fan: Any, prompt: str, system: str | None, max_tokens: int | None) -> Any:
-    from ..types import ChatRequest
+    from .._types import ChatRequest
 
     request = ChatRequest.from_prompt(prompt, system=system, max_tokens=max_tokens)
     async with fan:

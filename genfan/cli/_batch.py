@@ -9,7 +9,7 @@ from typing import Annotated
 import anyio
 import typer
 
-from ..errors import GenfanError
+from .._errors import GenfanError
 
 batch_app = typer.Typer(
     name="batch",

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from ..errors import GenfanError
+from .._errors import GenfanError
 
 local_app = typer.Typer(
     name="local",

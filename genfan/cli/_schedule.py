@@ -19,7 +19,7 @@ from typing import Annotated, Any, TypeVar
 import anyio
 import typer
 
-from ..errors import GenfanError
+from .._errors import GenfanError
 
 T = TypeVar("T")
 
@@ -58,7 +58,7 @@ def _load(config: Path | None) -> tuple[Any, Any]:
     path = config if config is not None else (DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None)
     if path is None:
         return None, parse_schedules({})
-    from ..config import load_config
+    from .._config import load_config
 
     cfg = load_config(path)
     return cfg, parse_schedules(cfg.schedules, base_dir=path.resolve().parent)

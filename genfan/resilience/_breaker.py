@@ -12,9 +12,9 @@ from typing import Literal, TypeAlias
 import anyio
 
 from .. import telemetry
-from ..backend import Backend
-from ..errors import CircuitOpenError
-from ..types import ChatRequest, Completion, StreamEnd, StreamEvent
+from .._backend import Backend
+from .._errors import CircuitOpenError
+from .._types import ChatRequest, Completion, StreamEnd, StreamEvent
 from ._base import NOT_SENT, Guard, decision, metrics, set_span_attribute
 from ._policies import BreakerPolicy, as_predicate, default_counts_as_failure
 
@@ -94,7 +94,7 @@ class CircuitBreaker(Guard):
     * **closed**: calls go through and are recorded in the rolling window. The circuit opens
       when the window holds ``minimum_throughput`` calls and the failure (or slow-call) ratio
       reaches its threshold, or after ``consecutive_failures`` failures in a row.
-    * **open**: calls are refused with :class:`~genfan.errors.CircuitOpenError` carrying
+    * **open**: calls are refused with :class:`~genfan.CircuitOpenError` carrying
       ``retry_at`` and ``retry_after`` (exactly the rest of the break); the backend is not called.
     * **half_open**: once the break is over, ``half_open_probes`` calls are let through; if all
       succeed the circuit closes, if one fails it opens again (for a longer break when

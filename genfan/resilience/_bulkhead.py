@@ -12,9 +12,9 @@ import anyio
 import anyio.lowlevel
 
 from .. import telemetry
-from ..backend import Backend
-from ..errors import BulkheadFullError
-from ..types import ChatRequest, Completion, StreamEvent
+from .._backend import Backend
+from .._errors import BulkheadFullError
+from .._types import ChatRequest, Completion, StreamEvent
 from ._base import Guard, decision, metrics, set_span_attribute, time_left
 from ._policies import BulkheadPolicy
 
@@ -54,7 +54,7 @@ class Bulkhead(Guard):
 
     A call that finds every slot busy waits in a FIFO queue; if the queue is full, or its wait
     passes ``max_queue_wait`` (or would pass the deadline), it fails with
-    :class:`~genfan.errors.BulkheadFullError` and the backend is not called.
+    :class:`~genfan.BulkheadFullError` and the backend is not called.
     """
 
     def __init__(self, inner: Backend, policy: BulkheadPolicy | None = None) -> None:

@@ -6,8 +6,8 @@ from typing import Any, TypeAlias
 
 from pydantic import BaseModel, ConfigDict, model_validator
 
-from ..backend import Backend
-from ..errors import ConfigurationError
+from .._backend import Backend
+from .._errors import ConfigurationError
 from ._policies import (
     BreakerPolicy,
     BulkheadPolicy,

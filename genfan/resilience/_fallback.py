@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import aclosing
 
-from ..backend import AsyncCloseable, Backend
-from ..errors import BackendError, ConfigurationError
-from ..types import ChatRequest, Completion, StreamEvent
+from .._backend import AsyncCloseable, Backend
+from .._errors import BackendError, ConfigurationError
+from .._types import ChatRequest, Completion, StreamEvent
 from ._base import decision, time_left
 
 __all__ = ["Fallback"]
@@ -21,7 +21,7 @@ class Fallback(AsyncCloseable):
     """Try backends in order until one answers; one backend to the caller.
 
     The next backend is tried when the previous one failed with an error ``fallback_on``
-    accepts (any :class:`~genfan.errors.BackendError` by default: another model may well
+    accepts (any :class:`~genfan.BackendError` by default: another model may well
     accept what this one refused) and some of the deadline is left; it inherits what is left
     of it. When every backend fails, the last error is raised with the earlier ones in its
     ``__notes__`` (and chained as ``__context__``).

@@ -12,9 +12,9 @@ from typing import TypeVar
 import anyio
 import anyio.abc
 
-from ..backend import Backend
-from ..errors import BackendError, MalformedResponseError
-from ..types import ChatRequest, Completion, StreamEnd, StreamEvent
+from .._backend import Backend
+from .._errors import BackendError, MalformedResponseError
+from .._types import ChatRequest, Completion, StreamEnd, StreamEvent
 from ._base import Guard, decision, metrics, set_span_attribute, time_left, tried_replicas
 from ._policies import HedgePolicy, RetryBudgetPolicy
 from ._retry import RetryBudget

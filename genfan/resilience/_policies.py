@@ -1,6 +1,6 @@
 """The policies: frozen, keyword-only, validated value objects in float seconds.
 
-A bad value raises :class:`~genfan.errors.ConfigurationError` at construction, naming the field
+A bad value raises :class:`~genfan.ConfigurationError` at construction, naming the field
 and the allowed range.
 """
 
@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import Literal, TypeAlias
 
-from ..errors import BackendError, ConfigurationError
+from .._errors import BackendError, ConfigurationError
 from ._shared import parse_redis_url, redact_redis_url
 
 __all__ = [
@@ -372,7 +372,7 @@ class RateLimitPolicy:
             built (keeps a password out of config files); set ``shared`` or this, not both.
         on_unavailable: when the shared store cannot be used (down, too slow, an error):
             ``"local"`` decides with this process's buckets and logs a warning once per outage;
-            ``"raise"`` refuses the call with :class:`~genfan.errors.BackendConnectionError`.
+            ``"raise"`` refuses the call with :class:`~genfan.BackendConnectionError`.
     """
 
     requests_per_minute: float | None = None

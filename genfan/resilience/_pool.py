@@ -11,9 +11,9 @@ from typing import Literal, TypeAlias
 
 import anyio
 
-from ..backend import AsyncCloseable, Backend
-from ..errors import CircuitOpenError, ConfigurationError
-from ..types import ChatRequest, Completion, StreamEnd, StreamEvent
+from .._backend import AsyncCloseable, Backend
+from .._errors import CircuitOpenError, ConfigurationError
+from .._types import ChatRequest, Completion, StreamEnd, StreamEvent
 from ._base import NOT_SENT, decision, tried_replicas
 from ._breaker import CircuitBreaker
 
@@ -113,7 +113,7 @@ class Pool(AsyncCloseable):
 
     Replicas whose circuit breaker is open are skipped (found through their guard stack).
     If the chosen replica refuses the call without sending it (breaker, bulkhead, rate limit),
-    the next best is tried. When every replica is open, :class:`~genfan.errors.CircuitOpenError`
+    the next best is tried. When every replica is open, :class:`~genfan.CircuitOpenError`
     is raised with the earliest ``retry_at``.
 
     Args:

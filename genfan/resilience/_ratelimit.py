@@ -12,15 +12,15 @@ from dataclasses import dataclass
 import anyio
 import anyio.lowlevel
 
-from ..backend import Backend
-from ..errors import (
+from .._backend import Backend
+from .._errors import (
     BackendConnectionError,
     ConfigurationError,
     HTTPStatusError,
     RateLimitError,
     RateLimitExceededError,
 )
-from ..types import ChatRequest, Completion, RateLimitInfo, StreamEnd, StreamEvent
+from .._types import ChatRequest, Completion, RateLimitInfo, StreamEnd, StreamEvent
 from ._base import NOT_SENT, Guard, decision, metrics, set_span_attribute, time_left
 from ._policies import RateLimitPolicy
 from ._shared import BucketSpec, Grant, RedisQuota, SharedQuotaError
@@ -105,14 +105,14 @@ class RateLimiter(Guard):
 
     In ``wait`` mode a call waits its turn (FIFO) for quota, unless the wait would pass
     ``max_wait`` or the deadline, in which case it fails at once with
-    :class:`~genfan.errors.RateLimitExceededError` (``retry_after`` says when quota is back);
+    :class:`~genfan.RateLimitExceededError` (``retry_after`` says when quota is back);
     ``reject`` mode fails at once whenever quota is short.
 
     With ``learn`` on, the limiter adopts the quota the provider reports: ``remaining_*`` in the
-    :class:`~genfan.types.RateLimitInfo` of a completion or of an error
-    (:class:`~genfan.errors.HTTPStatusError`'s ``rate_limit``, a 429's included) lowers the
+    :class:`~genfan.RateLimitInfo` of a completion or of an error
+    (:class:`~genfan.HTTPStatusError`'s ``rate_limit``, a 429's included) lowers the
     buckets (and a zero stops calls until the matching ``reset_*``), and a
-    :class:`~genfan.errors.RateLimitError` with ``retry_after`` stops every call to the backend
+    :class:`~genfan.RateLimitError` with ``retry_after`` stops every call to the backend
     for that long (the longer of the two wins). Token use is estimated before the call and
     corrected from the completion's usage afterwards. Quota taken by a call that a guard inside
     refused (it never reached the backend) is given back.

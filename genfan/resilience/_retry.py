@@ -13,10 +13,10 @@ from dataclasses import dataclass
 import anyio
 from tenacity import AsyncRetrying, RetryCallState
 
-from ..backend import Backend
-from ..errors import RateLimitError
+from .._backend import Backend
+from .._errors import RateLimitError
+from .._types import ChatRequest, Completion, StreamEvent
 from ..testing import is_testing
-from ..types import ChatRequest, Completion, StreamEvent
 from ._base import Guard, decision, set_span_attribute, time_left
 from ._policies import RetryBudgetPolicy, RetryPolicy, as_predicate, default_retryable
 
@@ -93,9 +93,9 @@ class RetryStatistics:
 def server_wait(exc: BaseException | None) -> tuple[float, str] | None:
     """How long a rate-limited backend said to wait before the next call, and how it said it.
 
-    A :class:`~genfan.errors.RateLimitError`'s ``retry_after`` (its ``Retry-After``) comes
+    A :class:`~genfan.RateLimitError`'s ``retry_after`` (its ``Retry-After``) comes
     first: ``(seconds, "retry_after")``. Without it, its ``rate_limit``
-    (:class:`~genfan.types.RateLimitInfo`) tells when an exhausted quota refills: with
+    (:class:`~genfan.RateLimitInfo`) tells when an exhausted quota refills: with
     ``remaining_requests == 0`` the wait is ``reset_requests``, with ``remaining_tokens == 0``
     it is ``reset_tokens``, and with both spent the later of the two:
     ``(seconds, "rate_limit_reset")``. ``None`` when the backend said neither (any other error,

@@ -24,7 +24,7 @@ from urllib.parse import unquote, urlsplit
 import anyio
 import anyio.abc
 
-from ..errors import ConfigurationError, GenfanError
+from .._errors import ConfigurationError, GenfanError
 
 __all__ = ["RedisQuota", "SharedQuotaError", "redact_redis_url"]
 

@@ -7,9 +7,9 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Final
 
-from ..backend import Backend
-from ..errors import ConfigurationError
-from ..types import ChatRequest, Completion, StreamEvent
+from .._backend import Backend
+from .._errors import ConfigurationError
+from .._types import ChatRequest, Completion, StreamEvent
 from ._base import Guard
 from ._breaker import BreakerStatistics, CircuitBreaker
 from ._bulkhead import Bulkhead, BulkheadStatistics

@@ -7,9 +7,9 @@ from contextlib import aclosing
 
 import anyio
 
-from ..backend import Backend
-from ..errors import BackendTimeoutError
-from ..types import ChatRequest, Completion, StreamEvent
+from .._backend import Backend
+from .._errors import BackendTimeoutError
+from .._types import ChatRequest, Completion, StreamEvent
 from ._base import Guard, decision
 from ._policies import TimeoutPolicy
 
@@ -20,7 +20,7 @@ class Timeout(Guard):
     """Limit each call to ``policy.timeout`` seconds (or the request's ``timeout``, if smaller).
 
     A call that runs past it is cancelled and fails with
-    :class:`~genfan.errors.BackendTimeoutError` (which the retry guard may retry). The fan-out's
+    :class:`~genfan.BackendTimeoutError` (which the retry guard may retry). The fan-out's
     deadline is separate: when it passes, the whole fan-out is cancelled from outside.
     """
 

@@ -16,54 +16,33 @@ See docs/schedule.md for the semantics (misfires, coalescing, overlap, leases, D
 backfill, history limits).
 """
 
-from __future__ import annotations
+from typing import TYPE_CHECKING
 
-from ._clock import AnyioClock as AnyioClock
-from ._clock import Clock as Clock
-from ._jobs import ContentJob as ContentJob
-from ._jobs import FanOutFactory as FanOutFactory
-from ._jobs import RunContext as RunContext
-from ._policy import Coalesce as Coalesce
-from ._policy import Overlap as Overlap
-from ._policy import SchedulePolicy as SchedulePolicy
-from ._policy import ScheduleRetry as ScheduleRetry
-from ._scheduler import Scheduler as Scheduler
-from ._store import BackfillResult as BackfillResult
-from ._store import PostgresStore as PostgresStore
-from ._store import RunRecord as RunRecord
-from ._store import RunStatus as RunStatus
-from ._store import ScheduleInfo as ScheduleInfo
-from ._store import SQLiteStore as SQLiteStore
-from ._store import Store as Store
-from ._store import store_from_url as store_from_url
-from ._triggers import CronTrigger as CronTrigger
-from ._triggers import DateTrigger as DateTrigger
-from ._triggers import IntervalTrigger as IntervalTrigger
-from ._triggers import Trigger as Trigger
-from ._triggers import parse_duration as parse_duration
+from genfan._facade import lazy
 
-__all__ = [
-    "AnyioClock",
-    "BackfillResult",
-    "Clock",
-    "Coalesce",
-    "ContentJob",
-    "CronTrigger",
-    "DateTrigger",
-    "FanOutFactory",
-    "IntervalTrigger",
-    "Overlap",
-    "PostgresStore",
-    "RunContext",
-    "RunRecord",
-    "RunStatus",
-    "SQLiteStore",
-    "ScheduleInfo",
-    "SchedulePolicy",
-    "ScheduleRetry",
-    "Scheduler",
-    "Store",
-    "Trigger",
-    "parse_duration",
-    "store_from_url",
-]
+if TYPE_CHECKING:
+    from ._clock import AnyioClock as AnyioClock
+    from ._clock import Clock as Clock
+    from ._jobs import ContentJob as ContentJob
+    from ._jobs import FanOutFactory as FanOutFactory
+    from ._jobs import RunContext as RunContext
+    from ._policy import Coalesce as Coalesce
+    from ._policy import Overlap as Overlap
+    from ._policy import SchedulePolicy as SchedulePolicy
+    from ._policy import ScheduleRetry as ScheduleRetry
+    from ._scheduler import Scheduler as Scheduler
+    from ._store import BackfillResult as BackfillResult
+    from ._store import PostgresStore as PostgresStore
+    from ._store import RunRecord as RunRecord
+    from ._store import RunStatus as RunStatus
+    from ._store import ScheduleInfo as ScheduleInfo
+    from ._store import SQLiteStore as SQLiteStore
+    from ._store import Store as Store
+    from ._store import store_from_url as store_from_url
+    from ._triggers import CronTrigger as CronTrigger
+    from ._triggers import DateTrigger as DateTrigger
+    from ._triggers import IntervalTrigger as IntervalTrigger
+    from ._triggers import Trigger as Trigger
+    from ._triggers import parse_duration as parse_duration
+
+__getattr__, __dir__, __all__ = lazy(__name__, __file__)

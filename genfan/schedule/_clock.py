@@ -13,7 +13,7 @@ from typing import Protocol, runtime_checkable
 
 import anyio
 
-from ..errors import ConfigurationError
+from .._errors import ConfigurationError
 
 __all__ = ["AnyioClock", "Clock"]
 

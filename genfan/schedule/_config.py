@@ -41,7 +41,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from ..errors import ConfigurationError
+from .._errors import ConfigurationError
 from ._jobs import ContentJob
 from ._policy import SchedulePolicy, ScheduleRetry
 from ._triggers import CronTrigger, DateTrigger, IntervalTrigger, Trigger, parse_duration

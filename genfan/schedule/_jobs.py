@@ -26,10 +26,10 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import anyio
 
-from ..errors import ConfigurationError
+from .._errors import ConfigurationError
 
 if TYPE_CHECKING:
-    from ..fanout import FanOut
+    from .._fanout import FanOut
 
 __all__ = ["ContentJob", "FanOutFactory", "RunContext", "callable_ref", "resolve_callable"]
 
@@ -297,7 +297,7 @@ class ContentJob:
         fan = factory(self)
         if inspect.isawaitable(fan):
             fan = await fan
-        from ..types import ChatRequest
+        from .._types import ChatRequest
 
         request = ChatRequest.from_prompt(prompt, system=self.system)
         async with fan:

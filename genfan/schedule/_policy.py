@@ -6,7 +6,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-from ..errors import ConfigurationError
+from .._errors import ConfigurationError
 
 __all__ = ["Coalesce", "Overlap", "SchedulePolicy", "ScheduleRetry"]
 

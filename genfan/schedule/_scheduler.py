@@ -23,7 +23,7 @@ import anyio
 import tenacity
 
 from .. import telemetry
-from ..errors import ConfigurationError
+from .._errors import ConfigurationError
 from ._clock import AnyioClock, Clock
 from ._jobs import (
     ContentJob,

@@ -29,7 +29,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import anyio
 
-from ..errors import ConfigurationError, MissingExtraError
+from .._errors import ConfigurationError, MissingExtraError
 from ._policy import _OVERLAP, Overlap, SchedulePolicy
 from ._triggers import DateTrigger, IntervalTrigger, Trigger, from_us, to_us, trigger_from_dict
 

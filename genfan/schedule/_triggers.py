@@ -19,7 +19,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, ClassVar, Protocol, runtime_checkable
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from ..errors import ConfigurationError
+from .._errors import ConfigurationError
 
 __all__ = [
     "CronTrigger",

@@ -8,71 +8,18 @@ heuristics, any function), hard filters and a tie-break, and explains its pick.
 Everything beyond the core types loads on first use.
 """
 
-from __future__ import annotations
+from typing import TYPE_CHECKING
 
-from importlib import import_module
-from typing import TYPE_CHECKING, Any
-
-from ._base import Candidate as Candidate
-from ._base import CandidateStatus as CandidateStatus
-from ._base import FirstSuccess as FirstSuccess
-from ._base import Selection as Selection
-from ._base import Selector as Selector
-from ._base import SelectorLike as SelectorLike
-from ._base import as_selector as as_selector
-
-_LAZY: dict[str, str] = {
-    "CandidateScorer": "_scorer",
-    "FunctionScorer": "_scorer",
-    "Score": "_scorer",
-    "Scorer": "_scorer",
-    "ScorerLike": "_scorer",
-    "as_scorer": "_scorer",
-    "run_scorer": "_scorer",
-    "scorer": "_scorer",
-    "Select": "_select",
-    "TieBreak": "_select",
-    "AgreementKey": "_vote",
-    "MajorityVote": "_vote",
-    "Extractor": "_extract",
-    "FinalNumber": "_extract",
-    "Normalized": "_extract",
-    "NovelWords": "_extract",
-    "RegexExtract": "_extract",
-    "as_extractor": "_extract",
-    "normalize_text": "_extract",
-    "numbers_in": "_extract",
-    "Consensus": "_consensus",
-    "char_ngram_jaccard": "_consensus",
-    "rouge_l": "_consensus",
-    "token_jaccard": "_consensus",
-    "JudgeStatistics": "_judge",
-    "LLMJudge": "_judge",
-    "parse_rating": "_judge",
-    "parse_verdict": "_judge",
-    "SchemaValid": "_schema",
-    "extract_json": "_schema",
-    "Finished": "_heuristics",
-    "LengthBounds": "_heuristics",
-    "Patterns": "_heuristics",
-    "RefusalDetector": "_heuristics",
-    "AGGREGATE_PROMPT": "_synthesis",
-    "Synthesis": "_synthesis",
-    "SynthesisResult": "_synthesis",
-    "aggregate_request": "_synthesis",
-    "Cascade": "_cascade",
-    "CascadeResult": "_cascade",
-    "Tier": "_cascade",
-    "TierOutcome": "_cascade",
-    "SELECTOR_NAMES": "_factory",
-    "selector_from_name": "_factory",
-}
+from genfan._facade import lazy
 
 if TYPE_CHECKING:
-    from ._cascade import Cascade as Cascade
-    from ._cascade import CascadeResult as CascadeResult
-    from ._cascade import Tier as Tier
-    from ._cascade import TierOutcome as TierOutcome
+    from ._base import Candidate as Candidate
+    from ._base import CandidateStatus as CandidateStatus
+    from ._base import FirstSuccess as FirstSuccess
+    from ._base import Selection as Selection
+    from ._base import Selector as Selector
+    from ._base import SelectorLike as SelectorLike
+    from ._base import as_selector as as_selector
     from ._consensus import Consensus as Consensus
     from ._consensus import char_ngram_jaccard as char_ngram_jaccard
     from ._consensus import rouge_l as rouge_l
@@ -107,34 +54,7 @@ if TYPE_CHECKING:
     from ._scorer import scorer as scorer
     from ._select import Select as Select
     from ._select import TieBreak as TieBreak
-    from ._synthesis import AGGREGATE_PROMPT as AGGREGATE_PROMPT
-    from ._synthesis import Synthesis as Synthesis
-    from ._synthesis import SynthesisResult as SynthesisResult
-    from ._synthesis import aggregate_request as aggregate_request
     from ._vote import AgreementKey as AgreementKey
     from ._vote import MajorityVote as MajorityVote
 
-
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'genfan.select' has no attribute {name!r}")
-    value = getattr(import_module(f"{__name__}.{module}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
-
-
-__all__ = [
-    "Candidate",
-    "CandidateStatus",
-    "FirstSuccess",
-    "Selection",
-    "Selector",
-    "SelectorLike",
-    "as_selector",
-    *_LAZY,
-]
+__getattr__, __dir__, __all__ = lazy(__name__, __file__)

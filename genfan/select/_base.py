@@ -10,8 +10,8 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, TypeAlias, runtime_checkable
 
-from ..errors import BackendError, ConfigurationError
-from ..types import ChatRequest, Completion
+from .._errors import BackendError, ConfigurationError
+from .._types import ChatRequest, Completion
 
 __all__ = [
     "Candidate",

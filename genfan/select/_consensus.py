@@ -14,8 +14,8 @@ import unicodedata
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeAlias
 
-from ..errors import ConfigurationError
-from ..types import ChatRequest
+from .._errors import ConfigurationError
+from .._types import ChatRequest
 from ._base import Candidate
 from ._scorer import Score
 

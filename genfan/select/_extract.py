@@ -15,8 +15,8 @@ from collections.abc import Callable
 from decimal import Decimal, InvalidOperation
 from typing import Protocol, TypeAlias
 
-from ..errors import ConfigurationError
-from ..types import ChatRequest
+from .._errors import ConfigurationError
+from .._types import ChatRequest
 
 __all__ = [
     "Extractor",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..errors import ConfigurationError
+from .._errors import ConfigurationError
 from ._base import FirstSuccess, Selector
 
 __all__ = ["SELECTOR_NAMES", "selector_from_name"]
@@ -16,7 +16,7 @@ _SELECT_OPTIONS = ("tie_break", "if_none_pass", "filters")
 
 def _backend(spec: Any) -> Any:
     if isinstance(spec, str):
-        from ..backend import create_backend
+        from .._backend import create_backend
 
         return create_backend(spec)
     return spec

@@ -9,8 +9,8 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
-from ..errors import ConfigurationError
-from ..types import ChatRequest
+from .._errors import ConfigurationError
+from .._types import ChatRequest
 from ._base import Candidate
 from ._scorer import CandidateScorer, Score
 

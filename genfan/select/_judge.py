@@ -18,9 +18,9 @@ from typing import Literal, cast
 import anyio
 
 from .. import telemetry
-from ..backend import Backend
-from ..errors import ConfigurationError
-from ..types import ChatRequest, Message
+from .._backend import Backend
+from .._errors import ConfigurationError
+from .._types import ChatRequest, Message
 from ._base import Candidate
 from ._scorer import Score
 

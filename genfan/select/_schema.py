@@ -9,8 +9,8 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from ..errors import ConfigurationError, MissingExtraError
-from ..types import ChatRequest, JsonValue
+from .._errors import ConfigurationError, MissingExtraError
+from .._types import ChatRequest, JsonValue
 from ._base import Candidate
 from ._scorer import CandidateScorer, Score
 

@@ -14,8 +14,8 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol, TypeAlias, runtime_checkable
 
-from ..errors import ConfigurationError
-from ..types import ChatRequest
+from .._errors import ConfigurationError
+from .._types import ChatRequest
 from ._base import Candidate
 
 __all__ = [

@@ -9,8 +9,8 @@ from typing import Any, Literal, TypeAlias
 import anyio
 
 from .. import telemetry
-from ..errors import ConfigurationError
-from ..types import ChatRequest
+from .._errors import ConfigurationError
+from .._types import ChatRequest
 from ._base import Candidate, Selection
 from ._scorer import Score, Scorer, ScorerLike, as_scorer, run_scorer
 

@@ -12,8 +12,8 @@ from collections import Counter
 from collections.abc import Hashable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from ..errors import ConfigurationError
-from ..types import ChatRequest, Completion
+from .._errors import ConfigurationError
+from .._types import ChatRequest, Completion
 from ._base import Candidate
 from ._extract import ExtractorLike, as_extractor
 from ._scorer import Score

@@ -14,7 +14,7 @@ vLLM is asyncio-only: this backend is the one part of genfan that does not run o
 
 Example:
     ```python
-    from providers.vllm_local import VLLMBackend
+    from genfan_providers.vllm_local import VLLMBackend
 
     async with VLLMBackend(temperature=0.0) as local:  # the prepared default model
         completion = await local.complete(ChatRequest.from_prompt("What is the capital of France?"))
@@ -55,13 +55,23 @@ from typing import Any, Final
 
 import anyio
 
-from genfan import telemetry
-from genfan.backend import BaseBackend
-from genfan.errors import (
+from genfan import (
     BackendTimeoutError,
+    BaseBackend,
+    ChatRequest,
+    Completion,
     ConfigurationError,
+    FinishReason,
     MalformedResponseError,
     MissingExtraError,
+    StreamEnd,
+    StreamEvent,
+    TextDelta,
+    ToolCall,
+    ToolCallDelta,
+    ToolSpec,
+    Usage,
+    telemetry,
 )
 from genfan.local import (
     DEFAULT_MODEL_NAME,
@@ -75,18 +85,6 @@ from genfan.local import (
 )
 from genfan.local._env import cpu_dtype, engine_reason, new_log_file
 from genfan.local._progress import ProgressLike, Steps
-from genfan.types import (
-    ChatRequest,
-    Completion,
-    FinishReason,
-    StreamEnd,
-    StreamEvent,
-    TextDelta,
-    ToolCall,
-    ToolCallDelta,
-    ToolSpec,
-    Usage,
-)
 
 __all__ = ["EngineStats", "VLLMBackend", "shutdown_engines"]
 

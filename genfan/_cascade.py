@@ -14,12 +14,12 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .. import telemetry
-from ..backend import Backend
-from ..errors import AllBackendsFailedError, ConfigurationError
-from ..fanout import FanOut, FanOutResult, Target
-from ..types import ChatRequest, Completion
-from ._base import Candidate, Selection, SelectorLike, as_selector
+from . import telemetry
+from ._backend import Backend
+from ._errors import AllBackendsFailedError, ConfigurationError
+from ._fanout import FanOut, FanOutResult, Target
+from ._types import ChatRequest, Completion
+from .select import Candidate, Selection, SelectorLike, as_selector
 
 __all__ = ["Cascade", "CascadeResult", "Tier", "TierOutcome"]
 

@@ -11,11 +11,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ..backend import Backend
-from ..errors import ConfigurationError
-from ..fanout import FanOut, FanOutResult, Target
-from ..types import ChatRequest, Completion, Message, Usage
-from ._base import Candidate
+from ._backend import Backend
+from ._errors import ConfigurationError
+from ._fanout import FanOut, FanOutResult, Target
+from ._types import ChatRequest, Completion, Message, Usage
+from .select import Candidate
 
 __all__ = ["AGGREGATE_PROMPT", "Synthesis", "SynthesisResult", "aggregate_request"]
 

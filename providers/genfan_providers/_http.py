@@ -21,7 +21,7 @@
 Timeouts: the backend's ``timeout`` is httpx's (connect, pool, write, and each read: a
 stream that keeps sending is never cut). A request's own ``ChatRequest.timeout`` is a limit on
 the whole call, enforced with an anyio cancel scope and reported as
-:class:`~genfan.errors.BackendTimeoutError`.
+:class:`~genfan.BackendTimeoutError`.
 """
 
 from __future__ import annotations
@@ -40,18 +40,19 @@ import anyio
 import httpx
 from pydantic import SecretStr
 
-from genfan import telemetry
-from genfan.backend import BaseBackend
-from genfan.errors import (
+from genfan import (
     BackendConnectionError,
     BackendError,
     BackendTimeoutError,
+    BaseBackend,
     ConfigurationError,
     HTTPStatusError,
     MalformedResponseError,
     RateLimitError,
+    RateLimitInfo,
+    Usage,
+    telemetry,
 )
-from genfan.types import RateLimitInfo, Usage
 
 __all__ = [
     "SHARD_SIZE",

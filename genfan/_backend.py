@@ -18,8 +18,8 @@ from contextlib import aclosing, nullcontext
 from types import TracebackType
 from typing import Any, Protocol, Self, runtime_checkable
 
-from .errors import ConfigurationError, MalformedResponseError
-from .types import (
+from ._errors import ConfigurationError, MalformedResponseError
+from ._types import (
     ChatRequest,
     Completion,
     StreamEnd,
@@ -50,7 +50,7 @@ class Backend(Protocol):
         ...
 
     async def complete(self, request: ChatRequest) -> Completion:
-        """Answer ``request``; raise a :class:`~genfan.errors.BackendError` on failure."""
+        """Answer ``request``; raise a :class:`~genfan.BackendError` on failure."""
         ...
 
     def stream(self, request: ChatRequest) -> AsyncIterator[StreamEvent]:

@@ -5,7 +5,7 @@ the version path, e.g. ``http://localhost:8000/v1``), the key (or none, for loca
 extra headers. See docs/providers.md for each server.
 
 ```python
-from providers.openai import OpenAIBackend
+from genfan_providers.openai import OpenAIBackend
 
 async with OpenAIBackend("gpt-4o-mini") as gpt:          # key from $OPENAI_API_KEY
     completion = await gpt.complete(ChatRequest.from_prompt("Hi"))
@@ -24,25 +24,23 @@ from typing import Any, Literal, TypeAlias
 import httpx
 from pydantic import SecretStr
 
-from genfan import telemetry
-from genfan.backend import merge_tool_call_deltas
-from genfan.errors import (
-    ConfigurationError,
-    HTTPStatusError,
-    MalformedResponseError,
-    RateLimitError,
-)
-from genfan.types import (
+from genfan import (
     ChatRequest,
     Completion,
+    ConfigurationError,
     FinishReason,
+    HTTPStatusError,
+    MalformedResponseError,
     Message,
+    RateLimitError,
     RateLimitInfo,
     StreamEnd,
     StreamEvent,
     TextDelta,
     ToolCall,
     ToolCallDelta,
+    merge_tool_call_deltas,
+    telemetry,
 )
 
 from ._http import HTTPBackend, parse_duration, parse_int, prefixed_headers
@@ -104,7 +102,7 @@ class OpenAIBackend(HTTPBackend):
             models (the same ``o1``, ``o3``, ``o4``, ``gpt-5`` names as above, by the request's
             model) reject with a 400: ``temperature`` other than 1 and ``top_p``. ``"drop"``
             leaves them out of the body and logs an ``openai_unsupported_params_dropped``
-            warning naming them; ``"error"`` raises :class:`~genfan.errors.ConfigurationError`
+            warning naming them; ``"error"`` raises :class:`~genfan.ConfigurationError`
             before sending; ``"send"`` sends them as given (for a compatible server that reuses
             those model names and accepts them). Other models always get them.
 

@@ -33,7 +33,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .types import RateLimitInfo
+    from ._types import RateLimitInfo
 
 __all__ = [
     "AllBackendsFailedError",
@@ -144,7 +144,7 @@ class HTTPStatusError(BackendError):
         status_code: the HTTP status.
         rate_limit: the quota the provider reported in the error response's rate-limit headers
             (OpenAI's ``x-ratelimit-*``, Anthropic's ``anthropic-ratelimit-*``); ``None`` when
-            it sent none. The same :class:`~genfan.types.RateLimitInfo` a completion carries.
+            it sent none. The same :class:`~genfan.RateLimitInfo` a completion carries.
     """
 
     def __init__(

@@ -9,7 +9,7 @@ with a forced tool whose input schema is the schema, which Anthropic follows rel
 input becomes the completion's text. A plain JSON-object format is asked for in the system prompt.
 
 ```python
-from providers.anthropic import AnthropicBackend
+from genfan_providers.anthropic import AnthropicBackend
 
 async with AnthropicBackend("claude-sonnet-4-5") as claude:     # key from $ANTHROPIC_API_KEY
     completion = await claude.complete(ChatRequest.from_prompt("Hi"))
@@ -28,19 +28,20 @@ from typing import Any
 import httpx
 from pydantic import SecretStr
 
-from genfan.backend import merge_tool_call_deltas
-from genfan.errors import HTTPStatusError, RateLimitError
-from genfan.types import (
+from genfan import (
     ChatRequest,
     Completion,
     FinishReason,
+    HTTPStatusError,
     Message,
+    RateLimitError,
     RateLimitInfo,
     StreamEnd,
     StreamEvent,
     TextDelta,
     ToolCall,
     ToolCallDelta,
+    merge_tool_call_deltas,
 )
 
 from ._http import HTTPBackend, parse_int, prefixed_headers
@@ -103,7 +104,7 @@ class AnthropicBackend(HTTPBackend):
         ConfigurationError: a bad ``base_url``, ``timeout``, ``max_concurrency``, ``price`` or
             ``max_tokens``.
 
-    HTTP 529 (overloaded) is an :class:`~genfan.errors.HTTPStatusError` with
+    HTTP 529 (overloaded) is an :class:`~genfan.HTTPStatusError` with
     ``status_code=529``: retryable, and counted by circuit breakers.
     """
 
@@ -127,7 +128,7 @@ class AnthropicBackend(HTTPBackend):
         max_tokens: int = 1024,
         anthropic_version: str = ANTHROPIC_VERSION,
     ) -> None:
-        from genfan.errors import ConfigurationError
+        from genfan import ConfigurationError
 
         if not (isinstance(max_tokens, int) and max_tokens >= 1):
             raise ConfigurationError(f"max_tokens must be an integer >= 1, got {max_tokens!r}")

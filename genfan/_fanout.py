@@ -19,16 +19,16 @@ from typing import Any, Literal
 import anyio
 
 from . import telemetry
-from .backend import Backend
-from .errors import (
+from ._backend import Backend
+from ._errors import (
     AllBackendsFailedError,
     BackendError,
     BackendTimeoutError,
     CallCancelledError,
     ConfigurationError,
 )
+from ._types import ChatRequest, Completion, Usage
 from .select import Candidate, Selection, SelectorLike, as_selector
-from .types import ChatRequest, Completion, Usage
 
 __all__ = ["FanOut", "FanOutResult", "Mode", "Target"]
 
@@ -228,8 +228,8 @@ class FanOut:
             telemetry.span(
                 "genfan.fanout",
                 **{
-                    "genfan.fanout.mode": self.mode,
-                    "genfan.fanout.backends": n,
+                    "genfan.mode": self.mode,
+                    "genfan.backends": n,
                     "genfan.request_id": request_id,
                 },
             ) as fan_span,
@@ -282,7 +282,7 @@ class FanOut:
 
             if not any(c.ok for c in candidates):
                 errors = [c.error for c in candidates if c.error is not None]
-                fan_span.set_attribute("genfan.fanout.outcome", "all_failed")
+                fan_span.set_attribute("genfan.outcome", "all_failed")
                 telemetry.event("fanout_all_failed", level="warning", backends=n)
                 raise AllBackendsFailedError(
                     f"all {n} backends failed: "
@@ -291,10 +291,10 @@ class FanOut:
                 )
             selection = await self.selector.select(req, candidates)
             chosen = selection.chosen
-            fan_span.set_attribute("genfan.fanout.successes", sum(c.ok for c in candidates))
+            fan_span.set_attribute("genfan.successes", sum(c.ok for c in candidates))
             if chosen is not None:
-                fan_span.set_attribute("genfan.fanout.chosen", candidates[chosen].backend)
-            fan_span.set_attribute("genfan.fanout.deadline_hit", deadline_hit)
+                fan_span.set_attribute("genfan.chosen", candidates[chosen].backend)
+            fan_span.set_attribute("genfan.deadline_hit", deadline_hit)
             if selection.method:
                 fan_span.set_attribute("genfan.select.method", selection.method)
             telemetry.event(

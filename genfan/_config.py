@@ -18,7 +18,7 @@ max_concurrency = 32
 ```
 
 :func:`load_config` validates the file into :class:`GenfanConfig`; a bad file raises
-:class:`~genfan.errors.ConfigurationError` naming the key and what to write instead.
+:class:`~genfan.ConfigurationError` naming the key and what to write instead.
 """
 
 from __future__ import annotations
@@ -30,13 +30,13 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from .backend import Backend, create_backend
-from .errors import ConfigurationError
-from .fanout import FanOut, Target
+from ._backend import Backend, create_backend
+from ._errors import ConfigurationError
+from ._fanout import FanOut, Target
 
 __all__ = ["BackendConfig", "FanOutConfig", "GenfanConfig", "load_config", "parse_config"]
 
-_strict = ConfigDict(extra="forbid", frozen=True)
+_strict = ConfigDict(extra="forbid", frozen=True, defer_build=True)
 #: backend types built from other backends of the same file.
 _COMPOSITES = ("pool", "fallback")
 
@@ -94,7 +94,7 @@ class BackendConfig(BaseModel):
 class SelectConfig(BaseModel):
     """``select = {name = "vote", ...}``: a selector by name and its options."""
 
-    model_config = ConfigDict(extra="allow", frozen=True)
+    model_config = ConfigDict(extra="allow", frozen=True, defer_build=True)
 
     name: str = "first"
 
@@ -124,7 +124,7 @@ class FanOutConfig(BaseModel):
 class GenfanConfig(BaseModel):
     """A whole configuration file."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
 
     backends: dict[str, BackendConfig] = Field(default_factory=dict)
     fanout: FanOutConfig = Field(default_factory=FanOutConfig)
