@@ -113,5 +113,5 @@ def test_dir_lists_the_exports() -> None:
 
     assert dir(genfan) == sorted(genfan.__all__)
     assert "MajorityVote" in dir(genfan.select)
-    with pytest.raises(AttributeError, match="genfan.select"):
+    with pytest.raises(AttributeError, match=r"genfan\.select"):
         _ = genfan.select.Cascade  # type: ignore[attr-defined]
