@@ -22,6 +22,7 @@ from typing import Any
 import anyio
 import structlog
 
+from . import _settings
 from ._backend import BaseBackend
 from ._errors import BackendError, ConfigurationError
 from ._types import ChatRequest, Completion, StreamEnd, StreamEvent, TextDelta, ToolCall, Usage
@@ -37,19 +38,15 @@ __all__ = [
     "set_testing",
 ]
 
-_testing: dict[str, int | bool | None] = {"on": False, "attempts": None}
-
 
 def set_testing(on: bool = True, *, attempts: int | None = None) -> None:
     """Turn testing mode on: retries wait 0 seconds (and try at most ``attempts`` times)."""
-    _testing["on"] = on
-    _testing["attempts"] = attempts
+    _settings.set_testing_mode(on, attempts)
 
 
 def is_testing() -> tuple[bool, int | None]:
     """Whether testing mode is on, and its attempts cap."""
-    attempts = _testing["attempts"]
-    return bool(_testing["on"]), attempts if isinstance(attempts, int) else None
+    return _settings.is_testing()
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -26,7 +26,7 @@ from pydantic_core import to_json
 from .. import telemetry
 from .._errors import BackendError, ConfigurationError
 from .._types import ToolCall, ToolSpec
-from ..resilience import RetryPolicy
+from ..resilience import Retrier, RetryPolicy
 from ._errors import ToolArgumentsError, ToolError, ToolTimeoutError, UnknownToolError
 from ._schema import arguments_model, clean_schema, parse_docstring
 
@@ -451,35 +451,23 @@ def transient(exc: BaseException) -> bool:
 def retrying_for(
     policy: RetryPolicy, name: str, *, event: str = "tool_call_retry", kind: str = "tool"
 ) -> Any:
-    """A tenacity retrier following ``policy``, sleeping through anyio (mock clocks work).
+    """A tenacity retrier from genfan's one retry engine
+    ([`Retrier`][genfan.resilience.Retrier]), following ``policy``.
 
     With ``retry_on=None`` only transient failures are retried (see :func:`transient`); pass
     ``retry_on=(Exception,)`` to retry everything. Invalid arguments are never retried. The
     policy's retry budget is a backend's concern and does not apply here.
     """
-    import random
-
-    import tenacity
-
-    from ..resilience._retry import retry_delay
-    from ..testing import is_testing
-
-    testing, cap = is_testing()
-    attempts = policy.attempts if not (testing and cap) else min(policy.attempts, cap)
     retry_on = policy.retry_on
-    rng = random.Random()
 
     def should_retry(exc: BaseException) -> bool:
-        if not isinstance(exc, Exception) or isinstance(exc, ToolArgumentsError):
+        if isinstance(exc, ToolArgumentsError):
             return False
         if retry_on is None:
             return transient(exc)
         if isinstance(retry_on, tuple):
             return isinstance(exc, retry_on)
         return bool(retry_on(exc))
-
-    def wait(state: Any) -> float:
-        return retry_delay(policy, state, rng, testing=testing)
 
     def before_sleep(state: Any) -> None:
         exc = state.outcome.exception() if state.outcome is not None else None
@@ -495,14 +483,9 @@ def retrying_for(
             1, {"genfan.guard": f"{kind}_retry", f"genfan.{kind}": name}
         )
 
-    return tenacity.AsyncRetrying(
-        stop=tenacity.stop_after_attempt(attempts),
-        wait=wait,
-        retry=tenacity.retry_if_exception(should_retry),
-        sleep=anyio.sleep,
-        before_sleep=before_sleep,
-        reraise=True,
-    )
+    return Retrier(
+        policy, name=name, kind=kind, retry_on=should_retry, on_retry=before_sleep
+    ).retrying()
 
 
 def failed_record(

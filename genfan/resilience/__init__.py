@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from ._ratelimit import RateLimiter as RateLimiter
     from ._ratelimit import RateLimiterStatistics as RateLimiterStatistics
     from ._ratelimit import TokenBucket as TokenBucket
+    from ._retry import Retrier as Retrier
     from ._retry import Retry as Retry
     from ._retry import RetryBudget as RetryBudget
     from ._retry import RetryStatistics as RetryStatistics

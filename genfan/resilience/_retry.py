@@ -3,24 +3,29 @@ a budget, the deadline."""
 
 from __future__ import annotations
 
+import inspect
 import math
 import random
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import anyio
 from tenacity import AsyncRetrying, RetryCallState
 
+from .. import telemetry
 from .._backend import Backend
 from .._errors import RateLimitError
+from .._settings import is_testing
 from .._types import ChatRequest, Completion, StreamEvent
-from ..testing import is_testing
 from ._base import Guard, decision, set_span_attribute, time_left
 from ._policies import RetryBudgetPolicy, RetryPolicy, as_predicate, default_retryable
 
-__all__ = ["Retry", "RetryBudget", "RetryStatistics"]
+T = TypeVar("T")
+
+__all__ = ["Retrier", "Retry", "RetryBudget", "RetryStatistics"]
 
 
 class RetryBudget:
@@ -146,16 +151,160 @@ def retry_delay(
     return base
 
 
+class Retrier:
+    """The one retry engine: tenacity underneath, used by the retry guard, tool calls, chain
+    steps and scheduled runs alike.
+
+    It follows a :class:`RetryPolicy`: attempts (capped under test mode), backoff with jitter,
+    a wait the server asked for (``Retry-After`` or the reset of an exhausted quota, see
+    :func:`server_wait`), a retry budget, and what is left of the fan-out's deadline. Waits go
+    through ``anyio.sleep`` (trio and mock clocks work). Cancellation and ``BaseException`` s
+    are never retried.
+
+    Args:
+        policy: the retry policy.
+        name: who retries (a backend, tool, step or schedule), for events.
+        kind: what ``name`` names: ``"backend"``, ``"tool"``, ``"step"``, ``"schedule"``...
+        retry_on: which errors to retry (default: ``policy.retry_on``, else
+            ``BackendError.retryable``).
+        budget: a shared :class:`RetryBudget` (default: none; the guard passes one built from
+            ``policy.budget``).
+        rng: the random source for jitter (tests pass a seeded one).
+        first_attempt: the number of the first attempt this engine makes, for work that resumes
+            after attempts made elsewhere (a scheduled run whose replica died): it counts
+            against ``policy.attempts`` and numbers the backoff.
+        on_retry: called (may be async) before each wait with tenacity's state.
+        on_give_up: called with a reason (``"retry_after too long"``, ``"deadline"``,
+            ``"budget"``) and event fields when a retry is refused although attempts remain.
+
+    Example:
+        ```python
+        retrier = Retrier(RetryPolicy(attempts=3, initial=0.1), name="fetch", kind="tool")
+        result = await retrier(fetch_page, url)
+        ```
+    """
+
+    def __init__(
+        self,
+        policy: RetryPolicy,
+        *,
+        name: str,
+        kind: str = "backend",
+        retry_on: Callable[[BaseException], bool] | None = None,
+        budget: RetryBudget | None = None,
+        rng: random.Random | None = None,
+        first_attempt: int = 1,
+        on_retry: Callable[[RetryCallState], Awaitable[None] | None] | None = None,
+        on_give_up: Callable[..., None] | None = None,
+    ) -> None:
+        self.policy = policy
+        self.name = name
+        self.kind = kind
+        self.budget = budget
+        self._retry_on = retry_on or as_predicate(policy.retry_on, default_retryable)
+        self._rng = rng or random.Random()
+        self._offset = first_attempt - 1
+        self._on_retry = on_retry
+        self._on_give_up = on_give_up or self._give_up_event
+        self.retries = 0
+        self.budget_exhausted = 0
+        self.deadline_stops = 0
+
+    def should_retry(self, exc: BaseException) -> bool:
+        """Whether ``exc`` is an error this engine retries (budget and attempts aside)."""
+        if isinstance(exc, anyio.get_cancelled_exc_class()) or not isinstance(exc, Exception):
+            return False
+        return bool(self._retry_on(exc))
+
+    def _give_up_event(self, reason: str, /, **fields: Any) -> None:
+        telemetry.event(
+            "retry_gave_up", level="debug", **{self.kind: self.name}, reason=reason, **fields
+        )
+
+    # tenacity hooks -------------------------------------------------------------------------
+
+    def _wait(self, state: RetryCallState) -> float:
+        if self._offset:
+            state = _Shifted(state, self._offset)  # type: ignore[assignment]
+        return retry_delay(self.policy, state, self._rng, testing=is_testing()[0])
+
+    def _stop(self, state: RetryCallState) -> bool:
+        p = self.policy
+        exc = state.outcome.exception() if state.outcome is not None else None
+        testing, cap = is_testing()
+        attempts = p.attempts if not (testing and cap) else min(p.attempts, cap)
+        if state.attempt_number + self._offset >= attempts:
+            return True
+        told = server_wait(exc) if p.respect_retry_after else None
+        if told is not None and told[0] > p.max_retry_after:
+            wait, how = told
+            self._on_give_up(f"{how} too long", **{how: wait})
+            return True
+        sleep = state.upcoming_sleep
+        left = time_left()
+        if sleep >= left:
+            self.deadline_stops += 1
+            self._on_give_up("deadline", backoff=sleep, time_left=left)
+            return True
+        if self.budget is not None and not self.budget.try_withdraw():
+            self.budget_exhausted += 1
+            self._on_give_up("budget", attempt=state.attempt_number)
+            return True
+        return False
+
+    async def _before_sleep(self, state: RetryCallState) -> None:
+        self.retries += 1
+        if self._on_retry is not None:
+            result = self._on_retry(state)
+            if inspect.isawaitable(result):
+                await result
+
+    def _retry(self, state: RetryCallState) -> bool:
+        outcome = state.outcome
+        if outcome is None or not outcome.failed:
+            return False
+        exc = outcome.exception()
+        return exc is not None and self.should_retry(exc)
+
+    def retrying(self) -> AsyncRetrying:
+        """A tenacity ``AsyncRetrying`` that follows this engine (call it with a coroutine
+        function, or iterate it)."""
+        return AsyncRetrying(
+            sleep=anyio.sleep,
+            stop=self._stop,
+            wait=self._wait,
+            retry=self._retry,
+            before_sleep=self._before_sleep,
+            reraise=True,
+        )
+
+    async def __call__(self, fn: Callable[..., Awaitable[T]], /, *args: Any, **kwargs: Any) -> T:
+        """Run ``await fn(*args, **kwargs)``, retrying as the policy says; the last error is
+        raised when it gives up."""
+        result: T = await self.retrying()(fn, *args, **kwargs)
+        return result
+
+
+class _Shifted:
+    """A tenacity state seen ``offset`` attempts later (for backoff numbering)."""
+
+    def __init__(self, state: RetryCallState, offset: int) -> None:
+        self._state = state
+        self.attempt_number = state.attempt_number + offset
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._state, name)
+
+
 class Retry(Guard):
     """Retry retryable failures with exponential backoff, within a budget and the deadline.
 
-    Uses tenacity's ``AsyncRetrying`` sleeping with ``anyio.sleep`` (so it works on trio and
-    under a mock clock). After a 429 it waits what the backend said: its ``Retry-After``, or,
-    without one, until the exhausted quota its rate-limit headers report resets
-    (:func:`server_wait`). A retry is not started when the retry budget is spent, when
+    A guard around the :class:`Retrier` engine. After a 429 it waits what the backend said: its
+    ``Retry-After``, or, without one, until the exhausted quota its rate-limit headers report
+    resets (:func:`server_wait`). A retry is not started when the retry budget is spent, when
     the backend asked (either way) for more than ``max_retry_after``, or when its wait would not
     fit in what is left of the deadline: the last error is raised at once instead. Under
-    :func:`genfan.testing.set_testing` backoff is zero (and attempts capped).
+    [`set_testing`][genfan.testing.set_testing] backoff is zero (and attempts capped).
 
     Args:
         inner: the backend to retry.
@@ -177,66 +326,34 @@ class Retry(Guard):
         if budget is None and self.policy.budget is not None:
             budget = RetryBudget(self.policy.budget)
         self.budget = budget
-        self._retry_on = as_predicate(self.policy.retry_on, default_retryable)
-        self._rng = rng or random.Random()
+        self._engine = Retrier(
+            self.policy,
+            name=self.name,
+            budget=budget,
+            rng=rng,
+            on_retry=self._before_sleep,
+            on_give_up=self._gave_up,
+        )
         self._calls = 0
-        self._retries = 0
-        self._budget_exhausted = 0
-        self._deadline_stops = 0
 
     def statistics(self) -> RetryStatistics:
+        e = self._engine
         return RetryStatistics(
             calls=self._calls,
-            retries=self._retries,
-            budget_exhausted=self._budget_exhausted,
-            deadline_stops=self._deadline_stops,
+            retries=e.retries,
+            budget_exhausted=e.budget_exhausted,
+            deadline_stops=e.deadline_stops,
         )
 
-    # tenacity hooks -------------------------------------------------------------------------
-
-    def _wait(self, state: RetryCallState) -> float:
-        return retry_delay(self.policy, state, self._rng, testing=is_testing()[0])
-
-    def _stop(self, state: RetryCallState) -> bool:
-        p = self.policy
-        exc = state.outcome.exception() if state.outcome is not None else None
-        testing, cap = is_testing()
-        attempts = p.attempts if not (testing and cap) else min(p.attempts, cap)
-        if state.attempt_number >= attempts:
-            return True
-        told = server_wait(exc) if p.respect_retry_after else None
-        if told is not None and told[0] > p.max_retry_after:
-            wait, how = told
-            fields: dict[str, float] = {how: wait}  # retry_after= or rate_limit_reset=
-            decision(
-                "retry_gave_up",
-                backend=self.name,
-                level="debug",
-                reason=f"{how} too long",
-                **fields,
-            )
-            return True
-        sleep = state.upcoming_sleep
-        left = time_left()
-        if sleep >= left:
-            self._deadline_stops += 1
-            decision(
-                "retry_gave_up", backend=self.name, reason="deadline", backoff=sleep, time_left=left
-            )
-            return True
-        if self.budget is not None and not self.budget.try_withdraw():
-            self._budget_exhausted += 1
-            decision(
-                "retry_budget_exhausted",
-                backend=self.name,
-                level="info",
-                attempt=state.attempt_number,
-            )
-            return True
-        return False
+    def _gave_up(self, reason: str, /, **fields: Any) -> None:
+        if reason == "budget":
+            decision("retry_budget_exhausted", backend=self.name, level="info", **fields)
+        elif reason == "deadline":
+            decision("retry_gave_up", backend=self.name, reason=reason, **fields)
+        else:
+            decision("retry_gave_up", backend=self.name, level="debug", reason=reason, **fields)
 
     def _before_sleep(self, state: RetryCallState) -> None:
-        self._retries += 1
         exc = state.outcome.exception() if state.outcome is not None else None
         set_span_attribute("genfan.retry.attempts", state.attempt_number + 1)
         decision(
@@ -249,23 +366,7 @@ class Retry(Guard):
         )
 
     def _retrying(self) -> AsyncRetrying:
-        return AsyncRetrying(
-            sleep=anyio.sleep,
-            stop=self._stop,
-            wait=self._wait,
-            retry=self._should_retry,
-            before_sleep=self._before_sleep,
-            reraise=True,
-        )
-
-    def _should_retry(self, state: RetryCallState) -> bool:
-        outcome = state.outcome
-        if outcome is None or not outcome.failed:
-            return False
-        exc = outcome.exception()
-        if isinstance(exc, anyio.get_cancelled_exc_class()) or not isinstance(exc, Exception):
-            return False
-        return bool(self._retry_on(exc))
+        return self._engine.retrying()
 
     # the backend ----------------------------------------------------------------------------
 
@@ -278,7 +379,7 @@ class Retry(Guard):
         try:
             return await self.inner.complete(request)
         except Exception as exc:
-            if not self._retry_on(exc):
+            if not self._engine.should_retry(exc):
                 raise
             first: Exception | None = exc
 
