@@ -39,6 +39,7 @@ demo: $(LOCAL_STAMP)
 lint: $(DEV_STAMP)
 	$(BIN)/ruff check genfan providers tests examples benchmarks
 	$(BIN)/ruff format --check genfan providers
+	$(BIN)/lint-imports --no-cache
 
 typecheck: $(DEV_STAMP)
 	$(BIN)/mypy genfan providers/genfan_providers
