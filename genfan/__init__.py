@@ -44,6 +44,7 @@ if TYPE_CHECKING:
     from ._errors import HTTPStatusError as HTTPStatusError
     from ._errors import MalformedResponseError as MalformedResponseError
     from ._errors import MissingExtraError as MissingExtraError
+    from ._errors import NoAnswerError as NoAnswerError
     from ._errors import RateLimitError as RateLimitError
     from ._errors import RateLimitExceededError as RateLimitExceededError
     from ._fanout import FanOut as FanOut

@@ -5,6 +5,9 @@ answer; they matched GPT-4 at up to 98% lower cost. Here a tier is a fan-out (on
 several samples of one, or several backends), the scorer is any selector whose
 :attr:`Selection.confidence` is compared with the threshold, and the result reports what was
 spent and what running every tier would have cost.
+
+A cascade is a :class:`~genfan.Backend` too (:meth:`Cascade.complete` gives the chosen answer),
+so it can be a fan-out target, or a tier of another cascade.
 """
 
 from __future__ import annotations
@@ -15,9 +18,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from . import telemetry
-from ._backend import Backend
+from ._backend import Backend, BaseBackend
 from ._errors import AllBackendsFailedError, ConfigurationError
-from ._fanout import FanOut, FanOutResult, Target
+from ._fanout import FanOut, FanOutResult, Target, chosen_completion, no_answer
 from ._types import ChatRequest, Completion
 from .select import Candidate, Selection, SelectorLike, as_selector
 
@@ -151,7 +154,7 @@ def _completion_cost(c: Candidate, tier: Tier) -> tuple[float, int]:
     return cost, usage.total_tokens
 
 
-class Cascade:
+class Cascade(BaseBackend):
     """FrugalGPT-style cascade over tiers from cheapest to dearest.
 
     Each tier's candidates go to ``selector``; when it chooses an answer with confidence at or
@@ -159,12 +162,18 @@ class Cascade:
     last tier's answer is taken whatever its confidence (if the last tier fails entirely, the
     latest earlier answer is). A tier whose backends all fail escalates.
 
+    A cascade is a :class:`~genfan.Backend`: :meth:`complete` (and :meth:`stream`, which replays
+    it) returns the chosen completion and raises :class:`~genfan.NoAnswerError` where
+    :meth:`run` raises :class:`~genfan.AllBackendsFailedError`.
+
     Args:
         tiers: :class:`Tier` s, or what a tier takes (a fan-out, backends, a backend).
         selector: picks and gives the confidence (a vote's confidence is the share that agrees).
         threshold: the confidence needed to stop: one number, or one per tier but the last.
         carry: also show the selector the candidates of earlier tiers (votes accumulate: 3
             cheap samples, then 6 more, voted over all 9).
+        name: the cascade's backend name (default ``"cascade(tier,tier,...)"``, each tier by
+            its backend's name, or its fan-out's).
 
     Example:
         ```python
@@ -186,6 +195,7 @@ class Cascade:
         selector: SelectorLike,
         threshold: float | Sequence[float] = 0.5,
         carry: bool = False,
+        name: str | None = None,
     ) -> None:
         if not tiers:
             raise ConfigurationError("Cascade needs at least one tier")
@@ -216,6 +226,13 @@ class Cascade:
         self.threshold = thresholds
         self.selector = as_selector(selector)
         self.carry = carry
+        labels = [
+            fan.names[0]
+            if len(fan.targets) == 1 and not isinstance(t.backends, FanOut)
+            else fan.name
+            for t, fan in zip(self.tiers, self._fanouts, strict=True)
+        ]
+        super().__init__(name or "cascade(" + ",".join(labels) + ")")
 
     @staticmethod
     def _fanout(tier: Tier) -> FanOut:
@@ -338,11 +355,17 @@ class Cascade:
             )
             return final
 
-    async def __aenter__(self) -> Cascade:
-        return self
+    async def complete(self, request: ChatRequest) -> Completion:
+        """Run the cascade and return the chosen completion (the Backend protocol).
 
-    async def __aexit__(self, *exc: object) -> None:
-        await self.aclose()
+        Raises:
+            NoAnswerError: every backend of every tier failed.
+        """
+        try:
+            result = await self.run(request)
+        except AllBackendsFailedError as exc:
+            raise no_answer(exc, backend=self.name) from exc
+        return chosen_completion(result.chosen, result.candidates, result.selection, self.name)
 
     async def aclose(self) -> None:
         """Close every distinct backend of every tier."""

@@ -15,7 +15,8 @@ arguments) is kept apart from failures that happen while talking to a backend::
     │   ├── CircuitOpenError(retry_at, retry_after)   the breaker is open: not called
     │   ├── BulkheadFullError         too many calls in flight or queued: not called
     │   ├── RateLimitExceededError(retry_after)  a local rate limit refused the call
-    │   └── CallCancelledError        the call was cancelled (a race was won elsewhere)
+    │   ├── CallCancelledError        the call was cancelled (a race was won elsewhere)
+    │   └── NoAnswerError(errors, explanation)   a composite called as a backend chose nothing
     └── AllBackendsFailedError        every backend failed; also an ``ExceptionGroup``
 
 Subpackages add their own, under the same root: ``genfan.agents`` (``ToolError``,
@@ -48,6 +49,7 @@ __all__ = [
     "HTTPStatusError",
     "MalformedResponseError",
     "MissingExtraError",
+    "NoAnswerError",
     "RateLimitError",
     "RateLimitExceededError",
 ]
@@ -243,6 +245,45 @@ class CallCancelledError(BackendError):
     """The call was cancelled before it finished (for example another backend won the race)."""
 
     _counts = False
+
+
+class NoAnswerError(BackendError):
+    """A composite (``FanOut``, ``Cascade``, ``Synthesis``) called as a backend gave no answer.
+
+    ``complete()`` and ``stream()`` raise it where ``run()`` raises
+    :class:`AllBackendsFailedError` (every inner backend failed), and also when the backends
+    answered but the selector chose none. Being a :class:`BackendError`, a composite nested in
+    another one fails as one typed candidate, and guards around a composite can classify it.
+    The :class:`AllBackendsFailedError`, when there was one, is its ``__cause__``.
+
+    Attributes:
+        errors: the inner backends' errors (one per failed candidate; nested composites give
+            their own :class:`NoAnswerError`).
+        explanation: the selector's explanation when answers came back but none was chosen.
+        retryable: whether any inner error is retryable.
+        counts_as_failure: whether any inner error counts as a circuit-breaker failure (a
+            selector declining healthy answers does not).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        backend: str = "?",
+        errors: Sequence[Exception] = (),
+        explanation: str | None = None,
+    ) -> None:
+        super().__init__(message, backend=backend)
+        self.errors: tuple[Exception, ...] = tuple(errors)
+        self.explanation = explanation
+
+    @property
+    def retryable(self) -> bool:
+        return any(isinstance(e, BackendError) and e.retryable for e in self.errors)
+
+    @property
+    def counts_as_failure(self) -> bool:
+        return any(isinstance(e, BackendError) and e.counts_as_failure for e in self.errors)
 
 
 class AllBackendsFailedError(GenfanError, ExceptionGroup):  # type: ignore[misc,unused-ignore]

@@ -3,6 +3,11 @@
 Concurrency is structured: each backend call runs in a task of one task group, and the losers of
 a race (``first``, ``quorum``, agreement, deadline) are cancelled, never left running; a provider
 that is cancelled closes its HTTP stream or aborts its engine request.
+
+A fan-out is itself a :class:`~genfan.Backend`: :meth:`FanOut.complete` and
+:meth:`FanOut.stream` give the chosen answer (and raise :class:`~genfan.NoAnswerError`), so it
+nests in another fan-out, a cascade, a pool, a guard stack or an agent; :meth:`FanOut.run` keeps
+every candidate.
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ import math
 import os
 import time
 from collections import Counter
-from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Hashable, Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -19,15 +24,16 @@ from typing import Any, Literal
 import anyio
 
 from . import telemetry
-from ._backend import Backend
+from ._backend import Backend, BaseBackend
 from ._errors import (
     AllBackendsFailedError,
     BackendError,
     BackendTimeoutError,
     CallCancelledError,
     ConfigurationError,
+    NoAnswerError,
 )
-from ._types import ChatRequest, Completion, Usage
+from ._types import ChatRequest, Completion, StreamEvent, Usage
 from .select import Candidate, Selection, SelectorLike, as_selector
 
 __all__ = ["FanOut", "FanOutResult", "Mode", "Target"]
@@ -123,8 +129,12 @@ class FanOutResult:
         return total
 
 
-class FanOut:
+class FanOut(BaseBackend):
     """Send one request to several backends concurrently and pick one answer.
+
+    A fan-out is a :class:`~genfan.Backend` too: :meth:`complete` returns the chosen
+    completion, so fan-outs nest (in fan-outs, cascades, pools, guards, agents); :meth:`run`
+    returns every candidate.
 
     Args:
         targets: backends (or :class:`Target` s with per-backend overrides).
@@ -138,6 +148,7 @@ class FanOut:
         deadline: seconds for the whole fan-out; unfinished calls are then cancelled and the best
             answer so far is returned. Guards inside spend only what is left of it.
         select: picks the answer (default: the first success).
+        name: the fan-out's backend name (default ``"fanout(a,b,...)"``).
 
     Example:
         ```python
@@ -156,6 +167,7 @@ class FanOut:
         agree: Callable[[Completion], Hashable | None] | None = None,
         deadline: float | None = None,
         select: SelectorLike | None = None,
+        name: str | None = None,
     ) -> None:
         if not targets:
             raise ConfigurationError("FanOut needs at least one backend")
@@ -179,16 +191,34 @@ class FanOut:
         self.agree = agree
         self.deadline = deadline
         self.selector = as_selector(select)
+        super().__init__(name or "fanout(" + ",".join(self.names) + ")")
 
     @property
     def names(self) -> list[str]:
         return [t.name or t.backend.name for t in self.targets]
 
-    async def __aenter__(self) -> FanOut:
-        return self
+    async def complete(self, request: ChatRequest) -> Completion:
+        """Fan ``request`` out and return the chosen completion (the Backend protocol).
 
-    async def __aexit__(self, *exc: object) -> None:
-        await self.aclose()
+        Raises:
+            NoAnswerError: every backend failed, or the selector chose none.
+        """
+        try:
+            result = await self.run(request)
+        except AllBackendsFailedError as exc:
+            raise no_answer(exc, backend=self.name) from exc
+        return chosen_completion(result.chosen, result.candidates, result.selection, self.name)
+
+    def stream(self, request: ChatRequest) -> AsyncIterator[StreamEvent]:
+        """Stream the chosen answer: its text, its tool calls, then one ``StreamEnd``.
+
+        For now the fan-out is decided first (as :meth:`complete`) and the chosen completion is
+        replayed as events; this method is the one place to change to stream tokens live.
+
+        Raises:
+            NoAnswerError: every backend failed, or the selector chose none.
+        """
+        return super().stream(request)
 
     async def aclose(self) -> None:
         """Close every distinct backend."""
@@ -426,6 +456,29 @@ class FanOut:
 
 
 _NO_DEADLINE: AbstractContextManager[None] = nullcontext()
+
+
+def no_answer(exc: AllBackendsFailedError, *, backend: str) -> NoAnswerError:
+    """The :class:`NoAnswerError` a composite's ``complete()`` raises where ``run()`` raised
+    ``exc`` (raise it ``from exc``)."""
+    return NoAnswerError(exc.message, backend=backend, errors=exc.exceptions)
+
+
+def chosen_completion(
+    chosen: Candidate | None,
+    candidates: Sequence[Candidate],
+    selection: Selection,
+    backend: str,
+) -> Completion:
+    """The chosen candidate's completion, or a :class:`NoAnswerError` saying why there is none."""
+    if chosen is not None and chosen.completion is not None:
+        return chosen.completion
+    raise NoAnswerError(
+        f"no candidate was chosen: {selection.explanation}",
+        backend=backend,
+        errors=[c.error for c in candidates if c.error is not None],
+        explanation=selection.explanation,
+    )
 
 
 class _RaceState:

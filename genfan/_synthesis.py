@@ -4,6 +4,9 @@ Wang et al. (2024): several proposer models answer; in each further layer the pr
 again with the previous layer's answers as references; finally an aggregator model synthesises
 one answer from the last layer's. The prompt is MoA's "aggregate-and-synthesize" prompt, placed
 in the system message (after any system prompt the request already had).
+
+A synthesis is a :class:`~genfan.Backend` too (:meth:`Synthesis.complete` gives the aggregator's
+answer), so it can be a fan-out target or a cascade tier.
 """
 
 from __future__ import annotations
@@ -11,9 +14,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ._backend import Backend
-from ._errors import ConfigurationError
-from ._fanout import FanOut, FanOutResult, Target
+from ._backend import Backend, BaseBackend
+from ._errors import AllBackendsFailedError, ConfigurationError
+from ._fanout import FanOut, FanOutResult, Target, no_answer
 from ._types import ChatRequest, Completion, Message, Usage
 from .select import Candidate
 
@@ -74,8 +77,13 @@ class SynthesisResult:
         return total
 
 
-class Synthesis:
+class Synthesis(BaseBackend):
     """Mixture-of-Agents: proposer layers, then one aggregator call.
+
+    A synthesis is a :class:`~genfan.Backend`: :meth:`complete` (and :meth:`stream`, which
+    replays it) returns the aggregator's completion; where :meth:`run` raises
+    :class:`~genfan.AllBackendsFailedError` it raises :class:`~genfan.NoAnswerError`, and the
+    aggregator's own error as it is.
 
     Args:
         proposers: a :class:`FanOut`, or backends/targets (run as ``FanOut(mode="all")``).
@@ -84,6 +92,7 @@ class Synthesis:
             again seeing the first answers, then aggregate...).
         prompt: the aggregate-and-synthesize instruction (references are appended to it).
         max_references: use at most this many answers (in the order the proposers finished).
+        name: the synthesis's backend name (default ``"synthesis(a,b,...->aggregator)"``).
 
     Example:
         ```python
@@ -100,6 +109,7 @@ class Synthesis:
         layers: int = 1,
         prompt: str = AGGREGATE_PROMPT,
         max_references: int | None = None,
+        name: str | None = None,
     ) -> None:
         if not isinstance(layers, int) or layers < 1:
             raise ConfigurationError(f"layers must be an integer >= 1, got {layers!r}")
@@ -110,6 +120,9 @@ class Synthesis:
         self.layers = layers
         self.prompt = prompt
         self.max_references = max_references
+        super().__init__(
+            name or "synthesis(" + ",".join(self.fanout.names) + "->" + aggregator.name + ")"
+        )
 
     def references(self, candidates: Sequence[Candidate]) -> list[str]:
         """The answers passed on: successful, non-empty, in finishing order."""
@@ -145,10 +158,21 @@ class Synthesis:
             completion=completion, layers=tuple(results), aggregate_request=layer_request
         )
 
-    async def __aenter__(self) -> Synthesis:
-        return self
+    async def complete(self, request: ChatRequest) -> Completion:
+        """Run the layers and the aggregator; return its completion (the Backend protocol).
 
-    async def __aexit__(self, *exc: object) -> None:
+        Raises:
+            NoAnswerError: every proposer of a layer failed.
+            BackendError: the aggregator failed (its own error).
+        """
+        try:
+            result = await self.run(request)
+        except AllBackendsFailedError as exc:
+            raise no_answer(exc, backend=self.name) from exc
+        return result.completion
+
+    async def aclose(self) -> None:
+        """Close the proposers, and the aggregator unless it is one of them."""
         await self.fanout.aclose()
         if all(t.backend is not self.aggregator for t in self.fanout.targets):
             await self.aggregator.aclose()

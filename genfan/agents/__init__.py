@@ -39,8 +39,6 @@ if TYPE_CHECKING:
     from ._loop import ToolFailed as ToolFailed
     from ._loop import ToolFinished as ToolFinished
     from ._loop import ToolStarted as ToolStarted
-    from ._model import FanOutLike as FanOutLike
-    from ._model import Model as Model
     from ._tools import Tool as Tool
     from ._tools import ToolCallRecord as ToolCallRecord
     from ._tools import ToolRegistry as ToolRegistry

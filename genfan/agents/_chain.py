@@ -24,11 +24,12 @@ from anyio.abc import TaskGroup
 from pydantic import BaseModel
 
 from .. import telemetry
+from .._backend import Backend
 from .._errors import ConfigurationError
 from .._types import ChatRequest, ResponseFormat
 from ..resilience import RetryPolicy
 from ._errors import ChainFailedError, StepTimeoutError
-from ._model import Model, check_model, complete, model_name
+from ._model import check_model, complete
 from ._tools import Tool, as_retry, is_async, retrying_for
 
 __all__ = [
@@ -203,7 +204,7 @@ class LLMCall:
     :meth:`Chain.llm`, and usable on its own (for instance with :meth:`Chain.map`).
 
     Args:
-        model: a :class:`~genfan.Backend` or a :class:`~genfan.FanOut`.
+        model: a :class:`~genfan.Backend` (a :class:`~genfan.FanOut` is one).
         prompt: the template; its ``{fields}`` are the call's inputs. Or a function of the
             inputs returning the prompt or a whole :class:`~genfan.ChatRequest`.
         system: a system prompt.
@@ -215,7 +216,7 @@ class LLMCall:
 
     def __init__(
         self,
-        model: Model,
+        model: Backend,
         prompt: str | Callable[..., str | ChatRequest],
         *,
         system: str | None = None,
@@ -249,10 +250,10 @@ class LLMCall:
             )
         else:
             self.__signature__ = inspect.signature(prompt)
-        self.__name__ = f"llm[{model_name(self.model)}]"
+        self.__name__ = f"llm[{self.model.name}]"
 
     def __repr__(self) -> str:
-        return f"LLMCall({model_name(self.model)!r})"
+        return f"LLMCall({self.model.name!r})"
 
     def request(self, **values: Any) -> ChatRequest:
         """The request for these input values."""
@@ -493,7 +494,7 @@ class Chain:
     def llm(
         self,
         name: str,
-        model: Model,
+        model: Backend,
         prompt: str | Callable[..., str | ChatRequest],
         /,
         *,
@@ -511,7 +512,7 @@ class Chain:
     def llm(
         self,
         name: str,
-        model: Model,
+        model: Backend,
         prompt: str | Callable[..., str | ChatRequest],
         /,
         *,
@@ -528,7 +529,7 @@ class Chain:
     def llm(
         self,
         name: str,
-        model: Model,
+        model: Backend,
         prompt: str | Callable[..., str | ChatRequest],
         /,
         *,

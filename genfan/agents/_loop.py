@@ -20,10 +20,11 @@ from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from .. import telemetry
+from .._backend import Backend
 from .._errors import ConfigurationError
 from .._types import ChatRequest, Completion, Message, ToolCall, Usage
 from ._errors import AgentStepLimitError
-from ._model import Model, check_model, complete, model_name
+from ._model import check_model, complete
 from ._tools import ToolCallRecord, ToolLike, ToolRegistry
 
 __all__ = [
@@ -192,7 +193,7 @@ class Agent:
 
     def __init__(
         self,
-        backend: Model,
+        backend: Backend,
         *,
         tools: Iterable[ToolLike] | ToolRegistry = (),
         system: str | None = None,
@@ -245,8 +246,7 @@ class Agent:
 
     def __repr__(self) -> str:
         return (
-            f"Agent(name={self.name!r}, backend={model_name(self.backend)!r}, "
-            f"tools={self.tools.names!r})"
+            f"Agent(name={self.name!r}, backend={self.backend.name!r}, tools={self.tools.names!r})"
         )
 
     async def run(self, prompt: Prompt, *, on_event: EventHandler | None = None) -> AgentResult:

@@ -1,63 +1,39 @@
-"""What agents and chains call: a :class:`~genfan.Backend`, or a fan-out.
+"""What agents and chains call: a :class:`~genfan.Backend`.
 
-Agents sit below the fan-out in genfan's floors, so a fan-out is recognised by shape (an
-``async run(request)`` whose result has a ``completion``), not imported.
+A provider, a guard stack, a pool and every composite (``FanOut``, ``Cascade``, ``Synthesis``)
+are all backends, so agents need nothing else: a fan-out's ``complete`` is its chosen answer.
 """
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from contextlib import aclosing, nullcontext
-from typing import Any, Protocol, TypeAlias, runtime_checkable
+from typing import Any
 
 from .. import telemetry
 from .._backend import Backend
 from .._errors import ConfigurationError, MalformedResponseError
 from .._types import ChatRequest, Completion, StreamEnd, TextDelta
 
-__all__ = ["FanOutLike", "Model", "complete", "model_name"]
+__all__ = ["check_model", "complete"]
 
 
-class _HasCompletion(Protocol):
-    @property
-    def completion(self) -> Completion: ...
-
-
-@runtime_checkable
-class FanOutLike(Protocol):
-    """A :class:`~genfan.FanOut` (or anything that runs a request and picks one completion)."""
-
-    async def run(self, request: ChatRequest) -> _HasCompletion: ...
-
-
-#: A backend, or a fan-out whose chosen completion is used.
-Model: TypeAlias = Backend | FanOutLike
-
-
-def check_model(model: object, *, what: str) -> Model:
-    if isinstance(model, Backend) or isinstance(model, FanOutLike):
+def check_model(model: object, *, what: str) -> Backend:
+    if isinstance(model, Backend):
         return model
     raise ConfigurationError(
-        f"{what} needs a genfan Backend or a FanOut, got {type(model).__name__}"
+        f"{what} needs a genfan Backend or a FanOut (or any composite: they are backends), "
+        f"got {type(model).__name__}"
     )
 
 
-def model_name(model: Model) -> str:
-    if isinstance(model, Backend):
-        return model.name
-    names = getattr(model, "names", None)
-    return "fanout(" + ",".join(names) + ")" if isinstance(names, list) else "fanout"
-
-
 async def complete(
-    model: Model,
+    model: Backend,
     request: ChatRequest,
     *,
     on_text: Callable[[str], Awaitable[None]] | None = None,
 ) -> Completion:
     """One model call: streamed (text pieces to ``on_text``) when asked and possible."""
-    if not isinstance(model, Backend):
-        return (await model.run(request)).completion
     name = model.name
     with telemetry.span(
         f"chat {request.model or name}",
