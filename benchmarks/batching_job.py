@@ -95,8 +95,8 @@ def _scan_cost(inp: Path, out: Path, tmp: Path) -> float:
     """Seconds a resumed job spends reading the input and indexing (and repairing) the output."""
     import shutil
 
-    from genfan.batching._job import scan_input
     from genfan.batching._output import OutputFile
+    from genfan.batching._rows import scan_input
 
     copy = tmp / "scan-copy.jsonl"
     shutil.copyfile(out, copy)

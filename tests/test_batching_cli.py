@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from genfan import FanOut
 from genfan.testing import FakeBackend
 
@@ -144,3 +146,24 @@ def test_usage_errors_exit_2(tmp_path: Path) -> None:
     assert "id 'r" not in done.stderr and "already used on line 1" in done.stderr
     bad = subprocess.run([*cmd, "nomodule"], env=env(), cwd=ROOT, capture_output=True, text=True)
     assert bad.returncode == 2 and "module:function" in bad.stderr
+
+
+def test_a_terminal_gets_a_progress_bar(monkeypatch: pytest.MonkeyPatch) -> None:
+    from genfan.batching._progress import Tally
+    from genfan.cli import _batch
+
+    monkeypatch.setattr(_batch.sys.stderr, "isatty", lambda: True)
+    tally = Tally()
+    bar = _batch._make_progress(True)
+    assert isinstance(bar, _batch.RichProgress)
+    bar(tally.snapshot(2, 0.0))
+    for record in (
+        {"status": "ok", "usage": {"input_tokens": 3, "cost": 0.5}},
+        {"status": "failed"},
+    ):
+        tally.add(record)
+        bar(tally.snapshot(2, 0.1))
+    bar(tally.snapshot(2, 0.2, finished=True))
+    bar.close()
+    assert (tally.ok, tally.failed, tally.input_tokens, tally.cost) == (1, 1, 3, 0.5)
+    assert _batch._make_progress(False) is None

@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import ast
 import json
+import math
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
 import anyio
 import pytest
 
+import genfan.batching
 from genfan import BackendTimeoutError, ChatRequest, ConfigurationError, FanOut
-from genfan.batching import BatchJob, read_results, run_batch_job
+from genfan.batching import BatchJob, JobProgress, read_results, run_batch_job
 from genfan.batching._output import OutputFile
+from genfan.batching._progress import Tally
 from genfan.testing import Fail, FakeBackend, Reply
 
 pytestmark = pytest.mark.anyio
@@ -249,20 +255,93 @@ def test_read_results_takes_the_last_record_and_ignores_a_torn_line(tmp_path: Pa
     assert res == {1: {"id": 1, "status": "ok"}, "1": {"id": "1", "status": "ok"}}
 
 
-def test_a_terminal_gets_a_progress_bar(monkeypatch: pytest.MonkeyPatch) -> None:
-    from genfan.batching import _job
+async def test_on_progress_reports_the_start_every_row_and_the_end(tmp_path: Path) -> None:
+    FAIL_WORDS.add("q3")
+    reports: list[JobProgress] = []
+    job = BatchJob(
+        input=write_rows(tmp_path / "in.jsonl", prompts(6)),
+        output=tmp_path / "out.jsonl",
+        fanout=echo_fanout,
+        max_in_flight=2,
+    )
+    summary = await job.run(on_progress=reports.append)
+    assert [p.done for p in reports] == [0, 1, 2, 3, 4, 5, 6, 6]
+    assert {p.total for p in reports} == {6}
+    assert [p.finished for p in reports] == [False] * 7 + [True]
+    last = reports[-1]
+    assert (last.ok, last.failed) == (summary.ok, summary.failed) == (5, 1)
+    assert (last.input_tokens, last.output_tokens) == (summary.input_tokens, summary.output_tokens)
+    assert last.tokens == last.input_tokens + last.output_tokens
+    assert last.elapsed >= 0 and last.rate > 0
+    assert (last.eta, reports[0].eta) == (0, math.inf)
 
-    monkeypatch.setattr(_job.sys.stderr, "isatty", lambda: True)
-    tally = _job._Tally()
-    bar = _job._make_progress(tally, True)
-    assert isinstance(bar, _job.RichProgress)
-    bar.start(2)
+    again: list[JobProgress] = []
+    await run_batch_job(job, on_progress=again.append)
+    assert again == []  # nothing to run, nothing to report
+
+
+async def test_the_last_report_comes_even_when_the_run_fails(tmp_path: Path) -> None:
+    reports: list[JobProgress] = []
+
+    def fragile(p: JobProgress) -> None:
+        reports.append(p)
+        if p.done == 2 and not p.finished:
+            raise RuntimeError("the display broke")
+
+    job = BatchJob(
+        input=write_rows(tmp_path / "in.jsonl", prompts(20)),
+        output=tmp_path / "out.jsonl",
+        fanout=echo_fanout,
+        max_in_flight=1,
+    )
+    with pytest.raises(RuntimeError, match="the display broke"):
+        await run_batch_job(job, on_progress=fragile)
+    assert reports[-1].finished and reports[-1].done < 20
+    assert len(read_results(job.output)) >= reports[-1].done  # what was reported is on disk
+
+
+def test_progress_counts_every_record() -> None:
+    tally = Tally()
     for record in (
         {"status": "ok", "usage": {"input_tokens": 3, "cost": 0.5}},
         {"status": "failed"},
     ):
         tally.add(record)
-        bar.advance(record)
-    bar.close()
     assert (tally.ok, tally.failed, tally.input_tokens, tally.cost) == (1, 1, 3, 0.5)
-    assert isinstance(_job._make_progress(tally, False), _job._NoProgress)
+    p = tally.snapshot(4, 2.0)
+    assert (p.total, p.done, p.ok, p.failed, p.cost, p.rate, p.eta) == (4, 2, 1, 1, 0.5, 1.0, 2.0)
+
+
+def test_import_genfan_batching_loads_no_rich_and_no_ray() -> None:
+    code = (
+        "import sys, genfan.batching as b; b.BatchJob, b.run_batch_job, b.JobProgress; "
+        "print([m for m in ('rich', 'ray', 'typer', 'genfan.cli') if m in sys.modules])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_batching_modules_import_each_other_without_a_cycle() -> None:
+    # Every import counts: at module level, inside functions and under TYPE_CHECKING.
+    package = Path(genfan.batching.__file__).parent
+    graph: dict[str, set[str]] = {}
+    for file in package.glob("*.py"):
+        deps = graph.setdefault(file.stem, set())
+        for node in ast.walk(ast.parse(file.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                if node.module:
+                    deps.add(node.module)
+                else:
+                    deps.update(alias.name for alias in node.names)
+    done: set[str] = set()
+
+    def visit(module: str, path: tuple[str, ...]) -> None:
+        assert module not in path, f"import cycle: {' -> '.join((*path, module))}"
+        if module in done:
+            return
+        for dep in graph.get(module, ()):
+            visit(dep, (*path, module))
+        done.add(module)
+
+    for module in graph:
+        visit(module, ())

@@ -6,7 +6,8 @@
   batch-capable backends.
 * :class:`BatchJob` / :func:`run_batch_job` fan every row of a JSONL file out, write results row
   by row, resume after a kill, and re-run failures; ``executor="ray"`` spreads rows over a Ray
-  cluster.
+  cluster. ``on_progress=`` receives a :class:`JobProgress` after every row (the library draws
+  nothing; ``genfan batch run`` draws a progress bar from it).
 """
 
 from typing import TYPE_CHECKING
@@ -21,7 +22,6 @@ if TYPE_CHECKING:
     from ._embed import split_unless_outage as split_unless_outage
     from ._job import BatchJob as BatchJob
     from ._job import Executor as Executor
-    from ._job import FanOutFactory as FanOutFactory
     from ._job import JobSummary as JobSummary
     from ._job import Rerun as Rerun
     from ._job import run_batch_job as run_batch_job
@@ -30,5 +30,7 @@ if TYPE_CHECKING:
     from ._micro import MicroBatcher as MicroBatcher
     from ._micro import OnFull as OnFull
     from ._output import read_results as read_results
+    from ._progress import JobProgress as JobProgress
+    from ._rows import FanOutFactory as FanOutFactory
 
 __getattr__, __dir__, __all__ = lazy(__name__, __file__)

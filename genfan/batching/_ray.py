@@ -5,7 +5,9 @@ chunks of rows it is given with genfan's async fan-out, ``max_in_flight`` rows a
 driver streams finished chunks back with ``ray.wait`` and writes them to the same resumable
 output as the local executor, so a killed driver resumes exactly like a local job.
 
-Ray is imported here only, on first use (``pip install 'genfan[ray]'``).
+It knows a job only by its :class:`~genfan.batching._rows.ResolvedJob` (the job module imports
+this one, never the other way round). Ray is imported here only, on first use
+(``pip install 'genfan[ray]'``).
 """
 
 from __future__ import annotations
@@ -18,17 +20,8 @@ import anyio
 
 from .._errors import MissingExtraError
 from .._fanout import FanOut
-from ._job import (
-    BatchJob,
-    Emit,
-    JobRow,
-    ResolvedJob,
-    RowRunner,
-    failure_record,
-    make_fanout,
-    process_row,
-)
 from ._output import Record
+from ._rows import Emit, JobRow, ResolvedJob, RowRunner, failure_record, make_fanout, process_row
 
 __all__ = ["BatchWorker", "prepare_ray"]
 
@@ -47,8 +40,7 @@ def _import_ray() -> Any:
 class BatchWorker:
     """A Ray actor's state: one fan-out per actor, reused for every chunk it runs."""
 
-    def __init__(self, job: BatchJob, settings: ResolvedJob) -> None:
-        self.job = job
+    def __init__(self, settings: ResolvedJob) -> None:
         self.settings = settings
         self._fan: FanOut | None = None
         self._ready: anyio.Event | None = None
@@ -59,7 +51,7 @@ class BatchWorker:
             self._ready = anyio.Event()
             self._slots = anyio.Semaphore(self.settings.max_in_flight)
             try:
-                self._fan = await make_fanout(self.job)
+                self._fan = await make_fanout(self.settings)
             finally:
                 self._ready.set()
         else:
@@ -103,8 +95,16 @@ def _chunks(rows: Iterator[JobRow], size: int) -> Iterator[list[JobRow]]:
         yield chunk
 
 
-async def prepare_ray(job: BatchJob, settings: ResolvedJob) -> RowRunner:
+async def prepare_ray(
+    settings: ResolvedJob, *, address: str | None, workers: int | None, chunk_size: int
+) -> RowRunner:
     """Join (or start) the Ray cluster; the runner spreads rows over its actors.
+
+    Args:
+        settings: the job's settings, sent to every actor (each builds its own fan-out).
+        address: the cluster to join (``None``: the running one, or a new local one).
+        workers: actors to start (``None``: one per CPU of the cluster).
+        chunk_size: rows per Ray task.
 
     Raises:
         MissingExtraError: Ray is not installed.
@@ -112,24 +112,30 @@ async def prepare_ray(job: BatchJob, settings: ResolvedJob) -> RowRunner:
     ray = _import_ray()
     if not ray.is_initialized():
         await anyio.to_thread.run_sync(
-            lambda: ray.init(address=job.address, include_dashboard=False, log_to_driver=False)
+            lambda: ray.init(address=address, include_dashboard=False, log_to_driver=False)
         )
 
     async def run(rows: Iterator[JobRow], emit: Emit) -> None:
-        await _run_on_ray(ray, job, settings, rows, emit)
+        await _run_on_ray(ray, settings, rows, emit, workers=workers, chunk_size=chunk_size)
 
     return run
 
 
 async def _run_on_ray(
-    ray: Any, job: BatchJob, settings: ResolvedJob, rows: Iterator[JobRow], emit: Emit
+    ray: Any,
+    settings: ResolvedJob,
+    rows: Iterator[JobRow],
+    emit: Emit,
+    *,
+    workers: int | None,
+    chunk_size: int,
 ) -> None:
-    workers = job.workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
+    workers = workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
     actor_cls = ray.remote(num_cpus=0.5)(BatchWorker)
-    actors = [actor_cls.remote(job, settings) for _ in range(workers)]
+    actors = [actor_cls.remote(settings) for _ in range(workers)]
     load = [0] * workers
     in_flight: dict[Any, tuple[int, list[JobRow]]] = {}
-    chunks = _chunks(rows, job.chunk_size)
+    chunks = _chunks(rows, chunk_size)
     exhausted = False
     try:
         while True:

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import anyio
 import typer
 
-from .._errors import GenfanError
+from .. import GenfanError
+
+if TYPE_CHECKING:
+    from ..batching import JobProgress
 
 batch_app = typer.Typer(
     name="batch",
@@ -90,7 +94,15 @@ def run(
             address=address,
             workers=workers,
         )
-        summary = anyio.run(lambda: run_batch_job(job, progress=progress))
+        bar = _make_progress(progress)
+        try:
+            # A bar on a terminal; elsewhere the library's plain log lines.
+            summary = anyio.run(
+                lambda: run_batch_job(job, progress=progress and bar is None, on_progress=bar)
+            )
+        finally:
+            if bar is not None:
+                bar.close()
     except GenfanError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
@@ -101,6 +113,66 @@ def run(
             typer.echo(line, err=True)
     if summary.done_failed or summary.missing:
         raise typer.Exit(1)
+
+
+class RichProgress:
+    """A rich progress bar on stderr, drawn from the job's progress reports.
+
+    Rows done, rate, ETA, failures, tokens and cost; it appears with the first report (when the
+    rows start) and stops with the last one.
+    """
+
+    def __init__(self) -> None:
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+        )
+
+        self._progress = Progress(
+            TextColumn("[bold]batch"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[rate]} rows/s"),
+            TimeRemainingColumn(),
+            TextColumn(
+                "[red]{task.fields[failed]} failed[/] {task.fields[tokens]} tok {task.fields[cost]}"
+            ),
+            console=Console(stderr=True),
+            transient=False,
+        )
+        self._task = self._progress.add_task(
+            "batch", total=0, rate="0.0", failed=0, tokens=0, cost=""
+        )
+        self._started = False
+
+    def __call__(self, p: JobProgress) -> None:
+        if not self._started:
+            self._started = True
+            self._progress.update(self._task, total=p.total)
+            self._progress.start()
+        self._progress.update(
+            self._task,
+            completed=p.done,
+            rate=f"{p.rate:.1f}",
+            failed=p.failed,
+            tokens=p.tokens,
+            cost=f"${p.cost:.4f}" if p.cost is not None else "",
+        )
+        if p.finished:
+            self.close()
+
+    def close(self) -> None:
+        if self._started:
+            self._progress.stop()
+
+
+def _make_progress(progress: bool) -> RichProgress | None:
+    """A bar when progress is wanted on a terminal; ``None`` otherwise."""
+    return RichProgress() if progress and sys.stderr.isatty() else None
 
 
 __all__ = ["batch_app"]
