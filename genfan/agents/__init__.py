@@ -13,35 +13,35 @@ from genfan._facade import lazy
 
 if TYPE_CHECKING:
     from ._chain import Chain as Chain
-    from ._chain import ChainResult as ChainResult
-    from ._chain import Input as Input
-    from ._chain import LLMCall as LLMCall
-    from ._chain import OnError as OnError
-    from ._chain import StepKind as StepKind
-    from ._chain import StepRecord as StepRecord
-    from ._chain import StepRef as StepRef
-    from ._chain import StepStatus as StepStatus
-    from ._errors import AgentStepLimitError as AgentStepLimitError
-    from ._errors import ChainFailedError as ChainFailedError
+    from ._chain_graph import Input as Input
+    from ._chain_graph import OnError as OnError
+    from ._chain_graph import StepKind as StepKind
+    from ._chain_graph import StepRef as StepRef
+    from ._chain_result import ChainFailedError as ChainFailedError
+    from ._chain_result import ChainResult as ChainResult
+    from ._chain_result import StepRecord as StepRecord
+    from ._chain_result import StepStatus as StepStatus
     from ._errors import StepTimeoutError as StepTimeoutError
     from ._errors import ToolArgumentsError as ToolArgumentsError
     from ._errors import ToolError as ToolError
     from ._errors import ToolTimeoutError as ToolTimeoutError
     from ._errors import UnknownToolError as UnknownToolError
+    from ._llm_call import LLMCall as LLMCall
     from ._loop import Agent as Agent
     from ._loop import AgentEvent as AgentEvent
     from ._loop import AgentFinished as AgentFinished
     from ._loop import AgentResult as AgentResult
     from ._loop import AgentStep as AgentStep
+    from ._loop import AgentStepLimitError as AgentStepLimitError
     from ._loop import AgentStream as AgentStream
     from ._loop import ModelResponse as ModelResponse
     from ._loop import ModelTextDelta as ModelTextDelta
     from ._loop import ToolFailed as ToolFailed
     from ._loop import ToolFinished as ToolFinished
     from ._loop import ToolStarted as ToolStarted
+    from ._registry import ToolRegistry as ToolRegistry
     from ._tools import Tool as Tool
     from ._tools import ToolCallRecord as ToolCallRecord
-    from ._tools import ToolRegistry as ToolRegistry
     from ._tools import tool as tool
 
 __getattr__, __dir__, __all__ = lazy(__name__, __file__)

@@ -14,22 +14,17 @@
 
 A step's error inside :class:`ChainFailedError` is the exception the step raised, with a note
 naming the step (``except* ToolError`` works), so nothing is hidden behind a wrapper.
+
+The two errors that carry a result live next to it, so that this module imports nothing of
+``genfan.agents`` and no import cycle runs through it: ``AgentStepLimitError`` in ``_loop.py``
+(with ``AgentResult``), ``ChainFailedError`` in ``_chain_result.py`` (with ``ChainResult``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
-
 from .._errors import GenfanError
 
-if TYPE_CHECKING:
-    from ._chain import ChainResult
-    from ._loop import AgentResult
-
 __all__ = [
-    "AgentStepLimitError",
-    "ChainFailedError",
     "StepTimeoutError",
     "ToolArgumentsError",
     "ToolError",
@@ -71,18 +66,6 @@ class ToolTimeoutError(ToolError, TimeoutError):
     """The tool did not finish within its timeout."""
 
 
-class AgentStepLimitError(GenfanError):
-    """The agent reached ``max_steps`` while the model was still asking for tools.
-
-    Attributes:
-        result: everything the run produced so far (``result.stopped == "step_limit"``).
-    """
-
-    def __init__(self, message: str, *, result: AgentResult) -> None:
-        self.result = result
-        super().__init__(message)
-
-
 class StepTimeoutError(GenfanError, TimeoutError):
     """A chain step did not finish within its ``timeout``.
 
@@ -93,32 +76,3 @@ class StepTimeoutError(GenfanError, TimeoutError):
     def __init__(self, message: str, *, step: str) -> None:
         self.step = step
         super().__init__(message)
-
-
-class ChainFailedError(GenfanError, ExceptionGroup):
-    """A chain run with ``on_error="fail"`` stopped because a step failed.
-
-    An ``ExceptionGroup`` of the failing steps' own exceptions (each with a note naming its
-    step). Running steps were cancelled.
-
-    Attributes:
-        result: the partial result: outputs of the steps that finished, and every step's status.
-    """
-
-    result: ChainResult
-
-    def __new__(
-        cls, message: str, exceptions: Sequence[Exception], *, result: ChainResult
-    ) -> ChainFailedError:
-        self = super().__new__(cls, message, exceptions)
-        self.result = result
-        return self
-
-    def __init__(
-        self, message: str, exceptions: Sequence[Exception], *, result: ChainResult
-    ) -> None:
-        super().__init__(message, exceptions)
-        self.result = result
-
-    def derive(self, excs: Sequence[Exception]) -> ChainFailedError:  # type: ignore[override]
-        return ChainFailedError(self.message, excs, result=self.result)

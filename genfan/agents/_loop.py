@@ -3,7 +3,8 @@
 When the model asks for several tools in one turn, they run concurrently in one task group,
 each under its own timeout, retries and bulkhead. Every call ends as a result or as a typed,
 readable error that goes back to the model; nothing a tool does can crash the loop. Only the
-model call itself can fail the run (with the backend's typed error).
+model call itself can fail the run (with the backend's typed error), or the step limit
+(:class:`AgentStepLimitError`, defined here next to the :class:`AgentResult` it carries).
 """
 
 from __future__ import annotations
@@ -21,11 +22,11 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 from .. import telemetry
 from .._backend import Backend
-from .._errors import ConfigurationError
+from .._errors import ConfigurationError, GenfanError
 from .._types import ChatRequest, Completion, Message, ToolCall, Usage
-from ._errors import AgentStepLimitError
 from ._model import check_model, complete
-from ._tools import ToolCallRecord, ToolLike, ToolRegistry
+from ._registry import ToolLike, ToolRegistry
+from ._tools import ToolCallRecord
 
 __all__ = [
     "Agent",
@@ -33,6 +34,7 @@ __all__ = [
     "AgentFinished",
     "AgentResult",
     "AgentStep",
+    "AgentStepLimitError",
     "AgentStream",
     "ModelResponse",
     "ModelTextDelta",
@@ -97,6 +99,18 @@ class AgentResult:
     def completion(self) -> Completion | None:
         """The last model answer."""
         return self.steps[-1].completion if self.steps else None
+
+
+class AgentStepLimitError(GenfanError):
+    """The agent reached ``max_steps`` while the model was still asking for tools.
+
+    Attributes:
+        result: everything the run produced so far (``result.stopped == "step_limit"``).
+    """
+
+    def __init__(self, message: str, *, result: AgentResult) -> None:
+        self.result = result
+        super().__init__(message)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

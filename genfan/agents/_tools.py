@@ -5,14 +5,17 @@ description, and a JSON schema of its arguments (through a pydantic model, so de
 ``Literal``, ``Optional``, lists and nested models all work). The model's arguments are
 validated before the function runs; what goes wrong comes back as a :class:`ToolError` whose
 message the model can read and act on.
+
+Here: :class:`Tool` and the :func:`tool` decorator, and :class:`ToolCallRecord` (what one call
+did). The registry an agent runs tools from is in ``_registry.py``; the retry plumbing shared
+with chain steps in ``_retry.py``; the signature → schema work in ``_schema.py``.
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
-import sys
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, Generic, Literal, Protocol, TypeVar, overload
@@ -24,16 +27,19 @@ from pydantic import BaseModel, ValidationError
 from pydantic_core import to_json
 
 from .. import telemetry
-from .._errors import BackendError, ConfigurationError
+from .._errors import ConfigurationError
 from .._types import ToolCall, ToolSpec
-from ..resilience import Retrier, RetryPolicy
-from ._errors import ToolArgumentsError, ToolError, ToolTimeoutError, UnknownToolError
+from ..resilience import RetryPolicy
+from ._errors import ToolArgumentsError, ToolError, ToolTimeoutError
+from ._retry import as_retry, retrying_for
 from ._schema import arguments_model, clean_schema, parse_docstring
 
 __all__ = [
     "Tool",
     "ToolCallRecord",
-    "ToolRegistry",
+    "default_serializer",
+    "failed_record",
+    "is_async",
     "tool",
 ]
 
@@ -77,17 +83,6 @@ class ToolCallRecord:
     @property
     def id(self) -> str:
         return self.call.id
-
-
-def as_retry(retry: RetryPolicy | int | None, *, what: str) -> RetryPolicy | None:
-    """A retry policy from ``retry`` (an attempt count is ``RetryPolicy(attempts=n)``)."""
-    if retry is None or isinstance(retry, RetryPolicy):
-        return retry
-    if isinstance(retry, bool) or not isinstance(retry, int) or retry < 1:
-        raise ConfigurationError(
-            f"{what}: retry must be an attempt count >= 1 or a RetryPolicy, got {retry!r}"
-        )
-    return RetryPolicy(attempts=retry, budget=None)
 
 
 def is_async(fn: Callable[..., Any]) -> bool:
@@ -437,57 +432,6 @@ def _mark_failed(span: Any, exc: BaseException) -> None:
         pass
 
 
-def transient(exc: BaseException) -> bool:
-    """Whether a tool's failure may pass on a retry: timeouts, connection errors (httpx's
-    transport errors too) and :class:`~genfan.BackendError` s marked ``retryable``."""
-    if isinstance(exc, BackendError):
-        return exc.retryable
-    if isinstance(exc, TimeoutError | ConnectionError):
-        return True
-    httpx = sys.modules.get("httpx")
-    return httpx is not None and isinstance(exc, httpx.TransportError)
-
-
-def retrying_for(
-    policy: RetryPolicy, name: str, *, event: str = "tool_call_retry", kind: str = "tool"
-) -> Any:
-    """A tenacity retrier from genfan's one retry engine
-    ([`Retrier`][genfan.resilience.Retrier]), following ``policy``.
-
-    With ``retry_on=None`` only transient failures are retried (see :func:`transient`); pass
-    ``retry_on=(Exception,)`` to retry everything. Invalid arguments are never retried. The
-    policy's retry budget is a backend's concern and does not apply here.
-    """
-    retry_on = policy.retry_on
-
-    def should_retry(exc: BaseException) -> bool:
-        if isinstance(exc, ToolArgumentsError):
-            return False
-        if retry_on is None:
-            return transient(exc)
-        if isinstance(retry_on, tuple):
-            return isinstance(exc, retry_on)
-        return bool(retry_on(exc))
-
-    def before_sleep(state: Any) -> None:
-        exc = state.outcome.exception() if state.outcome is not None else None
-        telemetry.event(
-            event,
-            level="info",
-            **{kind: name},
-            attempt=state.attempt_number + 1,
-            delay=state.upcoming_sleep,
-            error=type(exc).__name__ if exc is not None else None,
-        )
-        telemetry.instruments().guard.add(
-            1, {"genfan.guard": f"{kind}_retry", f"genfan.{kind}": name}
-        )
-
-    return Retrier(
-        policy, name=name, kind=kind, retry_on=should_retry, on_retry=before_sleep
-    ).retrying()
-
-
 def failed_record(
     call: ToolCall, error: ToolError, *, attempts: int, started: float
 ) -> ToolCallRecord:
@@ -506,76 +450,6 @@ def failed_record(
         started=started,
         elapsed=anyio.current_time() - started,
     )
-
-
-ToolLike = Tool[Any] | Callable[..., Any]
-
-
-class ToolRegistry:
-    """The tools one agent may run, by name. Only registered tools ever run.
-
-    Args:
-        tools: tools, or plain functions (wrapped with :meth:`Tool.from_function`).
-
-    Raises:
-        ConfigurationError: two tools share a name.
-    """
-
-    def __init__(self, tools: Iterable[ToolLike] = ()) -> None:
-        self._tools: dict[str, Tool[Any]] = {}
-        for t in tools:
-            self.add(t)
-
-    def add(self, item: ToolLike) -> Tool[Any]:
-        """Register a tool (or a function); returns the :class:`Tool`."""
-        t = item if isinstance(item, Tool) else Tool.from_function(item)
-        if t.name in self._tools:
-            raise ConfigurationError(f"two tools are named {t.name!r}; tool names must be unique")
-        self._tools[t.name] = t
-        return t
-
-    def get(self, name: str) -> Tool[Any]:
-        """The tool called ``name``.
-
-        Raises:
-            UnknownToolError: no such tool; the message lists the ones there are.
-        """
-        try:
-            return self._tools[name]
-        except KeyError:
-            known = ", ".join(sorted(self._tools)) or "none"
-            raise UnknownToolError(
-                f"there is no tool named {name!r}; available tools: {known}", tool=name
-            ) from None
-
-    def __contains__(self, name: object) -> bool:
-        return name in self._tools
-
-    def __iter__(self) -> Iterator[Tool[Any]]:
-        return iter(self._tools.values())
-
-    def __len__(self) -> int:
-        return len(self._tools)
-
-    @property
-    def names(self) -> list[str]:
-        return list(self._tools)
-
-    def specs(self) -> tuple[ToolSpec, ...]:
-        """Every tool's :class:`~genfan.ToolSpec`, in registration order."""
-        return tuple(t.spec for t in self._tools.values())
-
-    async def run(self, call: ToolCall) -> ToolCallRecord:
-        """Run the model's call if the tool is registered; a readable error record if not."""
-        try:
-            t = self.get(call.name)
-        except UnknownToolError as exc:
-            exc.call_id = call.id
-            telemetry.event(
-                "tool_call_failed", level="info", tool=call.name, error="UnknownToolError"
-            )
-            return failed_record(call, exc, attempts=0, started=anyio.current_time())
-        return await t.run(call)
 
 
 class _ToolDecorator(Protocol):
