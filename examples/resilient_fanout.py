@@ -2,9 +2,10 @@
 
 Three backends: a healthy one, a flaky one (30% of calls fail with 503s or 429s carrying
 Retry-After) and one that is down. Each is wrapped in genfan's guard stack; the flaky one is also
-a pool of two replicas, and the dead one sits in a fallback chain. Twenty fan-outs later every
-request has been answered, the dead backend's breaker is open (so it is no longer called), and
-the retries and their budget are visible in the statistics.
+a pool of two replicas, whose stacks share one retry budget (one object, given to both), and the
+dead one sits in a fallback chain. Twenty fan-outs later every request has been answered, the
+dead backend's breaker is open (so it is no longer called), and the retries and their budget are
+visible in the statistics.
 
     python examples/resilient_fanout.py
 """
@@ -16,7 +17,15 @@ import random
 import anyio
 
 from genfan import BackendConnectionError, ChatRequest, FanOut, HTTPStatusError, RateLimitError
-from genfan.resilience import BreakerPolicy, Fallback, Pool, RetryPolicy, guard
+from genfan.resilience import (
+    BreakerPolicy,
+    Fallback,
+    Pool,
+    RetryBudget,
+    RetryBudgetPolicy,
+    RetryPolicy,
+    guard,
+)
 from genfan.testing import Fail, FakeBackend, Reply
 
 
@@ -39,8 +48,13 @@ async def main() -> None:
     breaker = BreakerPolicy(minimum_throughput=3, failure_ratio=0.5, break_duration=30.0)
 
     healthy = guard(FakeBackend("healthy", ["answer from healthy"], latency=0.01), retry=retry)
+    # The replicas share one provider key: one retry budget for both (20% extra load, 1/s floor).
+    budget = RetryBudget(RetryBudgetPolicy(ratio=0.2, min_per_second=1.0))
     replicas = Pool(
-        [guard(flaky("flaky-a", 1), retry=retry), guard(flaky("flaky-b", 2), retry=retry)],
+        [
+            guard(flaky("flaky-a", 1), retry=retry, retry_budget=budget),
+            guard(flaky("flaky-b", 2), retry=retry, retry_budget=budget),
+        ],
         name="flaky-pool",
     )
     down = FakeBackend("down", [Fail(error=BackendConnectionError("connection refused"))])
@@ -64,7 +78,7 @@ async def main() -> None:
         s = replica.statistics()  # type: ignore[attr-defined]
         print(
             f"{replica.name}: {s.retry.retries} retries, "
-            f"{s.retry.budget_exhausted} refused by the retry budget"
+            f"{s.retry.budget_exhausted} refused by the shared retry budget"
         )
     print("pool shares:", {r.name: r.calls for r in replicas.statistics()})
 

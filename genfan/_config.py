@@ -14,7 +14,15 @@ temperature = 0.2       # per-backend overrides of the request
 system = "Answer briefly."
 
 [backends.gpt.options]  # passed to the backend's constructor (engine options, price, ...)
-max_concurrency = 32
+price = [0.15, 0.6]     # dollars per million input, output tokens
+
+[backends.gpt.guards]   # its guard stack (see docs/resilience.md); the bulkhead caps concurrency
+bulkhead = { max_concurrent = 32 }
+rate_limit = { requests_per_minute = 500 }
+rate_limit_store = "main"          # the quota is shared through this store
+
+[rate_limit_stores.main]  # one shared quota store, built once, named by the guards
+url_env = "GENFAN_REDIS_URL"
 ```
 
 :func:`load_config` validates the file into :class:`GenfanConfig`; a bad file raises
@@ -131,10 +139,62 @@ class GenfanConfig(BaseModel):
     defaults: dict[str, Any] = Field(default_factory=dict)
     schedules: dict[str, Any] = Field(default_factory=dict)
     batch: dict[str, Any] = Field(default_factory=dict)
+    #: ``[rate_limit_stores.NAME]``: shared quota stores (``RateLimitStoreConfig``), named by
+    #: ``rate_limit_store = "NAME"`` in guards tables.
+    rate_limit_stores: dict[str, Any] = Field(default_factory=dict)
     source: Path | None = Field(default=None, exclude=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _store_tables(cls, data: Any) -> Any:
+        tables = data.get("rate_limit_stores") if isinstance(data, dict) else None
+        if not tables:
+            return data
+        if not isinstance(tables, dict):
+            raise ValueError("rate_limit_stores must hold [rate_limit_stores.NAME] tables")
+        from .resilience import RateLimitStoreConfig
+
+        stores: dict[str, Any] = {}
+        for name, table in tables.items():
+            if isinstance(table, RateLimitStoreConfig):
+                stores[name] = table
+                continue
+            try:
+                stores[name] = RateLimitStoreConfig.model_validate(table)
+            except ValidationError as exc:
+                problems = "; ".join(
+                    f"{'.'.join(str(p) for p in e['loc']) or 'the table'}:"
+                    f" {e['msg'].removeprefix('Value error, ')}"
+                    for e in exc.errors()
+                )
+                raise ValueError(f"rate_limit_stores.{name}: {problems}") from None
+        return {**data, "rate_limit_stores": stores}
 
     @model_validator(mode="after")
     def _check_names(self) -> GenfanConfig:
+        defaults = self.defaults.get("guards")
+        default_limit = defaults.get("rate_limit") if isinstance(defaults, dict) else None
+        # (where, table, the rate limit it inherits): composites inherit no defaults
+        guards_tables = [("defaults.guards", defaults, None)] + [
+            (f"backends.{name}.guards", b.guards, None if b.type in _COMPOSITES else default_limit)
+            for name, b in self.backends.items()
+        ]
+        for i, (where, table, inherited) in enumerate(guards_tables):
+            store = table.get("rate_limit_store") if isinstance(table, dict) else None
+            if not isinstance(store, str):
+                continue
+            if store not in self.rate_limit_stores:
+                raise ValueError(
+                    f"{where}.rate_limit_store names {store!r}, which has no"
+                    f" [rate_limit_stores.{store}] table; defined stores:"
+                    f" {sorted(self.rate_limit_stores)}"
+                )
+            assert isinstance(table, dict)
+            if i and table.get("rate_limit", inherited) in (None, False):
+                raise ValueError(
+                    f"{where}.rate_limit_store = {store!r} needs a rate limit: set"
+                    f" {where}.rate_limit (true, or a table of its limits)"
+                )
         for name, b in self.backends.items():
             unknown_members = [m for m in b.members or () if m not in self.backends]
             if unknown_members:
@@ -163,13 +223,22 @@ class GenfanConfig(BaseModel):
             )
         return {n: self.backends[n] for n in wanted}
 
-    def build_backend(self, name: str, *, _path: tuple[str, ...] = ()) -> Backend:
+    def build_backend(
+        self,
+        name: str,
+        *,
+        _path: tuple[str, ...] = (),
+        _stores: dict[str, Any] | None = None,
+    ) -> Backend:
         """Create the backend ``name`` inside its guard stack.
 
         ``type = "pool"`` and ``type = "fallback"`` are built from their ``members`` (each
         guarded on its own, so a pool skips replicas whose breaker is open); a composite gets
-        guards of its own only when its table sets ``guards``.
+        guards of its own only when its table sets ``guards``. A ``[rate_limit_stores.NAME]``
+        store its guards name is built once per build (one for every backend of
+        :meth:`build_targets`) and closed with the last backend that uses it.
         """
+        stores: dict[str, Any] = {} if _stores is None else _stores
         if name in _path:
             cycle = " -> ".join((*_path, name))
             raise ConfigurationError(f"backend members form a cycle: {cycle}")
@@ -177,7 +246,10 @@ class GenfanConfig(BaseModel):
         if cfg.type in _COMPOSITES:
             from .resilience import Fallback, Pool
 
-            members = [self.build_backend(m, _path=(*_path, name)) for m in cfg.members or ()]
+            members = [
+                self.build_backend(m, _path=(*_path, name), _stores=stores)
+                for m in cfg.members or ()
+            ]
             composite: Backend
             if cfg.type == "pool":
                 composite = Pool(
@@ -190,19 +262,44 @@ class GenfanConfig(BaseModel):
                 composite = Fallback(members, name=name)
             if cfg.guards is None:
                 return composite
-            return _apply_guards(composite, None, cfg.guards)
+            return self._apply_guards(composite, None, cfg.guards, stores)
         spec = f"{cfg.type}:{cfg.model or ''}"
         backend = create_backend(spec, **cfg.constructor_options(name))
-        return _apply_guards(backend, self.defaults.get("guards"), cfg.guards)
+        return self._apply_guards(backend, self.defaults.get("guards"), cfg.guards, stores)
+
+    def _apply_guards(
+        self,
+        backend: Backend,
+        defaults: Mapping[str, Any] | None,
+        own: Mapping[str, Any] | None,
+        stores: dict[str, Any],
+    ) -> Backend:
+        from .resilience import GuardsConfig
+
+        try:
+            # Per guard, the backend's fields are merged over [defaults.guards]' fields.
+            guards = GuardsConfig.model_validate(own or {}).merged_over(
+                GuardsConfig.model_validate(defaults or {})
+            )
+        except ValidationError as exc:
+            raise ConfigurationError(f"guards of backend {backend.name!r}: {exc}") from None
+        store = guards.rate_limit_store
+        if store is not None and store not in stores and store in self.rate_limit_stores:
+            try:
+                stores[store] = self.rate_limit_stores[store].build()
+            except ConfigurationError as exc:
+                raise ConfigurationError(f"rate_limit_stores.{store}: {exc}") from None
+        return guards.build(backend, stores=stores)
 
     def build_targets(self, names: list[str] | None = None) -> list[Target]:
         """Fan-out targets for the selected backends, with their request overrides."""
         targets = []
+        stores: dict[str, Any] = {}  # each shared quota store once, for every target
         for name, cfg in self.selected_backends(names).items():
             overrides = {"top_p": cfg.top_p} if cfg.top_p is not None else {}
             targets.append(
                 Target(
-                    backend=self.build_backend(name),
+                    backend=self.build_backend(name, _stores=stores),
                     name=name,
                     temperature=cfg.temperature,
                     system=cfg.system,
@@ -274,21 +371,6 @@ def _selector(sel: str | SelectConfig) -> Any:
     from .select import selector_from_name
 
     return selector_from_name(name, **options)
-
-
-def _apply_guards(
-    backend: Backend, defaults: Mapping[str, Any] | None, own: Mapping[str, Any] | None
-) -> Backend:
-    from .resilience import GuardsConfig
-
-    try:
-        # Per guard, the backend's fields are merged over [defaults.guards]' fields.
-        guards = GuardsConfig.model_validate(own or {}).merged_over(
-            GuardsConfig.model_validate(defaults or {})
-        )
-    except ValidationError as exc:
-        raise ConfigurationError(f"guards of backend {backend.name!r}: {exc}") from None
-    return guards.build(backend)
 
 
 def _describe(err: ValidationError, source: str) -> str:

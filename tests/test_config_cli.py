@@ -298,3 +298,59 @@ def test_ask_early_exit_option(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     assert [c["status"] for c in data["candidates"]] == ["ok", "ok", "ok", "cancelled"]
+
+
+SHARED_QUOTA = """
+[rate_limit_stores.main]        # one shared quota store, built once
+url_env = "GENFAN_TEST_REDIS_URL"
+key_prefix = "cfg-test:"
+
+[defaults.guards]
+rate_limit_store = "main"       # every backend with a rate limit draws from it
+
+[backends.a]
+type = "fake"
+enabled = false
+guards = { rate_limit = { requests_per_minute = 60 } }
+
+[backends.b]
+type = "fake"
+enabled = false
+guards = { rate_limit = { requests_per_minute = 60, on_store_error = "raise" } }
+
+[backends.pair]
+type = "pool"
+members = ["a", "b"]
+
+[backends.plain]
+type = "fake"
+"""
+
+
+@pytest.mark.anyio
+async def test_toml_shares_one_quota_store_between_backends(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("GENFAN_TEST_REDIS_URL", "redis://:pw-S3CRET@127.0.0.1:1/0")
+    cfg = load_config(write(tmp_path, SHARED_QUOTA))
+    fan = cfg.build_fanout()
+    pool, plain = (t.backend for t in fan.targets)
+    members = list(pool.replicas)  # type: ignore[attr-defined]
+    limiters = [m.rate_limiter for m in members]
+    assert all(isinstance(m, GuardedBackend) for m in members)
+    assert limiters[0].store is limiters[1].store  # built once for the whole fan-out
+    assert limiters[0].store.key_prefix == "cfg-test:"
+    assert limiters[1].policy.on_store_error == "raise"
+    assert isinstance(plain, GuardedBackend) and plain.rate_limiter is None
+    assert "pw-S3CRET" not in repr(cfg) + repr(limiters[0].store)
+    await fan.aclose()
+    assert limiters[0].store._closed  # closed with the last backend that used it
+
+    bad = SHARED_QUOTA.replace('rate_limit_store = "main"', 'rate_limit_store = "other"')
+    with pytest.raises(ConfigurationError, match=r"defaults.guards.rate_limit_store names 'other'"):
+        load_config(write(tmp_path, bad))
+    old_way = SHARED_QUOTA.replace(
+        "requests_per_minute = 60 }", 'requests_per_minute = 60, shared_env = "X" }', 1
+    )
+    with pytest.raises(ConfigurationError, match=r"rate_limit_stores"):
+        load_config(write(tmp_path, old_way)).build_fanout()

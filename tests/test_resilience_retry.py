@@ -21,7 +21,7 @@ from genfan import (
     RateLimitError,
     RateLimitInfo,
 )
-from genfan.resilience import Retry, RetryBudget, RetryBudgetPolicy, RetryPolicy
+from genfan.resilience import Retry, RetryBudget, RetryBudgetPolicy, RetryPolicy, guard
 from genfan.testing import Fail, FakeBackend, Reply, capture_events, set_testing
 
 REQ = ChatRequest.from_prompt("hi")
@@ -293,11 +293,11 @@ async def test_backoff_that_does_not_fit_the_deadline_fails_fast() -> None:
 
 @pytest.mark.anyio
 async def test_budget_exhaustion() -> None:
-    budget = RetryBudget(RetryBudgetPolicy(ratio=0.2, min_per_second=0.0, ttl=10.0))
+    # The policy says the budget's values; the guard makes its budget from them.
+    budget = RetryBudgetPolicy(ratio=0.2, min_per_second=0.0, ttl=10.0)
     fake = FakeBackend("b", [Fail(error=BackendConnectionError)])
-    retry = Retry(
-        fake, RetryPolicy(attempts=5, jitter="none", initial=0.0, budget=None), budget=budget
-    )
+    retry = Retry(fake, RetryPolicy(attempts=5, jitter="none", initial=0.0, budget=budget))
+    assert retry.budget is not None and retry.budget.policy == budget
     for _ in range(10):
         with pytest.raises(BackendConnectionError):
             await retry.complete(REQ)
@@ -318,17 +318,44 @@ async def test_budget_floor_and_expiry() -> None:
 
 
 @pytest.mark.anyio
-async def test_budget_is_shared_between_guards() -> None:
+async def test_budget_is_shared_between_stacks() -> None:
+    # One way to share: the same RetryBudget object, given to each stack's guard().
     budget = RetryBudget(RetryBudgetPolicy(ratio=0.5, min_per_second=0.0))
-    policy = RetryPolicy(attempts=3, initial=0.0, jitter="none", budget=None)
-    a = Retry(FakeBackend("a", [Fail(error=BackendConnectionError)]), policy, budget=budget)
-    b = Retry(FakeBackend("b", [Fail(error=BackendConnectionError)]), policy, budget=budget)
-    for guard in (a, b):
+    policy = RetryPolicy(attempts=3, initial=0.0, jitter="none")
+    a, b = (
+        guard(
+            FakeBackend(name, [Fail(error=BackendConnectionError)]),
+            retry=policy,
+            retry_budget=budget,
+            bulkhead=None,
+            breaker=None,
+            timeout=None,
+        )
+        for name in ("a", "b")
+    )
+    assert a.retry is not None and b.retry is not None
+    assert a.retry.budget is budget and b.retry.budget is budget
+    for stack in (a, b):
         with pytest.raises(BackendConnectionError):
-            await guard.complete(REQ)
+            await stack.complete(REQ)
     # a's call alone earns half a retry; b's call completes one, and b spends it
-    assert a.statistics().retries == 0 and b.statistics().retries == 1
+    assert a.retry.statistics().retries == 0 and b.retry.statistics().retries == 1
     assert not budget.try_withdraw()
+    # without retry_budget, each stack has a budget of its own, made from the policy's values
+    c, d = guard(FakeBackend("c"), retry=policy), guard(FakeBackend("d"), retry=policy)
+    assert c.retry is not None and d.retry is not None and c.retry.budget is not d.retry.budget
+
+
+def test_retry_budget_is_shared_in_one_place_only() -> None:
+    budget = RetryBudget(RetryBudgetPolicy())
+    with pytest.raises(TypeError):
+        Retry(FakeBackend("b"), RetryPolicy(), budget=budget)  # type: ignore[call-arg]
+    with pytest.raises(ConfigurationError, match=r"needs a retry policy with a budget"):
+        guard(FakeBackend("b"), retry=None, retry_budget=budget)
+    with pytest.raises(ConfigurationError, match=r"needs a retry policy with a budget"):
+        guard(FakeBackend("b"), retry=RetryPolicy(budget=None), retry_budget=budget)
+    with pytest.raises(ConfigurationError, match=r"takes a RetryBudget.*not a RetryBudgetPolicy"):
+        guard(FakeBackend("b"), retry_budget=RetryBudgetPolicy())  # type: ignore[arg-type]
 
 
 @pytest.mark.anyio

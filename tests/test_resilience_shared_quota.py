@@ -1,7 +1,8 @@
 """Rate limits shared by processes through Redis: the RESP2 client, the quota script on a real
 Redis (explicit clock: exact), limiters sharing one quota, three OS processes hammering one
 limit, and a Redis that is down, silent or goes away (fallback or raise, never a hang, never
-the password).
+the password). A quota is shared one way: a store, ``guard(..., rate_limit_store=store)``
+(in TOML: a ``[rate_limit_stores.NAME]`` table the guards name).
 
 Needs Redis on 127.0.0.1:6379 (skipped without it, failed when GENFAN_REQUIRE_SERVICES=1).
 Every test uses its own key prefix and deletes its keys.
@@ -25,6 +26,7 @@ import anyio.abc
 import pytest
 
 from genfan import (
+    Backend,
     BackendConnectionError,
     BulkheadFullError,
     ChatRequest,
@@ -34,13 +36,16 @@ from genfan import (
     RateLimitExceededError,
     RateLimitInfo,
     Usage,
+    parse_config,
 )
 from genfan.resilience import (
     GuardsConfig,
     RateLimiter,
     RateLimitPolicy,
+    RateLimitStoreConfig,
     RedisQuota,
     SharedQuotaError,
+    guard,
 )
 from genfan.resilience._shared import (
     BucketSpec,
@@ -103,6 +108,21 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind((HOST, 0))
         return int(s.getsockname()[1])
+
+
+def shared_limiter(backend: Backend, policy: RateLimitPolicy, store: RedisQuota) -> RateLimiter:
+    """The rate limiter of a stack whose only guard is the rate limit, sharing ``store``."""
+    g = guard(
+        backend,
+        rate_limit=policy,
+        rate_limit_store=store,
+        bulkhead=None,
+        breaker=None,
+        retry=None,
+        timeout=None,
+    )
+    assert g.rate_limiter is not None and g.rate_limiter.store is store
+    return g.rate_limiter
 
 
 def spec(capacity: float, per_second: float, amount: float, remaining: float | None = None) -> Any:
@@ -266,9 +286,8 @@ def test_redis_urls_are_parsed_and_their_password_never_shown() -> None:
         with pytest.raises(ConfigurationError, match=match) as info:
             parse_redis_url(bad)
         no_secret(info.value)
-        with pytest.raises(ConfigurationError) as info:
-            RateLimitPolicy(requests_per_minute=5, shared=bad)
-        assert "RateLimitPolicy.shared" in str(info.value)
+        with pytest.raises(ConfigurationError, match=match) as info:
+            RedisQuota(bad)
         no_secret(info.value)
 
 
@@ -290,48 +309,130 @@ def test_store_and_policy_validate_and_redact() -> None:
         "app:{openai:gpt}:tokens",
         "app:{openai:gpt}:block",
     )
-    policy = RateLimitPolicy(requests_per_minute=5, shared=f"redis://:{SECRET}@h/0")
-    assert "shared='redis://:***@h:6379/0'" in repr(policy)
-    no_secret(q, policy)
-    with pytest.raises(ConfigurationError, match="on_unavailable must be one of"):
-        RateLimitPolicy(on_unavailable="ignore")  # type: ignore[arg-type]
-    with pytest.raises(ConfigurationError, match="set one of them"):
-        RateLimitPolicy(shared=URL, shared_env="REDIS_URL")
-    with pytest.raises(ConfigurationError, match="shared_env"):
-        RateLimitPolicy(shared_env="")
+    stack = guard(
+        FakeBackend("b"), rate_limit=RateLimitPolicy(requests_per_minute=5), rate_limit_store=q
+    )
+    assert stack.rate_limiter is not None and stack.rate_limiter.store is q
+    no_secret(q, stack, stack.rate_limiter, stack.rate_limiter.policy)
+    with pytest.raises(ConfigurationError, match="on_store_error must be one of"):
+        RateLimitPolicy(on_store_error="ignore")  # type: ignore[arg-type]
+
+
+def test_a_policy_holds_no_redis_url() -> None:
+    # One way to share a quota: a store given to guard(); a policy has values only.
+    for field in ("shared", "shared_env", "on_unavailable"):
+        with pytest.raises(TypeError):
+            RateLimitPolicy(requests_per_minute=5, **{field: URL})  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        RateLimiter(FakeBackend("b"), RateLimitPolicy(), shared=RedisQuota(URL))  # type: ignore[call-arg]
+    with pytest.raises(ConfigurationError, match=r"takes a store.*not a str") as info:
+        guard(
+            FakeBackend("b"),
+            rate_limit=RateLimitPolicy(requests_per_minute=5),
+            rate_limit_store=f"redis://:{SECRET}@h/0",  # type: ignore[arg-type]
+        )
+    no_secret(info.value)
 
 
 def test_the_url_can_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    policy = RateLimitPolicy(requests_per_minute=5, shared_env="GENFAN_TEST_REDIS_URL")
     monkeypatch.delenv("GENFAN_TEST_REDIS_URL", raising=False)
     with pytest.raises(ConfigurationError, match="GENFAN_TEST_REDIS_URL is not set"):
-        RateLimiter(FakeBackend("b"), policy)
+        RedisQuota.from_env("GENFAN_TEST_REDIS_URL")
     monkeypatch.setenv("GENFAN_TEST_REDIS_URL", f"redis://:{SECRET}@h:bad/0")
     with pytest.raises(ConfigurationError, match=r"\$GENFAN_TEST_REDIS_URL.*port") as info:
-        RateLimiter(FakeBackend("b"), policy)
+        RedisQuota.from_env("GENFAN_TEST_REDIS_URL")
     no_secret(info.value)
     monkeypatch.setenv("GENFAN_TEST_REDIS_URL", f"redis://:{SECRET}@h:7000/2")
-    limiter = RateLimiter(FakeBackend("b"), policy)
-    assert limiter.shared is not None and limiter.shared.url == "redis://:***@h:7000/2"
+    store = RedisQuota.from_env("GENFAN_TEST_REDIS_URL", key_prefix="app:", timeout=0.5)
+    assert store.url == "redis://:***@h:7000/2"
+    assert (store.key_prefix, store.timeout) == ("app:", 0.5)
+    limiter = shared_limiter(FakeBackend("b"), RateLimitPolicy(requests_per_minute=5), store)
+    no_secret(store, limiter)
+    with pytest.raises(ConfigurationError, match="environment variable"):
+        RedisQuota.from_env("")
 
 
-def test_toml_guards_carry_a_shared_rate_limit() -> None:
-    table = {"rate_limit": {"requests_per_minute": 500, "shared": f"redis://:{SECRET}@h:1/0"}}
-    guards = GuardsConfig.model_validate(table)
-    no_secret(guards)
-    stack = guards.build(FakeBackend("gpt"))
-    assert stack.rate_limiter is not None
-    assert stack.rate_limiter.policy.requests_per_minute == 500
-    assert isinstance(stack.rate_limiter.shared, RedisQuota)
-    assert stack.rate_limiter.shared.url == "redis://:***@h:1/0"
-    merged = GuardsConfig.model_validate({"rate_limit": {"on_unavailable": "raise"}}).merged_over(
-        guards
+@pytest.mark.anyio
+async def test_toml_names_one_store_that_backends_share(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GENFAN_TEST_REDIS_URL", f"redis://:{SECRET}@h:1/0")
+    data = {
+        "rate_limit_stores": {"main": {"url_env": "GENFAN_TEST_REDIS_URL", "key_prefix": "app:"}},
+        "defaults": {"guards": {"rate_limit_store": "main"}},
+        "backends": {
+            "gpt": {"type": "fake", "guards": {"rate_limit": {"requests_per_minute": 500}}},
+            "gpt-2": {
+                "type": "fake",
+                "guards": {"rate_limit": {"requests_per_minute": 60, "on_store_error": "raise"}},
+            },
+            "local": {"type": "fake", "guards": {"rate_limit": False}},
+        },
+    }
+    cfg = parse_config(data)
+    no_secret(cfg)
+    fan = cfg.build_fanout()
+    gpt, gpt2, local = (t.backend for t in fan.targets)
+    for stack in (gpt, gpt2):
+        assert stack.rate_limiter is not None  # type: ignore[attr-defined]
+    a, b = gpt.rate_limiter, gpt2.rate_limiter  # type: ignore[attr-defined]
+    assert a.policy.requests_per_minute == 500 and b.policy.on_store_error == "raise"
+    assert isinstance(a.store, RedisQuota) and a.store is b.store  # built once, shared
+    assert a.store.url == "redis://:***@h:1/0" and a.store.key_prefix == "app:"
+    assert local.rate_limiter is None  # type: ignore[attr-defined]
+    no_secret(fan, a, a.store)
+    store = a.store
+    await gpt.aclose()
+    assert not store._closed  # gpt-2 still holds it
+    await fan.aclose()
+    assert store._closed  # the last stack closed it
+
+    # a policy table that carries a URL is refused, without echoing it
+    bad_tables: list[dict[str, Any]] = [
+        {"rate_limit": {"requests_per_minute": 5, "shared": f"redis://:{SECRET}@h/0"}},
+        {"rate_limit": {"requests_per_minute": 5, "shared_env": "GENFAN_TEST_REDIS_URL"}},
+    ]
+    for table in bad_tables:
+        with pytest.raises(ValueError, match="rate_limit_stores") as info:
+            GuardsConfig.model_validate(table)
+        no_secret(info.value)
+    merged = GuardsConfig.model_validate({"rate_limit": {"on_store_error": "raise"}}).merged_over(
+        GuardsConfig.model_validate({"rate_limit": True, "rate_limit_store": "main"})
     )
-    assert merged.policies()["rate_limit"].on_unavailable == "raise"
-    bad = {"timeout": "soon", "rate_limit": {"requests_per_minute": 0, "shared": table}}
+    assert merged.rate_limit_store == "main"
+    assert merged.policies()["rate_limit"].on_store_error == "raise"
+    bad = {"timeout": "soon", "rate_limit": {"requests_per_minute": 0, "shared": bad_tables}}
     with pytest.raises(ValueError) as info:  # pydantic's ValidationError
         GuardsConfig.model_validate(bad)
     no_secret(info.value)
+
+    # the store table: one URL, validated at load, never shown
+    table = RateLimitStoreConfig(url=f"redis://:{SECRET}@h/0")
+    assert "redis://:***@h:6379/0" in repr(table)
+    no_secret(table, table.build())
+    for bad_store, match in [
+        ({"url": f"redis://:{SECRET}@h:x/0"}, "port"),
+        ({}, "url_env"),
+        ({"url": URL, "url_env": "X"}, "one of them"),
+        ({"url": URL, "timeout": 0}, "timeout"),
+    ]:
+        with pytest.raises(ConfigurationError, match=match) as caught:
+            parse_config({"rate_limit_stores": {"main": bad_store}})
+        assert "rate_limit_stores.main" in str(caught.value)
+        no_secret(caught.value)
+    with pytest.raises(ConfigurationError, match=r"names 'nope'.*rate_limit_stores"):
+        parse_config({"backends": {"b": {"type": "fake", "guards": {"rate_limit_store": "nope"}}}})
+    monkeypatch.delenv("GENFAN_TEST_REDIS_URL")
+    with pytest.raises(ConfigurationError, match=r"rate_limit_stores.main:.*is not set"):
+        cfg.build_backend("gpt")
+    with pytest.raises(ConfigurationError, match=r"backends.b.guards.rate_limit_store.*needs a"):
+        parse_config(
+            {
+                "rate_limit_stores": {"main": {"url": URL}},
+                "backends": {"b": {"type": "fake", "guards": {"rate_limit_store": "main"}}},
+            }
+        )
+    # a backend whose rate limit is off does not use the store [defaults.guards] names
+    unused = GuardsConfig.model_validate({"rate_limit_store": "main"}).build(FakeBackend("b"))
+    assert unused.rate_limiter is None
 
 
 # -- the quota script on a real Redis (explicit clock: exact) ----------------------------------
@@ -449,9 +550,9 @@ async def test_limiters_of_one_backend_share_the_quota(redis_url: str, prefix: s
         RedisQuota(redis_url, key_prefix=prefix) as qb,
     ):
         try:
-            a = RateLimiter(FakeBackend("gpt"), policy, shared=qa)
-            b = RateLimiter(FakeBackend("gpt"), policy, shared=qb)
-            other = RateLimiter(FakeBackend("claude"), policy, shared=qb)
+            a = shared_limiter(FakeBackend("gpt"), policy, qa)
+            b = shared_limiter(FakeBackend("gpt"), policy, qb)
+            other = shared_limiter(FakeBackend("claude"), policy, qb)
             await a.complete(REQ)
             await a.complete(REQ)
             await b.complete(REQ)
@@ -475,7 +576,7 @@ async def test_waiters_of_several_limiters_are_served_in_turn(redis_url: str, pr
         RedisQuota(redis_url, key_prefix=prefix) as qb,
     ):
         try:
-            limiters = [RateLimiter(FakeBackend("b"), policy, shared=q) for q in (qa, qb)]
+            limiters = [shared_limiter(FakeBackend("b"), policy, q) for q in (qa, qb)]
             done: list[float] = []
             start = anyio.current_time()
 
@@ -503,12 +604,12 @@ async def test_what_one_limiter_learns_stops_the_others(redis_url: str, prefix: 
         RedisQuota(redis_url, key_prefix=prefix) as qb,
     ):
         try:
-            a = RateLimiter(
+            a = shared_limiter(
                 FakeBackend("gpt", [Fail(error=RateLimitError("429", retry_after=30.0))]),
                 policy,
-                shared=qa,
+                qa,
             )
-            b = RateLimiter(FakeBackend("gpt"), policy, shared=qb)
+            b = shared_limiter(FakeBackend("gpt"), policy, qb)
             with pytest.raises(RateLimitError):
                 await a.complete(REQ)
             with pytest.raises(RateLimitExceededError) as caught:
@@ -517,12 +618,12 @@ async def test_what_one_limiter_learns_stops_the_others(redis_url: str, prefix: 
             assert b.statistics().blocked_until is not None
 
             # Headers of a completion: no requests left for 20 s.
-            c = RateLimiter(
+            c = shared_limiter(
                 FunctionBackend(lambda r: Completion(text="x", rate_limit=info), name="gpt-2"),
                 policy,
-                shared=qa,
+                qa,
             )
-            d = RateLimiter(FakeBackend("gpt-2"), policy, shared=qb)
+            d = shared_limiter(FakeBackend("gpt-2"), policy, qb)
             await c.complete(REQ)
             assert d.requests is not None and d.requests.level > 500  # not heard of it yet
             with pytest.raises(RateLimitExceededError) as caught:
@@ -537,11 +638,9 @@ async def test_what_one_limiter_learns_stops_the_others(redis_url: str, prefix: 
 async def test_tokens_are_corrected_and_unsent_calls_given_back(quota: RedisQuota) -> None:
     policy = RateLimitPolicy(tokens_per_minute=6000, requests_per_minute=60)
     reply = Completion(text="x", usage=Usage(input_tokens=5, output_tokens=5))
-    ok = RateLimiter(FunctionBackend(lambda r: reply, name="b"), policy, shared=quota)
-    shed = RateLimiter(
-        FakeBackend("b", [Fail(error=BulkheadFullError("full", backend="b"))]),
-        policy,
-        shared=quota,
+    ok = shared_limiter(FunctionBackend(lambda r: reply, name="b"), policy, quota)
+    shed = shared_limiter(
+        FakeBackend("b", [Fail(error=BulkheadFullError("full", backend="b"))]), policy, quota
     )
     await ok.complete(REQ)  # estimated 258, used 10: 248 refunded
     state = await quota._acquire(
@@ -563,7 +662,7 @@ async def test_tokens_are_corrected_and_unsent_calls_given_back(quota: RedisQuot
 @pytest.mark.anyio
 async def test_a_cancelled_wait_gives_its_reservation_back(quota: RedisQuota) -> None:
     policy = RateLimitPolicy(requests_per_minute=60, burst_requests=1)
-    limiter = RateLimiter(FakeBackend("b"), policy, shared=quota)
+    limiter = shared_limiter(FakeBackend("b"), policy, quota)
     await limiter.complete(REQ)
     async with anyio.create_task_group() as tg:
         tg.start_soon(limiter.complete, REQ)  # reserves, waits ~1 s...
@@ -589,7 +688,7 @@ WORKER = textwrap.dedent(
 
     from genfan import ChatRequest
     from genfan import RateLimitExceededError
-    from genfan.resilience import RateLimiter, RateLimitPolicy, RedisQuota
+    from genfan.resilience import RateLimiter, RateLimitPolicy, RedisQuota, guard
     from genfan.testing import FakeBackend
 
     URL, PREFIX, BACKEND, DURATION = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
@@ -609,7 +708,11 @@ WORKER = textwrap.dedent(
 
     async def main():
         async with RedisQuota(URL, key_prefix=PREFIX) as store:
-            shared = RateLimiter(FakeBackend("gpt"), POLICY, shared=store)
+            stack = guard(
+                FakeBackend("gpt"), rate_limit=POLICY, rate_limit_store=store,
+                bulkhead=None, breaker=None, retry=None, timeout=None,
+            )
+            shared = stack.rate_limiter
             alone = RateLimiter(FakeBackend("gpt"), POLICY)  # what it would do by itself
             out = {"shared": [], "alone": []}
             end = anyio.current_time() + DURATION
@@ -675,8 +778,9 @@ def test_three_processes_stay_within_one_shared_limit(redis_url: str, prefix: st
 @pytest.mark.anyio
 async def test_a_refused_redis_falls_back_to_local_buckets_once_warned() -> None:
     url = f"redis://:{SECRET}@{HOST}:{free_port()}/0"
-    policy = RateLimitPolicy(requests_per_minute=60, burst_requests=2, mode="reject", shared=url)
-    limiter = RateLimiter(FakeBackend("b"), policy)
+    store = RedisQuota(url)
+    policy = RateLimitPolicy(requests_per_minute=60, burst_requests=2, mode="reject")
+    limiter = shared_limiter(FakeBackend("b"), policy, store)
     with capture_events() as events:
         start = anyio.current_time()
         await limiter.complete(REQ)
@@ -689,16 +793,17 @@ async def test_a_refused_redis_falls_back_to_local_buckets_once_warned() -> None
     assert warnings[0]["log_level"] == "warning" and warnings[0]["fallback"] == "local"
     assert "connection refused" in warnings[0]["error"]
     assert limiter.statistics().shared_fallbacks == 3
-    no_secret(info.value, events, limiter, limiter.policy, limiter.shared, limiter.statistics())
+    no_secret(info.value, events, limiter, limiter.policy, limiter.store, limiter.statistics())
     await limiter.aclose()
+    await store.aclose()
 
 
 @pytest.mark.anyio
 async def test_a_refused_redis_raises_when_told_to() -> None:
     url = f"redis://:{SECRET}@{HOST}:{free_port()}/0"
     store = RedisQuota(url, reconnect_interval=0.2)
-    policy = RateLimitPolicy(requests_per_minute=60, on_unavailable="raise")
-    limiter = RateLimiter(FakeBackend("b"), policy, shared=store)
+    policy = RateLimitPolicy(requests_per_minute=60, on_store_error="raise")
+    limiter = shared_limiter(FakeBackend("b"), policy, store)
     for _ in range(2):  # the second fails at once: Redis is not tried again for 0.2 s
         with pytest.raises(BackendConnectionError, match="shared rate limit") as info:
             await limiter.complete(REQ)
@@ -730,9 +835,7 @@ async def test_a_silent_redis_times_out_then_fails_fast() -> None:
 
     async with tcp_server(black_hole) as port:
         store = RedisQuota(f"redis://:{SECRET}@{HOST}:{port}/0", timeout=0.2)
-        limiter = RateLimiter(
-            FakeBackend("b"), RateLimitPolicy(requests_per_minute=60), shared=store
-        )
+        limiter = shared_limiter(FakeBackend("b"), RateLimitPolicy(requests_per_minute=60), store)
         start = anyio.current_time()
         with capture_events() as events:
             await limiter.complete(REQ)  # no answer in 0.2 s: decided locally
@@ -758,7 +861,7 @@ async def test_redis_going_away_mid_run_falls_back_and_comes_back(
             f"redis://{HOST}:{port}/0", key_prefix=prefix, timeout=0.5, reconnect_interval=0.1
         )
         policy = RateLimitPolicy(requests_per_minute=60, burst_requests=5, mode="reject")
-        limiter = RateLimiter(FakeBackend("b"), policy, shared=store)
+        limiter = shared_limiter(FakeBackend("b"), policy, store)
         try:
             with capture_events() as events:
                 await limiter.complete(REQ)

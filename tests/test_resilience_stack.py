@@ -189,7 +189,17 @@ async def test_guards_share_one_rate_limit_store() -> None:
     a = guard(FakeBackend("a"), rate_limit=policy, rate_limit_store=store)
     b = guard(FakeBackend("b"), rate_limit=policy, rate_limit_store=store)
     assert a.rate_limiter is not None and b.rate_limiter is not None
-    assert a.rate_limiter.shared is store and b.rate_limiter.shared is store
+    assert a.rate_limiter.store is store and b.rate_limiter.store is store
+    assert "secret" not in repr(a) + repr(a.rate_limiter) + repr(store)
     with pytest.raises(ConfigurationError, match=r"needs a rate_limit policy"):
         guard(FakeBackend("c"), rate_limit_store=store)
+    await a.aclose()
+    assert not store._closed  # whoever made the store closes it
     await store.aclose()
+
+
+def test_the_bulkhead_is_the_one_concurrency_cap_by_default() -> None:
+    g = guard(FakeBackend("b"))
+    assert g.bulkhead is not None and g.bulkhead.policy == BulkheadPolicy()
+    assert g.bulkhead.statistics().max_concurrent == 32
+    assert GuardsConfig().build(FakeBackend("b")).bulkhead is not None

@@ -5,8 +5,10 @@ backend.
 :func:`guard` builds a backend's whole stack in one fixed order (:data:`GUARD_ORDER`, outermost
 first): hedge → bulkhead → retry → rate limit → breaker → timeout → provider. Every guard waits
 through anyio (works on asyncio and trio, and under a mock clock) and spends only what is left
-of the fan-out's deadline. Rate limits can be shared by processes and hosts through Redis
-(:class:`RedisQuota`).
+of the fan-out's deadline. The bulkhead is a backend's one concurrency cap. Policies hold values
+only; what stacks share is given to :func:`guard` as one object: a retry budget
+(``retry_budget=RetryBudget(...)``) and a quota kept in Redis for every process and host
+(``rate_limit_store=RedisQuota(...)``).
 """
 
 from typing import TYPE_CHECKING
@@ -21,6 +23,7 @@ if TYPE_CHECKING:
     from ._bulkhead import Bulkhead as Bulkhead
     from ._bulkhead import BulkheadStatistics as BulkheadStatistics
     from ._config import GuardsConfig as GuardsConfig
+    from ._config import RateLimitStoreConfig as RateLimitStoreConfig
     from ._fallback import Fallback as Fallback
     from ._hedge import Hedge as Hedge
     from ._hedge import HedgeStatistics as HedgeStatistics

@@ -1,10 +1,13 @@
-"""``GuardsConfig``: the ``guards`` table of the TOML config, turned into a guard stack."""
+"""The TOML config's resilience tables: ``guards`` (:class:`GuardsConfig`, turned into a guard
+stack) and ``[rate_limit_stores.NAME]`` (:class:`RateLimitStoreConfig`, one shared quota store
+that guards name)."""
 
 from __future__ import annotations
 
-from typing import Any, TypeAlias
+from collections.abc import Mapping
+from typing import Annotated, Any, TypeAlias
 
-from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .._backend import Backend
 from .._errors import ConfigurationError
@@ -17,10 +20,10 @@ from ._policies import (
     RetryPolicy,
     TimeoutPolicy,
 )
-from ._shared import redact_redis_url
+from ._shared import RedisQuota, parse_redis_url, redact_redis_url
 from ._stack import GuardedBackend, guard
 
-__all__ = ["GuardsConfig"]
+__all__ = ["GuardsConfig", "RateLimitStoreConfig"]
 
 #: ``true`` (on, defaults), ``false`` (off), a table of policy fields, or unset (inherit).
 GuardSetting: TypeAlias = bool | dict[str, Any] | None
@@ -58,9 +61,77 @@ def _make(kind: str, value: GuardSetting) -> Any:
             return TimeoutPolicy(**fields)
         if kind == "hedge":
             return HedgePolicy(**fields)
+        if "shared" in fields or "shared_env" in fields:
+            raise ConfigurationError(
+                "guards.rate_limit: a policy holds limits, not a Redis URL; define the store once"
+                ' in a [rate_limit_stores.NAME] table and write rate_limit_store = "NAME" in the'
+                " guards"
+            )
         return RateLimitPolicy(**fields)
     except TypeError as exc:  # an unknown field name
         raise ConfigurationError(f"guards.{kind}: {exc}") from None
+
+
+class RateLimitStoreConfig(BaseModel):
+    """One ``[rate_limit_stores.NAME]`` table: a shared quota store (:class:`RedisQuota`), built
+    once per configuration build and named by the guards of every backend that shares it
+    (``rate_limit_store = "NAME"``).
+
+    Set ``url_env`` (the environment variable holding the URL: keeps a password out of the
+    file) or ``url`` (a URL without a password), not both; the other fields are
+    :class:`RedisQuota`'s.
+
+    Example:
+        ```toml
+        [rate_limit_stores.main]
+        url_env = "GENFAN_REDIS_URL"
+        key_prefix = "myapp:quota:"
+
+        [backends.gpt.guards]
+        rate_limit = { requests_per_minute = 500 }
+        rate_limit_store = "main"
+        ```
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
+
+    url: str | None = None
+    url_env: Annotated[str, Field(min_length=1)] | None = None
+    key_prefix: str = "genfan:quota:"
+    timeout: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 1.0
+    reconnect_interval: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 1.0
+    max_connections: Annotated[int, Field(ge=1)] = 8
+
+    @model_validator(mode="after")
+    def _one_url(self) -> RateLimitStoreConfig:
+        if (self.url is None) == (self.url_env is None):
+            raise ValueError(
+                "set url_env (the environment variable holding the Redis URL) or url, one of them"
+            )
+        if self.url is not None:
+            parse_redis_url(self.url)  # a ConfigurationError (a ValueError), without the password
+        return self
+
+    def __repr_args__(self) -> Any:
+        for name, value in super().__repr_args__():
+            yield name, redact_redis_url(value) if name == "url" and value is not None else value
+
+    def build(self) -> RedisQuota:
+        """The store (no connection is opened until it is used).
+
+        Raises:
+            ConfigurationError: ``url_env`` is not set, or holds a bad URL.
+        """
+        options: dict[str, Any] = {
+            "key_prefix": self.key_prefix,
+            "timeout": self.timeout,
+            "reconnect_interval": self.reconnect_interval,
+            "max_connections": self.max_connections,
+        }
+        if self.url_env is not None:
+            return RedisQuota.from_env(self.url_env, **options)
+        assert self.url is not None
+        return RedisQuota(self.url, **options)
 
 
 class GuardsConfig(BaseModel):
@@ -69,7 +140,10 @@ class GuardsConfig(BaseModel):
     Each guard is ``true`` (on, with defaults), ``false`` (off), or a table of its policy's
     fields; unset guards inherit ``[defaults.guards]`` (see :meth:`merged_over`), and after that
     the library defaults (bulkhead, breaker, retry and timeout on; hedge and rate limit off).
-    ``timeout`` may also be a number of seconds.
+    ``timeout`` may also be a number of seconds. The bulkhead is the backend's one concurrency
+    cap. ``rate_limit_store`` names a ``[rate_limit_stores.NAME]`` table whose shared quota the
+    rate limit draws from (a policy never holds a Redis URL); a backend whose rate limit is off
+    does not use it, so ``[defaults.guards]`` may name it for every backend.
 
     Example:
         ```toml
@@ -82,12 +156,15 @@ class GuardsConfig(BaseModel):
         hedge = { percentile = 0.95 }
         breaker = { failure_ratio = 0.5, break_duration = 10 }
 
-        [backends.shared-gpt.guards]  # one quota for every process, kept in Redis
-        rate_limit = { requests_per_minute = 500, shared_env = "GENFAN_REDIS_URL" }
+        [rate_limit_stores.main]   # one quota for every process, kept in Redis
+        url_env = "GENFAN_REDIS_URL"
+
+        [backends.shared-gpt.guards]
+        rate_limit = { requests_per_minute = 500, on_store_error = "local" }
+        rate_limit_store = "main"
         ```
     """
 
-    # Inputs may hold a Redis URL with a password (rate_limit.shared): keep them out of errors.
     model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
 
     bulkhead: GuardSetting = None
@@ -96,6 +173,7 @@ class GuardsConfig(BaseModel):
     timeout: GuardSetting | float = None
     hedge: GuardSetting = None
     rate_limit: GuardSetting = None
+    rate_limit_store: Annotated[str, Field(min_length=1)] | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -110,12 +188,6 @@ class GuardsConfig(BaseModel):
     def _validate_policies(self) -> GuardsConfig:
         self.policies()  # raises ConfigurationError (a ValueError) naming the field
         return self
-
-    def __repr_args__(self) -> Any:
-        for name, value in super().__repr_args__():
-            if name == "rate_limit" and isinstance(value, dict) and "shared" in value:
-                value = {**value, "shared": redact_redis_url(str(value["shared"]))}
-            yield name, value
 
     def policies(self) -> dict[str, Any]:
         """The policy of each guard (``None`` when off)."""
@@ -134,12 +206,35 @@ class GuardsConfig(BaseModel):
                 merged[kind] = {**theirs, **mine}
             else:
                 merged[kind] = mine
+        merged["rate_limit_store"] = self.rate_limit_store or defaults.rate_limit_store
         return GuardsConfig(**merged)
 
-    def build(self, backend: Backend) -> GuardedBackend:
-        """Wrap ``backend`` in the guard stack this config describes."""
+    def build(
+        self, backend: Backend, *, stores: Mapping[str, RedisQuota] | None = None
+    ) -> GuardedBackend:
+        """Wrap ``backend`` in the guard stack this config describes.
+
+        Args:
+            backend: the provider backend.
+            stores: the quota stores that ``rate_limit_store`` may name, built from the
+                ``[rate_limit_stores.NAME]`` tables. They are handed over: the stack holds its
+                store, and the last stack built with a store closes it when it is closed.
+
+        Raises:
+            ConfigurationError: ``rate_limit_store`` names no store in ``stores``.
+        """
         p = self.policies()
-        return guard(
+        store = None
+        name = self.rate_limit_store
+        if name is not None and p["rate_limit"] is not None:
+            if stores is None or name not in stores:
+                known = sorted(stores or ())
+                raise ConfigurationError(
+                    f"guards.rate_limit_store = {name!r} names no [rate_limit_stores.{name}] table;"
+                    f" defined: {known}"
+                )
+            store = stores[name]
+        g = guard(
             backend,
             bulkhead=p["bulkhead"],
             breaker=p["breaker"],
@@ -147,4 +242,8 @@ class GuardsConfig(BaseModel):
             timeout=p["timeout"],
             hedge=p["hedge"],
             rate_limit=p["rate_limit"],
+            rate_limit_store=store,
         )
+        if store is not None and g.rate_limiter is not None:
+            g.rate_limiter._use_store(store, hold=True)
+        return g

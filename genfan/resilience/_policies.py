@@ -12,7 +12,6 @@ from dataclasses import dataclass, fields
 from typing import Literal, TypeAlias
 
 from .._errors import BackendError, ConfigurationError
-from ._shared import parse_redis_url, redact_redis_url
 
 __all__ = [
     "BreakerPolicy",
@@ -248,7 +247,10 @@ class RetryPolicy:
         retry_on: which errors to retry: a predicate or a tuple of exception types (default:
             ``BackendError.retryable``: timeouts, 429, 5xx, connection errors; never
             400/401/403/404 or validation errors).
-        budget: the retry budget (``None``: unlimited retries, not recommended).
+        budget: the values of the backend's retry budget (``None``: unlimited retries, not
+            recommended); :func:`~genfan.resilience.guard` makes one
+            :class:`~genfan.resilience.RetryBudget` from them per stack, unless given one to
+            share (``guard(..., retry_budget=budget)``).
     """
 
     attempts: int = 3
@@ -365,14 +367,14 @@ class RateLimitPolicy:
         max_wait: the longest wait for quota, in seconds (``None``: until the deadline).
         default_output_tokens: output tokens assumed when the request has no ``max_tokens``.
         learn: adopt the quota the provider reports (rate-limit headers, ``Retry-After``).
-        shared: a Redis URL (``redis://[[user]:password@]host[:port][/db]``) whose buckets
-            every process with this URL and backend name shares (``None``: this process's
-            own buckets); see :class:`~genfan.resilience.RedisQuota`.
-        shared_env: the environment variable that holds that URL, read when the limiter is
-            built (keeps a password out of config files); set ``shared`` or this, not both.
-        on_unavailable: when the shared store cannot be used (down, too slow, an error):
+        on_store_error: what to do when the stack's shared quota store
+            (``guard(..., rate_limit_store=...)``) cannot be used (down, too slow, an error):
             ``"local"`` decides with this process's buckets and logs a warning once per outage;
-            ``"raise"`` refuses the call with :class:`~genfan.BackendConnectionError`.
+            ``"raise"`` refuses the call with :class:`~genfan.BackendConnectionError`. Without
+            a store it has no effect.
+
+    A policy holds values only: where a shared quota lives is the store's business
+    (:class:`~genfan.resilience.RedisQuota`), given to :func:`~genfan.resilience.guard`.
     """
 
     requests_per_minute: float | None = None
@@ -383,9 +385,7 @@ class RateLimitPolicy:
     max_wait: float | None = 30.0
     default_output_tokens: int = 256
     learn: bool = True
-    shared: str | None = None
-    shared_env: str | None = None
-    on_unavailable: Literal["local", "raise"] = "local"
+    on_store_error: Literal["local", "raise"] = "local"
 
     def __post_init__(self) -> None:
         p = "RateLimitPolicy."
@@ -404,25 +404,6 @@ class RateLimitPolicy:
         _check_choice(p + "mode", self.mode, ("wait", "reject"))
         _check(p + "max_wait", self.max_wait, low=0, allow_none=True)
         _check_int(p + "default_output_tokens", self.default_output_tokens, low=0)
-        _check_choice(p + "on_unavailable", self.on_unavailable, ("local", "raise"))
-        if self.shared is not None:
-            try:
-                parse_redis_url(self.shared)
-            except ConfigurationError as exc:
-                raise ConfigurationError(f"{p}shared: {exc}") from None
-        if self.shared_env is not None:
-            if not isinstance(self.shared_env, str) or not self.shared_env:
-                raise ConfigurationError(
-                    f"{p}shared_env must name an environment variable, got {self.shared_env!r}"
-                )
-            if self.shared is not None:
-                raise ConfigurationError(f"{p}shared and shared_env: set one of them, not both")
+        _check_choice(p + "on_store_error", self.on_store_error, ("local", "raise"))
 
-    def __repr__(self) -> str:
-        # The shared store's URL may hold a password: show it redacted.
-        parts = ", ".join(
-            f"{f.name}={redact_redis_url(v) if f.name == 'shared' and v is not None else v!r}"
-            for f in fields(self)
-            for v in (getattr(self, f.name),)
-        )
-        return f"RateLimitPolicy({parts})"
+    __repr__ = _policy_repr

@@ -4,7 +4,6 @@ this process, or shared by processes and hosts through Redis (:class:`RedisQuota
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass
@@ -15,7 +14,6 @@ import anyio.lowlevel
 from .._backend import Backend
 from .._errors import (
     BackendConnectionError,
-    ConfigurationError,
     HTTPStatusError,
     RateLimitError,
     RateLimitExceededError,
@@ -83,7 +81,7 @@ class RateLimiterStatistics:
         wait_time: total seconds spent waiting.
         blocked_until: the time until which the provider asked us to stop (``None``: not blocked).
         shared_fallbacks: calls decided with this process's buckets because the shared store
-            could not be used (``on_unavailable="local"``).
+            could not be used (``on_store_error="local"``).
     """
 
     admitted: int
@@ -117,29 +115,19 @@ class RateLimiter(Guard):
     corrected from the completion's usage afterwards. Quota taken by a call that a guard inside
     refused (it never reached the backend) is given back.
 
-    With a shared store (``shared``, or the policy's ``shared``/``shared_env`` URL) the buckets
-    live in Redis, and every limiter with the same store and backend name, in any process or
-    on any host, draws from them: reservations, waits, give-backs and what is learned from the
-    provider all hold across processes. This limiter's own buckets then mirror the shared ones,
-    and decide alone while the store cannot be used (policy ``on_unavailable``).
+    With a shared quota store (given to :func:`~genfan.resilience.guard` as
+    ``rate_limit_store``, the one way to share a quota) the buckets live in Redis, and every
+    limiter with the same store and backend name, in any process or on any host, draws from
+    them: reservations, waits, give-backs and what is learned from the provider all hold across
+    processes. This limiter's own buckets then mirror the shared ones, and decide alone while
+    the store cannot be used (policy ``on_store_error``).
 
     Args:
         inner: the backend to limit.
         policy: the limits (default: none, only learning).
-        shared: a shared quota store to use instead of the policy's URL; the caller closes it
-            (a store the limiter made from the policy's URL is closed by :meth:`aclose`).
-
-    Raises:
-        ConfigurationError: ``shared_env`` names an unset variable, or its URL is bad.
     """
 
-    def __init__(
-        self,
-        inner: Backend,
-        policy: RateLimitPolicy | None = None,
-        *,
-        shared: RedisQuota | None = None,
-    ) -> None:
+    def __init__(self, inner: Backend, policy: RateLimitPolicy | None = None) -> None:
         super().__init__(inner)
         self.policy = p = policy or RateLimitPolicy()
         self.requests = (
@@ -152,12 +140,9 @@ class RateLimiter(Guard):
             if p.tokens_per_minute
             else None
         )
-        self._owns_shared = False
-        if shared is None and (p.shared is not None or p.shared_env is not None):
-            shared = _store_from_policy(p)
-            self._owns_shared = True
         #: The shared quota store, or ``None`` (this process's buckets only).
-        self.shared = shared
+        self.store: RedisQuota | None = None
+        self._holds_store = False
         self._shared_failing = False
         self._blocked_until = -math.inf
         self._admitted = 0
@@ -165,6 +150,15 @@ class RateLimiter(Guard):
         self._rejected = 0
         self._wait_time = 0.0
         self._fallbacks = 0
+
+    def _use_store(self, store: RedisQuota, *, hold: bool = False) -> None:
+        """Draw from ``store`` (set by :func:`~genfan.resilience.guard` only). With ``hold``,
+        this limiter is one of the store's holders, and its :meth:`aclose` releases it (the
+        last holder closes it); otherwise whoever made the store closes it."""
+        self.store = store
+        if hold:
+            store._hold()
+            self._holds_store = True
 
     def statistics(self) -> RateLimiterStatistics:
         now = anyio.current_time()
@@ -189,7 +183,7 @@ class RateLimiter(Guard):
 
         Raises:
             RateLimitExceededError: not enough quota, and no time (or leave) to wait for it.
-            BackendConnectionError: the shared store cannot be used and ``on_unavailable`` is
+            BackendConnectionError: the shared store cannot be used and ``on_store_error`` is
                 ``"raise"``.
         """
         p = self.policy
@@ -198,7 +192,7 @@ class RateLimiter(Guard):
             if p.mode == "reject"
             else min(math.inf if p.max_wait is None else p.max_wait, time_left())
         )
-        grant = await self._shared_acquire(tokens, limit) if self.shared is not None else None
+        grant = await self._shared_acquire(tokens, limit) if self.store is not None else None
         now = anyio.current_time()
         if grant is None:
             wait = max(0.0, self._blocked_until - now)
@@ -295,7 +289,7 @@ class RateLimiter(Guard):
         if retry_after is not None and learn:
             self.block_for(retry_after)
             decision("rate_limit_learned", backend=self.name, level="info", blocked_for=retry_after)
-        if self.shared is None:
+        if self.store is None:
             return
         remaining: tuple[float | None, float | None] = (None, None)
         block = retry_after if retry_after is not None and learn else 0.0
@@ -316,7 +310,7 @@ class RateLimiter(Guard):
     async def _failed(self, exc: BaseException, tokens: int) -> None:
         if isinstance(exc, NOT_SENT):
             self._give_back(tokens)
-            if self.shared is not None:
+            if self.store is not None:
                 await self._shared_update(requests=1, tokens=tokens)
             return
         # The error response's headers report quota just as a completion's do.
@@ -350,16 +344,16 @@ class RateLimiter(Guard):
     async def _shared_acquire(self, tokens: int, limit: float) -> Grant | None:
         """Reserve in the shared store; ``None`` when it failed and the policy says decide
         locally."""
-        assert self.shared is not None
+        assert self.store is not None
         requests, token_spec = self._specs(1, tokens)
         own_block = max(0.0, self._blocked_until - anyio.current_time())
         try:
-            grant = await self.shared._acquire(
+            grant = await self.store._acquire(
                 self.name, requests=requests, tokens=token_spec, limit=limit, min_wait=own_block
             )
         except SharedQuotaError as exc:
             self._shared_failed(exc)
-            if self.policy.on_unavailable == "raise":
+            if self.policy.on_store_error == "raise":
                 raise BackendConnectionError(
                     f"the shared rate limit cannot be checked: {exc}", backend=self.name
                 ) from exc
@@ -378,14 +372,14 @@ class RateLimiter(Guard):
     ) -> None:
         """Give back, correct or learn in the shared store; a failure is logged, never raised
         (the call it follows is done)."""
-        assert self.shared is not None
+        assert self.store is not None
         r, t = self._specs(requests, tokens, remaining)
         r = r if r is not None and (r.amount or r.remaining is not None) else None
         t = t if t is not None and (t.amount or t.remaining is not None) else None
         if r is None and t is None and not block > 0:
             return
         try:
-            grant = await self.shared._update(self.name, requests=r, tokens=t, block=block)
+            grant = await self.store._update(self.name, requests=r, tokens=t, block=block)
         except SharedQuotaError as exc:
             self._shared_failed(exc)
             return
@@ -411,7 +405,7 @@ class RateLimiter(Guard):
                 backend=self.name,
                 level="warning",
                 error=str(exc),
-                fallback=self.policy.on_unavailable,
+                fallback=self.policy.on_store_error,
             )
 
     # -- the backend ---------------------------------------------------------------------------
@@ -447,23 +441,8 @@ class RateLimiter(Guard):
 
     async def aclose(self) -> None:
         try:
-            if self._owns_shared and self.shared is not None:
-                await self.shared.aclose()
+            if self._holds_store and self.store is not None:
+                self._holds_store = False
+                await self.store._release()
         finally:
             await self.inner.aclose()
-
-
-def _store_from_policy(policy: RateLimitPolicy) -> RedisQuota:
-    if policy.shared_env is None:
-        assert policy.shared is not None
-        return RedisQuota(policy.shared)
-    url = os.environ.get(policy.shared_env)
-    if not url:
-        raise ConfigurationError(
-            f"RateLimitPolicy.shared_env: the environment variable {policy.shared_env} is not"
-            " set; set it to a redis:// URL, or remove shared_env"
-        )
-    try:
-        return RedisQuota(url)
-    except ConfigurationError as exc:
-        raise ConfigurationError(f"the URL in ${policy.shared_env}: {exc}") from None

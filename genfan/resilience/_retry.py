@@ -34,6 +34,13 @@ class RetryBudget:
     Each call deposits ``ratio`` of a retry; each retry withdraws one. Over the last ``ttl``
     seconds, retries may reach ``min_per_second * ttl + ratio * calls``, so an outage adds at
     most ``ratio`` extra load (plus the small floor) instead of multiplying it by the attempts.
+
+    :func:`~genfan.resilience.guard` makes one per stack from ``RetryPolicy.budget``. To share
+    one between stacks (backends behind one provider key, say), make it once and give the same
+    object to each: ``guard(backend, retry_budget=budget)``.
+
+    Args:
+        policy: its values (default: ``RetryBudgetPolicy()``).
     """
 
     _BUCKETS = 10
@@ -306,10 +313,12 @@ class Retry(Guard):
     fit in what is left of the deadline: the last error is raised at once instead. Under
     [`set_testing`][genfan.testing.set_testing] backoff is zero (and attempts capped).
 
+    The guard has a :class:`RetryBudget` of its own, made from ``policy.budget``; stacks share
+    one when :func:`~genfan.resilience.guard` is given it (``retry_budget=``).
+
     Args:
         inner: the backend to retry.
         policy: the retry policy.
-        budget: a shared :class:`RetryBudget` (default: one from ``policy.budget``).
         rng: the random source for jitter (tests pass a seeded one).
     """
 
@@ -318,13 +327,12 @@ class Retry(Guard):
         inner: Backend,
         policy: RetryPolicy | None = None,
         *,
-        budget: RetryBudget | None = None,
         rng: random.Random | None = None,
     ) -> None:
         super().__init__(inner)
         self.policy = policy or RetryPolicy()
-        if budget is None and self.policy.budget is not None:
-            budget = RetryBudget(self.policy.budget)
+        budget = RetryBudget(self.policy.budget) if self.policy.budget is not None else None
+        #: The retry budget this guard spends (``None``: unlimited retries).
         self.budget = budget
         self._engine = Retrier(
             self.policy,
@@ -335,6 +343,11 @@ class Retry(Guard):
             on_give_up=self._gave_up,
         )
         self._calls = 0
+
+    def _share_budget(self, budget: RetryBudget) -> None:
+        """Spend ``budget`` instead of this guard's own (set by
+        :func:`~genfan.resilience.guard` only)."""
+        self.budget = self._engine.budget = budget
 
     def statistics(self) -> RetryStatistics:
         e = self._engine

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 from dataclasses import dataclass
 from typing import NoReturn, TypeAlias
 from urllib.parse import unquote, urlsplit
@@ -397,15 +398,19 @@ def _level(value: RespValue) -> float | None:
 class RedisQuota:
     """Rate-limit buckets kept in Redis, shared by every process (and host) that uses them.
 
-    Give it to a limiter with ``RateLimiter(inner, policy, shared=RedisQuota(url))``, or name
-    the URL in the policy (``RateLimitPolicy(shared="redis://...")``, TOML included). Buckets
-    are keyed by the backend's name and the quota's kind
+    The one way to share a quota: make one store, and give it to every guard stack that shares
+    it, ``guard(backend, rate_limit=policy, rate_limit_store=store)`` (in TOML: a
+    ``[rate_limit_stores.NAME]`` table, named by ``rate_limit_store = "NAME"`` in the guards).
+    The store holds the connection; the policies hold only the limits. Buckets are keyed by
+    the backend's name and the quota's kind
     (``{key_prefix}{{name}}:requests``, ``...:tokens``, ``...:block``; the braces keep one
     backend's keys in one Redis Cluster slot) and expire once they would have refilled, so idle
     quotas vanish.
 
     One instance serves one event loop; it opens connections on first use (at most
-    ``max_connections``) and :meth:`aclose` closes them.
+    ``max_connections``) and :meth:`aclose` (or ``async with``) closes them: whoever makes the
+    store closes it. :meth:`from_env` reads the URL from an environment variable, which keeps
+    a password out of code and config files.
 
     Args:
         url: ``redis://[[username]:password@]host[:port][/db]`` (TLS is not supported yet).
@@ -453,6 +458,44 @@ class RedisQuota:
         self._down_until = -math.inf
         self._down_reason = ""
         self._closed = False
+        self._holders = 0
+
+    @classmethod
+    def from_env(
+        cls,
+        var: str = "GENFAN_REDIS_URL",
+        *,
+        key_prefix: str = "genfan:quota:",
+        timeout: float = 1.0,
+        reconnect_interval: float = 1.0,
+        max_connections: int = 8,
+    ) -> RedisQuota:
+        """A store whose URL is the value of the environment variable ``var``.
+
+        Raises:
+            ConfigurationError: ``var`` is not set, or its URL is bad (the message names the
+                variable, never the password).
+        """
+        if not isinstance(var, str) or not var:
+            raise ConfigurationError(
+                f"RedisQuota.from_env needs an environment variable's name, got {var!r}"
+            )
+        url = os.environ.get(var)
+        if not url:
+            raise ConfigurationError(
+                f"the environment variable {var} is not set; set it to a redis:// URL"
+            )
+        try:
+            parse_redis_url(url)
+        except ConfigurationError as exc:
+            raise ConfigurationError(f"the URL in ${var}: {exc}") from None
+        return cls(
+            url,
+            key_prefix=key_prefix,
+            timeout=timeout,
+            reconnect_interval=reconnect_interval,
+            max_connections=max_connections,
+        )
 
     @property
     def url(self) -> str:
@@ -479,6 +522,16 @@ class RedisQuota:
         idle, self._idle = self._idle, []
         for conn in idle:
             await anyio.aclose_forcefully(conn.stream)
+
+    def _hold(self) -> None:
+        """One more guard stack holds this store (a store built from the TOML config)."""
+        self._holders += 1
+
+    async def _release(self) -> None:
+        """A holder is done with the store; the last one closes it."""
+        self._holders -= 1
+        if self._holders <= 0:
+            await self.aclose()
 
     async def ping(self) -> None:
         """Check that Redis answers (raises :class:`SharedQuotaError` if not)."""

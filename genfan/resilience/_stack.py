@@ -124,28 +124,60 @@ def guard(
     limits are off until given a policy (they cost extra requests or need the provider's quota).
     Pass ``None`` to turn a guard off.
 
+    The bulkhead is the backend's one concurrency cap (32 running, 64 queued by default):
+    providers do not cap concurrency themselves unless told to.
+
+    Policies hold values only. What stacks share is passed here, once, as an object: a retry
+    budget (``retry_budget``) and a shared quota store (``rate_limit_store``); give the same
+    object to every stack that shares it.
+
     Args:
         backend: the provider backend.
-        bulkhead: max concurrent/queued calls.
+        bulkhead: max concurrent/queued calls (the backend's concurrency cap).
         breaker: circuit-breaker policy.
-        retry: retry policy (its ``budget`` makes one :class:`RetryBudget` for this backend).
+        retry: retry policy (its ``budget`` gives the values of this stack's retry budget).
         timeout: per-attempt timeout (a policy, or seconds).
         hedge: hedging policy.
         rate_limit: requests/tokens per minute.
         hedge_alternates: backends hedges go to (default: this backend again).
-        retry_budget: share a budget between several stacks (default: one per backend).
-        rate_limit_store: a shared quota store (:class:`RedisQuota`) for the rate limiter, so
-            several stacks use one connection pool (default: the one ``rate_limit.shared``
-            names, opened by this stack).
+        retry_budget: a :class:`RetryBudget` to spend instead of one of this stack's own;
+            pass the same object to several stacks to share it.
+        rate_limit_store: a shared quota store (:class:`RedisQuota`) holding this backend's
+            buckets, so that every stack, process and host with the store (and the backend's
+            name) draws from one quota; pass the same object to several stacks to share one
+            connection pool. Whoever made the store closes it.
         rng: the random source for retry jitter.
 
     Returns:
         The guarded backend; its guards are reachable as attributes.
+
+    Raises:
+        ConfigurationError: ``retry_budget`` without a retry policy (or with
+            ``RetryPolicy(budget=None)``), ``rate_limit_store`` without a rate-limit policy,
+            or either of the wrong type.
     """
-    if rate_limit_store is not None and rate_limit is None:
-        raise ConfigurationError(
-            "guard(rate_limit_store=...) needs a rate_limit policy (the quota to share)"
-        )
+    if retry_budget is not None:
+        if not isinstance(retry_budget, RetryBudget):
+            raise ConfigurationError(
+                "guard(retry_budget=...) takes a RetryBudget, made once and given to every stack"
+                f" that shares it: RetryBudget(RetryBudgetPolicy(...)), not a"
+                f" {type(retry_budget).__name__}"
+            )
+        if retry is None or retry.budget is None:
+            raise ConfigurationError(
+                "guard(retry_budget=...) needs a retry policy with a budget (RetryPolicy's"
+                " budget is not None)"
+            )
+    if rate_limit_store is not None:
+        if not isinstance(rate_limit_store, RedisQuota):
+            raise ConfigurationError(
+                "guard(rate_limit_store=...) takes a store, made once: RedisQuota(url) or"
+                f" RedisQuota.from_env(var), not a {type(rate_limit_store).__name__}"
+            )
+        if rate_limit is None:
+            raise ConfigurationError(
+                "guard(rate_limit_store=...) needs a rate_limit policy (the quota to share)"
+            )
     if isinstance(timeout, bool):
         timeout = _TIMEOUT if timeout else None
     elif isinstance(timeout, int | float):
@@ -155,9 +187,13 @@ def guard(
     node = t or node
     b = CircuitBreaker(node, breaker) if breaker is not None else None
     node = b or node
-    rl = RateLimiter(node, rate_limit, shared=rate_limit_store) if rate_limit is not None else None
+    rl = RateLimiter(node, rate_limit) if rate_limit is not None else None
+    if rl is not None and rate_limit_store is not None:
+        rl._use_store(rate_limit_store)
     node = rl or node
-    r = Retry(node, retry, budget=retry_budget, rng=rng) if retry is not None else None
+    r = Retry(node, retry, rng=rng) if retry is not None else None
+    if r is not None and retry_budget is not None:
+        r._share_budget(retry_budget)
     node = r or node
     bh = Bulkhead(node, bulkhead) if bulkhead is not None else None
     node = bh or node
