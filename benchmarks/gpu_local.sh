@@ -35,7 +35,9 @@ if ! "${PY:-python3}" -c "import vllm, torch; assert torch.cuda.is_available()" 
     timeout 300 "$PY" -m pip install -q 'vllm==0.32.0' accelerate gguf transformers || {
         say "vLLM (GPU) could not be installed here (no package index reachable?): stop"; exit 3; }
 fi
-"$PY" -m pip install -q --no-deps -e . >/dev/null 2>&1 || export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+# genfan and genfan-providers (the local engine lives in genfan_providers.vllm).
+"$PY" -m pip install -q --no-deps -e . -e ./providers >/dev/null 2>&1 ||
+    export PYTHONPATH="$PWD:$PWD/providers${PYTHONPATH:+:$PYTHONPATH}"
 "$PY" -m pip install -q anyio httpx pydantic structlog opentelemetry-api tenacity croniter typer rich >/dev/null 2>&1 || true
 "$PY" -c "import vllm, torch; print('vllm', vllm.__version__, 'torch', torch.__version__, torch.cuda.get_device_name(0))" || exit 3
 

@@ -4,7 +4,7 @@
 
 Figures (greedy, ``ignore_eos``, so every request produces exactly ``--tokens`` tokens):
 
-* 32 requests at once through :class:`genfan_providers.vllm_local.VLLMBackend` vs the same 32 one at a
+* 32 requests at once through :class:`genfan_providers.vllm.VLLMBackend` vs the same 32 one at a
   time through it (target ≥ 8x output tokens/s on the 2-core CPU machine);
 * the same 32 prompts submitted straight to the same vLLM ``AsyncLLM`` engine (raw vLLM's own
   batched throughput; target: genfan ≥ 90% of it);
@@ -120,7 +120,7 @@ async def fanout_vs_one(backend: Any, creative: Any, tokens: int, repeat: int) -
 
 
 async def main(args: argparse.Namespace) -> dict[str, Any]:
-    from genfan_providers.vllm_local import VLLMBackend
+    from genfan_providers.vllm import VLLMBackend
 
     sampling = {"ignore_eos": True}
     engine: dict[str, Any] = {"model": args.model, "kv_cache_gb": args.kv_cache_gb}

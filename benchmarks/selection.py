@@ -221,7 +221,7 @@ async def main(fake: bool, limit: int | None, judge_every: int) -> dict[str, Any
         backend: Backend = fake_backend(tasks)
         model = "scripted"
     else:
-        from genfan_providers.vllm_local import VLLMBackend
+        from genfan_providers.vllm import VLLMBackend
 
         backend = VLLMBackend()
         model = backend.model_name

@@ -14,7 +14,6 @@ from __future__ import annotations
 import anyio
 
 from genfan.agents import Agent, tool
-from genfan.local import prepare_default_model
 
 
 @tool(timeout=2.0)
@@ -28,7 +27,8 @@ async def get_weather(city: str) -> dict[str, object]:
 
 
 async def main() -> None:
-    from genfan_providers.vllm_local import VLLMBackend  # loads vLLM (seconds): only when run
+    # The local engine (genfan-providers); vLLM itself loads when the engine starts.
+    from genfan_providers.vllm import VLLMBackend, prepare_default_model
 
     prepare_default_model(progress=False)  # instant once the model is prepared
     async with VLLMBackend(temperature=0.0, max_tokens=120, name="local") as model:

@@ -2,8 +2,9 @@
 
 A backend has a ``name``, answers :meth:`Backend.complete`, streams with :meth:`Backend.stream`,
 and releases its resources in :meth:`Backend.aclose`. Guards (``genfan.resilience``) are backends
-that wrap a backend; providers (the top-level ``providers`` package, or any third-party package)
-implement it for a vendor.
+that wrap a backend; providers (``genfan_providers``, the genfan-providers distribution, or any
+third-party package) implement it for a vendor. genfan never imports them: the registry loads
+them by name.
 
 The registry turns ``"openai:gpt-4o-mini"``-style strings into backends. It looks prefixes up in
 the ``genfan.backends`` entry-point group, so installing a package is enough to add a provider;

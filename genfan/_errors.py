@@ -20,9 +20,10 @@ arguments) is kept apart from failures that happen while talking to a backend::
     └── AllBackendsFailedError        every backend failed; also an ``ExceptionGroup``
 
 Subpackages add their own, under the same root: ``genfan.agents`` (``ToolError``,
-``AgentStepLimitError``, ``StepTimeoutError``, ``ChainFailedError``), ``genfan.local``
-(``ModelFolderError``, ``LocalEngineError``, ``EngineRequestError``) and ``genfan.resilience``
-(``SharedQuotaError``: the shared Redis quota store could not be used).
+``AgentStepLimitError``, ``StepTimeoutError``, ``ChainFailedError``) and ``genfan.resilience``
+(``SharedQuotaError``: the shared Redis quota store could not be used); so do providers, such as
+the local engine in ``genfan_providers.vllm`` (``ModelFolderError``, ``LocalEngineError``,
+``EngineRequestError``).
 
 Provider adapters translate transport and vendor errors at the edge with ``raise ... from exc``,
 so the original cause is always kept as ``__cause__``.

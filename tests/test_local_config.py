@@ -16,7 +16,7 @@ EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "local.toml"
 
 
 def _fake_prepared_model(cache: Path) -> None:
-    from genfan.local import _prepare
+    from genfan_providers.vllm import _prepare
 
     folder = _prepare.default_model_dir(cache)
     folder.mkdir(parents=True)
@@ -50,7 +50,7 @@ def test_the_demo_config_builds_five_targets_sharing_one_engine(
 @pytest.mark.engine
 def test_genfan_ask_with_the_demo_config_shows_candidates_and_the_answer() -> None:
     """What `make demo` runs, end to end (starts its own engine: ~20-60 s)."""
-    from genfan.local import prepare_default_model
+    from genfan_providers.vllm import prepare_default_model
 
     prepare_default_model(progress=False)
     genfan = Path(sys.executable).parent / "genfan"

@@ -11,6 +11,11 @@ from collections.abc import AsyncIterator
 
 import anyio
 import pytest
+from genfan_providers.vllm import (
+    ContextLengthExceededError,
+    EngineStartError,
+    prepare_default_model,
+)
 from pydantic import BaseModel, Field
 
 from genfan import (
@@ -24,7 +29,6 @@ from genfan import (
     merge_tool_call_deltas,
 )
 from genfan.agents import Agent, tool
-from genfan.local import ContextLengthExceededError, EngineStartError, prepare_default_model
 
 pytestmark = [pytest.mark.engine, pytest.mark.anyio]
 
@@ -39,7 +43,7 @@ def anyio_backend() -> str:
 @pytest.fixture(scope="module")
 async def local() -> AsyncIterator[object]:
     """The module's engine: the prepared default model, greedy decoding."""
-    from genfan_providers.vllm_local import VLLMBackend
+    from genfan_providers.vllm import VLLMBackend
 
     prepare_default_model(progress=False)  # instant when already prepared
     backend = VLLMBackend(temperature=0.0, max_tokens=64, name="local")
@@ -204,7 +208,7 @@ async def test_a_tool_parser_on_a_model_that_writes_no_tool_calls_returns_text(
     local: object,
 ) -> None:
     """SmolLM2's template ignores tools: in auto mode hermes finds no call, the text stays."""
-    from genfan_providers.vllm_local import VLLMBackend
+    from genfan_providers.vllm import VLLMBackend
 
     hermes = VLLMBackend(temperature=0.0, tool_parser="hermes", name="hermes")  # same engine
     try:
@@ -238,7 +242,7 @@ async def test_the_agent_loop_runs_a_tool_on_the_local_model(local: object) -> N
 
 
 async def test_one_prompt_fans_out_to_three_sampling_configs_on_one_engine(local: object) -> None:
-    from genfan_providers.vllm_local import VLLMBackend
+    from genfan_providers.vllm import VLLMBackend
 
     creative = VLLMBackend(temperature=0.9, name="creative")  # same engine options: shared
     fan = FanOut(
@@ -280,7 +284,7 @@ async def test_the_registry_builds_the_default_local_backend(local: object) -> N
 async def test_an_engine_that_cannot_start_reports_its_reason(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from genfan_providers.vllm_local import VLLMBackend
+    from genfan_providers.vllm import VLLMBackend
 
     # Far more KV cache than the machine has: the engine's worker refuses at start-up.
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "4096")  # the CPU build reads this first

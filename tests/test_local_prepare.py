@@ -10,9 +10,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
-
-from genfan import ConfigurationError, MissingExtraError
-from genfan.local import (
+from genfan_providers.vllm import (
     DEFAULT_MODEL_NAME,
     EngineStartError,
     LocalServer,
@@ -25,7 +23,9 @@ from genfan.local import (
     server_command,
     validate_model_dir,
 )
-from genfan.local._env import apply_engine_env, engine_reason
+from genfan_providers.vllm._env import apply_engine_env, engine_reason
+
+from genfan import ConfigurationError, MissingExtraError
 
 GGUF = _prepare._GGUF_MEMBER
 
@@ -224,7 +224,7 @@ def test_importing_the_local_parts_stays_light() -> None:
     code = textwrap.dedent(
         """
         import sys
-        import genfan.local, genfan.cli._local, genfan_providers.vllm_local
+        import genfan_providers.vllm, genfan.cli._local
         heavy = sorted(m for m in ("vllm", "torch", "transformers") if m in sys.modules)
         print(heavy)
         """
@@ -232,7 +232,11 @@ def test_importing_the_local_parts_stays_light() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
     genfan_local = subprocess.run(
-        [sys.executable, "-c", "import sys, genfan.local; print('providers' in sys.modules)"],
+        [
+            sys.executable,
+            "-c",
+            "import sys, genfan_providers.vllm; print('providers' in sys.modules)",
+        ],
         capture_output=True,
         text=True,
         check=True,
@@ -246,7 +250,7 @@ def test_importing_the_local_parts_stays_light() -> None:
 def test_missing_vllm_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
     import importlib.util
 
-    from genfan_providers import vllm_local
+    from genfan_providers import vllm as vllm_local
 
     real = importlib.util.find_spec
     monkeypatch.setattr(
@@ -260,7 +264,7 @@ def test_missing_vllm_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_backend_options_are_validated(fake_steps: Calls) -> None:
-    from genfan_providers.vllm_local import VLLMBackend
+    from genfan_providers.vllm import VLLMBackend
 
     prepare_default_model(progress=False)
     with pytest.raises(ConfigurationError, match="dtype"):
@@ -284,7 +288,7 @@ def test_backend_without_a_prepared_model_says_how_to_fix(cache: Path) -> None:
 @pytest.mark.anyio
 @pytest.mark.parametrize("anyio_backend", ["trio"])
 async def test_on_trio_the_backend_says_it_needs_asyncio(fake_steps: Calls) -> None:
-    from genfan_providers.vllm_local import VLLMBackend
+    from genfan_providers.vllm import VLLMBackend
 
     from genfan import ChatRequest
 
@@ -335,7 +339,7 @@ def test_a_server_that_never_gets_healthy_is_stopped(tmp_path: Path) -> None:
 
 
 def test_a_healthy_server_is_waited_for_and_stopped(tmp_path: Path) -> None:
-    from genfan.local import free_port
+    from genfan_providers.vllm import free_port
 
     port = free_port()
     script = textwrap.dedent(
@@ -391,7 +395,7 @@ def test_engine_reason_finds_the_workers_error(tmp_path: Path) -> None:
 
 
 def test_cpu_dtype_uses_bfloat16_only_where_the_cpu_has_it() -> None:
-    from genfan.local import cpu_dtype
+    from genfan_providers.vllm import cpu_dtype
 
     ice_lake = "processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512bw avx512_vnni\n"
     sapphire = "processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n"

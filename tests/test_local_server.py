@@ -9,9 +9,14 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
+from genfan_providers.vllm import (
+    DEFAULT_MODEL_NAME,
+    LocalServer,
+    prepare_default_model,
+    serve_local,
+)
 
 from genfan import ChatRequest, StreamEnd, TextDelta
-from genfan.local import DEFAULT_MODEL_NAME, LocalServer, prepare_default_model, serve_local
 
 pytestmark = pytest.mark.engine
 

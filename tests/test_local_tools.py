@@ -14,7 +14,8 @@ from typing import Any
 
 import jsonschema
 import pytest
-from genfan_providers.vllm_local import (
+from genfan_providers.vllm import EngineRequestError
+from genfan_providers.vllm._tools import (
     _extract_tool_calls,
     _parse_forced_tool_calls,
     _template_messages,
@@ -35,7 +36,6 @@ from genfan import (
     ToolSpec,
     merge_tool_call_deltas,
 )
-from genfan.local import EngineRequestError
 
 CALL_ID = re.compile(r"^call_[0-9a-f]{24}$")
 
@@ -246,7 +246,7 @@ def _shared(tokenizer: _Tokenizer | None = None) -> Any:
 
 
 def _backend(**options: Any) -> Any:
-    from genfan_providers.vllm_local import VLLMBackend
+    from genfan_providers.vllm import VLLMBackend
 
     return VLLMBackend("scripted-model", name="scripted", **options)
 

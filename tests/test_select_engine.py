@@ -20,7 +20,7 @@ def anyio_backend() -> str:
 
 
 async def test_selection_end_to_end_on_the_local_model() -> None:
-    vllm_local = pytest.importorskip("genfan_providers.vllm_local")
+    vllm_local = pytest.importorskip("genfan_providers.vllm")
     backend = vllm_local.VLLMBackend()
     try:
         await backend.start()

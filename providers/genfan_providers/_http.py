@@ -1,18 +1,21 @@
-"""What the HTTP providers share: one pooled client, a concurrency bound, typed errors, SSE.
+"""What the HTTP providers share: pooled clients, typed errors, SSE.
 
 :class:`HTTPBackend` holds the parts every HTTP provider needs:
 
-* connection pools that never queue and stay small. An ``anyio.Semaphore`` of
-  ``max_concurrency`` bounds the requests in flight, so extra requests wait in genfan, never in
-  httpcore (httpcore rescans its whole pool for every queued request: thousands queued cost
-  milliseconds of CPU each). And since httpcore's bookkeeping for one request also grows with
-  the square of its pool's size (it scans every connection, and for each idle one every
-  connection again), the ``max_concurrency`` connections are split over small ``httpx``
+* connection pools that never queue and stay small. httpcore rescans its whole pool for every
+  queued request (thousands queued cost milliseconds of CPU each), and its bookkeeping for one
+  request grows with the square of its pool's size (it scans every connection, and for each
+  idle one every connection again). So a backend's connections are split over small ``httpx``
   clients ("shards") of at most :data:`SHARD_SIZE` connections, each with
-  ``httpx.Limits(max_connections=SHARD_SIZE)``. A request takes a free slot of some shard
-  (the most recently freed one, whose connection is warm) after the semaphore let it in, so
-  a shard is never asked for more connections than it has. Shards are created on first use
-  and share one SSL context.
+  ``httpx.Limits(max_connections=SHARD_SIZE)``, and a request takes a free slot of some shard
+  (the most recently freed one, whose connection is warm): a shard is never asked for more
+  connections than it has. With no free slot a new shard is added, so the pools hold as many
+  connections as requests were ever in flight at once. Shards are created on first use and
+  share one SSL context.
+* no concurrency cap of its own by default: the bulkhead of the backend's guard stack
+  (``genfan.resilience``, 32 calls by default) is the one cap, and it bounds the connections
+  too. ``max_concurrency=N`` adds a cap here (an ``anyio.Semaphore``; more requests wait in
+  genfan, never in httpcore) for a backend used without guards.
 * the API key, kept as a ``pydantic.SecretStr`` and redacted from every error message;
 * the translation of every transport failure, HTTP status and unreadable body into the typed
   errors of :mod:`genfan.errors`, always with ``raise ... from exc``;
@@ -86,7 +89,9 @@ class HTTPBackend(BaseBackend):
         headers: extra headers sent with every request (e.g. ``HTTP-Referer`` for OpenRouter).
         timeout: httpx timeout in seconds for connecting, and for each read and write.
         max_concurrency: the most requests in flight at once on this backend (and the size of
-            its connection pool); more wait their turn in genfan, not in httpx.
+            its connection pools); more wait their turn in genfan, not in httpx. ``None``
+            (default): no cap here, the guard stack's bulkhead is the one cap, and the pools
+            grow to the most requests in flight at once.
         price: USD per million input and output tokens, to fill ``Usage.cost``.
         client: an ``httpx.AsyncClient`` to use instead of creating one (it is not closed by
             :meth:`aclose`; its own pool limits apply).
@@ -107,7 +112,7 @@ class HTTPBackend(BaseBackend):
         api_key_env: str | None = None,
         headers: Mapping[str, str] | None = None,
         timeout: float = 60.0,
-        max_concurrency: int = 64,
+        max_concurrency: int | None = None,
         price: tuple[float, float] | None = None,
         client: httpx.AsyncClient | None = None,
     ) -> None:
@@ -119,9 +124,11 @@ class HTTPBackend(BaseBackend):
             raise ConfigurationError(
                 f"timeout must be a positive number of seconds, got {timeout!r}"
             )
-        if not (isinstance(max_concurrency, int) and max_concurrency >= 1):
+        if max_concurrency is not None and not (
+            isinstance(max_concurrency, int) and max_concurrency >= 1
+        ):
             raise ConfigurationError(
-                f"max_concurrency must be an integer >= 1, got {max_concurrency!r}"
+                f"max_concurrency must be None or an integer >= 1, got {max_concurrency!r}"
             )
         if price is not None:
             if len(price) != 2 or not all(isinstance(p, int | float) and p >= 0 for p in price):
@@ -151,25 +158,22 @@ class HTTPBackend(BaseBackend):
         self._client = client
         # Headers go on our own clients once; a caller's client gets them per request.
         self._request_headers: dict[str, str] | None = None if client is None else self._headers
-        self._sem = anyio.Semaphore(max_concurrency)
-        if client is None:
-            size = min(SHARD_SIZE, max_concurrency)
-            count = -(-max_concurrency // size)
-            self._shards: list[httpx.AsyncClient | None] = [None] * count
-            self._shard_size = size
-            # A stack of free slots (shard indexes); shard 0's on top, so light load stays on
-            # one shard and its warm connections.
-            self._slots: list[int] = [
-                i for i in reversed(range(count)) for _ in range(self._slot_count(i, count, size))
-            ]
-        else:
-            self._shards = []
-            self._shard_size = 0
-            self._slots = []
+        self._sem = None if max_concurrency is None else anyio.Semaphore(max_concurrency)
+        self._shards: list[httpx.AsyncClient | None] = []
+        # A stack of free slots (shard indexes); shard 0's on top, so light load stays on one
+        # shard and its warm connections.
+        self._slots: list[int] = []
+        if client is None and max_concurrency is not None:
+            count = -(-max_concurrency // SHARD_SIZE)
+            self._shards = [None] * count
+            self._slots = [i for i in reversed(range(count)) for _ in range(self._slot_count(i))]
         self._closed = False
 
-    def _slot_count(self, i: int, count: int, size: int) -> int:
-        return size if i < count - 1 else self.max_concurrency - size * (count - 1)
+    def _slot_count(self, i: int) -> int:
+        """How many connections shard ``i`` holds (the last of a capped backend: what is left)."""
+        if self.max_concurrency is None or i < len(self._shards) - 1:
+            return SHARD_SIZE
+        return self.max_concurrency - SHARD_SIZE * i
 
     # -- set-up --------------------------------------------------------------------------------
 
@@ -179,7 +183,7 @@ class HTTPBackend(BaseBackend):
     def _new_shard(self, i: int) -> httpx.AsyncClient:
         if self._closed:
             raise ConfigurationError(f"backend {self.name!r} is closed; create a new one")
-        size = self._slot_count(i, len(self._shards), self._shard_size)
+        size = self._slot_count(i)
         client = httpx.AsyncClient(
             headers=self._headers,
             timeout=httpx.Timeout(self.timeout),
@@ -194,12 +198,14 @@ class HTTPBackend(BaseBackend):
         """The caller's ``httpx.AsyncClient``, or the first of the backend's own."""
         if self._client is not None:
             return self._client
+        if not self._shards:
+            self._add_shard()
         return self._shards[0] or self._new_shard(0)
 
     @property
     def clients(self) -> list[httpx.AsyncClient]:
-        """Every ``httpx.AsyncClient`` in use now (created on demand, at most
-        ``max_concurrency / SHARD_SIZE``)."""
+        """Every ``httpx.AsyncClient`` in use now (created on demand, one per
+        :data:`SHARD_SIZE` requests in flight at once)."""
         if self._client is not None:
             return [self._client]
         return [c for c in self._shards if c is not None]
@@ -226,17 +232,28 @@ class HTTPBackend(BaseBackend):
         """Wait for a slot; return the index of its shard (-1: the caller's client)."""
         if self._closed:
             raise ConfigurationError(f"backend {self.name!r} is closed; create a new one")
-        try:
-            self._sem.acquire_nowait()
-        except anyio.WouldBlock:
-            await self._sem.acquire()
-        # The semaphore admits at most as many requests as there are slots, so one is free.
-        return self._slots.pop() if self._slots else -1
+        if self._sem is not None:
+            try:
+                self._sem.acquire_nowait()
+            except anyio.WouldBlock:
+                await self._sem.acquire()
+        if self._client is not None:
+            return -1
+        # A capped backend's semaphore admits at most as many requests as there are slots.
+        if not self._slots:
+            self._add_shard()
+        return self._slots.pop()
+
+    def _add_shard(self) -> None:
+        """Room for :data:`SHARD_SIZE` more connections (an uncapped backend, every slot taken)."""
+        self._slots.extend([len(self._shards)] * SHARD_SIZE)
+        self._shards.append(None)
 
     def _release(self, slot: int) -> None:
         if slot >= 0:
             self._slots.append(slot)
-        self._sem.release()
+        if self._sem is not None:
+            self._sem.release()
 
     def _client_for(self, slot: int) -> httpx.AsyncClient:
         if slot < 0:

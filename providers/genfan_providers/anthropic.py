@@ -95,6 +95,7 @@ class AnthropicBackend(HTTPBackend):
         timeout: httpx timeout (connect, each read and write) in seconds; a request's own
             ``timeout`` limits the whole call.
         max_concurrency: requests in flight at once (and pool size); more wait in genfan.
+            ``None`` (default): no cap of its own; the guard stack's bulkhead is the cap.
         price: USD per million input and output tokens, to fill ``Usage.cost``.
         client: use this ``httpx.AsyncClient`` (left open by :meth:`aclose`).
         max_tokens: sent when a request sets none (the API requires a value).
@@ -122,7 +123,7 @@ class AnthropicBackend(HTTPBackend):
         api_key_env: str | None = "ANTHROPIC_API_KEY",
         headers: Mapping[str, str] | None = None,
         timeout: float = 60.0,
-        max_concurrency: int = 64,
+        max_concurrency: int | None = None,
         price: tuple[float, float] | None = None,
         client: httpx.AsyncClient | None = None,
         max_tokens: int = 1024,

@@ -89,6 +89,7 @@ class OpenAIBackend(HTTPBackend):
         timeout: httpx timeout (connect, each read and write) in seconds; a request's own
             ``timeout`` limits the whole call.
         max_concurrency: requests in flight at once (and pool size); more wait in genfan.
+            ``None`` (default): no cap of its own; the guard stack's bulkhead is the cap.
         price: USD per million input and output tokens, to fill ``Usage.cost``.
         client: use this ``httpx.AsyncClient`` (left open by :meth:`aclose`).
         max_tokens_field: the body field that carries ``ChatRequest.max_tokens``. OpenAI
@@ -123,7 +124,7 @@ class OpenAIBackend(HTTPBackend):
         api_key_env: str | None = "OPENAI_API_KEY",
         headers: Mapping[str, str] | None = None,
         timeout: float = 60.0,
-        max_concurrency: int = 64,
+        max_concurrency: int | None = None,
         price: tuple[float, float] | None = None,
         client: httpx.AsyncClient | None = None,
         max_tokens_field: MaxTokensField = "auto",

@@ -10,16 +10,29 @@ from __future__ import annotations
 import json
 import os
 import re
+import threading
 import time
 from collections.abc import Mapping, MutableMapping
 from pathlib import Path
 
 from ._prepare import cache_dir
 
-__all__ = ["apply_engine_env", "engine_env_defaults", "log_tail", "new_log_file"]
+__all__ = [
+    "apply_engine_env",
+    "cpu_dtype",
+    "engine_env_defaults",
+    "engine_reason",
+    "env_lock",
+    "log_tail",
+    "new_log_file",
+]
 
 #: vLLM's console log level unless VLLM_LOGGING_LEVEL says otherwise (its full log is in a file).
 DEFAULT_CONSOLE_LEVEL = "ERROR"
+
+#: Held while this process's environment is set for vLLM, which reads it when it is imported and
+#: when it spawns its workers.
+env_lock = threading.Lock()
 
 
 def cpu_dtype(cpuinfo: str | None = None) -> str:

