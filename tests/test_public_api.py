@@ -144,7 +144,7 @@ def test_no_public_module_beside_the_facades() -> None:
         "telemetry",
         "testing",
         "testserver",
-    } | ({"local"} if "local" in public else set())
+    }
 
 
 def test_dir_lists_the_exports() -> None:
