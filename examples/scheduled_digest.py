@@ -17,13 +17,13 @@ from pathlib import Path
 import anyio
 
 from genfan import ChatRequest, FanOut
+from genfan.resilience import RetryPolicy
 from genfan.schedule import (
     ContentJob,
     CronTrigger,
     IntervalTrigger,
     SchedulePolicy,
     Scheduler,
-    ScheduleRetry,
 )
 from genfan.testing import FunctionBackend
 
@@ -64,7 +64,9 @@ async def main() -> None:
             IntervalTrigger(seconds=1),
             id="inbox-digest",
             policy=SchedulePolicy(
-                overlap="skip", timeout=30, retry=ScheduleRetry(attempts=3, initial=0.5)
+                overlap="skip",
+                timeout=30,
+                retry=RetryPolicy(attempts=3, initial=0.5, jitter="none"),
             ),
         )
         morning = await s.add_schedule(

@@ -17,6 +17,7 @@ import pytest
 from trio.testing import MockClock
 
 from genfan import ConfigurationError
+from genfan.resilience import RetryPolicy
 from genfan.schedule import (
     AnyioClock,
     CronTrigger,
@@ -25,7 +26,6 @@ from genfan.schedule import (
     RunContext,
     SchedulePolicy,
     Scheduler,
-    ScheduleRetry,
     SQLiteStore,
 )
 from genfan.testing import capture_events
@@ -194,7 +194,8 @@ async def test_backfill_runs_go_through_the_job_policy() -> None:
             id="once",
             paused=True,  # the trigger's own fire never runs; a backfill still does
             policy=SchedulePolicy(
-                misfire_grace_time=10, retry=ScheduleRetry(attempts=2, initial=5)
+                misfire_grace_time=10,
+                retry=RetryPolicy(attempts=2, initial=5, max_delay=300, jitter="none"),
             ),
         )
         result = await s.backfill("once", T0 - timedelta(days=1), T0 + timedelta(hours=1))

@@ -13,8 +13,7 @@ from typer.testing import CliRunner
 
 from genfan import ConfigurationError
 from genfan.cli import app
-from genfan.schedule import ContentJob, CronTrigger, IntervalTrigger
-from genfan.schedule._config import parse_schedules
+from genfan.schedule import ContentJob, CronTrigger, IntervalTrigger, parse_schedules
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -174,6 +173,26 @@ def test_parse_schedules() -> None:
     assert every == IntervalTrigger(seconds=1800)
 
 
+def test_a_retry_table_keeps_its_keys_through_the_store() -> None:
+    from genfan.schedule import SchedulePolicy
+
+    keys = {"attempts": 4, "initial": 2, "multiplier": 3, "max_delay": 50, "jitter": "full"}
+    entry = parse_schedules({"x": {"func": "a:b", "interval": 5, "retry": keys}}).entries["x"]
+    policy = entry.policy()
+    assert {k: getattr(policy.retry, k) for k in keys} == keys
+    assert SchedulePolicy.from_dict(policy.to_dict()) == policy
+    # The keys left out keep the schedule defaults (no jitter, waits up to 300 s).
+    few = parse_schedules({"x": {"func": "a:b", "interval": 5, "retry": {"attempts": 2}}})
+    retry = few.entries["x"].policy().retry
+    assert (retry.attempts, retry.initial, retry.multiplier, retry.max_delay, retry.jitter) == (
+        2,
+        1.0,
+        2.0,
+        300.0,
+        "none",
+    )
+
+
 @pytest.mark.parametrize(
     ("data", "match"),
     [
@@ -185,6 +204,8 @@ def test_parse_schedules() -> None:
         ({"x": {"func": "a:b", "interval": 5, "colaesce": "all"}}, "unknown key"),
         ({"lease_time": 0}, "schedules.lease_time"),
         ({"x": {"func": "a:b", "interval": 5, "keep_succeeded": 0}}, "schedules.x.keep_succeeded"),
+        ({"x": {"func": "a:b", "interval": 5, "retry": {"jitter": "some"}}}, "schedules.x.retry"),
+        ({"x": {"func": "a:b", "interval": 5, "retry": {"attempts": 101}}}, "schedules.x.retry"),
     ],
 )
 def test_parse_schedules_rejects(data: dict[str, object], match: str) -> None:

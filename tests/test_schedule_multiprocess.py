@@ -32,8 +32,9 @@ WORKER = textwrap.dedent(
     import anyio
 
     from genfan.schedule import (
-        DateTrigger, IntervalTrigger, Scheduler, SchedulePolicy, ScheduleRetry, store_from_url,
+        DateTrigger, IntervalTrigger, Scheduler, SchedulePolicy, store_from_url,
     )
+    from genfan.resilience import RetryPolicy
 
     URL, LOG, START, STOP, MODE = sys.argv[1], sys.argv[2], float(sys.argv[3]), float(sys.argv[4]), sys.argv[5]
 
@@ -73,7 +74,7 @@ WORKER = textwrap.dedent(
             else:
                 await s.add_schedule(
                     "__main__:slow", DateTrigger(at=start), id="slow",
-                    policy=SchedulePolicy(retry=ScheduleRetry(attempts=2, initial=0)),
+                    policy=SchedulePolicy(retry=RetryPolicy(attempts=2, initial=0)),
                     conflict="keep",
                 )
             log(f"ready {os.getpid()}")

@@ -17,6 +17,7 @@ import pytest
 from trio.testing import MockClock
 
 from genfan import ConfigurationError
+from genfan.resilience import RetryPolicy
 from genfan.schedule import (
     AnyioClock,
     CronTrigger,
@@ -25,11 +26,10 @@ from genfan.schedule import (
     RunContext,
     SchedulePolicy,
     Scheduler,
-    ScheduleRetry,
     SQLiteStore,
+    parse_schedules,
 )
-from genfan.schedule._config import parse_schedules
-from genfan.schedule._store import jitter_us
+from genfan.schedule._planning import jitter_us
 from genfan.schedule._triggers import to_us
 from genfan.testing import capture_events
 
@@ -227,7 +227,11 @@ async def test_retries_back_off_exponentially_then_succeed() -> None:
                 job,
                 DateTrigger(at=T0 + timedelta(seconds=10)),
                 id="r",
-                policy=SchedulePolicy(retry=ScheduleRetry(attempts=5, initial=2, multiplier=3)),
+                policy=SchedulePolicy(
+                    retry=RetryPolicy(
+                        attempts=5, initial=2, multiplier=3, max_delay=300, jitter="none"
+                    )
+                ),
             )
             await anyio.sleep(100)
         (run,) = await s.history("r")
@@ -246,7 +250,9 @@ async def test_retries_exhausted_is_a_failure_with_the_error() -> None:
             job,
             DateTrigger(at=T0),
             id="r",
-            policy=SchedulePolicy(retry=ScheduleRetry(attempts=3, initial=1, max_delay=1.5)),
+            policy=SchedulePolicy(
+                retry=RetryPolicy(attempts=3, initial=1, max_delay=1.5, jitter="none")
+            ),
         )
         await anyio.sleep(100)
         (run,) = await s.history("r")
@@ -264,7 +270,10 @@ async def test_timeout_per_attempt() -> None:
             job,
             DateTrigger(at=T0),
             id="t",
-            policy=SchedulePolicy(timeout=10, retry=ScheduleRetry(attempts=2, initial=5)),
+            policy=SchedulePolicy(
+                timeout=10,
+                retry=RetryPolicy(attempts=2, initial=5, max_delay=300, jitter="none"),
+            ),
         )
         await anyio.sleep(200)
         (run,) = await s.history("t")
@@ -285,7 +294,7 @@ async def test_lease_expiry_takeover_at_exactly_the_lease_time(tmp_path: Path) -
             id="x",
             trigger=DateTrigger(at=T0),
             job={"kind": "call", "func": None, "args": [], "kwargs": {}},
-            policy=SchedulePolicy(retry=ScheduleRetry(attempts=2)),
+            policy=SchedulePolicy(retry=RetryPolicy(attempts=2)),
             now=clock.now(),
         )
         assert ghost_store_ready.next_fire == T0
@@ -529,8 +538,31 @@ async def test_add_schedule_conflicts_and_validation() -> None:
         (lambda: SchedulePolicy(misfire_grace_time=-1), "misfire_grace_time must be >= 0"),
         (lambda: SchedulePolicy(timeout=0), "timeout must be > 0"),
         (lambda: SchedulePolicy(jitter=-1), "jitter must be >= 0"),
-        (lambda: ScheduleRetry(attempts=0), "attempts must be"),
-        (lambda: ScheduleRetry(multiplier=0.5), "multiplier must be >= 1"),
+        (lambda: RetryPolicy(attempts=0), "attempts must be"),
+        (lambda: SchedulePolicy(retry={"multiplier": 0.5}), "multiplier must be >= 1"),  # type: ignore[arg-type]
+        (lambda: RetryPolicy(multiplier=0.5), "RetryPolicy.multiplier must be"),
+        (
+            lambda: SchedulePolicy(retry=RetryPolicy(attempts=101)),
+            r"SchedulePolicy\.retry\.attempts must be an int >= 1 and <= 100, got 101",
+        ),
+        (
+            lambda: SchedulePolicy(retry=RetryPolicy(initial=86401, max_delay=86401)),
+            r"SchedulePolicy\.retry\.initial must be >= 0 and <= 86400, got 86401",
+        ),
+        (
+            lambda: SchedulePolicy(retry=RetryPolicy(multiplier=11)),
+            r"SchedulePolicy\.retry\.multiplier must be >= 1 and <= 10, got 11",
+        ),
+        (
+            lambda: SchedulePolicy(retry=RetryPolicy(max_delay=86401)),
+            r"SchedulePolicy\.retry\.max_delay must be >= 0 and <= 86400, got 86401",
+        ),
+        (
+            lambda: SchedulePolicy(retry=RetryPolicy(retry_on=(ValueError,))),
+            r"SchedulePolicy\.retry\.retry_on must be None",
+        ),
+        (lambda: SchedulePolicy(retry={"attempt": 2}), r"SchedulePolicy\.retry: .*'attempt'"),  # type: ignore[arg-type]
+        (lambda: SchedulePolicy(retry=3), "SchedulePolicy.retry must be a"),  # type: ignore[arg-type]
         (lambda: Scheduler(":memory:", max_concurrent_runs=0), "max_concurrent_runs"),
         (lambda: Scheduler(":memory:", lease_time=0), "lease_time"),
         (lambda: Scheduler("redis://x"), "unknown store URL"),
@@ -589,7 +621,9 @@ async def test_span_per_run_and_metrics_for_runs_retries_and_drift(
             job,
             DateTrigger(at=T0 + timedelta(seconds=3)),
             id="m",
-            policy=SchedulePolicy(retry=ScheduleRetry(attempts=2, initial=1)),
+            policy=SchedulePolicy(
+                retry=RetryPolicy(attempts=2, initial=1, max_delay=300, jitter="none")
+            ),
         )
         await anyio.sleep(10)
 
@@ -639,3 +673,30 @@ async def test_a_month_of_downtime_on_a_per_second_cron_is_caught_up_quickly(
         assert sorted(job.fires) == [late, late + 1]
     else:  # a grace time of 2 s keeps only the last fire times
         assert sorted(job.fires) == [late - 2, late - 1, late, late + 1]
+
+
+@pytest.mark.anyio
+async def test_stopping_during_a_retry_wait_hands_the_run_back_with_the_attempt_counted() -> None:
+    # A deadline around the scheduler (it stops at 20 s) cuts the 60 s wait before attempt 2
+    # short: the run goes back to pending for the next scheduler, its failed attempt counted,
+    # instead of being recorded as failed.
+    store = SQLiteStore(":memory:", threads=False)
+    clock = AnyioClock(start=T0)
+    job = Recorder(clock, fail=1)
+    with capture_events() as events, anyio.move_on_after(20):
+        async with Scheduler(store, clock=clock, poll_interval=None) as s:
+            await s.add_schedule(
+                job,
+                DateTrigger(at=T0),
+                id="r",
+                policy=SchedulePolicy(
+                    retry=RetryPolicy(attempts=3, initial=60, max_delay=300, jitter="none")
+                ),
+            )
+            await anyio.sleep_forever()
+    (run,) = await store.history("r")
+    await store.aclose()
+    assert job.calls == [(0, 0, 1)]
+    assert run.status == "pending" and run.attempts == 1 and run.owner is None
+    retries = [e for e in events if e["event"] == "schedule_run_retry"]
+    assert [(e["attempt"], e["delay"]) for e in retries] == [(1, 60)]

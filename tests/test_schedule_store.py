@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -12,6 +13,7 @@ import anyio
 import pytest
 
 from genfan import ConfigurationError
+from genfan.resilience import RetryPolicy
 from genfan.schedule import (
     DateTrigger,
     IntervalTrigger,
@@ -312,6 +314,37 @@ def test_history_limits_are_validated_and_stored_only_when_set() -> None:
     kept = SchedulePolicy(keep_succeeded=3, keep_failed=0)
     assert SchedulePolicy.from_dict(kept.to_dict()) == kept
     assert SchedulePolicy.from_dict(SchedulePolicy().to_dict()) == SchedulePolicy()
+
+
+def test_the_retry_policy_round_trips_through_the_stored_form() -> None:
+    policy = SchedulePolicy(
+        retry=RetryPolicy(attempts=4, initial=2, multiplier=3, max_delay=50, jitter="full")
+    )
+    stored = json.loads(json.dumps(policy.to_dict(), sort_keys=True))
+    assert stored["retry"] == {
+        "attempts": 4,
+        "initial": 2,
+        "multiplier": 3,
+        "max_delay": 50,
+        "jitter": "full",
+    }
+    assert SchedulePolicy.from_dict(stored) == policy
+    # The default (no jitter) is left out, so replicas of an older genfan read the policy.
+    assert SchedulePolicy().to_dict()["retry"] == {
+        "attempts": 1,
+        "initial": 1.0,
+        "multiplier": 2.0,
+        "max_delay": 300.0,
+    }
+    # Stored by an older genfan, which allowed an initial wait above max_delay (it waited
+    # max_delay): read, and it still waits max_delay.
+    old = SchedulePolicy.from_dict({"retry": {"attempts": 3, "initial": 5, "max_delay": 1}})
+    assert old.retry.base_delay(1) == old.retry.base_delay(2) == 1
+    # What a schedule does not store is the same for every schedule.
+    retry = SchedulePolicy(retry=RetryPolicy(attempts=3)).retry
+    assert (retry.retry_on, retry.budget, retry.respect_retry_after) == ((Exception,), None, False)
+    with pytest.raises(ConfigurationError, match="invalid schedule policy"):
+        SchedulePolicy.from_dict({"retry": {"attempts": 2, "budget": 1}})
 
 
 @pytest.mark.anyio

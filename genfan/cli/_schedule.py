@@ -53,7 +53,7 @@ def _fail(message: str) -> typer.Exit:
 
 def _load(config: Path | None) -> tuple[Any, Any]:
     """(GenfanConfig or None, SchedulesConfig)."""
-    from ..schedule._config import parse_schedules
+    from ..schedule import parse_schedules
 
     path = config if config is not None else (DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None)
     if path is None:

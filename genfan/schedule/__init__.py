@@ -12,8 +12,10 @@ async with Scheduler("sqlite:///schedules.db") as scheduler:
     await scheduler.run_until_stopped()
 ```
 
-See docs/schedule.md for the semantics (misfires, coalescing, overlap, leases, DST,
-backfill, history limits).
+Retries are a :class:`genfan.resilience.RetryPolicy` (``SchedulePolicy(retry=...)``), run by
+genfan's one retry engine. :func:`parse_schedules` reads the ``[schedules]`` section of a TOML
+config (what ``genfan schedule run`` runs). See docs/schedule.md for the semantics (misfires,
+coalescing, overlap, leases, DST, backfill, history limits).
 """
 
 from typing import TYPE_CHECKING
@@ -23,26 +25,27 @@ from genfan._facade import lazy
 if TYPE_CHECKING:
     from ._clock import AnyioClock as AnyioClock
     from ._clock import Clock as Clock
+    from ._config import SchedulesConfig as SchedulesConfig
+    from ._config import parse_schedules as parse_schedules
     from ._jobs import ContentJob as ContentJob
     from ._jobs import FanOutFactory as FanOutFactory
     from ._jobs import RunContext as RunContext
     from ._policy import Coalesce as Coalesce
     from ._policy import Overlap as Overlap
     from ._policy import SchedulePolicy as SchedulePolicy
-    from ._policy import ScheduleRetry as ScheduleRetry
+    from ._postgres import PostgresStore as PostgresStore
+    from ._records import BackfillResult as BackfillResult
+    from ._records import RunRecord as RunRecord
+    from ._records import RunStatus as RunStatus
+    from ._records import ScheduleInfo as ScheduleInfo
     from ._scheduler import Scheduler as Scheduler
-    from ._store import BackfillResult as BackfillResult
-    from ._store import PostgresStore as PostgresStore
-    from ._store import RunRecord as RunRecord
-    from ._store import RunStatus as RunStatus
-    from ._store import ScheduleInfo as ScheduleInfo
-    from ._store import SQLiteStore as SQLiteStore
+    from ._sqlite import SQLiteStore as SQLiteStore
     from ._store import Store as Store
-    from ._store import store_from_url as store_from_url
     from ._triggers import CronTrigger as CronTrigger
     from ._triggers import DateTrigger as DateTrigger
     from ._triggers import IntervalTrigger as IntervalTrigger
     from ._triggers import Trigger as Trigger
     from ._triggers import parse_duration as parse_duration
+    from ._url import store_from_url as store_from_url
 
 __getattr__, __dir__, __all__ = lazy(__name__, __file__)

@@ -17,7 +17,7 @@ coalesce = "latest"              # earliest | latest | all
 overlap = "skip"                 # skip | buffer_one | buffer_all | allow | cancel_old
 timeout = 120
 jitter = 30
-retry = { attempts = 3, initial = 5, max_delay = 60 }
+retry = { attempts = 3, initial = 5, max_delay = 60 }   # also multiplier, jitter
 keep_succeeded = 10              # history limits (default: keep every run)
 keep_failed = 5
 
@@ -43,7 +43,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from .._errors import ConfigurationError
 from ._jobs import ContentJob
-from ._policy import SchedulePolicy, ScheduleRetry
+from ._policy import SchedulePolicy, schedule_retry
 from ._triggers import CronTrigger, DateTrigger, IntervalTrigger, Trigger, parse_duration
 
 __all__ = ["ScheduleEntry", "SchedulerSettings", "SchedulesConfig", "parse_schedules"]
@@ -53,11 +53,14 @@ _SETTINGS = ("store", "max_concurrent_runs", "lease_time", "poll_interval", "ide
 
 
 class _Retry(BaseModel):
+    """A schedule's ``retry`` table: the keys left out keep the schedule defaults."""
+
     model_config = _strict
-    attempts: Annotated[int, Field(ge=1, le=100)] = 1
-    initial: Annotated[float, Field(ge=0, le=86400)] = 1.0
-    multiplier: Annotated[float, Field(ge=1, le=10)] = 2.0
-    max_delay: Annotated[float, Field(ge=0, le=86400)] = 300.0
+    attempts: Annotated[int, Field(ge=1, le=100)] | None = None
+    initial: Annotated[float, Field(ge=0, le=86400)] | None = None
+    multiplier: Annotated[float, Field(ge=1, le=10)] | None = None
+    max_delay: Annotated[float, Field(ge=0, le=86400)] | None = None
+    jitter: Literal["none", "full", "decorrelated"] | None = None
 
 
 class _Content(BaseModel):
@@ -138,7 +141,7 @@ class ScheduleEntry(BaseModel):  # type: ignore[no-redef,unused-ignore]
             overlap=self.overlap,
             timeout=self.timeout,
             jitter=self.jitter,
-            retry=ScheduleRetry(**self.retry.model_dump()),
+            retry=schedule_retry(**self.retry.model_dump(exclude_none=True)),
             keep_succeeded=self.keep_succeeded,
             keep_failed=self.keep_failed,
         )

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any, Literal
 
 from .._errors import ConfigurationError
+from ..resilience import RetryPolicy
 
-__all__ = ["Coalesce", "Overlap", "SchedulePolicy", "ScheduleRetry"]
+__all__ = ["RETRY_DEFAULTS", "Coalesce", "Overlap", "SchedulePolicy", "schedule_retry"]
 
 #: Which of several missed fire times run: ``earliest`` or ``latest`` one, or ``all`` of them.
 Coalesce = Literal["earliest", "latest", "all"]
@@ -20,6 +23,7 @@ Overlap = Literal["skip", "buffer_one", "buffer_all", "allow", "cancel_old"]
 
 _COALESCE = ("earliest", "latest", "all")
 _OVERLAP = ("skip", "buffer_one", "buffer_all", "allow", "cancel_old")
+_JITTER = ("none", "full", "decorrelated")
 
 
 def _check(
@@ -58,38 +62,51 @@ def _check_keep(name: str, value: int | None, *, low: int) -> None:
         )
 
 
-@dataclass(frozen=True, kw_only=True)
-class ScheduleRetry:
-    """Retries of a failed run, with exponential backoff (through tenacity).
+#: The retry fields a schedule keeps in its store, and their defaults: one attempt (no retry);
+#: when retried, attempt ``n`` that fails waits ``initial * multiplier ** (n - 1)`` seconds,
+#: capped at ``max_delay``, without jitter.
+RETRY_DEFAULTS: Mapping[str, Any] = MappingProxyType(
+    {"attempts": 1, "initial": 1.0, "multiplier": 2.0, "max_delay": 300.0, "jitter": "none"}
+)
 
-    Attempt ``n`` (from 1) that fails waits ``min(initial * multiplier ** (n - 1), max_delay)``
-    seconds before attempt ``n + 1``. A run whose replica died counts the lost attempt.
 
-    Args:
-        attempts: attempts in all, 1 (no retry) to 100.
-        initial: the first wait, seconds (0 to 86400).
-        multiplier: growth of the wait per attempt (1 to 10).
-        max_delay: the longest wait, seconds.
+def schedule_retry(**fields: Any) -> RetryPolicy:
+    """A schedule's :class:`~genfan.resilience.RetryPolicy` from the stored fields (see
+    :data:`RETRY_DEFAULTS`; unknown keys raise ``TypeError``).
+
+    What a schedule does not store is the same for every schedule: every ``Exception`` is
+    retried (cancellation never is), with no retry budget and no ``Retry-After``. An ``initial``
+    wait above ``max_delay`` becomes ``max_delay``, which waits the same.
     """
+    unknown = sorted(set(fields) - set(RETRY_DEFAULTS))
+    if unknown:
+        raise TypeError(f"unexpected retry field(s) {unknown}; use {', '.join(RETRY_DEFAULTS)}")
+    values = {**RETRY_DEFAULTS, **fields}
+    _check_retry(values)
+    values["initial"] = min(values["initial"], values["max_delay"])
+    return RetryPolicy(
+        **values,
+        retry_on=(Exception,),
+        budget=None,
+        respect_retry_after=False,
+    )
 
-    attempts: int = 1
-    initial: float = 1.0
-    multiplier: float = 2.0
-    max_delay: float = 300.0
 
-    def __post_init__(self) -> None:
-        if not isinstance(self.attempts, int) or isinstance(self.attempts, bool):
-            raise ConfigurationError(
-                f"ScheduleRetry.attempts must be an int >= 1 and <= 100, got {self.attempts!r}"
-            )
-        _check("ScheduleRetry.attempts", self.attempts, low=1, high=100)
-        _check("ScheduleRetry.initial", self.initial, low=0, high=86400)
-        _check("ScheduleRetry.multiplier", self.multiplier, low=1, high=10)
-        _check("ScheduleRetry.max_delay", self.max_delay, low=0, high=86400)
-
-    def delay(self, attempt: int) -> float:
-        """Seconds to wait after failed attempt ``attempt`` (from 1)."""
-        return float(min(self.initial * self.multiplier ** (attempt - 1), self.max_delay))
+def _check_retry(values: dict[str, Any]) -> None:
+    """The limits of a schedule's retries (beyond :class:`RetryPolicy`'s own)."""
+    attempts = values["attempts"]
+    if not isinstance(attempts, int) or isinstance(attempts, bool) or not 1 <= attempts <= 100:
+        raise ConfigurationError(
+            f"SchedulePolicy.retry.attempts must be an int >= 1 and <= 100, got {attempts!r}"
+        )
+    _check("SchedulePolicy.retry.initial", values["initial"], low=0, high=86400)
+    _check("SchedulePolicy.retry.multiplier", values["multiplier"], low=1, high=10)
+    _check("SchedulePolicy.retry.max_delay", values["max_delay"], low=0, high=86400)
+    if values["jitter"] not in _JITTER:
+        raise ConfigurationError(
+            f"SchedulePolicy.retry.jitter must be one of {', '.join(_JITTER)}, "
+            f"got {values['jitter']!r}"
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -106,7 +123,16 @@ class SchedulePolicy:
             overlap policies; Kubernetes' Forbid = ``skip``, Allow = ``allow``, Replace =
             ``cancel_old``). Default ``skip``.
         timeout: seconds one attempt may take (``None``: no limit); a timeout is a failure.
-        retry: retries of failed attempts (default: none).
+        retry: retries of a failed attempt, a :class:`~genfan.resilience.RetryPolicy`
+            (default: one attempt, no retry). Attempt ``n`` that fails waits
+            ``initial * multiplier ** (n - 1)`` seconds, capped at ``max_delay`` and jittered
+            as ``jitter`` says; attempts a replica that died had made count. The schedule
+            keeps ``attempts`` (1 to 100), ``initial`` (0 to 86400 s), ``multiplier`` (1 to
+            10), ``max_delay`` (0 to 86400 s) and ``jitter``; a scheduled run retries every
+            ``Exception`` (leave ``retry_on`` unset), without a retry budget or
+            ``Retry-After``. A dict of those fields is taken too, the unset ones at their
+            schedule defaults (1 attempt, ``initial=1``, ``multiplier=2``, ``max_delay=300``,
+            ``jitter="none"``).
         jitter: a run starts up to this many seconds after its fire time, spread evenly and
             the same on every replica, so that schedules on the same second do not all start
             at once (0 to 86400).
@@ -125,7 +151,7 @@ class SchedulePolicy:
     coalesce: Coalesce = "latest"
     overlap: Overlap = "skip"
     timeout: float | None = None
-    retry: ScheduleRetry = field(default_factory=ScheduleRetry)
+    retry: RetryPolicy = field(default_factory=schedule_retry)
     jitter: float = 0.0
     keep_succeeded: int | None = None
     keep_failed: int | None = None
@@ -150,12 +176,7 @@ class SchedulePolicy:
         _check("SchedulePolicy.jitter", self.jitter, low=0, high=86400)
         _check_keep("SchedulePolicy.keep_succeeded", self.keep_succeeded, low=1)
         _check_keep("SchedulePolicy.keep_failed", self.keep_failed, low=0)
-        if isinstance(self.retry, dict):
-            object.__setattr__(self, "retry", ScheduleRetry(**self.retry))
-        if not isinstance(self.retry, ScheduleRetry):
-            raise ConfigurationError(
-                f"SchedulePolicy.retry must be a ScheduleRetry, got {self.retry!r}"
-            )
+        object.__setattr__(self, "retry", _as_schedule_retry(self.retry))
 
     @property
     def prunes_history(self) -> bool:
@@ -163,12 +184,25 @@ class SchedulePolicy:
         return self.keep_succeeded is not None or self.keep_failed is not None
 
     def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        # Unset history limits are left out, so stored policies stay readable by replicas
-        # running an older genfan during a rolling upgrade.
+        """The JSON-able form the stores keep (see :meth:`from_dict`)."""
+        retry = {key: getattr(self.retry, key) for key in RETRY_DEFAULTS}
+        data: dict[str, Any] = {
+            "misfire_grace_time": self.misfire_grace_time,
+            "coalesce": self.coalesce,
+            "overlap": self.overlap,
+            "timeout": self.timeout,
+            "retry": retry,
+            "jitter": self.jitter,
+            "keep_succeeded": self.keep_succeeded,
+            "keep_failed": self.keep_failed,
+        }
+        # Unset history limits and the default retry jitter are left out, so stored policies
+        # stay readable by replicas running an older genfan during a rolling upgrade.
         for key in ("keep_succeeded", "keep_failed"):
             if data[key] is None:
                 del data[key]
+        if retry["jitter"] == RETRY_DEFAULTS["jitter"]:
+            del retry["jitter"]
         return data
 
     @classmethod
@@ -176,6 +210,25 @@ class SchedulePolicy:
         data = dict(data)
         retry = data.pop("retry", None) or {}
         try:
-            return cls(retry=ScheduleRetry(**retry), **data)
+            return cls(retry=schedule_retry(**retry), **data)
         except TypeError as exc:
             raise ConfigurationError(f"invalid schedule policy: {exc}") from None
+
+
+def _as_schedule_retry(retry: object) -> RetryPolicy:
+    """``SchedulePolicy.retry`` as the schedule keeps it (see :func:`schedule_retry`)."""
+    if isinstance(retry, dict):
+        try:
+            return schedule_retry(**retry)
+        except TypeError as exc:
+            raise ConfigurationError(f"SchedulePolicy.retry: {exc}") from None
+    if not isinstance(retry, RetryPolicy):
+        raise ConfigurationError(
+            f"SchedulePolicy.retry must be a genfan.resilience.RetryPolicy, got {retry!r}"
+        )
+    if retry.retry_on not in (None, (Exception,)):
+        raise ConfigurationError(
+            "SchedulePolicy.retry.retry_on must be None: a scheduled run retries every "
+            f"Exception (the policy is stored as data), got {retry.retry_on!r}"
+        )
+    return schedule_retry(**{key: getattr(retry, key) for key in RETRY_DEFAULTS})

@@ -20,10 +20,11 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-import tenacity
+from tenacity import RetryCallState
 
 from .. import telemetry
 from .._errors import ConfigurationError
+from ..resilience import Retrier
 from ._clock import AnyioClock, Clock
 from ._jobs import (
     ContentJob,
@@ -35,7 +36,7 @@ from ._jobs import (
     takes_context,
 )
 from ._policy import Overlap, SchedulePolicy
-from ._store import (
+from ._records import (
     BackfillResult,
     Claim,
     Conflict,
@@ -43,11 +44,11 @@ from ._store import (
     RunRecord,
     RunStatus,
     ScheduleInfo,
-    SQLiteStore,
-    Store,
-    store_from_url,
 )
+from ._sqlite import SQLiteStore
+from ._store import Store
 from ._triggers import Trigger
+from ._url import store_from_url
 
 __all__ = ["Scheduler"]
 
@@ -558,32 +559,29 @@ class Scheduler:
         return call_run, takes_context(fn)
 
     async def _execute(self, claim: Claim) -> tuple[RunStatus, str | None, int]:
-        from ..testing import is_testing
+        """Run the job, retried as the schedule's policy says (genfan's one retry engine).
 
+        Returns the outcome, its error and the attempts made (counting those made before, by
+        a replica that died).
+        """
         run = claim.run
         policy = claim.policy
-        retry = policy.retry
-        first = run.attempts
-        state = {"attempt": first}
+        attempt = run.attempts  # the claim counted this attempt already
         try:
             job, needs_context = self._resolve(claim)
         except ConfigurationError as exc:
-            return "failed", f"ConfigurationError: {exc}", first
+            return "failed", f"ConfigurationError: {exc}", attempt
         previous: datetime | None = None
         if needs_context:
             last = await self.store.last_success(run.schedule_id, before=run.fire_time)
             previous = None if last is None else last.fire_time
-
-        testing, cap = is_testing()
-        max_attempts = retry.attempts if cap is None else min(retry.attempts, cap)
-        remaining = max(1, max_attempts - first + 1)
 
         async def attempt_once() -> Any:
             ctx = RunContext(
                 schedule_id=run.schedule_id,
                 fire_time=run.fire_time,
                 scheduled_at=run.run_at,
-                attempt=state["attempt"],
+                attempt=attempt,
                 previous_success=previous,
                 manual=run.manual,
                 backfill=run.backfill,
@@ -593,43 +591,59 @@ class Scheduler:
                     return await job(ctx)
             return await job(ctx)
 
-        def wait(rs: tenacity.RetryCallState) -> float:
-            return 0.0 if testing else retry.delay(first + rs.attempt_number - 1)
-
-        async def before_sleep(rs: tenacity.RetryCallState) -> None:
-            exc = rs.outcome.exception() if rs.outcome else None
-            state["attempt"] += 1
-            delay = rs.upcoming_sleep
+        async def next_attempt(error: BaseException | None, delay: float) -> None:
+            nonlocal attempt
             telemetry.event(
                 "schedule_run_retry",
                 level="warning",
                 schedule=run.schedule_id,
                 fire_time=run.fire_time.isoformat(),
-                attempt=state["attempt"] - 1,
+                attempt=attempt,
                 delay=delay,
-                error=_describe(exc),
+                error=_describe(error),
             )
+            attempt += 1
             self._count(run.schedule_id, "retry")
-            await self.store.record_attempt(run.key, self.identity, state["attempt"])
+            await self.store.record_attempt(run.key, self.identity, attempt)
 
-        retrying = tenacity.AsyncRetrying(
-            stop=tenacity.stop_after_attempt(remaining),
-            wait=wait,
-            sleep=anyio.sleep,
-            reraise=True,
-            before_sleep=before_sleep,
+        async def before_sleep(state: RetryCallState) -> None:
+            error = state.outcome.exception() if state.outcome is not None else None
+            await next_attempt(error, state.upcoming_sleep)
+
+        cut_short: list[float] = []  # the wait a deadline around the scheduler would cut short
+
+        def gave_up(reason: str, /, **fields: Any) -> None:
+            if reason == "deadline":
+                cut_short.append(fields["backoff"])
+
+        retrier = Retrier(
+            policy.retry,
+            name=run.schedule_id,
+            kind="schedule",
+            first_attempt=attempt,
+            on_retry=before_sleep,
+            on_give_up=gave_up,
         )
         try:
-            await retrying(attempt_once)
+            try:
+                await retrier(attempt_once)
+            except Exception as exc:
+                if cut_short:
+                    # The scheduler is stopped (a deadline around it) before the wait would
+                    # end: wait anyway, as for any retry, so that the stop hands the run back
+                    # unfinished, its failed attempt counted, instead of failing it.
+                    await next_attempt(exc, cut_short[0])
+                    await anyio.sleep(cut_short[0])
+                raise
         except TimeoutError:
             return (
                 "timeout",
                 f"TimeoutError: the run took longer than {policy.timeout}s",
-                state["attempt"],
+                attempt,
             )
         except Exception as exc:
-            return "failed", _describe(exc), state["attempt"]
-        return "succeeded", None, state["attempt"]
+            return "failed", _describe(exc), attempt
+        return "succeeded", None, attempt
 
     # -- leases ---------------------------------------------------------------------------------
 
