@@ -8,6 +8,9 @@ spent and what running every tier would have cost.
 
 A cascade is a :class:`~genfan.Backend` too (:meth:`Cascade.complete` gives the chosen answer),
 so it can be a fan-out target, or a tier of another cascade.
+
+Closing a cascade closes only the fan-outs it built for tiers given as backends, never the
+backends themselves nor a fan-out passed as a tier: whoever creates a backend owns it.
 """
 
 from __future__ import annotations
@@ -18,9 +21,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from . import telemetry
-from ._backend import Backend, BaseBackend
+from ._backend import Backend, BaseBackend, aclose_all
 from ._errors import AllBackendsFailedError, ConfigurationError
 from ._fanout import FanOut, FanOutResult, Target, chosen_completion, no_answer
+from ._sync import clip, not_awaited, run_sync
 from ._types import ChatRequest, Completion
 from .select import Candidate, Selection, SelectorLike, as_selector
 
@@ -145,6 +149,16 @@ class CascadeResult:
     def text(self) -> str:
         return self.completion.text
 
+    def __repr__(self) -> str:
+        chosen = self.chosen
+        text = clip(chosen.text) if chosen is not None else None
+        return (
+            f"CascadeResult(chosen={chosen.backend if chosen else None!r}, text={text!r}, "
+            f"tiers_used={len(self.tiers_used)}/{len(self.tiers)}, "
+            f"confidence={self.confidence:.2f}, accepted={self.accepted}, "
+            f"cost={self.cost:.6g}, saved={self.saved:.6g})"
+        )
+
 
 def _completion_cost(c: Candidate, tier: Tier) -> tuple[float, int]:
     if c.completion is None:
@@ -185,6 +199,7 @@ class Cascade(BaseBackend):
         )
         result = await cascade.run("What is 17 * 3?")
         print(result.text, result.tiers_used, result.saved)
+        # from sync code: result = cascade.run_sync("What is 17 * 3?")
         ```
     """
 
@@ -197,6 +212,7 @@ class Cascade(BaseBackend):
         carry: bool = False,
         name: str | None = None,
     ) -> None:
+        not_awaited(tiers, "Cascade()")
         if not tiers:
             raise ConfigurationError("Cascade needs at least one tier")
         normal: list[Tier] = []
@@ -210,6 +226,11 @@ class Cascade(BaseBackend):
             raise ConfigurationError(f"tier names must be unique, got {names}")
         self.tiers: tuple[Tier, ...] = tuple(normal)
         self._fanouts: tuple[FanOut, ...] = tuple(self._fanout(t) for t in normal)
+        # What closing the cascade closes: the fan-outs it built (they leave their backends
+        # open); the fan-outs and backends it was given belong to whoever made them.
+        self._built: tuple[FanOut, ...] = tuple(
+            f for t, f in zip(normal, self._fanouts, strict=True) if f is not t.backends
+        )
         n_thresholds = max(1, len(normal) - 1)
         if isinstance(threshold, int | float):
             thresholds = (float(threshold),) * n_thresholds
@@ -251,11 +272,13 @@ class Cascade(BaseBackend):
         return tokens_per_call * len(fan.targets) * tier.cost_per_token
 
     async def run(self, request: ChatRequest | str) -> CascadeResult:
-        """Run the tiers in order until one is confident enough.
+        """Run the tiers in order until one is confident enough:
+        ``result = await cascade.run("...")`` (from sync code: :meth:`run_sync`).
 
         Raises:
             AllBackendsFailedError: every backend of every tier failed.
         """
+        not_awaited(request, "Cascade.run()")
         req = ChatRequest.from_prompt(request) if isinstance(request, str) else request
         outcomes: list[TierOutcome] = []
         errors: list[AllBackendsFailedError] = []
@@ -355,6 +378,18 @@ class Cascade(BaseBackend):
             )
             return final
 
+    def run_sync(self, request: ChatRequest | str) -> CascadeResult:
+        """:meth:`run` for sync code: ``result = cascade.run_sync("...")``.
+
+        It blocks until the cascade is decided, in a plain script or inside a running event
+        loop (a notebook), whose loop it blocks meanwhile, as a sync HTTP client would: in
+        async code, ``await cascade.run(...)`` instead.
+
+        Raises:
+            AllBackendsFailedError: every backend of every tier failed.
+        """
+        return run_sync(self.run, request)
+
     async def complete(self, request: ChatRequest) -> Completion:
         """Run the cascade and return the chosen completion (the Backend protocol).
 
@@ -368,10 +403,6 @@ class Cascade(BaseBackend):
         return chosen_completion(result.chosen, result.candidates, result.selection, self.name)
 
     async def aclose(self) -> None:
-        """Close every distinct backend of every tier."""
-        seen: set[int] = set()
-        for fan in self._fanouts:
-            for t in fan.targets:
-                if id(t.backend) not in seen:
-                    seen.add(id(t.backend))
-                    await t.backend.aclose()
+        """Close what the cascade created: the fan-outs it built for tiers given as backends
+        (they leave those backends open). The backends and fan-outs passed in stay open."""
+        await aclose_all(self._built)

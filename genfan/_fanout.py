@@ -8,6 +8,9 @@ A fan-out is itself a :class:`~genfan.Backend`: :meth:`FanOut.complete` and
 :meth:`FanOut.stream` give the chosen answer (and raise :class:`~genfan.NoAnswerError`), so it
 nests in another fan-out, a cascade, a pool, a guard stack or an agent; :meth:`FanOut.run` keeps
 every candidate.
+
+Whoever creates a backend owns it: closing a fan-out closes only what it owns (nothing, unless it
+was made with ``owns_backends=True``), so backends made once serve any number of fan-outs.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from typing import Any, Literal
 import anyio
 
 from . import telemetry
-from ._backend import Backend, BaseBackend
+from ._backend import Backend, BaseBackend, aclose_all
 from ._errors import (
     AllBackendsFailedError,
     BackendError,
@@ -33,6 +36,7 @@ from ._errors import (
     ConfigurationError,
     NoAnswerError,
 )
+from ._sync import clip, not_awaited, run_sync
 from ._types import ChatRequest, Completion, StreamEvent, Usage
 from .select import Candidate, Selection, SelectorLike, as_selector
 
@@ -128,6 +132,16 @@ class FanOutResult:
                 total = total + c.completion.usage
         return total
 
+    def __repr__(self) -> str:
+        chosen = self.chosen
+        text = clip(chosen.text) if chosen is not None else None
+        late = ", deadline_hit=True" if self.deadline_hit else ""
+        return (
+            f"FanOutResult(chosen={chosen.backend if chosen else None!r}, text={text!r}, "
+            f"ok={len(self.successes)}/{len(self.candidates)}, mode={self.mode!r}, "
+            f"elapsed={self.elapsed:.3f}s{late})"
+        )
+
 
 class FanOut(BaseBackend):
     """Send one request to several backends concurrently and pick one answer.
@@ -149,12 +163,19 @@ class FanOut(BaseBackend):
             answer so far is returned. Guards inside spend only what is left of it.
         select: picks the answer (default: the first success).
         name: the fan-out's backend name (default ``"fanout(a,b,...)"``).
+        owns_backends: closing the fan-out also closes the backends passed in (for backends
+            made for this fan-out alone, as a config's ``build_fanout()`` does). By default it
+            closes none of them: whoever creates a backend owns it, and one backend may serve
+            any number of fan-outs.
 
     Example:
         ```python
         async with FanOut([openai, anthropic], mode="all", deadline=10) as fan:
             result = await fan.run("Name three prime numbers.")
             print(result.text)
+
+        # from sync code (a script, a notebook cell):
+        print(FanOut([openai, anthropic]).run_sync("Name three prime numbers.").text)
         ```
     """
 
@@ -168,7 +189,9 @@ class FanOut(BaseBackend):
         deadline: float | None = None,
         select: SelectorLike | None = None,
         name: str | None = None,
+        owns_backends: bool = False,
     ) -> None:
+        not_awaited(targets, "FanOut()")
         if not targets:
             raise ConfigurationError("FanOut needs at least one backend")
         if mode not in ("all", "first", "quorum"):
@@ -191,6 +214,7 @@ class FanOut(BaseBackend):
         self.agree = agree
         self.deadline = deadline
         self.selector = as_selector(select)
+        self.owns_backends = owns_backends
         super().__init__(name or "fanout(" + ",".join(self.names) + ")")
 
     @property
@@ -198,7 +222,8 @@ class FanOut(BaseBackend):
         return [t.name or t.backend.name for t in self.targets]
 
     async def complete(self, request: ChatRequest) -> Completion:
-        """Fan ``request`` out and return the chosen completion (the Backend protocol).
+        """Fan ``request`` out and return the chosen completion (the Backend protocol):
+        ``completion = await fan.complete(request)``.
 
         Raises:
             NoAnswerError: every backend failed, or the selector chose none.
@@ -221,17 +246,16 @@ class FanOut(BaseBackend):
         return super().stream(request)
 
     async def aclose(self) -> None:
-        """Close every distinct backend."""
-        seen: set[int] = set()
-        for t in self.targets:
-            if id(t.backend) not in seen:
-                seen.add(id(t.backend))
-                await t.backend.aclose()
+        """Close what the fan-out owns: its backends with ``owns_backends=True``, else nothing
+        (the backends passed in stay open for their owner and for other fan-outs)."""
+        if self.owns_backends:
+            await aclose_all(t.backend for t in self.targets)
 
     async def run(
         self, request: ChatRequest | str, *, deadline: float | None = None
     ) -> FanOutResult:
-        """Fan ``request`` out and return every candidate and the chosen answer.
+        """Fan ``request`` out and return every candidate and the chosen answer:
+        ``result = await fan.run("...")`` (from sync code: :meth:`run_sync`).
 
         Args:
             request: a request, or a prompt string.
@@ -240,6 +264,7 @@ class FanOut(BaseBackend):
         Raises:
             AllBackendsFailedError: no backend answered (an ``ExceptionGroup`` of their errors).
         """
+        not_awaited(request, "FanOut.run()")
         req = ChatRequest.from_prompt(request) if isinstance(request, str) else request
         limit = deadline if deadline is not None else self.deadline
         request_id = os.urandom(8).hex()
@@ -345,6 +370,21 @@ class FanOut(BaseBackend):
                 request_id=request_id,
             )
 
+    def run_sync(
+        self, request: ChatRequest | str, *, deadline: float | None = None
+    ) -> FanOutResult:
+        """:meth:`run` for sync code: ``result = fan.run_sync("...")``.
+
+        It blocks until the fan-out is decided. It works in a plain script and inside a running
+        event loop (a notebook), whose loop it blocks meanwhile, as a sync HTTP client would: in
+        async code, ``await fan.run(...)`` instead. Every sync call runs on one event loop genfan
+        keeps for the process, so backends made once serve them all.
+
+        Raises:
+            AllBackendsFailedError: no backend answered.
+        """
+        return run_sync(self.run, request, deadline=deadline)
+
     async def _call_one(
         self,
         i: int,
@@ -438,7 +478,10 @@ class FanOut(BaseBackend):
         """
         if max_in_flight < 1:
             raise ConfigurationError(f"max_in_flight must be >= 1, got {max_in_flight}")
+        not_awaited(requests, "FanOut.map()")
         items = list(requests)
+        for item in items:
+            not_awaited(item, "FanOut.map()")
         out: list[FanOutResult | AllBackendsFailedError | None] = [None] * len(items)
         limiter = anyio.CapacityLimiter(max_in_flight)
 

@@ -7,6 +7,10 @@ in the system message (after any system prompt the request already had).
 
 A synthesis is a :class:`~genfan.Backend` too (:meth:`Synthesis.complete` gives the aggregator's
 answer), so it can be a fan-out target or a cascade tier.
+
+Closing a synthesis closes only the proposers' fan-out it built (from a list of backends), which
+leaves the backends open; the backends, the aggregator and a fan-out passed in belong to
+whoever made them.
 """
 
 from __future__ import annotations
@@ -14,9 +18,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ._backend import Backend, BaseBackend
+from ._backend import Backend, BaseBackend, aclose_all
 from ._errors import AllBackendsFailedError, ConfigurationError
 from ._fanout import FanOut, FanOutResult, Target, no_answer
+from ._sync import clip, not_awaited, run_sync
 from ._types import ChatRequest, Completion, Message, Usage
 from .select import Candidate
 
@@ -76,6 +81,16 @@ class SynthesisResult:
             total = total + layer.usage
         return total
 
+    def __repr__(self) -> str:
+        answered = sum(len(layer.successes) for layer in self.layers)
+        asked = sum(len(layer.candidates) for layer in self.layers)
+        # layers run one after another, then the aggregator
+        elapsed = sum(x.elapsed for x in self.layers) + self.completion.latency
+        return (
+            f"SynthesisResult(aggregator={self.completion.backend!r}, text={clip(self.text)!r}, "
+            f"layers={len(self.layers)}, proposals={answered}/{asked}, elapsed={elapsed:.3f}s)"
+        )
+
 
 class Synthesis(BaseBackend):
     """Mixture-of-Agents: proposer layers, then one aggregator call.
@@ -98,6 +113,7 @@ class Synthesis(BaseBackend):
         ```python
         moa = Synthesis([gpt, claude, llama], aggregator=gpt, layers=2)
         result = await moa.run("Explain the CAP theorem in two sentences.")
+        # from sync code: result = moa.run_sync("Explain the CAP theorem in two sentences.")
         ```
     """
 
@@ -111,11 +127,14 @@ class Synthesis(BaseBackend):
         max_references: int | None = None,
         name: str | None = None,
     ) -> None:
+        not_awaited(proposers, "Synthesis()")
+        not_awaited(aggregator, "Synthesis()")
         if not isinstance(layers, int) or layers < 1:
             raise ConfigurationError(f"layers must be an integer >= 1, got {layers!r}")
         if max_references is not None and max_references < 1:
             raise ConfigurationError(f"max_references must be >= 1 or None, got {max_references!r}")
         self.fanout = proposers if isinstance(proposers, FanOut) else FanOut(proposers, mode="all")
+        self._built = self.fanout is not proposers  # closed with the synthesis
         self.aggregator = aggregator
         self.layers = layers
         self.prompt = prompt
@@ -133,17 +152,20 @@ class Synthesis(BaseBackend):
 
     async def synthesize(self, request: ChatRequest, candidates: Sequence[Candidate]) -> Completion:
         """One aggregator call over ``candidates``' answers."""
+        not_awaited(candidates, "Synthesis.synthesize()")
         return await self.aggregator.complete(
             aggregate_request(request, self.references(candidates), prompt=self.prompt)
         )
 
     async def run(self, request: ChatRequest | str) -> SynthesisResult:
-        """Run the proposer layers and the aggregator.
+        """Run the proposer layers and the aggregator: ``result = await moa.run("...")``
+        (from sync code: :meth:`run_sync`).
 
         Raises:
             AllBackendsFailedError: every proposer of a layer failed.
             BackendError: the aggregator failed.
         """
+        not_awaited(request, "Synthesis.run()")
         req = ChatRequest.from_prompt(request) if isinstance(request, str) else request
         results: list[FanOutResult] = []
         layer_request = req
@@ -157,6 +179,19 @@ class Synthesis(BaseBackend):
         return SynthesisResult(
             completion=completion, layers=tuple(results), aggregate_request=layer_request
         )
+
+    def run_sync(self, request: ChatRequest | str) -> SynthesisResult:
+        """:meth:`run` for sync code: ``result = moa.run_sync("...")``.
+
+        It blocks until the aggregator answered, in a plain script or inside a running event
+        loop (a notebook), whose loop it blocks meanwhile, as a sync HTTP client would: in
+        async code, ``await moa.run(...)`` instead.
+
+        Raises:
+            AllBackendsFailedError: every proposer of a layer failed.
+            BackendError: the aggregator failed.
+        """
+        return run_sync(self.run, request)
 
     async def complete(self, request: ChatRequest) -> Completion:
         """Run the layers and the aggregator; return its completion (the Backend protocol).
@@ -172,7 +207,8 @@ class Synthesis(BaseBackend):
         return result.completion
 
     async def aclose(self) -> None:
-        """Close the proposers, and the aggregator unless it is one of them."""
-        await self.fanout.aclose()
-        if all(t.backend is not self.aggregator for t in self.fanout.targets):
-            await self.aggregator.aclose()
+        """Close what the synthesis created: the proposers' fan-out it built from a list (which
+        leaves those backends open). The backends, the aggregator and a fan-out passed in stay
+        open."""
+        if self._built:
+            await aclose_all([self.fanout])

@@ -25,6 +25,7 @@ from genfan import (
     NoAnswerError,
     StreamEnd,
     Synthesis,
+    Target,
     TextDelta,
     Tier,
     ToolCall,
@@ -334,15 +335,73 @@ async def test_a_fallback_moves_past_a_failed_fanout() -> None:
 
 
 @pytest.mark.anyio
-async def test_closing_a_composite_closes_what_it_holds() -> None:
-    a, b, c, agg = FakeBackend("a"), FakeBackend("b"), FakeBackend("c"), FakeBackend("agg")
+async def test_closing_a_composite_leaves_the_backends_passed_in_open() -> None:
+    # whoever creates a backend owns it: composites close only what they created themselves
+    a, b, c, agg, p = (FakeBackend(n) for n in ("a", "b", "c", "agg", "p"))
+    given = FanOut([p])
     cascade = Cascade([a, b], selector=SureSelector())
     async with FanOut([cascade, Pool([c])]) as fan:
         await fan.complete(REQ)
-    assert a.closed and b.closed and c.closed
-    async with Synthesis([FakeBackend("p")], aggregator=agg):
+    async with Synthesis(given, aggregator=agg), Synthesis([p], aggregator=agg):
         pass
-    assert agg.closed
+    async with Fallback([a, b]), Pool([a, c]), cascade:
+        pass
+    assert not any(x.closed for x in (a, b, c, agg, p))
+    # ... so they still answer afterwards, in new composites
+    async with FanOut([cascade, Pool([c]), Fallback([agg])], mode="all") as fan:
+        result = await fan.run(REQ)
+    assert [x.status for x in result.candidates] == ["ok", "ok", "ok"]
+
+
+class Spy:
+    """Records which fan-outs are closed."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.closed: list[FanOut] = []
+        original = FanOut.aclose
+
+        async def aclose(fan: FanOut) -> None:
+            self.closed.append(fan)
+            await original(fan)
+
+        monkeypatch.setattr(FanOut, "aclose", aclose)
+
+
+@pytest.mark.anyio
+async def test_a_cascade_closes_the_fanouts_it_built_not_the_backends(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    spy = Spy(monkeypatch)
+    small, large, own = FakeBackend("small"), FakeBackend("large"), FakeBackend("own")
+    given = FanOut([own], name="given")
+    cascade = Cascade([[small, small], large, given], selector=SureSelector())
+    async with cascade:
+        await cascade.run(REQ)
+    built = [t for t in spy.closed if t.name != "given"]
+    assert len(built) == len(spy.closed) == 2  # the list tier and the single-backend tier
+    assert {tuple(f.names) for f in built} == {("small", "small#2"), ("large",)}
+    assert not (small.closed or large.closed or own.closed)
+
+    spy.closed.clear()
+    moa = Synthesis([small, large], aggregator=own)
+    async with moa:
+        pass
+    assert spy.closed == [moa.fanout] and not (small.closed or large.closed or own.closed)
+    async with Synthesis(given, aggregator=own):
+        pass
+    assert spy.closed == [moa.fanout]  # the fan-out passed in stays open
+
+
+@pytest.mark.anyio
+async def test_owns_backends_hands_them_over_and_closes_each_once() -> None:
+    a, b, c = FakeBackend("a"), FakeBackend("b"), FakeBackend("c")
+    async with FanOut([a, b, Target(backend=a, name="again")], owns_backends=True):
+        pass
+    assert a.closed and b.closed and not c.closed
+    d, e = FakeBackend("d"), FakeBackend("e")
+    async with Pool([d, e], owns_backends=True), Fallback([c], owns_backends=True):
+        pass
+    assert c.closed and d.closed and e.closed
 
 
 def test_the_docs_example_runs(tmp_path: Path) -> None:

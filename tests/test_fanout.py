@@ -14,6 +14,7 @@ from genfan import (
     BackendTimeoutError,
     CallCancelledError,
     ChatRequest,
+    Completion,
     ConfigurationError,
     FanOut,
     GenfanError,
@@ -249,11 +250,38 @@ async def test_cancelling_the_caller_cancels_every_backend_call() -> None:
     assert all(b.cancelled == 1 and b.in_flight == 0 for b in slow)
 
 
-async def test_aclose_closes_each_backend_once() -> None:
+async def test_aclose_leaves_the_backends_to_their_owner() -> None:
     engine = FakeBackend("e")
     async with FanOut([Target(backend=engine), Target(backend=engine)]):
         pass
-    assert engine.closed
+    assert not engine.closed  # whoever creates a backend owns it
+    async with FanOut([Target(backend=engine), Target(backend=engine)], owns_backends=True):
+        pass
+    assert engine.closed  # handed over: closed once
+
+
+class Strict(FakeBackend):
+    """Refuses calls once closed, as the HTTP providers do."""
+
+    async def complete(self, request: ChatRequest) -> Completion:
+        if self.closed:
+            raise ConfigurationError(f"backend {self.name!r} is closed; create a new one")
+        return await super().complete(request)
+
+
+# Made once, at module level, as the docs show.
+SMALL = Strict("small", ["Paris."])
+LARGE = Strict("large", ["The capital of France is Paris."], latency=0.01)
+
+
+async def test_module_level_backends_serve_many_fanouts() -> None:
+    for _ in range(3):
+        async with FanOut([SMALL, LARGE], mode="all") as fan:
+            result = await fan.run("What is the capital of France?")
+        assert [c.status for c in result.candidates] == ["ok", "ok"]
+    async with FanOut([SMALL], mode="first") as fan:
+        assert (await fan.complete(ChatRequest.from_prompt("again"))).text == "Paris."
+    assert not (SMALL.closed or LARGE.closed)
 
 
 async def test_result_without_choice_raises_on_text() -> None:

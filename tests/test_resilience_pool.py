@@ -172,3 +172,24 @@ def test_pool_validation() -> None:
         Pool([FakeBackend()], strategy="random")  # type: ignore[arg-type]
     with pytest.raises(ConfigurationError, match=r"weights"):
         Pool([FakeBackend(), FakeBackend()], weights=[1])
+
+
+@pytest.mark.anyio
+async def test_a_pool_leaves_its_replicas_to_their_owner() -> None:
+    a, b = FakeBackend("a"), FakeBackend("b")
+    async with Pool([a, b]) as pool:
+        await pool.complete(REQ)
+    assert not (a.closed or b.closed)  # whoever creates a backend owns it
+    async with Pool([a, b]) as again:  # so they serve the next pool
+        await again.complete(REQ)
+    async with Pool([a, b, a], owns_backends=True):  # handed over: each closed once
+        pass
+    assert a.closed and b.closed
+
+
+def test_a_pool_answers_sync_code() -> None:
+    pool = Pool([FakeBackend("a", ["from a"])], strategy="round_robin")
+    assert pool.complete_sync(REQ).text == "from a"
+    with pytest.raises(TypeError, match=r"use 'async with'.*complete_sync"):
+        with pool:  # type: ignore[attr-defined]
+            pass

@@ -23,6 +23,7 @@ from pydantic import BaseModel
 
 from .._backend import Backend
 from .._errors import ConfigurationError
+from .._sync import not_awaited, run_sync
 from .._types import ChatRequest
 from ..resilience import RetryPolicy
 from ._chain_graph import (
@@ -79,6 +80,7 @@ class Chain:
         answer = chain.step("merge", merge, summary=summary, facts=facts)
         result = await chain.run(question="What is LLMCompiler?")
         print(result[answer])
+        # from sync code: result = chain.run_sync(question="What is LLMCompiler?")
         ```
     """
 
@@ -593,7 +595,8 @@ class Chain:
         on_error: OnError | None = None,
         **kw_inputs: Any,
     ) -> ChainResult:
-        """Run the chain: every step starts as soon as the steps it depends on have finished.
+        """Run the chain: every step starts as soon as the steps it depends on have finished:
+        ``result = await chain.run(question="...")`` (from sync code: :meth:`run_sync`).
 
         Args:
             inputs: the chain's inputs by name (or pass them as keywords).
@@ -612,8 +615,32 @@ class Chain:
         policy: OnError = on_error if on_error is not None else self.on_error
         check_on_error(policy)
         order = self.compile()
+        not_awaited(inputs, "Chain.run()")
         given = self._check_inputs({**(inputs or {}), **kw_inputs})
+        for name, value in given.items():
+            not_awaited(value, f"Chain.run() input {name!r}")
         return await ChainRun(self.name, self._steps, order, given, policy).run()
+
+    def run_sync(
+        self,
+        inputs: Mapping[str, Any] | None = None,
+        /,
+        *,
+        on_error: OnError | None = None,
+        **kw_inputs: Any,
+    ) -> ChainResult:
+        """:meth:`run` for sync code: ``result = chain.run_sync(question="...")``.
+
+        It blocks until the chain has finished. It works in a plain script and inside a running
+        event loop (a notebook), whose loop it blocks meanwhile, as a sync HTTP client would: in
+        async code, ``await chain.run(...)`` instead. Every sync call runs on one event loop
+        genfan keeps for the process, so backends made once serve them all.
+
+        Raises:
+            ChainFailedError: with ``on_error="fail"``, a step failed.
+            ConfigurationError: an invalid graph, or a missing or unknown input.
+        """
+        return run_sync(self.run, inputs, on_error=on_error, **kw_inputs)
 
     def _check_inputs(self, given: dict[str, Any]) -> dict[str, Any]:
         unknown = [k for k in given if k not in self._inputs]

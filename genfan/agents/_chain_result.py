@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, TypeVar, overload
 
 from .._errors import GenfanError
+from .._sync import clip
 from ._chain_graph import StepKind, StepRef
 
 __all__ = ["ChainFailedError", "ChainResult", "StepRecord", "StepStatus"]
@@ -55,6 +56,16 @@ class StepRecord:
     @property
     def ok(self) -> bool:
         return self.status == "ok"
+
+    def __repr__(self) -> str:
+        elapsed = "" if self.elapsed is None else f", elapsed={self.elapsed:.3f}s"
+        if self.status == "ok":
+            detail = f", output={clip(repr(self.output))}"
+        elif self.error is not None:
+            detail = f", error={clip(f'{type(self.error).__name__}: {self.error}')!r}"
+        else:
+            detail = f", reason={self.reason!r}" if self.reason else ""
+        return f"StepRecord(name={self.name!r}, status={self.status!r}{detail}{elapsed})"
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -113,6 +124,15 @@ class ChainResult:
     def errors(self) -> dict[str, BaseException]:
         """The exception of each failed step, by name."""
         return {n: r.error for n, r in self.steps.items() if r.error is not None}
+
+    def __repr__(self) -> str:
+        bad = [n for n, r in self.steps.items() if not r.ok]
+        not_ok = f", not_ok={clip(repr(bad))}" if bad else ""
+        ok = len(self.steps) - len(bad)
+        return (
+            f"ChainResult(chain={self.chain!r}, ok={ok}/{len(self.steps)}{not_ok}, "
+            f"elapsed={self.elapsed:.3f}s)"
+        )
 
 
 class ChainFailedError(GenfanError, ExceptionGroup):

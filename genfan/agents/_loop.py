@@ -23,6 +23,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from .. import telemetry
 from .._backend import Backend
 from .._errors import ConfigurationError, GenfanError
+from .._sync import clip, not_awaited, run_sync
 from .._types import ChatRequest, Completion, Message, ToolCall, Usage
 from ._model import check_model, complete
 from ._registry import ToolLike, ToolRegistry
@@ -99,6 +100,13 @@ class AgentResult:
     def completion(self) -> Completion | None:
         """The last model answer."""
         return self.steps[-1].completion if self.steps else None
+
+    def __repr__(self) -> str:
+        return (
+            f"AgentResult(text={clip(self.text)!r}, steps={len(self.steps)}, "
+            f"tool_calls={len(self.tool_calls)}, stopped={self.stopped!r}, "
+            f"elapsed={self.elapsed:.3f}s)"
+        )
 
 
 class AgentStepLimitError(GenfanError):
@@ -202,6 +210,7 @@ class Agent:
         agent = Agent(backend, tools=[search, fetch_page], system="Answer with sources.")
         result = await agent.run("Who won the 1998 World Cup?")
         print(result.text, [c.name for c in result.tool_calls])
+        # from sync code: result = agent.run_sync("Who won the 1998 World Cup?")
         ```
     """
 
@@ -264,7 +273,8 @@ class Agent:
         )
 
     async def run(self, prompt: Prompt, *, on_event: EventHandler | None = None) -> AgentResult:
-        """Run the loop until the model answers without asking for tools.
+        """Run the loop until the model answers without asking for tools:
+        ``result = await agent.run("...")`` (from sync code: :meth:`run_sync`).
 
         Args:
             prompt: a user prompt, a list of messages (e.g. a previous result's ``messages``
@@ -277,8 +287,24 @@ class Agent:
             BackendError: the model call failed (tools' failures never raise; the model reads
                 them).
         """
+        not_awaited(prompt, "Agent.run()")
         emit = _as_async(on_event) if on_event is not None else None
         return await self._run(prompt, emit)
+
+    def run_sync(self, prompt: Prompt, *, on_event: EventHandler | None = None) -> AgentResult:
+        """:meth:`run` for sync code: ``result = agent.run_sync("...")``.
+
+        It blocks until the agent answers. It works in a plain script and inside a running
+        event loop (a notebook), whose loop it blocks meanwhile, as a sync HTTP client would: in
+        async code, ``await agent.run(...)`` instead. Every sync call runs on one event loop
+        genfan keeps for the process (``on_event`` is called there, in genfan's thread), so a
+        backend made once serves them all.
+
+        Raises:
+            AgentStepLimitError: ``max_steps`` reached with ``on_step_limit="raise"``.
+            BackendError: the model call failed.
+        """
+        return run_sync(self.run, prompt, on_event=on_event)
 
     def run_stream(self, prompt: Prompt) -> AgentStream:
         """Run the loop and stream its events.

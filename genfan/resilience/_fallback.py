@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import aclosing
 
-from .._backend import AsyncCloseable, Backend
+from .._backend import AsyncCloseable, Backend, aclose_all
 from .._errors import BackendError, ConfigurationError
 from .._types import ChatRequest, Completion, StreamEvent
 from ._base import decision, time_left
@@ -30,6 +30,9 @@ class Fallback(AsyncCloseable):
         backends: the chain, best first.
         name: the name of the chain (default ``"fallback(a,b,...)"``).
         fallback_on: which errors move on to the next backend.
+        owns_backends: closing the chain also closes its backends (for backends made for this
+            chain alone, as a config's ``type = "fallback"`` does). By default it closes none:
+            whoever creates a backend owns it.
     """
 
     def __init__(
@@ -38,12 +41,14 @@ class Fallback(AsyncCloseable):
         *,
         name: str | None = None,
         fallback_on: Callable[[BaseException], bool] = _default_fallback_on,
+        owns_backends: bool = False,
     ) -> None:
         if not backends:
             raise ConfigurationError("Fallback needs at least one backend")
         self.backends = tuple(backends)
         self._name = name or "fallback(" + ",".join(b.name for b in self.backends) + ")"
         self._fallback_on = fallback_on
+        self.owns_backends = owns_backends
 
     @property
     def name(self) -> str:
@@ -93,8 +98,9 @@ class Fallback(AsyncCloseable):
                 return
 
     async def aclose(self) -> None:
-        for backend in self.backends:
-            await backend.aclose()
+        """Close the backends if the chain owns them (``owns_backends=True``); else nothing."""
+        if self.owns_backends:
+            await aclose_all(self.backends)
 
     def __repr__(self) -> str:
         return f"Fallback({list(self.backends)!r})"

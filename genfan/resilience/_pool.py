@@ -11,7 +11,7 @@ from typing import Literal, TypeAlias
 
 import anyio
 
-from .._backend import AsyncCloseable, Backend
+from .._backend import AsyncCloseable, Backend, aclose_all
 from .._errors import CircuitOpenError, ConfigurationError
 from .._types import ChatRequest, Completion, StreamEnd, StreamEvent
 from ._base import NOT_SENT, decision, tried_replicas
@@ -123,6 +123,9 @@ class Pool(AsyncCloseable):
         name: the pool's name (default ``"pool(a,b,...)"``).
         decay: seconds over which peak-EWMA forgets.
         rng: the random source (tests pass a seeded one).
+        owns_backends: closing the pool also closes the replicas (for replicas made for this
+            pool alone, as a config's ``type = "pool"`` does). By default it closes none:
+            whoever creates a backend owns it.
     """
 
     def __init__(
@@ -134,6 +137,7 @@ class Pool(AsyncCloseable):
         name: str | None = None,
         decay: float = 10.0,
         rng: random.Random | None = None,
+        owns_backends: bool = False,
     ) -> None:
         if not replicas:
             raise ConfigurationError("Pool needs at least one replica")
@@ -158,6 +162,7 @@ class Pool(AsyncCloseable):
         self._decay = decay
         self._rng = rng or random.Random()
         self._next = 0
+        self.owns_backends = owns_backends
 
     @property
     def name(self) -> str:
@@ -292,8 +297,9 @@ class Pool(AsyncCloseable):
             self._done(replica, start, failed=failed)
 
     async def aclose(self) -> None:
-        for r in self._replicas:
-            await r.backend.aclose()
+        """Close the replicas if the pool owns them (``owns_backends=True``); else nothing."""
+        if self.owns_backends:
+            await aclose_all(r.backend for r in self._replicas)
 
     def __repr__(self) -> str:
         return f"Pool({list(self.replicas)!r}, strategy={self.strategy!r})"

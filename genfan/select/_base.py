@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Literal, Protocol, TypeAlias, runtime_checkable
 
 from .._errors import BackendError, ConfigurationError
+from .._sync import clip
 from .._types import ChatRequest, Completion
 
 __all__ = [
@@ -58,6 +59,18 @@ class Candidate:
         """The answer's text ('' for a failed or cancelled candidate)."""
         return self.completion.text if self.completion is not None else ""
 
+    def __repr__(self) -> str:
+        if self.completion is not None:
+            detail = f"text={clip(self.completion.text)!r}"
+        elif self.error is not None:
+            detail = f"error={clip(f'{type(self.error).__name__}: {self.error.message}')!r}"
+        else:
+            detail = "text=''"
+        return (
+            f"Candidate(index={self.index}, backend={self.backend!r}, status={self.status!r}, "
+            f"{detail}, latency={self.latency:.3f}s)"
+        )
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Selection:
@@ -82,6 +95,13 @@ class Selection:
     method: str = ""
     by_scorer: Mapping[str, Mapping[int, float]] = field(default_factory=dict)
     rejected: Mapping[int, str] = field(default_factory=dict)
+
+    def __repr__(self) -> str:
+        confidence = "None" if self.confidence is None else f"{self.confidence:.2f}"
+        return (
+            f"Selection(chosen={self.chosen!r}, method={self.method!r}, "
+            f"confidence={confidence}, explanation={clip(self.explanation)!r})"
+        )
 
 
 @runtime_checkable
