@@ -15,11 +15,12 @@ from ._facade import lazy
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
+    from ._adaptive import MultiSampleBackend as MultiSampleBackend
+    from ._adaptive import Sampling as Sampling
     from ._backend import Backend as Backend
     from ._backend import BackendFactory as BackendFactory
     from ._backend import BaseBackend as BaseBackend
     from ._backend import collect_stream as collect_stream
-    from ._backend import create_backend as create_backend
     from ._backend import merge_tool_call_deltas as merge_tool_call_deltas
     from ._backend import register_backend as register_backend
     from ._backend import registered_prefixes as registered_prefixes
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
     from ._config import GenfanConfig as GenfanConfig
     from ._config import load_config as load_config
     from ._config import parse_config as parse_config
+    from ._create import create_backend as create_backend
     from ._errors import AllBackendsFailedError as AllBackendsFailedError
     from ._errors import BackendConnectionError as BackendConnectionError
     from ._errors import BackendError as BackendError
@@ -47,10 +49,17 @@ if TYPE_CHECKING:
     from ._errors import NoAnswerError as NoAnswerError
     from ._errors import RateLimitError as RateLimitError
     from ._errors import RateLimitExceededError as RateLimitExceededError
+    from ._fanout import AnswerChosen as AnswerChosen
+    from ._fanout import CandidateDelta as CandidateDelta
+    from ._fanout import CandidateFinished as CandidateFinished
     from ._fanout import FanOut as FanOut
+    from ._fanout import FanOutEvent as FanOutEvent
+    from ._fanout import FanOutFinished as FanOutFinished
     from ._fanout import FanOutResult as FanOutResult
+    from ._fanout import FanOutStream as FanOutStream
     from ._fanout import Mode as Mode
     from ._fanout import Target as Target
+    from ._output import OutputValidationError as OutputValidationError
     from ._synthesis import AGGREGATE_PROMPT as AGGREGATE_PROMPT
     from ._synthesis import Synthesis as Synthesis
     from ._synthesis import SynthesisResult as SynthesisResult
@@ -59,6 +68,7 @@ if TYPE_CHECKING:
     from ._types import Completion as Completion
     from ._types import FinishReason as FinishReason
     from ._types import JsonValue as JsonValue
+    from ._types import LogprobStats as LogprobStats
     from ._types import Message as Message
     from ._types import RateLimitInfo as RateLimitInfo
     from ._types import ResponseFormat as ResponseFormat
@@ -66,6 +76,7 @@ if TYPE_CHECKING:
     from ._types import StreamEnd as StreamEnd
     from ._types import StreamEvent as StreamEvent
     from ._types import TextDelta as TextDelta
+    from ._types import TokenLogprob as TokenLogprob
     from ._types import ToolCall as ToolCall
     from ._types import ToolCallDelta as ToolCallDelta
     from ._types import ToolSpec as ToolSpec

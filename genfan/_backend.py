@@ -9,17 +9,21 @@ them by name.
 The registry turns ``"openai:gpt-4o-mini"``-style strings into backends. It looks prefixes up in
 the ``genfan.backends`` entry-point group, so installing a package is enough to add a provider;
 :func:`register_backend` adds one at run time. Constructing a backend class directly always works.
+:func:`build_backend` returns the provider's backend as it is (unguarded); the public
+``genfan.create_backend`` (``genfan._create``, a floor above ``genfan.resilience``) wraps it in
+its guard stack.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import aclosing, nullcontext
 from types import TracebackType
-from typing import Any, Protocol, Self, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, Self, runtime_checkable
 
 from ._errors import ConfigurationError, MalformedResponseError
+from ._sync import run_sync, sync_with_error
 from ._types import (
     ChatRequest,
     Completion,
@@ -31,11 +35,13 @@ from ._types import (
 )
 
 __all__ = [
+    "AsyncCloseable",
     "Backend",
     "BackendFactory",
     "BaseBackend",
+    "aclose_all",
+    "build_backend",
     "collect_stream",
-    "create_backend",
     "register_backend",
     "registered_prefixes",
 ]
@@ -73,8 +79,26 @@ class Backend(Protocol):
 
 
 class AsyncCloseable:
-    """An async context manager whose exit calls :meth:`aclose` (backends and the wrappers
-    around them all share this lifetime; subclasses override :meth:`aclose`)."""
+    """What every genfan backend class shares (providers, composites, guards, pools): an async
+    context manager whose exit calls :meth:`aclose` (subclasses override it), and
+    :meth:`complete_sync` for sync code.
+
+    ``with`` (instead of ``async with``) raises a ``TypeError`` that says so.
+    """
+
+    async def complete(self, request: ChatRequest) -> Completion:
+        """Answer ``request``: ``completion = await backend.complete(request)``."""
+        raise NotImplementedError
+
+    def complete_sync(self, request: ChatRequest) -> Completion:
+        """:meth:`complete` for sync code: ``completion = backend.complete_sync(request)``.
+
+        It blocks until the answer is there. It works in a plain script and inside a running
+        event loop (a notebook), whose loop it blocks meanwhile, as a sync HTTP client would:
+        in async code, ``await backend.complete(request)`` instead. Every sync call runs on one
+        event loop genfan keeps for the process, so a backend made once serves them all.
+        """
+        return run_sync(self.complete, request)
 
     async def aclose(self) -> None:
         return None
@@ -90,11 +114,43 @@ class AsyncCloseable:
     ) -> None:
         await self.aclose()
 
+    if not TYPE_CHECKING:  # at run time only: type checkers still flag `with` as an error
+
+        def __enter__(self):
+            sync_with_error(self)
+
+        def __exit__(self, *exc_info):
+            return None
+
+
+async def aclose_all(backends: Iterable[Backend]) -> None:
+    """Close each distinct backend once, in order (for composites closing what they own).
+
+    Every backend is closed even when one fails; the first failure is then raised.
+    """
+    seen: set[int] = set()
+    failure: BaseException | None = None
+    for backend in backends:
+        if id(backend) in seen:
+            continue
+        seen.add(id(backend))
+        try:
+            await backend.aclose()
+        except Exception as exc:
+            failure = failure or exc
+    if failure is not None:
+        raise failure
+
 
 class BaseBackend(AsyncCloseable):
-    """A convenient base class: context manager, and ``stream`` built on ``complete``.
+    """A convenient base class: context manager, ``stream`` built on ``complete``, and
+    :meth:`complete_sync` for sync code.
 
     Subclasses implement :meth:`complete` (and :meth:`stream` when they can really stream).
+
+    Whoever creates a backend owns it and closes it (``async with backend:`` or
+    ``await backend.aclose()``); composites that are handed a backend never close it, so one
+    backend serves any number of fan-outs.
     """
 
     def __init__(self, name: str) -> None:
@@ -105,7 +161,17 @@ class BaseBackend(AsyncCloseable):
         return self._name
 
     async def complete(self, request: ChatRequest) -> Completion:
+        """Answer ``request``: ``completion = await backend.complete(request)``."""
         raise NotImplementedError
+
+    async def warm(self) -> None:
+        """Get ready now rather than on the first call: build HTTP clients, start an engine.
+
+        A no-op by default. The command line awaits it before a fan-out's clock starts, so a
+        one-off start-up cost is counted neither against the deadline nor in the latency.
+        Calling it again, or calling :meth:`complete` without it, must work.
+        """
+        return None
 
     async def stream(self, request: ChatRequest) -> AsyncIterator[StreamEvent]:
         """Default streaming: the whole completion as one text delta, then the end event."""
@@ -184,14 +250,31 @@ def registered_prefixes() -> list[str]:
     return sorted(set(_registry) | set(_entry_point_factories()))
 
 
-def create_backend(spec: str, /, **options: Any) -> Backend:
-    """Create a backend from ``"prefix:model"``, e.g. ``create_backend("openai:gpt-4o-mini")``.
+def build_backend(spec: str, /, **options: Any) -> Backend:
+    """The provider's backend for ``"prefix:model"``, as it is: **no guards** (the registry;
+    ``genfan.create_backend`` and the TOML config wrap it in its guard stack).
 
     Options are passed to the backend's constructor (``name=``, ``base_url=``, ...).
 
     Raises:
-        ConfigurationError: the spec is malformed or names an unknown prefix.
+        ConfigurationError: the spec is malformed or names an unknown prefix, or an option is
+            not one the backend takes (the message names it and the valid ones).
     """
+    factory, model = _factory(spec)
+    valid = _option_names(factory)
+    unknown = [k for k in options if k == "model" or (valid is not None and k not in valid)]
+    if unknown:
+        raise ConfigurationError(unknown_option_message(spec, unknown[0], valid))
+    try:
+        return factory(model=model or None, **options)
+    except TypeError as exc:  # a factory taking **options passed on a key it does not know
+        if "unexpected keyword argument" not in str(exc):
+            raise
+        raise ConfigurationError(f"backend {spec!r}: {exc}") from None
+
+
+def _factory(spec: str) -> tuple[BackendFactory, str]:
+    """The registry's factory for ``spec``, and the spec's model part."""
     prefix, sep, model = spec.partition(":")
     if not sep or not prefix:
         raise ConfigurationError(
@@ -208,4 +291,66 @@ def create_backend(spec: str, /, **options: Any) -> Backend:
             )
         factory = ep.load()
         _registry[prefix] = factory
-    return factory(model=model or None, **options)
+    return factory, model
+
+
+def _option_names(factory: Callable[..., Any]) -> list[str] | None:
+    """The keyword options ``factory`` takes besides ``model`` (``None``: any, through
+    ``**options`` it says nothing more about). A factory that passes ``**options`` on to the
+    class its return annotation names takes that class's options too."""
+    import inspect
+    import typing
+
+    try:
+        params = list(inspect.signature(factory).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    names = [
+        p.name
+        for p in params
+        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name != "model"
+    ]
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        try:
+            target = typing.get_type_hints(factory).get("return")
+        except Exception:  # unresolvable annotations: nothing more to learn
+            return None
+        if not isinstance(target, type) or target is factory:
+            return None
+        inner = _option_names(target)
+        return None if inner is None else sorted({*names, *inner})
+    return names
+
+
+def backend_options(spec: str) -> list[str] | None:
+    """The keyword options the backend behind ``spec`` takes (``None``: it accepts any).
+
+    Raises:
+        ConfigurationError: the spec is malformed or names an unknown prefix.
+    """
+    return _option_names(_factory(spec)[0])
+
+
+#: Keys that belong to a request (or a fan-out target), not to a backend's constructor.
+_REQUEST_KEYS = ("temperature", "top_p", "max_tokens", "system", "seed", "stop")
+
+
+def unknown_option_message(spec: str, key: str, valid: list[str] | None) -> str:
+    """Why ``key`` is not an option of the backend behind ``spec``, and what to write instead."""
+    import difflib
+
+    if key == "model":
+        return f"model goes in the spec ({spec.partition(':')[0]}:MODEL), not in the options"
+    text = f"backend {spec.removesuffix(':')!r} takes no option {key!r}"
+    if valid is not None:
+        close = difflib.get_close_matches(key, valid, n=1)
+        text += f"; valid options: {', '.join(valid)}"
+        if close:
+            text += f" (did you mean {close[0]!r}?)"
+    if key in _REQUEST_KEYS:
+        text += (
+            f"; {key} is a request setting: ChatRequest({key}=...) or Target({key}=...) in "
+            "code, a key of [backends.NAME] (not of its options) in a config file"
+        )
+    return text
+

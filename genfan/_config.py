@@ -4,7 +4,7 @@
 [fanout]
 mode = "all"            # all | first | quorum
 deadline = 30           # seconds for the whole fan-out
-select = "first"        # a selector name (see genfan.select), or a table {name = "vote", ...}
+select = "auto"         # a selector name (see genfan.select), or a table {name = "vote", ...}
 
 [backends.gpt]
 type = "openai"         # a registry prefix: openai, anthropic, vllm, fake, or a plug-in's
@@ -12,9 +12,10 @@ model = "gpt-4o-mini"
 api_key_env = "OPENAI_API_KEY"   # the key is read from this variable, never from the file
 temperature = 0.2       # per-backend overrides of the request
 system = "Answer briefly."
+price = [0.15, 0.6]     # USD per million input, output tokens: each answer's cost
 
-[backends.gpt.options]  # passed to the backend's constructor (engine options, price, ...)
-price = [0.15, 0.6]     # dollars per million input, output tokens
+[backends.gpt.options]  # passed to the backend's constructor (typos are named, with the valid
+max_concurrency = 8     # options)
 
 [backends.gpt.guards]   # its guard stack (see docs/resilience.md); the bulkhead caps concurrency
 bulkhead = { max_concurrent = 32 }
@@ -31,16 +32,24 @@ url_env = "GENFAN_REDIS_URL"
 
 from __future__ import annotations
 
+import difflib
+import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator, with_config
+from typing_extensions import TypedDict  # pydantic reads typing.TypedDict on 3.12+ only
 
-from ._backend import Backend, create_backend
+from ._backend import Backend, backend_options, build_backend, unknown_option_message
+from ._create import guarded
 from ._errors import ConfigurationError
 from ._fanout import FanOut, Target
+
+if TYPE_CHECKING:
+    from ._types import ChatRequest
+    from .select import Candidate, MajorityVote, Score
 
 __all__ = ["BackendConfig", "FanOutConfig", "GenfanConfig", "load_config", "parse_config"]
 
@@ -60,6 +69,8 @@ class BackendConfig(BaseModel):
     api_key_env: str | None = None
     headers: dict[str, str] = Field(default_factory=dict)
     timeout: Annotated[float, Field(gt=0)] | None = None
+    #: USD per million input tokens and per million output tokens (fills each answer's cost).
+    price: tuple[Annotated[float, Field(ge=0)], Annotated[float, Field(ge=0)]] | None = None
     temperature: Annotated[float, Field(ge=0, le=2)] | None = None
     top_p: Annotated[float, Field(gt=0, le=1)] | None = None
     max_tokens: Annotated[int, Field(gt=0)] | None = None
@@ -82,6 +93,8 @@ class BackendConfig(BaseModel):
             raise ValueError(
                 "members/strategy/weights are only for type = 'pool' or type = 'fallback'"
             )
+        if self.price is not None and "price" in self.options:
+            raise ValueError("price is set twice: keep price = [in, out] and drop options.price")
         return self
 
     def constructor_options(self, name: str) -> dict[str, Any]:
@@ -95,6 +108,8 @@ class BackendConfig(BaseModel):
             opts["headers"] = dict(self.headers)
         if self.timeout is not None:
             opts["timeout"] = self.timeout
+        if self.price is not None:
+            opts["price"] = self.price
         opts.update(self.options)
         return opts
 
@@ -104,7 +119,7 @@ class SelectConfig(BaseModel):
 
     model_config = ConfigDict(extra="allow", frozen=True, defer_build=True)
 
-    name: str = "first"
+    name: str = "auto"
 
 
 class FanOutConfig(BaseModel):
@@ -115,7 +130,7 @@ class FanOutConfig(BaseModel):
     mode: Literal["all", "first", "quorum"] = "all"
     quorum: Annotated[int, Field(ge=1)] | None = None
     deadline: Annotated[float, Field(gt=0)] | None = None
-    select: str | SelectConfig = "first"
+    select: str | SelectConfig = "auto"
     backends: list[str] | None = None
     early_exit: Annotated[int, Field(ge=1)] | None = None
 
@@ -129,6 +144,14 @@ class FanOutConfig(BaseModel):
         return self
 
 
+@with_config(ConfigDict(extra="forbid"))
+class _Defaults(TypedDict, total=False):
+    """The ``[defaults]`` table: what every backend starts from."""
+
+    #: ``[defaults.guards]``: every backend's guards, merged under its own ``guards``.
+    guards: dict[str, Any]
+
+
 class GenfanConfig(BaseModel):
     """A whole configuration file."""
 
@@ -136,7 +159,7 @@ class GenfanConfig(BaseModel):
 
     backends: dict[str, BackendConfig] = Field(default_factory=dict)
     fanout: FanOutConfig = Field(default_factory=FanOutConfig)
-    defaults: dict[str, Any] = Field(default_factory=dict)
+    defaults: _Defaults = Field(default_factory=lambda: _Defaults())
     schedules: dict[str, Any] = Field(default_factory=dict)
     batch: dict[str, Any] = Field(default_factory=dict)
     #: ``[rate_limit_stores.NAME]``: shared quota stores (``RateLimitStoreConfig``), named by
@@ -211,6 +234,24 @@ class GenfanConfig(BaseModel):
                 )
         return self
 
+    @model_validator(mode="after")
+    def _check_selection(self) -> GenfanConfig:
+        name, options = _name_options(self.fanout.select)
+        if name == "judge" and "judge" in options:
+            _judge_table(options["judge"], "fanout.select.judge", self.backends)
+        return self
+
+    def _where(self, path: str) -> str:
+        """``path`` (a dotted key) prefixed with the file and line it is on, when known."""
+        if self.source is None:
+            return path
+        try:
+            text = self.source.read_text(encoding="utf-8-sig")
+        except (OSError, UnicodeDecodeError):
+            text = ""
+        line = _locate(text, path.split("."))
+        return f"{self.source}:{line}: {path}" if line else f"{self.source}: {path}"
+
     def selected_backends(self, names: list[str] | None = None) -> dict[str, BackendConfig]:
         """The backend tables a fan-out uses: ``names``, or ``fanout.backends``, or all enabled."""
         wanted = names or self.fanout.backends
@@ -257,14 +298,32 @@ class GenfanConfig(BaseModel):
                     strategy=cfg.strategy or "p2c_peak_ewma",  # type: ignore[arg-type]
                     weights=cfg.weights,
                     name=name,
+                    owns_backends=True,  # the config built the members: closing it closes them
                 )
             else:
-                composite = Fallback(members, name=name)
+                composite = Fallback(members, name=name, owns_backends=True)
             if cfg.guards is None:
                 return composite
             return self._apply_guards(composite, None, cfg.guards, stores)
+        return self._build_leaf(name, cfg, stores, f"backends.{name}")
+
+    def _build_leaf(
+        self, name: str, cfg: BackendConfig, stores: dict[str, Any], where: str
+    ) -> Backend:
+        """A provider's backend from its table (at ``where`` in the file), in its guard stack."""
         spec = f"{cfg.type}:{cfg.model or ''}"
-        backend = create_backend(spec, **cfg.constructor_options(name))
+        options = cfg.constructor_options(name)
+        valid = backend_options(spec)
+        for key in options:
+            if key == "model" or (valid is not None and key not in valid):
+                in_options = key in cfg.options
+                path = f"{where}.options.{key}" if in_options else f"{where}.{key}"
+                why = unknown_option_message(spec, key, valid)
+                near = difflib.get_close_matches(key, _BACKEND_KEYS, n=1) if in_options else []
+                if near and near[0] not in cfg.options:
+                    why += f"; did you mean {where}.{near[0]} (a key of the table, not an option)?"
+                raise ConfigurationError(f"{self._where(path)}: {why}")
+        backend = build_backend(spec, **options)
         return self._apply_guards(backend, self.defaults.get("guards"), cfg.guards, stores)
 
     def _apply_guards(
@@ -289,12 +348,15 @@ class GenfanConfig(BaseModel):
                 stores[store] = self.rate_limit_stores[store].build()
             except ConfigurationError as exc:
                 raise ConfigurationError(f"rate_limit_stores.{store}: {exc}") from None
-        return guards.build(backend, stores=stores)
+        return guarded(backend, guards, stores=stores)  # as create_backend() does
 
-    def build_targets(self, names: list[str] | None = None) -> list[Target]:
+    def build_targets(
+        self, names: list[str] | None = None, *, _stores: dict[str, Any] | None = None
+    ) -> list[Target]:
         """Fan-out targets for the selected backends, with their request overrides."""
         targets = []
-        stores: dict[str, Any] = {}  # each shared quota store once, for every target
+        # each shared quota store once, for every target (and the judge)
+        stores: dict[str, Any] = {} if _stores is None else _stores
         for name, cfg in self.selected_backends(names).items():
             overrides = {"top_p": cfg.top_p} if cfg.top_p is not None else {}
             targets.append(
@@ -322,30 +384,148 @@ class GenfanConfig(BaseModel):
         quorum: int | None = None,
         deadline: float | None = None,
         early_exit: int | None = None,
+        judge: str | Mapping[str, Any] | None = None,
     ) -> FanOut:
         """A :class:`FanOut` as the config describes it (arguments override the file).
 
         ``early_exit=K`` (or ``[fanout] early_exit = K``) stops the fan-out once K answers agree
         under a majority-vote key (the vote selector's ``extract`` when ``select`` is ``vote``)
-        and cancels the calls still running.
+        and cancels the calls still running; the answer is then always one of those that agree
+        (the vote picks it, or another selector picks among them).
+
+        ``judge=`` names the judge of ``select="judge"`` (and implies it when ``select`` is not
+        given): a backend of this config, a ``"provider:model"`` spec, or a table like a
+        ``[backends.NAME]`` one (``{"spec": "openai:gpt-4o-mini", "base_url": ...}``). The
+        judge is built (guarded) with the fan-out and closed with it.
         """
         fan = self.fanout
         sel: str | SelectConfig = select if select is not None else fan.select
+        if judge is not None:
+            name, options = _name_options(sel)
+            if name != "judge":
+                if select is not None:
+                    raise ConfigurationError(
+                        f"--judge names the judge of --select judge, not of --select {name}: "
+                        "drop --judge or use --select judge"
+                    )
+                options = {}  # --judge alone: judge instead of the file's selector
+            sel = SelectConfig(name="judge", **{**options, "judge": judge})
         m = mode or fan.mode
         k = early_exit if early_exit is not None else fan.early_exit
         agree = None
+        vote = None
         if k is not None:
             if mode not in (None, "all", "quorum") or quorum is not None:
                 raise ConfigurationError("early exit sets the mode itself: drop --mode/--quorum")
-            m, quorum, agree = "quorum", k, _agreement_key(sel)
-        return FanOut(
-            self.build_targets(backends),
-            mode=m,  # type: ignore[arg-type]
-            quorum=quorum if quorum is not None else (fan.quorum if m == "quorum" else None),
-            agree=agree,
-            deadline=deadline if deadline is not None else fan.deadline,
-            select=_selector(sel),
-        )
+            vote = _agreement_vote(sel)
+            m, quorum, agree = "quorum", k, vote.agreement_key
+        stores: dict[str, Any] = {}  # one shared quota store for the targets and the judge
+        targets = self.build_targets(backends, _stores=stores)
+        owned: list[Backend] = []
+        selector = self._selector(sel, stores, owned, vote)
+        settings: dict[str, Any] = {
+            "mode": m,
+            "quorum": quorum if quorum is not None else (fan.quorum if m == "quorum" else None),
+            "agree": agree,
+            "deadline": deadline if deadline is not None else fan.deadline,
+            "select": selector,
+            "owns_backends": True,
+        }
+        if owned:
+            return _ConfigFanOut(targets, judges=owned, **settings)
+        return FanOut(targets, **settings)
+
+    def _selector(
+        self,
+        sel: str | SelectConfig,
+        stores: dict[str, Any],
+        owned: list[Backend],
+        agreeing: MajorityVote | None,
+    ) -> Any:
+        """The selector ``sel`` names; with early exit (``agreeing``), one that chooses only
+        among the answers that agree."""
+        name, options = _name_options(sel)
+        if name == "judge":
+            options["judge"] = self._build_judge(options.get("judge"), stores, owned)
+        from .select import selector_from_name
+
+        if agreeing is not None:
+            if name == "first":
+                selector_from_name("first", **options)  # its options are checked as usual
+                name, options = "vote", {}
+            if name != "vote":  # the vote's largest group is the one that agreed
+                options["filters"] = [*options.get("filters", ()), _Agreeing(agreeing)]
+        if name == "first" and not options:
+            return None
+        return selector_from_name(name, **options)
+
+    def _build_judge(self, value: Any, stores: dict[str, Any], owned: list[Backend]) -> Any:
+        """The judge backend a judge setting names (built guarded; the fan-out closes it)."""
+        if value is None:
+            raise ConfigurationError(
+                "the judge selector needs a judge: pass --judge NAME (a backend of the config) "
+                'or --judge provider:model, or write select = { name = "judge", judge = '
+                '"NAME" } in [fanout]'
+            )
+        if not isinstance(value, str | Mapping):
+            return value  # a backend object given in code
+        name, table = _judge_table(value, "judge", self.backends)
+        if table is None:
+            backend = self.build_backend(name, _stores=stores)
+        else:
+            backend = self._build_leaf(name, table, stores, "fanout.select.judge")
+        owned.append(backend)
+        return backend
+
+
+class _ConfigFanOut(FanOut):
+    """A fan-out built from a config with a judge it built: closing it closes the judge too."""
+
+    def __init__(self, targets: Sequence[Target], *, judges: Sequence[Backend], **kw: Any) -> None:
+        super().__init__(targets, **kw)
+        self._judges = tuple(judges)
+
+    async def aclose(self) -> None:
+        try:
+            await super().aclose()
+        finally:
+            for judge in self._judges:
+                await judge.aclose()
+
+    def __repr__(self) -> str:
+        return f"FanOut(name={self.name!r})"
+
+
+class _Agreeing:
+    """The filter early exit adds to a selector other than the vote: only the answers in the
+    largest group that agree pass (those that stopped the fan-out)."""
+
+    name = "agreement"
+
+    def __init__(self, vote: MajorityVote) -> None:
+        self._vote = vote
+
+    def score(self, request: ChatRequest, candidates: Sequence[Candidate]) -> dict[int, Score]:
+        from .select import Score
+
+        groups = self._vote.groups(request, candidates)
+        top = max((len(g) for g in groups.values()), default=0)
+        agreeing = {i for g in groups.values() if len(g) == top for i in g}
+        out: dict[int, Score] = {}
+        for c in candidates:
+            if not c.ok:
+                continue
+            if c.index in agreeing:
+                out[c.index] = Score(1.0, f"one of the {top} answers that agree")
+            elif top:
+                out[c.index] = Score(0.0, f"disagrees with the {top} answers that agree")
+            else:
+                out[c.index] = Score(0.0, "no answer to compare")
+        return out
+
+
+#: The keys of a ``[backends.NAME]`` table (what an option's typo may have meant).
+_BACKEND_KEYS = [k for k in BackendConfig.model_fields if k not in ("options", "guards")]
 
 
 def _name_options(sel: str | SelectConfig) -> tuple[str, dict[str, Any]]:
@@ -353,70 +533,199 @@ def _name_options(sel: str | SelectConfig) -> tuple[str, dict[str, Any]]:
     return (sel, {}) if isinstance(sel, str) else (sel.name, dict(sel.model_extra or {}))
 
 
-def _agreement_key(sel: str | SelectConfig) -> Any:
+def _agreement_vote(sel: str | SelectConfig) -> MajorityVote:
+    """The vote whose key decides early exit (the vote selector's ``extract``, if it has one)."""
     from .select import MajorityVote
 
     name, options = _name_options(sel)
     extract = {"extract": options["extract"]} if name == "vote" and "extract" in options else {}
     try:
-        return MajorityVote(**extract).agreement_key
+        return MajorityVote(**extract)
     except TypeError as exc:
         raise ConfigurationError(f"bad extract for early exit: {exc}") from exc
 
 
-def _selector(sel: str | SelectConfig) -> Any:
-    name, options = _name_options(sel)
-    if name == "first" and not options:
-        return None
-    from .select import selector_from_name
+def _judge_table(
+    value: Any, where: str, backends: Mapping[str, BackendConfig]
+) -> tuple[str, BackendConfig | None]:
+    """A judge setting as (its name, its backend table); the table is ``None`` for a backend
+    of the config, which is built from its own ``[backends.NAME]`` table."""
+    if isinstance(value, str):
+        if value in backends:
+            return value, None
+        prefix, colon, model = value.partition(":")
+        if colon and prefix:
+            return value, BackendConfig(type=prefix, model=model or None)
+        raise ConfigurationError(
+            f"{where} = {value!r} is neither a backend of the config "
+            f"(defined: {', '.join(sorted(backends)) or 'none'}) nor a 'provider:model' spec "
+            "like 'openai:gpt-4o-mini'"
+        )
+    if isinstance(value, Mapping):
+        table = dict(value)
+        spec = table.pop("spec", None)
+        if spec is not None:
+            if not (isinstance(spec, str) and ":" in spec and not spec.startswith(":")):
+                raise ConfigurationError(
+                    f"{where}.spec must be a 'provider:model' spec like 'openai:gpt-4o-mini', "
+                    f"got {spec!r}"
+                )
+            if "type" in table or "model" in table:
+                raise ConfigurationError(f"{where}: give spec, or type and model, not both")
+            prefix, _, model = spec.partition(":")
+            table = {"type": prefix, **({"model": model} if model else {}), **table}
+        elif "type" not in table:
+            raise ConfigurationError(
+                f"{where} needs spec = 'provider:model' (or type and model, as in a "
+                "[backends.NAME] table)"
+            )
+        try:
+            cfg = BackendConfig.model_validate(table)
+        except ValidationError as exc:
+            raise ConfigurationError(
+                "; ".join(
+                    f"{where}.{path}: {msg}"
+                    for path, msg in _problems(exc, ["spec", *BackendConfig.model_fields])
+                )
+            ) from None
+        return spec or f"{cfg.type}:{cfg.model or ''}", cfg
+    raise ConfigurationError(
+        f"{where} must be a backend name, a 'provider:model' spec, or a table like "
+        f"{{ spec = 'openai:gpt-4o-mini', base_url = '...' }}; got {value!r}"
+    )
 
-    return selector_from_name(name, **options)
+
+def _valid_keys(loc: Sequence[str]) -> list[str] | None:
+    """The keys the table holding ``loc`` takes, when it is one of the file's fixed tables."""
+    fields: list[str] | None = None
+    if len(loc) == 1:
+        fields = [k for k in GenfanConfig.model_fields if k != "source"]
+    elif loc[0] == "backends" and len(loc) == 3:
+        fields = list(BackendConfig.model_fields)
+    elif loc[0] == "fanout" and len(loc) == 2:
+        fields = list(FanOutConfig.model_fields)
+    elif loc[0] == "defaults" and len(loc) == 2:
+        fields = list(_Defaults.__annotations__)
+    return fields
 
 
-def _describe(err: ValidationError, source: str) -> str:
-    lines = []
+def _problems(err: ValidationError, keys: list[str] | None = None) -> list[tuple[str, str]]:
+    """Each error of ``err`` as (the dotted key, what is wrong and how to fix it); ``keys``:
+    the valid keys of the table validated, when it is not the whole file."""
+    out = []
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"] if not str(p).startswith("function-"))
-        msg = e["msg"]
+        loc = [str(p) for p in e["loc"] if not str(p).startswith("function-")]
+        msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown key: remove it or check its spelling"
+            valid = keys if keys is not None and len(loc) == 1 else _valid_keys(loc)
+            near = difflib.get_close_matches(loc[-1], valid or [], n=1)
+            if near:
+                msg += f" (did you mean {near[0]!r}?)"
+            elif valid:
+                msg += f"; valid keys here: {', '.join(valid)}"
         elif e["type"] == "missing":
             msg = "this key is required"
         got = e.get("input")
-        got_s = (
-            ""
-            if e["type"] in ("missing", "extra_forbidden") or isinstance(got, dict)
-            else f" (got {got!r})"
-        )
-        lines.append(f"  {loc or '<top level>'}: {msg}{got_s}")
-    return f"{source}: invalid configuration:\n" + "\n".join(lines)
+        if not (e["type"] in ("missing", "extra_forbidden") or isinstance(got, dict) or not loc):
+            msg += f" (got {got!r})"
+        out.append((".".join(loc), msg))
+    return out
+
+
+_HEADER = re.compile(r"^\s*\[\[?([^\]]+)\]\]?\s*(?:#.*)?$")
+_KEY = re.compile(
+    r"""^\s*((?:"[^"]*"|'[^']*'|[\w-]+)(?:\s*\.\s*(?:"[^"]*"|'[^']*'|[\w-]+))*)\s*="""
+)
+_PATH_IN_MESSAGE = re.compile(r"^([\w-]+(?:\.[\w-]+)+)\b")
+
+
+def _split_key(key: str) -> list[str]:
+    return [part.strip().strip("\"'") for part in key.split(".")]
+
+
+def _locate(text: str, path: Sequence[str]) -> int | None:
+    """The line of ``text`` (TOML) that sets ``path``, else the line of the closest table or key
+    above it (best effort: for pointing at a mistake, not for parsing)."""
+    table: list[str] = []
+    best: tuple[int, int] | None = None  # (depth, line) of the deepest enclosing key or table
+    for n, line in enumerate(text.splitlines(), 1):
+        header = _HEADER.match(line)
+        if header:
+            table = _split_key(header.group(1))
+            full = table
+        else:
+            key = _KEY.match(line)
+            if key is None:
+                continue
+            full = table + _split_key(key.group(1))
+        if list(path) == full:
+            return n
+        depth = len(full)
+        if depth < len(path) and list(path[:depth]) == full:
+            inline = re.search(rf"[{{,]\s*[\"']?{re.escape(path[-1])}[\"']?\s*=", line)
+            if inline and depth == len(path) - 1:
+                return n
+            if best is None or depth > best[0]:
+                best = (depth, n)
+    return None if best is None else best[1]
+
+
+def _describe(err: ValidationError, source: str, text: str = "") -> str:
+    """One line per problem: ``FILE:LINE: the.key: what to fix``."""
+    lines = []
+    for path, msg in _problems(err):
+        if not path:  # a check of the whole file: its message starts with the key
+            found = _PATH_IN_MESSAGE.match(msg)
+            line = _locate(text, found.group(1).split(".")) if found and text else None
+            lines.append(f"{source}:{line}: {msg}" if line else f"{source}: {msg}")
+            continue
+        line = _locate(text, path.split(".")) if text else None
+        lines.append(f"{source}:{line}: {path}: {msg}" if line else f"{source}: {path}: {msg}")
+    return "\n".join(lines)
 
 
 def parse_config(data: Mapping[str, Any], *, source: str = "<config>") -> GenfanConfig:
     """Validate an already-parsed mapping (for example from ``tomllib``)."""
+    return _parse(data, source, "")
+
+
+def _parse(data: Mapping[str, Any], source: str, text: str) -> GenfanConfig:
     try:
         return GenfanConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigurationError(_describe(exc, source)) from None
+        raise ConfigurationError(_describe(exc, source, text)) from None
 
 
 def load_config(path: str | Path) -> GenfanConfig:
-    """Read and validate a TOML configuration file.
+    """Read and validate a TOML configuration file (UTF-8).
 
     Raises:
-        ConfigurationError: the file is missing, is not valid TOML, or has invalid keys; the
-            message names the key and the fix.
+        ConfigurationError: the file is missing or unreadable, is not UTF-8 or not valid TOML,
+            or has invalid keys; one line per problem names the file, the line, the key and
+            the fix.
     """
     p = Path(path)
     try:
-        text = p.read_text(encoding="utf-8")
+        raw = p.read_bytes()
     except FileNotFoundError:
         raise ConfigurationError(
             f"config file {p} not found; create it or pass --config PATH"
+        ) from None
+    except IsADirectoryError:
+        raise ConfigurationError(f"{p} is a folder; pass --config FILE (a .toml file)") from None
+    except OSError as exc:
+        raise ConfigurationError(f"cannot read config file {p}: {exc.strerror}") from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise ConfigurationError(
+            f"{p}:{line}: not UTF-8 text (byte 0x{raw[exc.start]:02x}); save the file as UTF-8"
         ) from None
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigurationError(f"{p}: not valid TOML: {exc}") from None
-    cfg = parse_config(data, source=str(p))
+    cfg = _parse(data, str(p), text)
     return cfg.model_copy(update={"source": p})

@@ -95,7 +95,7 @@ def test_register_backend_at_run_time() -> None:
     register_backend(
         "echo", lambda model=None, **kw: FakeBackend(kw.get("name", "echo"), [model or "?"])
     )
-    backend = create_backend("echo:hello", name="e")
+    backend = create_backend("echo:hello", name="e", guards=False)
     assert isinstance(backend, FakeBackend) and backend.name == "e"
     with pytest.raises(ConfigurationError):
         register_backend("bad:prefix", FakeBackend)

@@ -109,6 +109,7 @@ def test_registry_passes_max_tokens_field() -> None:
         base_url=LOCAL,
         api_key_env=None,
         max_tokens_field="max_completion_tokens",
+        guards=False,
     )
     assert isinstance(b, OpenAIBackend)
     assert b.max_tokens_field == "max_completion_tokens"

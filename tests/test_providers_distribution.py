@@ -81,7 +81,7 @@ def test_a_users_own_providers_package_does_not_clash(tmp_path: Path) -> None:
         """
         import providers, providers.openai
         from genfan import create_backend
-        backend = create_backend("openai:gpt-4o-mini", api_key="k")
+        backend = create_backend("openai:gpt-4o-mini", api_key="k", guards=False)
         print(type(backend).__module__, type(backend).__name__, backend.name)
         print(providers.openai.OpenAIBackend)
         """
@@ -149,10 +149,10 @@ async def test_the_guards_bulkhead_is_the_http_backends_one_cap() -> None:
 
         opened, srv.max_in_flight = srv.connections_opened, 0
         backend = OpenAIBackend("m", base_url=srv.url, api_key="k")
-        async with guard(backend, retry=None) as guarded:  # the default bulkhead: 32 at once
+        async with guard(backend, retry=None) as guarded:  # the default bulkhead: 64 at once
             async with anyio.create_task_group() as tg:
-                for i in range(48):
+                for i in range(96):
                     tg.start_soon(guarded.complete, ChatRequest.from_prompt(f"q{i}"))
-            assert len(backend.clients) <= 32 // 4
-        assert srv.max_in_flight <= 32
-        assert srv.connections_opened - opened <= 32
+            assert len(backend.clients) <= 64 // 4
+        assert srv.max_in_flight <= 64
+        assert srv.connections_opened - opened <= 64

@@ -1,4 +1,5 @@
-"""The bulkhead: at most N calls run at once, at most M wait, the rest are shed at once."""
+"""The bulkhead: at most N calls run at once; the rest wait their turn (or, when asked, at most
+M wait and the others are shed at once)."""
 
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ class BulkheadStatistics:
         max_concurrent: the limit.
         running: calls running now.
         queued: calls waiting for a slot now.
-        rejected: calls shed so far (full queue or queue wait exceeded).
+        rejected: calls shed so far (full queue, queue wait exceeded, or no time left).
         admitted: calls that got a slot so far.
     """
 
@@ -50,11 +51,13 @@ class _Waiter:
 
 
 class Bulkhead(Guard):
-    """Bound the calls running (and queued) for one backend; shed the rest at once.
+    """Bound the calls running for one backend; the others wait in a FIFO queue.
 
-    A call that finds every slot busy waits in a FIFO queue; if the queue is full, or its wait
-    passes ``max_queue_wait`` (or would pass the deadline), it fails with
-    :class:`~genfan.BulkheadFullError` and the backend is not called.
+    By default the queue has no length limit and a call waits until it gets a slot or its
+    deadline passes (a burst is served, only later). A call fails with
+    :class:`~genfan.BulkheadFullError`, and the backend is not called, when the policy asks for
+    shedding and the queue is full (``max_queued``) or its wait passes ``max_queue_wait``, or
+    when no time is left before the deadline to wait at all.
     """
 
     def __init__(self, inner: Backend, policy: BulkheadPolicy | None = None) -> None:
@@ -106,8 +109,9 @@ class Bulkhead(Guard):
         if self._running < self.policy.max_concurrent and not self._queued:
             self._grant()
             return
-        if self._queued >= self.policy.max_queued:
-            raise self._reject("queue full" if self.policy.max_queued else "no free slot")
+        max_queued = self.policy.max_queued
+        if max_queued is not None and self._queued >= max_queued:
+            raise self._reject("queue full" if max_queued else "no free slot")
         wait = self.policy.max_queue_wait
         budget = time_left()
         limit = min(math.inf if wait is None else wait, budget)

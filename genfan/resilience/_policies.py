@@ -97,21 +97,31 @@ def as_predicate(
 
 @dataclass(frozen=True, kw_only=True, slots=True, repr=False)
 class BulkheadPolicy:
-    """Bound how many calls run (and wait) at once for one backend.
+    """Bound how many calls run at once for one backend; the others wait their turn.
+
+    By default a burst queues, in memory and in FIFO order, however large it is: a call waits
+    for a slot until its caller's deadline (a fan-out's ``deadline``, a cancel scope), never
+    because a queue is full, so every call of a burst that the backend can serve in time is
+    served (as the vendors' SDKs do, only without flooding the backend). Set ``max_queued``
+    (or ``max_queue_wait``) to shed load instead: calls beyond it fail at once with
+    :class:`~genfan.BulkheadFullError`, and the backend is not called.
 
     Args:
-        max_concurrent: calls allowed to run at once.
+        max_concurrent: calls allowed to run at once: the backend's one concurrency cap (64:
+            enough for a local vLLM server to batch, see docs/resilience.md).
         max_queued: calls allowed to wait for a slot; more are shed at once (0: no queue).
-        max_queue_wait: seconds a call may wait for a slot (``None``: until the deadline).
+            ``None`` (default): no limit, the queue holds every waiting call.
+        max_queue_wait: seconds a call may wait for a slot before it is shed (``None``,
+            default: until the deadline).
     """
 
-    max_concurrent: int = 32
-    max_queued: int = 64
-    max_queue_wait: float | None = 10.0
+    max_concurrent: int = 64
+    max_queued: int | None = None
+    max_queue_wait: float | None = None
 
     def __post_init__(self) -> None:
         _check_int("BulkheadPolicy.max_concurrent", self.max_concurrent, low=1)
-        _check_int("BulkheadPolicy.max_queued", self.max_queued, low=0)
+        _check_int("BulkheadPolicy.max_queued", self.max_queued, low=0, allow_none=True)
         _check("BulkheadPolicy.max_queue_wait", self.max_queue_wait, low=0, allow_none=True)
 
     __repr__ = _policy_repr

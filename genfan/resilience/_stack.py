@@ -124,8 +124,9 @@ def guard(
     limits are off until given a policy (they cost extra requests or need the provider's quota).
     Pass ``None`` to turn a guard off.
 
-    The bulkhead is the backend's one concurrency cap (32 running, 64 queued by default):
-    providers do not cap concurrency themselves unless told to.
+    The bulkhead is the backend's one concurrency cap (64 running by default; the others
+    queue, however many, until their deadline): providers do not cap concurrency themselves
+    unless told to. ``BulkheadPolicy(max_queued=N)`` sheds what does not fit in the queue.
 
     Policies hold values only. What stacks share is passed here, once, as an object: a retry
     budget (``retry_budget``) and a shared quota store (``rate_limit_store``); give the same
@@ -133,7 +134,7 @@ def guard(
 
     Args:
         backend: the provider backend.
-        bulkhead: max concurrent/queued calls (the backend's concurrency cap).
+        bulkhead: max concurrent calls (the backend's concurrency cap), and when to shed.
         breaker: circuit-breaker policy.
         retry: retry policy (its ``budget`` gives the values of this stack's retry budget).
         timeout: per-attempt timeout (a policy, or seconds).

@@ -13,10 +13,15 @@
   connections as requests were ever in flight at once. Shards are created on first use and
   share one SSL context.
 * no concurrency cap of its own by default: the bulkhead of the backend's guard stack
-  (``genfan.resilience``, 32 calls by default) is the one cap, and it bounds the connections
+  (``genfan.resilience``, 64 calls by default) is the one cap, and it bounds the connections
   too. ``max_concurrency=N`` adds a cap here (an ``anyio.Semaphore``; more requests wait in
   genfan, never in httpcore) for a backend used without guards.
-* the API key, kept as a ``pydantic.SecretStr`` and redacted from every error message;
+* the API key, kept as a ``pydantic.SecretStr`` and redacted from every error message, and
+  where it comes from. A provider's own environment variable (``OPENAI_API_KEY``) is sent only
+  to the provider's own host (``api.openai.com``), or to the base URL its SDK reads from the
+  environment too (``OPENAI_BASE_URL``); any other ``base_url`` gets a key only when one is
+  named (``api_key=``, ``api_key_env=``). The provider's own host without a key fails at
+  construction, naming the variable; a 401 says which key was refused (never the key);
 * the translation of every transport failure, HTTP status and unreadable body into the typed
   errors of :mod:`genfan.errors`, always with ``raise ... from exc``;
 * a small, fast server-sent-events parser, and rate-limit header parsing.
@@ -30,6 +35,7 @@ the whole call, enforced with an anyio cancel scope and reported as
 from __future__ import annotations
 
 import email.utils
+import enum
 import functools
 import json
 import math
@@ -37,7 +43,7 @@ import os
 import re
 import time
 from collections.abc import AsyncGenerator, Iterable, Mapping
-from typing import Any, NoReturn
+from typing import Any, ClassVar, Final, NoReturn
 
 import anyio
 import httpx
@@ -58,6 +64,7 @@ from genfan import (
 )
 
 __all__ = [
+    "PROVIDER_KEY",
     "SHARD_SIZE",
     "HTTPBackend",
     "SSEParser",
@@ -69,6 +76,20 @@ _ERROR_BODY_CHARS = 300
 
 #: The most connections one ``httpx`` client (one httpcore pool) of a backend holds.
 SHARD_SIZE = 4
+
+
+class _ProviderKey(enum.Enum):
+    """The type of :data:`PROVIDER_KEY` (a one-member enum, so type checkers can narrow it)."""
+
+    PROVIDER_KEY = "PROVIDER_KEY"
+
+    def __repr__(self) -> str:
+        return self.value
+
+
+#: ``api_key_env``'s default: the provider's own variable (``OPENAI_API_KEY``), read for the
+#: provider's own host only (see :class:`HTTPBackend`).
+PROVIDER_KEY: Final = _ProviderKey.PROVIDER_KEY
 
 
 @functools.cache
@@ -83,9 +104,17 @@ class HTTPBackend(BaseBackend):
     Args:
         model: the default model (a request's ``model`` overrides it).
         name: the backend's name (default ``"<provider>:<model>"``).
-        base_url: the API root, including its version path (``.../v1``).
-        api_key: the key itself; takes precedence over ``api_key_env``.
-        api_key_env: the environment variable to read the key from (``None``: never).
+        base_url: the API root, including its version path (``.../v1``). ``None``: the
+            provider's environment variable (``OPENAI_BASE_URL``, ``ANTHROPIC_BASE_URL``) when it
+            is set, as the vendor's SDK reads it, else the provider's own API.
+        api_key: the key itself; takes precedence over ``api_key_env``, and is sent to whatever
+            ``base_url`` is.
+        api_key_env: the environment variable to read the key from, sent to whatever
+            ``base_url`` is; it must be set. ``None`` (or ``""``): never read one. The default,
+            :data:`PROVIDER_KEY`, reads the provider's own variable (``OPENAI_API_KEY``) only
+            for the provider's own host (``api.openai.com``), or for a base URL that also came
+            from the environment (``OPENAI_BASE_URL``, as the vendor's SDK does); any other
+            ``base_url`` gets no key unless one is named.
         headers: extra headers sent with every request (e.g. ``HTTP-Referer`` for OpenRouter).
         timeout: httpx timeout in seconds for connecting, and for each read and write.
         max_concurrency: the most requests in flight at once on this backend (and the size of
@@ -95,30 +124,41 @@ class HTTPBackend(BaseBackend):
         price: USD per million input and output tokens, to fill ``Usage.cost``.
         client: an ``httpx.AsyncClient`` to use instead of creating one (it is not closed by
             :meth:`aclose`; its own pool limits apply).
+
+    Raises:
+        ConfigurationError: a bad argument; the provider's own host and no key (naming the
+            variable to set); an ``api_key_env`` that is not set.
     """
 
     provider = "http"
     #: the header that carries the key, and how its value is written.
     _auth_header = "authorization"
     _auth_prefix = "Bearer "
+    #: the provider's own API, its environment variables for the key and the base URL (as its
+    #: official SDK reads them); ``None`` for a provider without them.
+    _default_base_url: ClassVar[str | None] = None
+    _key_env: ClassVar[str | None] = None
+    _base_url_env: ClassVar[str | None] = None
 
     def __init__(
         self,
         model: str | None = None,
         *,
         name: str | None = None,
-        base_url: str,
+        base_url: str | None = None,
         api_key: str | SecretStr | None = None,
-        api_key_env: str | None = None,
+        api_key_env: str | _ProviderKey | None = PROVIDER_KEY,
         headers: Mapping[str, str] | None = None,
         timeout: float = 60.0,
         max_concurrency: int | None = None,
         price: tuple[float, float] | None = None,
         client: httpx.AsyncClient | None = None,
     ) -> None:
+        base_url, url_from_env = self._resolve_base_url(base_url)
         if not isinstance(base_url, str) or not base_url.startswith(("http://", "https://")):
+            where = f" (from ${self._base_url_env})" if url_from_env else ""
             raise ConfigurationError(
-                f"base_url must be an http:// or https:// URL, got {base_url!r}"
+                f"base_url must be an http:// or https:// URL, got {base_url!r}{where}"
             )
         if not (isinstance(timeout, int | float) and timeout > 0 and math.isfinite(timeout)):
             raise ConfigurationError(
@@ -142,16 +182,19 @@ class HTTPBackend(BaseBackend):
         self.timeout = float(timeout)
         self.max_concurrency = max_concurrency
         self.price = (float(price[0]), float(price[1])) if price is not None else None
-        self.api_key_env = api_key_env
-        if api_key is None and api_key_env:
-            env_value = os.environ.get(api_key_env)
-            api_key = env_value or None
-        self._api_key: SecretStr | None = (
-            api_key if isinstance(api_key, SecretStr) or api_key is None else SecretStr(api_key)
-        )
         self._headers: dict[str, str] = self._default_headers()
         if headers:
             self._headers.update(headers)
+        #: the environment variable the key was read from (``None``: not from one).
+        self.api_key_env: str | None = None
+        #: where the key came from, for error messages: "argument", "environment", "headers",
+        #: "client" or "none".
+        self._key_source = "argument"
+        if api_key is None:
+            api_key = self._key_from_environment(api_key_env, url_from_env, client)
+        self._api_key: SecretStr | None = (
+            api_key if isinstance(api_key, SecretStr) or api_key is None else SecretStr(api_key)
+        )
         if self._api_key is not None and self._api_key.get_secret_value():
             self._headers[self._auth_header] = self._auth_prefix + self._api_key.get_secret_value()
         self._own_client = client is None
@@ -179,6 +222,101 @@ class HTTPBackend(BaseBackend):
 
     def _default_headers(self) -> dict[str, str]:
         return {}
+
+    # -- the base URL and the key --------------------------------------------------------------
+
+    def _resolve_base_url(self, base_url: str | None) -> tuple[str | None, bool]:
+        """``(base_url, whether it came from the environment)``: the argument, else the
+        provider's base-URL variable, else the provider's own API."""
+        if base_url is not None:
+            return base_url, False
+        if self._base_url_env:
+            value = os.environ.get(self._base_url_env, "").strip()
+            if value:
+                return self._base_url_from_env(value), True
+        if self._default_base_url is None:
+            raise ConfigurationError(f"{type(self).__name__} needs a base_url")
+        return self._default_base_url, False
+
+    def _base_url_from_env(self, value: str) -> str:
+        """``base_url`` for the value of the provider's base-URL variable, read as the vendor's
+        SDK reads it."""
+        return value
+
+    @property
+    def _home(self) -> str | None:
+        """The provider's own host (``api.openai.com``), if it has one."""
+        return httpx.URL(self._default_base_url).host if self._default_base_url else None
+
+    def _at_home(self, base_url: str) -> bool:
+        """Whether ``base_url`` is on the provider's own host."""
+        try:
+            return self._home is not None and httpx.URL(base_url).host == self._home
+        except httpx.InvalidURL:
+            return False
+
+    def _key_from_environment(
+        self, api_key_env: str | _ProviderKey | None, url_from_env: bool, client: object
+    ) -> str | None:
+        """The key when no ``api_key`` was passed (and where it came from, in
+        ``api_key_env`` and ``_key_source``).
+
+        Raises:
+            ConfigurationError: a named variable is not set, or the provider's own host gets no
+                key.
+        """
+        if api_key_env is PROVIDER_KEY:
+            var = self._key_env
+            # The provider's own key goes to its own host, or to a base URL the environment
+            # named too (OPENAI_BASE_URL: the official SDKs send OPENAI_API_KEY there).
+            if var and (url_from_env or self._at_home(self.base_url)):
+                value = os.environ.get(var)
+                if value:
+                    self.api_key_env, self._key_source = var, "environment"
+                    return value
+        elif api_key_env:
+            value = os.environ.get(api_key_env)
+            if not value:
+                raise ConfigurationError(f"{api_key_env} is not set; pass api_key=... or set it")
+            self.api_key_env, self._key_source = api_key_env, "environment"
+            return value
+        if self._auth_header in {k.lower() for k in self._headers}:
+            self._key_source = "headers"
+        elif client is not None:
+            self._key_source = "client"  # its own headers may carry a key
+        else:
+            self._key_source = "none"
+            if self._at_home(self.base_url):
+                if api_key_env is PROVIDER_KEY:
+                    raise ConfigurationError(
+                        f"{self._key_env} is not set; pass api_key=... or set it"
+                    )
+                raise ConfigurationError(
+                    f"{self.base_url} needs an API key, and api_key_env={api_key_env!r} reads"
+                    " none; pass api_key=... or api_key_env='VARIABLE'"
+                )
+        return None
+
+    def _key_hint(self) -> str:
+        """What a 401 or 403 tells about the key: where it came from (never the key)."""
+        cls = type(self).__name__
+        check = "check it and its permissions"
+        source = self._key_source
+        if source == "environment":
+            return f"the key from {self.api_key_env} was refused; {check}"
+        if source == "argument":
+            return f"the api_key passed to {cls} was refused; {check}"
+        if source == "headers":
+            return f"the {self._auth_header} header passed to {cls} was refused; {check}"
+        if source == "client":
+            return f"genfan sent no key; check the headers of the httpx client passed to {cls}"
+        hint = f"no key was sent to {self.base_url}; pass api_key=... or api_key_env=..."
+        if self._key_env and self._home:
+            hint += (
+                f" (${self._key_env} is sent only to {self._home} or ${self._base_url_env}:"
+                f" name it with api_key_env={self._key_env!r} to send it here)"
+            )
+        return hint
 
     def _new_shard(self, i: int) -> httpx.AsyncClient:
         if self._closed:
@@ -214,6 +352,13 @@ class HTTPBackend(BaseBackend):
     def has_api_key(self) -> bool:
         """Whether a key is configured (the key itself is never shown)."""
         return self._api_key is not None
+
+    @property
+    def key_source(self) -> str:
+        """Where the key came from: ``"argument"`` (``api_key=``), ``"environment"`` (the
+        variable :attr:`api_key_env`), ``"headers"`` (``headers=``), ``"client"`` (the caller's
+        httpx client, if anywhere) or ``"none"`` (no key is sent)."""
+        return self._key_source
 
     async def aclose(self) -> None:
         """Close the connection pools (a client passed in by the caller is left open)."""
@@ -409,8 +554,7 @@ class HTTPBackend(BaseBackend):
 
     def _status_hint(self, status: int) -> str:
         if status in (401, 403):
-            source = f" (read from ${self.api_key_env})" if self.api_key_env else ""
-            return f"check the API key{source} and its permissions"
+            return self._key_hint()
         if status == 404:
             return "check base_url and the model name"
         if status == 429:

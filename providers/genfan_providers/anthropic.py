@@ -8,6 +8,10 @@ JSON output: a JSON-schema response format (with no other tools in the request) 
 with a forced tool whose input schema is the schema, which Anthropic follows reliably; the tool
 input becomes the completion's text. A plain JSON-object format is asked for in the system prompt.
 
+``ANTHROPIC_API_KEY`` is sent only to Anthropic (``api.anthropic.com``), or to
+``ANTHROPIC_BASE_URL`` when that too comes from the environment (as the official SDK does);
+another ``base_url`` gets a key only when one is named (``api_key=``, ``api_key_env=``).
+
 ```python
 from genfan_providers.anthropic import AnthropicBackend
 
@@ -44,7 +48,7 @@ from genfan import (
     merge_tool_call_deltas,
 )
 
-from ._http import HTTPBackend, parse_int, prefixed_headers
+from ._http import PROVIDER_KEY, HTTPBackend, _ProviderKey, parse_int, prefixed_headers
 
 __all__ = ["ANTHROPIC_VERSION", "AnthropicBackend"]
 
@@ -87,10 +91,17 @@ class AnthropicBackend(HTTPBackend):
     Args:
         model: the default model (a request's ``model`` overrides it).
         name: the backend's name (default ``"anthropic:<model>"``).
-        base_url: the API root including ``/v1``.
+        base_url: the API root including ``/v1``. ``None`` (default): ``$ANTHROPIC_BASE_URL``
+            when it is set, read as the official SDK reads it (without the version path, so
+            ``/v1`` is added when it does not end with it), else
+            ``https://api.anthropic.com/v1``.
         api_key: the key (a ``str`` or ``pydantic.SecretStr``), sent as ``x-api-key``; takes
-            precedence over ``api_key_env``.
-        api_key_env: the environment variable holding the key (``None``: do not look).
+            precedence over ``api_key_env``, and is sent to whatever ``base_url`` is.
+        api_key_env: the environment variable holding the key, sent to whatever ``base_url``
+            is; it must be set (``None`` or ``""``: do not look). By default
+            ``ANTHROPIC_API_KEY``, read only for ``api.anthropic.com`` or an
+            ``ANTHROPIC_BASE_URL`` from the environment: another ``base_url`` gets no key unless
+            one is named.
         headers: extra headers for every request (e.g. ``anthropic-beta``).
         timeout: httpx timeout (connect, each read and write) in seconds; a request's own
             ``timeout`` limits the whole call.
@@ -103,7 +114,8 @@ class AnthropicBackend(HTTPBackend):
 
     Raises:
         ConfigurationError: a bad ``base_url``, ``timeout``, ``max_concurrency``, ``price`` or
-            ``max_tokens``.
+            ``max_tokens``; ``api.anthropic.com`` without a key (``ANTHROPIC_API_KEY is not
+            set; pass api_key=... or set it``); an ``api_key_env`` that is not set.
 
     HTTP 529 (overloaded) is an :class:`~genfan.HTTPStatusError` with
     ``status_code=529``: retryable, and counted by circuit breakers.
@@ -112,15 +124,18 @@ class AnthropicBackend(HTTPBackend):
     provider = "anthropic"
     _auth_header = "x-api-key"
     _auth_prefix = ""
+    _default_base_url = "https://api.anthropic.com/v1"
+    _key_env = "ANTHROPIC_API_KEY"
+    _base_url_env = "ANTHROPIC_BASE_URL"
 
     def __init__(
         self,
         model: str | None = None,
         *,
         name: str | None = None,
-        base_url: str = "https://api.anthropic.com/v1",
+        base_url: str | None = None,
         api_key: str | SecretStr | None = None,
-        api_key_env: str | None = "ANTHROPIC_API_KEY",
+        api_key_env: str | _ProviderKey | None = PROVIDER_KEY,
         headers: Mapping[str, str] | None = None,
         timeout: float = 60.0,
         max_concurrency: int | None = None,
@@ -151,6 +166,11 @@ class AnthropicBackend(HTTPBackend):
 
     def _default_headers(self) -> dict[str, str]:
         return {"anthropic-version": self.anthropic_version}
+
+    def _base_url_from_env(self, value: str) -> str:
+        # The official SDK's ANTHROPIC_BASE_URL has no version path (it calls /v1/messages).
+        value = value.rstrip("/")
+        return value if value.endswith("/v1") else value + "/v1"
 
     # -- requests ------------------------------------------------------------------------------
 
@@ -393,6 +413,8 @@ class AnthropicBackend(HTTPBackend):
         message = self._error_message(ev) or str(etype)
         status = _ERROR_STATUS.get(str(etype), 500)
         text = f"{etype} error from {url}: {self._redact(message)[:300]}"
+        if status in (401, 403):
+            text += f"; {self._key_hint()}"
         rate_limit = self._rate_limit_info(response.headers)
         if status == 429:
             raise RateLimitError(text, backend=self.name, rate_limit=rate_limit)

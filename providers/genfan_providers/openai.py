@@ -4,6 +4,10 @@ Any server that speaks ``POST {base_url}/chat/completions`` works: set ``base_ur
 the version path, e.g. ``http://localhost:8000/v1``), the key (or none, for local servers) and any
 extra headers. See docs/providers.md for each server.
 
+``OPENAI_API_KEY`` is sent only to OpenAI (``api.openai.com``), or to ``OPENAI_BASE_URL`` when
+that too comes from the environment (as the official SDK does); another ``base_url`` gets a key
+only when one is named (``api_key=``, ``api_key_env=``).
+
 ```python
 from genfan_providers.openai import OpenAIBackend
 
@@ -43,7 +47,14 @@ from genfan import (
     telemetry,
 )
 
-from ._http import HTTPBackend, parse_duration, parse_int, prefixed_headers
+from ._http import (
+    PROVIDER_KEY,
+    HTTPBackend,
+    _ProviderKey,
+    parse_duration,
+    parse_int,
+    prefixed_headers,
+)
 
 __all__ = ["MaxTokensField", "OpenAIBackend", "UnsupportedParams"]
 
@@ -81,10 +92,15 @@ class OpenAIBackend(HTTPBackend):
         model: the default model (a request's ``model`` overrides it). When neither is set, no
             ``model`` field is sent (llama.cpp's server does not need one).
         name: the backend's name (default ``"openai:<model>"``).
-        base_url: the API root including ``/v1``.
+        base_url: the API root including ``/v1``. ``None`` (default): ``$OPENAI_BASE_URL`` when
+            it is set (as the official SDK reads it), else ``https://api.openai.com/v1``.
         api_key: the key (a ``str`` or ``pydantic.SecretStr``); takes precedence over
-            ``api_key_env``. Local servers need none.
-        api_key_env: the environment variable holding the key (``None``: do not look).
+            ``api_key_env``, and is sent to whatever ``base_url`` is. Local servers need none.
+        api_key_env: the environment variable holding the key, sent to whatever ``base_url``
+            is; it must be set (``None`` or ``""``: do not look). By default
+            ``OPENAI_API_KEY``, read only for ``api.openai.com`` or an ``OPENAI_BASE_URL`` from
+            the environment: another ``base_url`` (a local server, a gateway) gets no key unless
+            one is named.
         headers: extra headers for every request.
         timeout: httpx timeout (connect, each read and write) in seconds; a request's own
             ``timeout`` limits the whole call.
@@ -109,19 +125,24 @@ class OpenAIBackend(HTTPBackend):
 
     Raises:
         ConfigurationError: a bad ``base_url``, ``timeout``, ``max_concurrency``, ``price``,
-            ``max_tokens_field`` or ``unsupported_params``.
+            ``max_tokens_field`` or ``unsupported_params``; ``api.openai.com`` without a key
+            (``OPENAI_API_KEY is not set; pass api_key=... or set it``); an ``api_key_env``
+            that is not set.
     """
 
     provider = "openai"
+    _default_base_url = "https://api.openai.com/v1"
+    _key_env = "OPENAI_API_KEY"
+    _base_url_env = "OPENAI_BASE_URL"
 
     def __init__(
         self,
         model: str | None = None,
         *,
         name: str | None = None,
-        base_url: str = "https://api.openai.com/v1",
+        base_url: str | None = None,
         api_key: str | SecretStr | None = None,
-        api_key_env: str | None = "OPENAI_API_KEY",
+        api_key_env: str | _ProviderKey | None = PROVIDER_KEY,
         headers: Mapping[str, str] | None = None,
         timeout: float = 60.0,
         max_concurrency: int | None = None,
