@@ -353,4 +353,3 @@ def unknown_option_message(spec: str, key: str, valid: list[str] | None) -> str:
             "code, a key of [backends.NAME] (not of its options) in a config file"
         )
     return text
-

@@ -32,6 +32,7 @@ url_env = "GENFAN_REDIS_URL"
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import re
 import tomllib
@@ -49,7 +50,7 @@ from ._fanout import FanOut, Target
 
 if TYPE_CHECKING:
     from ._types import ChatRequest
-    from .select import Candidate, MajorityVote, Score
+    from .select import Candidate, MajorityVote, Selection, Selector
 
 __all__ = ["BackendConfig", "FanOutConfig", "GenfanConfig", "load_config", "parse_config"]
 
@@ -413,16 +414,17 @@ class GenfanConfig(BaseModel):
         m = mode or fan.mode
         k = early_exit if early_exit is not None else fan.early_exit
         agree = None
-        vote = None
-        if k is not None:
-            if mode not in (None, "all", "quorum") or quorum is not None:
-                raise ConfigurationError("early exit sets the mode itself: drop --mode/--quorum")
-            vote = _agreement_vote(sel)
-            m, quorum, agree = "quorum", k, vote.agreement_key
+        if k is not None and (mode not in (None, "all", "quorum") or quorum is not None):
+            raise ConfigurationError("early exit sets the mode itself: drop --mode/--quorum")
         stores: dict[str, Any] = {}  # one shared quota store for the targets and the judge
         targets = self.build_targets(backends, _stores=stores)
         owned: list[Backend] = []
-        selector = self._selector(sel, stores, owned, vote)
+        selector = self._selector(sel, stores, owned)
+        if k is not None:
+            # The selector's own answer key when it has one (auto), else the vote's.
+            agree = getattr(selector, "agreement_key", None) or _agreement_vote(sel).agreement_key
+            m, quorum = "quorum", k
+            selector = _AmongAgreeing(selector, agree)
         settings: dict[str, Any] = {
             "mode": m,
             "quorum": quorum if quorum is not None else (fan.quorum if m == "quorum" else None),
@@ -436,27 +438,16 @@ class GenfanConfig(BaseModel):
         return FanOut(targets, **settings)
 
     def _selector(
-        self,
-        sel: str | SelectConfig,
-        stores: dict[str, Any],
-        owned: list[Backend],
-        agreeing: MajorityVote | None,
+        self, sel: str | SelectConfig, stores: dict[str, Any], owned: list[Backend]
     ) -> Any:
-        """The selector ``sel`` names; with early exit (``agreeing``), one that chooses only
-        among the answers that agree."""
+        """The selector ``sel`` names (a judge it needs is built and added to ``owned``)."""
         name, options = _name_options(sel)
         if name == "judge":
             options["judge"] = self._build_judge(options.get("judge"), stores, owned)
-        from .select import selector_from_name
+        from .select import as_selector, selector_from_name
 
-        if agreeing is not None:
-            if name == "first":
-                selector_from_name("first", **options)  # its options are checked as usual
-                name, options = "vote", {}
-            if name != "vote":  # the vote's largest group is the one that agreed
-                options["filters"] = [*options.get("filters", ()), _Agreeing(agreeing)]
         if name == "first" and not options:
-            return None
+            return as_selector(None)
         return selector_from_name(name, **options)
 
     def _build_judge(self, value: Any, stores: dict[str, Any], owned: list[Backend]) -> Any:
@@ -496,32 +487,48 @@ class _ConfigFanOut(FanOut):
         return f"FanOut(name={self.name!r})"
 
 
-class _Agreeing:
-    """The filter early exit adds to a selector other than the vote: only the answers in the
-    largest group that agree pass (those that stopped the fan-out)."""
+class _AmongAgreeing:
+    """Early exit's selector: the answer is always one of those that agree (the group that
+    stopped the fan-out). The selector's own choice stands when it is one of them; otherwise
+    it chooses again among them alone, and the others are marked rejected."""
 
-    name = "agreement"
+    def __init__(self, inner: Selector, agree: Any) -> None:
+        self.inner = inner
+        self.agree = agree
 
-    def __init__(self, vote: MajorityVote) -> None:
-        self._vote = vote
+    @property
+    def scorers(self) -> Any:
+        """The inner selector's scorers (a judge among them, say), as a ``Select`` shows them."""
+        return getattr(self.inner, "scorers", ())
 
-    def score(self, request: ChatRequest, candidates: Sequence[Candidate]) -> dict[int, Score]:
-        from .select import Score
-
-        groups = self._vote.groups(request, candidates)
-        top = max((len(g) for g in groups.values()), default=0)
-        agreeing = {i for g in groups.values() if len(g) == top for i in g}
-        out: dict[int, Score] = {}
+    async def select(self, request: ChatRequest, candidates: Sequence[Candidate]) -> Selection:
+        bind = getattr(self.agree, "for_request", None)
+        key = bind(request) if callable(bind) else self.agree
+        groups: dict[Any, list[int]] = {}
         for c in candidates:
-            if not c.ok:
-                continue
-            if c.index in agreeing:
-                out[c.index] = Score(1.0, f"one of the {top} answers that agree")
-            elif top:
-                out[c.index] = Score(0.0, f"disagrees with the {top} answers that agree")
-            else:
-                out[c.index] = Score(0.0, "no answer to compare")
-        return out
+            if c.ok and c.completion is not None and (k := key(c.completion)) is not None:
+                groups.setdefault(k, []).append(c.index)
+        top = max((len(g) for g in groups.values()), default=0)
+        selection = await self.inner.select(request, candidates)
+        agreeing = {i for g in groups.values() if len(g) == top for i in g}
+        if top < 2 or selection.chosen in agreeing:
+            return selection  # nothing agreed (a deadline), or the choice is one that agrees
+        why = f"agreement: disagrees with the {top} answers that agree"
+        others = {c.index: why for c in candidates if c.ok and c.index not in agreeing}
+        among = [
+            dataclasses.replace(c, status="cancelled", completion=None) if c.index in others else c
+            for c in candidates
+        ]
+        selection = await self.inner.select(request, among)
+        return dataclasses.replace(
+            selection,
+            rejected={**selection.rejected, **others},
+            reasons={**selection.reasons, **others},
+            explanation=f"{selection.explanation} (among the {top} answers that agree)",
+        )
+
+    def __repr__(self) -> str:
+        return f"_AmongAgreeing({self.inner!r})"
 
 
 #: The keys of a ``[backends.NAME]`` table (what an option's typo may have meant).

@@ -1,9 +1,25 @@
-"""``genfan ask``: fan one prompt out and show every candidate side by side."""
+"""``genfan ask``: fan one prompt out and show every candidate side by side.
+
+Every backend is made ready (``warm()``: HTTP clients built, a local engine started) before the
+fan-out's clock starts, so a one-off start-up counts neither against ``--deadline`` nor in the
+latency column; a start-up that takes a while gets a line of its own (always, with
+``--verbose``). Engines' own warnings (Python warnings, vLLM's and torch's console logs) are
+hidden unless ``--verbose``.
+
+Exit status: 0 an answer was chosen; 1 none was chosen (the filters rejected every answer) or
+the judge failed; 2 a usage or configuration error, or every backend failed.
+"""
 
 from __future__ import annotations
 
 import json
+import math
+import os
 import sys
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -11,11 +27,17 @@ import anyio
 import typer
 
 from .._errors import AllBackendsFailedError, GenfanError
+from ._progress import VERBOSE_KEY, StepsDisplay
 
 DEFAULT_CONFIG = Path("genfan.toml")
+#: A start-up at least this long (seconds) gets its own line on stderr.
+SLOW_START = 1.0
+#: From this many columns up, the answers are the table's last column.
+WIDE = 110
 
 
 def ask(
+    ctx: typer.Context,
     prompt: Annotated[str, typer.Argument(help="The prompt to fan out.")],
     config: Annotated[
         Path | None,
@@ -34,20 +56,41 @@ def ask(
     deadline: Annotated[float | None, typer.Option(help="Seconds for the whole fan-out.")] = None,
     early_exit: Annotated[
         int | None,
-        typer.Option(help="Stop once K answers agree (majority-vote key); cancel the rest."),
+        typer.Option(
+            help="Stop once K answers agree (majority-vote key), cancel the rest, and choose "
+            "among the answers that agree."
+        ),
     ] = None,
     select: Annotated[
         str | None,
-        typer.Option("--select", "-s", help="Selector: first, vote, consensus, judge..."),
+        typer.Option(
+            "--select",
+            "-s",
+            help="Selector: auto (default), first, vote, consensus, judge, schema.",
+        ),
+    ] = None,
+    judge: Annotated[
+        str | None,
+        typer.Option(
+            help="The judge of --select judge (implied): a backend name from the config, or a "
+            "spec like openai:gpt-4o-mini."
+        ),
     ] = None,
     system: Annotated[str | None, typer.Option(help="System prompt for every backend.")] = None,
     max_tokens: Annotated[int | None, typer.Option(help="Max tokens per answer.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
 ) -> None:
-    """Fan PROMPT out to the configured backends and show the candidates and the chosen answer."""
+    """Fan PROMPT out to the configured backends and show the candidates and the chosen answer.
+
+    Exit status: 0 an answer was chosen, 1 none was chosen or the judge failed, 2 a usage or
+    configuration error or every backend failed.
+    """
+    verbose = bool(ctx.meta.get(VERBOSE_KEY))
+    _check_flags(quorum=quorum, deadline=deadline, early_exit=early_exit, max_tokens=max_tokens)
     try:
-        fan = _build(config, backend or [], mode, quorum, deadline, select, early_exit)
-        result = anyio.run(_run, fan, prompt, system, max_tokens)
+        fan = _build(config, backend or [], mode, quorum, deadline, select, early_exit, judge)
+        with _engine_output(verbose):
+            result, ready = anyio.run(_run, fan, prompt, system, max_tokens, verbose)
     except AllBackendsFailedError as exc:
         if as_json:
             print(json.dumps({"error": str(exc), "errors": [repr(e) for e in exc.exceptions]}))
@@ -59,10 +102,35 @@ def ask(
     except GenfanError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
+    problem = _problem(fan, result)
     if as_json:
-        print(json.dumps(result_to_json(result), indent=2))
+        data = result_to_json(result)
+        data["ready_seconds"] = round(ready, 4)
+        if problem:
+            data["error"] = problem
+        print(json.dumps(data, indent=2))
     else:
         _print_table(result)
+        if problem:
+            typer.echo(f"error: {problem}", err=True)
+    if problem:
+        raise typer.Exit(1)
+
+
+def _check_flags(**flags: float | None) -> None:
+    """One line naming the flag and exit code 2 for a value no fan-out could use."""
+    rules: dict[str, tuple[Callable[[float], bool], str]] = {
+        "quorum": (lambda v: v >= 1, "at least 1"),
+        "early_exit": (lambda v: v >= 1, "at least 1 (answers that agree)"),
+        "max_tokens": (lambda v: v >= 1, "at least 1"),
+        "deadline": (lambda v: v > 0 and math.isfinite(v), "a positive number of seconds"),
+    }
+    for name, value in flags.items():
+        ok, what = rules[name]
+        if value is not None and not ok(value):
+            flag = "--" + name.replace("_", "-")
+            typer.echo(f"error: {flag} must be {what}, got {value:g}", err=True)
+            raise typer.Exit(2)
 
 
 def _build(
@@ -73,6 +141,7 @@ def _build(
     deadline: float | None,
     select: str | None,
     early_exit: int | None = None,
+    judge: str | None = None,
 ) -> Any:
     from .._config import GenfanConfig, load_config
     from .._errors import ConfigurationError
@@ -103,15 +172,129 @@ def _build(
         quorum=quorum,
         deadline=deadline,
         early_exit=early_exit,
+        judge=judge,
     )
 
 
-async def _run(fan: Any, prompt: str, system: str | None, max_tokens: int | None) -> Any:
+@contextmanager
+def _engine_output(verbose: bool) -> Iterator[None]:
+    """Hide the engines' own warnings (Python warnings, vLLM's and torch's console logs, in this
+    process and in the engine processes it starts) unless ``verbose``; a variable the user set
+    is left alone. The environment is put back afterwards."""
+    wanted = (
+        {"VLLM_LOGGING_LEVEL": "INFO"}
+        if verbose
+        else {
+            "PYTHONWARNINGS": "ignore",
+            "VLLM_LOGGING_LEVEL": "ERROR",
+            "TRANSFORMERS_VERBOSITY": "error",
+            "TORCH_CPP_LOG_LEVEL": "ERROR",
+        }
+    )
+    added = [key for key in wanted if key not in os.environ]
+    for key in added:
+        os.environ[key] = wanted[key]
+    try:
+        with warnings.catch_warnings():
+            if not verbose:
+                warnings.simplefilter("ignore")
+            yield
+    finally:
+        for key in added:
+            os.environ.pop(key, None)
+
+
+async def _run(
+    fan: Any, prompt: str, system: str | None, max_tokens: int | None, verbose: bool
+) -> tuple[Any, float]:
+    """The fan-out's result, and the seconds its backends took to get ready (not in it)."""
     from .._types import ChatRequest
 
     request = ChatRequest.from_prompt(prompt, system=system, max_tokens=max_tokens)
     async with fan:
-        return await fan.run(request)
+        with StepsDisplay() as display:
+            with display.spinning("getting the backends ready"):
+                ready, slowest = await _warm(fan)
+            if verbose or ready >= SLOW_START:
+                display(
+                    f"backends ready in {ready:.1f}s (slowest: {slowest}); the start-up is "
+                    "not counted in the latency below"
+                )
+        return await fan.run(request), ready
+
+
+def _backends_in(root: Any) -> list[Any]:
+    """``root`` and every backend inside it: guards' inner backends, pools' replicas,
+    fallbacks' members, fan-outs' targets."""
+    found: list[Any] = []
+    seen: set[int] = set()
+    stack = [root]
+    while stack:
+        b = stack.pop()
+        if b is None or id(b) in seen:
+            continue
+        seen.add(id(b))
+        found.append(b)
+        stack += [getattr(b, "provider", None), getattr(b, "inner", None)]
+        for attr in ("replicas", "backends"):
+            stack += list(getattr(b, attr, None) or ())
+        stack += [t.backend for t in getattr(b, "targets", None) or ()]
+    return found
+
+
+async def _warm(fan: Any) -> tuple[float, str]:
+    """Warm every backend of ``fan`` at once; the seconds it took, and the slowest one's name."""
+    from .. import telemetry
+
+    seconds: dict[str, float] = {}
+
+    async def one(backend: Any) -> None:
+        start = time.perf_counter()
+        try:
+            await backend.warm()
+        except Exception as exc:  # the fan-out reports the backend's failure as a candidate's
+            telemetry.event(
+                "backend_warm_failed", level="info", backend=backend.name, error=repr(exc)
+            )
+        seconds[backend.name] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    async with anyio.create_task_group() as tg:
+        for b in _backends_in(fan):
+            if b is not fan and callable(getattr(b, "warm", None)):
+                tg.start_soon(one, b)
+    slowest = max(seconds, key=lambda name: seconds[name]) if seconds else "-"
+    return time.perf_counter() - start, slowest
+
+
+def _judges(fan: Any) -> list[Any]:
+    from ..select import LLMJudge
+
+    return [s for s, _ in getattr(fan.selector, "scorers", ()) if isinstance(s, LLMJudge)]
+
+
+def _problem(fan: Any, result: Any) -> str | None:
+    """Why the answer shown cannot be trusted as chosen (exit code 1), or ``None``."""
+    for judge in _judges(fan):
+        stats = judge.statistics()
+        if stats.failed:
+            return (
+                f"the judge {judge.judge.name} failed {stats.failed} of its {stats.calls} "
+                f"calls: {judge.last_error}; fix the judge (--judge, or fanout.select.judge "
+                "in the config) or choose another --select"
+            )
+    if result.selection.chosen is None:
+        why = f"no answer was chosen: {result.selection.explanation}"
+        if result.selection.rejected:
+            why += "; each answer's reason is under it (rejected: ...)"
+        return why
+    return None
+
+
+def _cost(value: float) -> str:
+    if value >= 0.01:
+        return f"${value:.2f}"
+    return f"${value:.6f}" if value >= 0.000001 else "<$0.000001"
 
 
 def result_to_json(result: Any) -> dict[str, Any]:
@@ -121,6 +304,8 @@ def result_to_json(result: Any) -> dict[str, Any]:
         "request_id": result.request_id,
         "chosen": None if chosen is None else result.candidates[chosen].backend,
         "text": result.text if chosen is not None else None,
+        # the chosen answer validated into the fan-out's output_type, as JSON (else null)
+        "output": result.dump_output() if hasattr(result, "dump_output") else None,
         "explanation": result.selection.explanation,
         "elapsed": round(result.elapsed, 4),
         "deadline_hit": result.deadline_hit,
@@ -135,11 +320,14 @@ def result_to_json(result: Any) -> dict[str, Any]:
                 "status": c.status,
                 "latency": round(c.latency, 4),
                 "score": result.selection.scores.get(c.index),
+                "reason": result.selection.reasons.get(c.index),
                 "text": c.text if c.ok else None,
                 "error": None
                 if c.error is None
                 else f"{type(c.error).__name__}: {c.error.message}",
+                "input_tokens": c.completion.usage.input_tokens if c.completion else None,
                 "output_tokens": c.completion.usage.output_tokens if c.completion else None,
+                "cost": c.completion.usage.cost if c.completion else None,
             }
             for c in result.candidates
         ],
@@ -147,39 +335,81 @@ def result_to_json(result: Any) -> dict[str, Any]:
 
 
 def _print_table(result: Any) -> None:
+    """The candidates side by side, the totals, the choice.
+
+    From :data:`WIDE` columns up the answers are the table's last column; in a narrower
+    terminal (80 columns) the table holds the numbers and each answer follows it at full width.
+    """
+    from rich import box
     from rich.console import Console
+    from rich.markup import escape
+    from rich.padding import Padding
     from rich.table import Table
 
     console = Console(file=sys.stdout)
-    table = Table(title=f"genfan: {len(result.candidates)} candidates", show_lines=True)
-    for col in ("", "backend", "status", "latency", "tokens", "score", "answer"):
-        table.add_column(col, overflow="fold")
-    chosen = result.selection.chosen
+    wide = console.width >= WIDE
+    selection = result.selection
+    with_cost = any(c.completion is not None and c.completion.usage.cost is not None
+                    for c in result.candidates)  # fmt: skip
+    table = Table(
+        title=f"genfan: {len(result.candidates)} candidates",
+        box=box.SIMPLE_HEAD,
+        show_lines=wide,
+        pad_edge=False,
+        collapse_padding=True,
+    )
+    table.add_column("", no_wrap=True)
+    table.add_column("backend", overflow="fold", max_width=24)
+    table.add_column("status", no_wrap=True)
+    table.add_column("latency", justify="right", no_wrap=True)
+    table.add_column("in/out tok", justify="right", no_wrap=True)
+    if with_cost:
+        table.add_column("cost", justify="right", no_wrap=True)
+    table.add_column("score", justify="right", no_wrap=True)
+    if wide:
+        table.add_column("answer", overflow="fold", ratio=1)
+    answers = []
     for c in result.candidates:
-        mark = "★" if c.index == chosen else ""
-        tokens = (
-            f"{c.completion.usage.input_tokens}/{c.completion.usage.output_tokens}"
-            if c.completion
-            else "-"
-        )
-        score = result.selection.scores.get(c.index)
-        answer = (
-            c.text.strip()
-            if c.ok
-            else f"[red]{type(c.error).__name__}[/]: {c.error.message if c.error else ''}"
-        )
-        table.add_row(
+        usage = c.completion.usage if c.completion is not None else None
+        score = selection.scores.get(c.index)
+        if c.ok:
+            answer = escape(c.text.strip())
+        else:
+            message = c.error.message if c.error is not None else ""
+            answer = f"[red]{type(c.error).__name__}[/]: {escape(message)}"
+        if c.index in selection.rejected:
+            answer += f"\n[yellow]rejected: {escape(selection.rejected[c.index])}[/]"
+        mark = "★" if c.index == selection.chosen else ""
+        row = [
             mark,
-            c.backend,
+            escape(c.backend),
             c.status,
-            f"{c.latency * 1000:.0f} ms",
-            tokens,
-            "-" if score is None else f"{score:.2f}",
-            answer,
-        )
+            f"{c.latency * 1000:,.0f} ms",
+            "-" if usage is None else f"{usage.input_tokens}/{usage.output_tokens}",
+        ]
+        if with_cost:
+            row.append("-" if usage is None or usage.cost is None else _cost(usage.cost))
+        row.append("-" if score is None else f"{score:.2f}")
+        if wide:
+            row.append(answer)
+        table.add_row(*row)
+        answers.append((f"{mark or ' '} [bold]{escape(c.backend)}[/]", answer))
     console.print(table)
-    if chosen is not None:
+    if not wide:
+        for head, answer in answers:
+            console.print(head, highlight=False)
+            console.print(Padding(answer, (0, 0, 1, 4)), highlight=False)
+    total = result.usage
+    totals = f"total: {total.input_tokens}/{total.output_tokens} tok"
+    if total.cost is not None:
+        totals += f", {_cost(total.cost)}"
+    totals += f", {result.elapsed:.2f}s" + (" (deadline hit)" if result.deadline_hit else "")
+    console.print(totals, highlight=False)
+    if selection.chosen is not None:
         console.print(
-            f"[bold]chosen[/]: {result.candidates[chosen].backend} — {result.selection.explanation}"
+            f"[bold]chosen[/]: {escape(result.candidates[selection.chosen].backend)} — "
+            f"{escape(selection.explanation)}",
+            highlight=False,
         )
-        console.print(result.text.strip())
+        if wide:  # in a narrow terminal, the chosen answer is above (★)
+            console.print(escape(result.text.strip()), highlight=False)

@@ -7,6 +7,8 @@ a ``str`` with ``step``, ``phase`` and ``seconds``); drawing them is the command
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from types import TracebackType
 from typing import TYPE_CHECKING, Self, TextIO
 
@@ -14,7 +16,10 @@ if TYPE_CHECKING:
     from rich.console import Console
     from rich.status import Status
 
-__all__ = ["StepsDisplay"]
+__all__ = ["VERBOSE_KEY", "StepsDisplay"]
+
+#: Set in ``ctx.meta`` (shared by every command of one command line) by ``--verbose``.
+VERBOSE_KEY = "genfan.verbose"
 
 
 class StepsDisplay:
@@ -42,21 +47,42 @@ class StepsDisplay:
             return
         from rich.markup import escape
 
-        if self._console is None:
-            from rich.console import Console
-
-            self._console = Console(file=out)
+        console = self._rich_console()
         self.close()
         phase = getattr(line, "phase", "note")
         if phase == "start":
-            self._status = self._console.status(escape(str(line)))
+            self._status = console.status(escape(str(line)))
             self._status.start()
         elif phase == "done":
             step = escape(str(getattr(line, "step", line)))
             seconds = getattr(line, "seconds", None) or 0.0
-            self._console.print(f"[green]✓[/green] {step} ({seconds:.1f}s)", highlight=False)
+            console.print(f"[green]✓[/green] {step} ({seconds:.1f}s)", highlight=False)
         else:
-            self._console.print(f"genfan: {escape(str(line))}", highlight=False)
+            console.print(f"genfan: {escape(str(line))}", highlight=False)
+
+    def _rich_console(self) -> Console:
+        if self._console is None:
+            from rich.console import Console
+
+            self._console = Console(file=self._out())
+        return self._console
+
+    @contextmanager
+    def spinning(self, text: str) -> Iterator[None]:
+        """A spinner saying ``text`` while the block runs, on a terminal (elsewhere: nothing,
+        so logs and tests see only the lines that matter)."""
+        if not self._out().isatty():
+            yield
+            return
+        from rich.markup import escape
+
+        self.close()
+        self._status = self._rich_console().status(escape(text))
+        self._status.start()
+        try:
+            yield
+        finally:
+            self.close()
 
     def close(self) -> None:
         """Stop the spinner, if one is running."""

@@ -4,7 +4,8 @@ The prompts follow MT-Bench (Zheng et al. 2023): a 1-10 rating as ``Rating: [[N]
 ``[[A]]`` / ``[[B]]`` / ``[[C]]`` (tie). Pairwise comparisons are asked twice with the answers'
 positions swapped, so a judge that prefers the first position cancels itself out. A judge that
 answers off-format, or fails, is counted in :meth:`LLMJudge.statistics` and never crashes the
-selection: its verdict is simply missing.
+selection: its verdict is simply missing (:attr:`LLMJudge.last_error` says why the last failed
+call failed).
 """
 
 from __future__ import annotations
@@ -165,10 +166,16 @@ class LLMJudge:
         self.model = model
         self.name = name
         self._stats = {"calls": 0, "parsed": 0, "unparsed": 0, "failed": 0}
+        self._last_error: str | None = None
 
     def statistics(self) -> JudgeStatistics:
         """A snapshot of the judge's counters."""
         return JudgeStatistics(**self._stats)
+
+    @property
+    def last_error(self) -> str | None:
+        """Why the judge's last failed call failed, in one line (``None``: none failed)."""
+        return self._last_error
 
     def _request(self, system: str, user: str) -> ChatRequest:
         return ChatRequest(
@@ -193,16 +200,26 @@ class LLMJudge:
         )
 
     async def _ask(self, request: ChatRequest) -> str | None:
+        """The judge's answer, or ``None`` when the call failed (:attr:`last_error` says why)."""
         self._stats["calls"] += 1
         try:
             completion = await self.judge.complete(request)
         except Exception as exc:  # a judge that fails must not sink the selection
             self._stats["failed"] += 1
+            detail = str(getattr(exc, "message", None) or exc)
+            self._last_error = " ".join(f"{type(exc).__name__}: {detail}".split())
             telemetry.event(
-                "judge_call_failed", level="info", backend=self.judge.name, error=type(exc).__name__
+                "judge_call_failed",
+                level="info",
+                backend=self.judge.name,
+                error=type(exc).__name__,
+                detail=detail,
             )
             return None
         return completion.text
+
+    def _failed(self) -> Score:
+        return Score(0.0, "judge failed")  # why: last_error
 
     async def score(
         self, request: ChatRequest, candidates: Sequence[Candidate]
@@ -227,7 +244,7 @@ class LLMJudge:
             async with limiter:
                 text = await self._ask(self.pointwise_request(question, answer))
             if text is None:
-                score = Score(0.0, "judge failed")
+                score = self._failed()
             elif (rating := parse_rating(text)) is None:
                 self._stats["unparsed"] += 1
                 score = Score(0.0, "judge answer unreadable")
@@ -252,12 +269,15 @@ class LLMJudge:
             return out
         points = {c.index: 0.0 for c in voters}
         judged = {c.index: 0 for c in voters}
+        failed = {c.index: 0 for c in voters}
         limiter = anyio.CapacityLimiter(self.max_concurrency)
 
         async def compare(first: Candidate, second: Candidate) -> None:
             async with limiter:
                 text = await self._ask(self.pairwise_request(question, first.text, second.text))
             if text is None:
+                failed[first.index] += 1
+                failed[second.index] += 1
                 return
             verdict = parse_verdict(text)
             if verdict is None:
@@ -280,7 +300,9 @@ class LLMJudge:
                 tg.start_soon(compare, b, a)  # positions swapped
         for c in voters:
             n = judged[c.index]
-            if n == 0:
+            if n == 0 and failed[c.index]:
+                out[c.index] = self._failed()
+            elif n == 0:
                 out[c.index] = Score(0.0, "no readable verdict")
             else:
                 out[c.index] = Score(
