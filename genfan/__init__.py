@@ -49,6 +49,8 @@ if TYPE_CHECKING:
     from ._errors import NoAnswerError as NoAnswerError
     from ._errors import RateLimitError as RateLimitError
     from ._errors import RateLimitExceededError as RateLimitExceededError
+    from ._errors import ResponseTooLargeError as ResponseTooLargeError
+    from ._errors import StreamInterruptedError as StreamInterruptedError
     from ._fanout import AnswerChosen as AnswerChosen
     from ._fanout import CandidateDelta as CandidateDelta
     from ._fanout import CandidateFinished as CandidateFinished

@@ -15,16 +15,21 @@ was made with ``owns_backends=True``), so backends made once serve any number of
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Hashable, Iterable, Mapping, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, aclosing, nullcontext
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from types import TracebackType
+from typing import Any, Generic, Literal, TypeAlias, cast, overload
 
 import anyio
+from anyio.abc import TaskGroup
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+from typing_extensions import TypeVar
 
 from . import telemetry
 from ._backend import Backend, BaseBackend, aclose_all
@@ -34,15 +39,33 @@ from ._errors import (
     BackendTimeoutError,
     CallCancelledError,
     ConfigurationError,
+    MalformedResponseError,
     NoAnswerError,
 )
+from ._output import OutputSpec, OutputValidationError, output_spec
 from ._sync import clip, not_awaited, run_sync
-from ._types import ChatRequest, Completion, StreamEvent, Usage
-from .select import Candidate, Selection, SelectorLike, as_selector
+from ._types import ChatRequest, Completion, StreamEnd, StreamEvent, TextDelta, ToolCallDelta, Usage
+from .select import Candidate, Selection, SelectorLike, Waves, as_selector
 
-__all__ = ["FanOut", "FanOutResult", "Mode", "Target"]
+__all__ = [
+    "AnswerChosen",
+    "CandidateDelta",
+    "CandidateFinished",
+    "FanOut",
+    "FanOutEvent",
+    "FanOutFinished",
+    "FanOutResult",
+    "FanOutStream",
+    "Mode",
+    "Target",
+]
 
 Mode = Literal["all", "first", "quorum"]
+
+#: The type of a fan-out's typed output (``str``, the chosen text, when none is asked for).
+OutputT = TypeVar("OutputT", default=str)
+#: An output type given for one call.
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -77,15 +100,20 @@ class Target:
 
 
 @dataclass(frozen=True, kw_only=True)
-class FanOutResult:
+class FanOutResult(Generic[OutputT]):
     """Everything a fan-out produced.
 
     Attributes:
-        candidates: one per target, in target order: answers and typed failures.
+        candidates: one per target, in target order: answers and typed failures (an answer
+            that is not a valid ``output_type`` is a failed candidate, with an
+            :class:`~genfan.OutputValidationError` and its completion kept).
         selection: the selector's decision and explanation.
         elapsed: wall seconds for the whole fan-out (selection included).
         deadline_hit: the deadline passed and unfinished calls were cancelled.
         quorum_met: the mode's condition was met (always true for ``all``).
+        output_type: the type the answers were validated into (``None``: none, text).
+        outputs: each candidate's validated output by index (answers that asked for tools
+            have none).
     """
 
     request: ChatRequest
@@ -96,6 +124,8 @@ class FanOutResult:
     deadline_hit: bool = False
     quorum_met: bool = True
     request_id: str = ""
+    output_type: Any = None
+    outputs: Mapping[int, Any] = field(default_factory=dict)
 
     @property
     def chosen(self) -> Candidate | None:
@@ -118,6 +148,32 @@ class FanOutResult:
     def text(self) -> str:
         """The chosen answer's text."""
         return self.completion.text
+
+    @property
+    def output(self) -> OutputT:
+        """The chosen answer as the requested ``output_type``: a validated instance (a
+        pydantic model, a ``list[City]``...); without an output type, the chosen text.
+
+        Raises:
+            ValueError: nothing was chosen, or the chosen answer asked for tools instead.
+        """
+        completion = self.completion
+        if self.output_type is None or self.output_type is str:
+            return completion.text  # type: ignore[return-value]  # OutputT is str here
+        i = self.selection.chosen
+        if i is None or i not in self.outputs:
+            raise ValueError("the chosen answer asked for tools: it has no output")
+        output: OutputT = self.outputs[i]
+        return output
+
+    def dump_output(self) -> Any:
+        """The chosen output as JSON-able data (a model's ``model_dump(mode="json")``), or
+        ``None`` when the fan-out had no ``output_type`` or nothing was chosen."""
+        spec = output_spec(self.output_type)
+        i = self.selection.chosen
+        if spec is None or spec.is_text or i is None or i not in self.outputs:
+            return None
+        return spec.dump(self.outputs[i])
 
     @property
     def successes(self) -> list[Candidate]:
@@ -143,12 +199,77 @@ class FanOutResult:
         )
 
 
-class FanOut(BaseBackend):
+@dataclass(frozen=True, kw_only=True, slots=True)
+class CandidateDelta:
+    """A piece of one candidate's answer, as it streams (see :meth:`FanOut.run_stream`).
+
+    Attributes:
+        index: the candidate's index (its target's position in the fan-out).
+        backend: the candidate's (target's) name.
+        delta: the piece: a :class:`~genfan.TextDelta` or a :class:`~genfan.ToolCallDelta`.
+    """
+
+    index: int
+    backend: str
+    delta: TextDelta | ToolCallDelta
+    type: Literal["delta"] = "delta"
+
+    @property
+    def text(self) -> str:
+        """The piece's text ('' for a tool-call piece)."""
+        return self.delta.text if isinstance(self.delta, TextDelta) else ""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class CandidateFinished:
+    """One candidate ended: it answered (``candidate.ok``), failed (``candidate.error``: a
+    backend error, mid-stream ones included, or an :class:`~genfan.OutputValidationError`), or
+    was cancelled (the fan-out was decided, or its deadline passed)."""
+
+    candidate: Candidate
+    type: Literal["candidate"] = "candidate"
+
+    @property
+    def index(self) -> int:
+        return self.candidate.index
+
+    @property
+    def backend(self) -> str:
+        return self.candidate.backend
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class AnswerChosen:
+    """The selector decided, once every candidate had finished: ``index`` is the chosen
+    candidate (``None``: it chose none), ``selection`` says why."""
+
+    index: int | None
+    backend: str | None
+    selection: Selection
+    type: Literal["chosen"] = "chosen"
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class FanOutFinished(Generic[OutputT]):
+    """The last event: the whole :class:`FanOutResult` (``result.output`` when typed)."""
+
+    result: FanOutResult[OutputT]
+    type: Literal["final"] = "final"
+
+
+#: What :meth:`FanOut.run_stream` yields; ``event.type`` tells them apart.
+FanOutEvent: TypeAlias = CandidateDelta | CandidateFinished | AnswerChosen | FanOutFinished[Any]
+#: The events of a stream whose result is a ``FanOutResult[OutputT]``.
+_Event: TypeAlias = CandidateDelta | CandidateFinished | AnswerChosen | FanOutFinished[OutputT]
+
+
+class FanOut(BaseBackend, Generic[OutputT]):
     """Send one request to several backends concurrently and pick one answer.
 
     A fan-out is a :class:`~genfan.Backend` too: :meth:`complete` returns the chosen
     completion, so fan-outs nest (in fan-outs, cascades, pools, guards, agents); :meth:`run`
-    returns every candidate.
+    returns every candidate; :meth:`run_stream` streams every candidate's tokens, tagged, as
+    they arrive.
 
     Args:
         targets: backends (or :class:`Target` s with per-backend overrides).
@@ -161,12 +282,21 @@ class FanOut(BaseBackend):
             (``MajorityVote(...).agreement_key`` is one).
         deadline: seconds for the whole fan-out; unfinished calls are then cancelled and the best
             answer so far is returned. Guards inside spend only what is left of it.
-        select: picks the answer (default: the first success).
+        select: picks the answer (default: the first success; with ``waves``, the ``auto``
+            selector).
+        waves: call the targets in waves (a :class:`~genfan.select.Waves`, or a wave size)
+            and stop once its stopping rule says the leading answer is settled (adaptive
+            sampling); the targets never called end as cancelled candidates.
         name: the fan-out's backend name (default ``"fanout(a,b,...)"``).
         owns_backends: closing the fan-out also closes the backends passed in (for backends
             made for this fan-out alone, as a config's ``build_fanout()`` does). By default it
             closes none of them: whoever creates a backend owns it, and one backend may serve
             any number of fan-outs.
+        output_type: validate every answer into this type (a pydantic model class, or any
+            type pydantic's ``TypeAdapter`` takes) and ask for its JSON schema; an answer that
+            does not validate is a failed candidate, so the selector chooses among valid ones,
+            and ``result.output`` is the chosen instance. ``run(..., output_type=)`` overrides
+            it per call.
 
     Example:
         ```python
@@ -190,6 +320,8 @@ class FanOut(BaseBackend):
         select: SelectorLike | None = None,
         name: str | None = None,
         owns_backends: bool = False,
+        waves: Waves | int | None = None,
+        output_type: type[OutputT] | None = None,
     ) -> None:
         not_awaited(targets, "FanOut()")
         if not targets:
@@ -213,37 +345,281 @@ class FanOut(BaseBackend):
         self.quorum = 1 if mode == "first" else (quorum or len(self.targets))
         self.agree = agree
         self.deadline = deadline
+        self.waves = Waves(size=waves) if isinstance(waves, int) else waves
+        if select is None and self.waves is not None:
+            from .select import AutoSelect
+
+            select = AutoSelect()
         self.selector = as_selector(select)
         self.owns_backends = owns_backends
+        self.output_type = output_type
+        self.output_spec: OutputSpec[Any] | None = output_spec(output_type)
         super().__init__(name or "fanout(" + ",".join(self.names) + ")")
 
     @property
     def names(self) -> list[str]:
         return [t.name or t.backend.name for t in self.targets]
 
-    async def complete(self, request: ChatRequest) -> Completion:
+    async def complete(self, request: ChatRequest, *, output_type: Any = None) -> Completion:
         """Fan ``request`` out and return the chosen completion (the Backend protocol):
         ``completion = await fan.complete(request)``.
 
+        ``output_type`` (default: the fan-out's) validates the candidates as in :meth:`run`:
+        the chosen completion is a valid one.
+
         Raises:
-            NoAnswerError: every backend failed, or the selector chose none.
+            NoAnswerError: every backend failed (its ``errors`` say how: every answer invalid
+                is one way), or the selector chose none.
         """
         try:
-            result = await self.run(request)
+            result = await self.run(request, output_type=output_type)
         except AllBackendsFailedError as exc:
             raise no_answer(exc, backend=self.name) from exc
         return chosen_completion(result.chosen, result.candidates, result.selection, self.name)
 
-    def stream(self, request: ChatRequest) -> AsyncIterator[StreamEvent]:
-        """Stream the chosen answer: its text, its tool calls, then one ``StreamEnd``.
+    async def stream(
+        self, request: ChatRequest, *, output_type: Any = None
+    ) -> AsyncIterator[StreamEvent]:
+        """Stream the chosen answer: its text, its tool calls, then one ``StreamEnd`` (the
+        Backend protocol; :meth:`run_stream` streams every candidate). ``output_type``
+        (default: the fan-out's) validates each candidate when its stream ends, as in
+        :meth:`run`.
 
-        For now the fan-out is decided first (as :meth:`complete`) and the chosen completion is
-        replayed as events; this method is the one place to change to stream tokens live.
+        Every candidate is streamed, so the mode's early exits and the deadline work as in
+        :meth:`run`. In ``first`` mode (and in a one-target fan-out) the first candidate to
+        produce a token wins, the others are cancelled, and its tokens are passed on live. In
+        ``all`` and ``quorum`` modes the answer is known only once the selector chose: the
+        chosen candidate's pieces are then passed on as they arrived.
+
+        Close it when you stop early (``async with aclosing(fan.stream(request)) as events:``),
+        so that the calls still running are cancelled at once.
 
         Raises:
-            NoAnswerError: every backend failed, or the selector chose none.
+            NoAnswerError: every candidate failed (a winner failing mid-stream included), or
+                the selector chose none.
         """
-        return super().stream(request)
+        live = self.mode == "first" or len(self.targets) == 1
+        held: dict[int, list[TextDelta | ToolCallDelta]] = {}
+        result: FanOutResult[Any] | None = None
+        try:
+            async with self.run_stream(request, output_type=output_type) as events:
+                async for event in events:
+                    if isinstance(event, CandidateDelta):
+                        if live:
+                            yield event.delta
+                        else:
+                            held.setdefault(event.index, []).append(event.delta)
+                    elif isinstance(event, FanOutFinished):
+                        result = event.result
+        except AllBackendsFailedError as exc:
+            raise no_answer(exc, backend=self.name) from exc
+        assert result is not None  # the stream ends with FanOutFinished or raises
+        completion = chosen_completion(
+            result.chosen, result.candidates, result.selection, self.name
+        )
+        if not live and result.selection.chosen is not None:
+            for delta in held.get(result.selection.chosen, ()):
+                yield delta
+        yield StreamEnd(completion=completion)
+
+    @overload
+    def run_stream(
+        self,
+        request: ChatRequest | str,
+        *,
+        deadline: float | None = None,
+        output_type: None = None,
+    ) -> FanOutStream[OutputT]: ...
+    @overload
+    def run_stream(
+        self, request: ChatRequest | str, *, deadline: float | None = None, output_type: type[T]
+    ) -> FanOutStream[T]: ...
+    @overload
+    def run_stream(
+        self, request: ChatRequest | str, *, deadline: float | None = None, output_type: Any
+    ) -> FanOutStream[Any]: ...
+    def run_stream(
+        self,
+        request: ChatRequest | str,
+        *,
+        deadline: float | None = None,
+        output_type: Any = None,
+    ) -> FanOutStream[Any]:
+        """Fan ``request`` out, streaming every candidate: its pieces tagged with its index
+        and backend as they arrive, its end, then the selector's choice and the result.
+
+        Use it as ``async with fan.run_stream(request) as events: async for ev in events:``.
+        Events (``ev.type``): :class:`CandidateDelta` (``"delta"``), :class:`CandidateFinished`
+        (``"candidate"``: answered, failed or cancelled), :class:`AnswerChosen` (``"chosen"``)
+        and, last, :class:`FanOutFinished` (``"final"``, with the :class:`FanOutResult`).
+
+        The modes work as in :meth:`run`: ``all`` streams every candidate; ``first`` passes on
+        only the first candidate to produce a token, and cancels the others at that token;
+        ``quorum`` (with ``agree``) cancels the rest once k answers agree. Cancelled calls have
+        their streams closed at once, and end as cancelled candidates. Leaving the block early
+        cancels the whole fan-out.
+
+        Args:
+            request: a request, or a prompt string.
+            deadline: overrides the fan-out's deadline for this call.
+            output_type: as in :meth:`run`; each answer is validated when its stream ends.
+
+        Raises:
+            AllBackendsFailedError: from the iteration, when no candidate answered.
+        """
+        not_awaited(request, "FanOut.run_stream()")
+        req, spec, limit = self._prepare(request, deadline, output_type)
+        return FanOutStream(self, req, spec, limit)
+
+    async def _stream_race(
+        self,
+        req: ChatRequest,
+        spec: OutputSpec[Any] | None,
+        limit: float | None,
+        emit: Callable[[FanOutEvent], None],
+    ) -> FanOutResult[Any]:
+        """:meth:`run` over the targets' streams, every event passed to ``emit``."""
+        request_id = os.urandom(8).hex()
+        n = len(self.targets)
+        slots: list[Candidate | None] = [None] * n
+        started_at = [0.0] * n
+        state = self._race_state(req, spec)
+        race = _StreamRace(first=self.mode == "first")
+        t0 = time.perf_counter()
+        with (
+            telemetry.bound(request_id=request_id),
+            telemetry.span(
+                "genfan.fanout",
+                **{
+                    "genfan.mode": self.mode,
+                    "genfan.backends": n,
+                    "genfan.request_id": request_id,
+                    "genfan.stream": True,
+                },
+            ) as fan_span,
+        ):
+            with (
+                anyio.move_on_after(limit) if limit is not None else _NO_DEADLINE as deadline_scope
+            ):
+                plan = self.waves.plan(n) if self.waves is not None else [n]
+                start = 0
+                for size in plan:
+                    async with anyio.create_task_group() as tg:
+                        for i in range(start, start + size):
+                            tg.start_soon(
+                                self._stream_one, i, req, slots, started_at, state, race, t0, emit
+                            )
+                    start += size
+                    done = [c for c in slots if c is not None]
+                    if (
+                        race.decided
+                        or state.met
+                        or start >= n
+                        or (self.waves is not None and self.waves.settled(req, done, n - start))
+                    ):
+                        break
+            deadline_hit = deadline_scope is not None and deadline_scope.cancelled_caught
+            now = time.perf_counter() - t0
+            for i, slot in enumerate(slots):
+                if slot is None:  # stopped by the deadline, or never called (waves)
+                    cancelled = self._cancelled(
+                        i, started_at[i], now, limit if deadline_hit else None
+                    )
+                    slots[i] = cancelled
+                    emit(CandidateFinished(candidate=cancelled))
+            result = await self._conclude(
+                req, slots, started_at, state, t0, limit, deadline_hit, fan_span, request_id
+            )
+            chosen = result.chosen
+            emit(
+                AnswerChosen(
+                    index=result.selection.chosen,
+                    backend=None if chosen is None else chosen.backend,
+                    selection=result.selection,
+                )
+            )
+            return result
+
+    async def _stream_one(
+        self,
+        i: int,
+        request: ChatRequest,
+        slots: list[Candidate | None],
+        started_at: list[float],
+        state: _RaceState,
+        race: _StreamRace,
+        t0: float,
+        emit: Callable[[FanOutEvent], None],
+    ) -> None:
+        """Stream target ``i``: its pieces to ``emit``, its end into ``slots``."""
+        target = self.targets[i]
+        name = target.name or target.backend.name
+        prepared = target.prepare(request)
+        start = time.perf_counter()
+        started_at[i] = start - t0
+        scope = race.scopes[i] = anyio.CancelScope()
+        if race.decided:  # decided before this call even started: it ends cancelled
+            scope.cancel()
+        try:
+            with scope, _chat_span(name, prepared) as call_span:
+                try:
+                    completion = await self._read(i, name, target.backend, prepared, race, emit)
+                    state.validate(i, completion, name)
+                except BackendError as exc:
+                    error: BackendError = exc
+                except Exception as exc:  # a backend bug must still end as one typed error
+                    error = _unexpected(exc, name)
+                else:
+                    slot = _succeeded(i, name, completion, started_at[i], start, state, call_span)
+                    slots[i] = slot
+                    emit(CandidateFinished(candidate=slot))
+                    if state.success(completion):
+                        race.decide(keep=i)
+                    return
+                failed = _failed(i, name, error, started_at[i], start, state, call_span)
+                slots[i] = failed
+                emit(CandidateFinished(candidate=failed))
+                return
+        finally:
+            race.scopes.pop(i, None)
+        # Only reached when ``scope`` caught its cancellation: the fan-out was decided.
+        cancelled = self._cancelled(i, started_at[i], time.perf_counter() - t0, None)
+        slots[i] = cancelled
+        emit(CandidateFinished(candidate=cancelled))
+
+    async def _read(
+        self,
+        i: int,
+        name: str,
+        backend: Backend,
+        request: ChatRequest,
+        race: _StreamRace,
+        emit: Callable[[FanOutEvent], None],
+    ) -> Completion:
+        """Read one backend's stream to its end, passing its pieces on (in ``first`` mode, only
+        the winner's: the first candidate to produce one)."""
+        start = time.perf_counter()
+        ttft: float | None = None
+        events: Any = backend.stream(request)
+        async with aclosing(events) if hasattr(events, "aclose") else nullcontext():
+            async for event in events:
+                if isinstance(event, StreamEnd):
+                    c = event.completion
+                    return (
+                        c
+                        if c.ttft is not None or ttft is None
+                        else c.model_copy(update={"ttft": ttft})
+                    )
+                if ttft is None:
+                    ttft = time.perf_counter() - start
+                if race.first:
+                    if race.winner is None and not race.decided:
+                        race.winner = i
+                        race.decide(keep=i)
+                    if race.winner != i:
+                        continue  # a loser's piece, in the instant before its cancellation
+                emit(CandidateDelta(index=i, backend=name, delta=event))
+        raise MalformedResponseError("stream ended without a final event (truncated)", backend=name)
 
     async def aclose(self) -> None:
         """Close what the fan-out owns: its backends with ``owns_backends=True``, else nothing
@@ -251,31 +627,50 @@ class FanOut(BaseBackend):
         if self.owns_backends:
             await aclose_all(t.backend for t in self.targets)
 
+    @overload
     async def run(
-        self, request: ChatRequest | str, *, deadline: float | None = None
-    ) -> FanOutResult:
+        self,
+        request: ChatRequest | str,
+        *,
+        deadline: float | None = None,
+        output_type: None = None,
+    ) -> FanOutResult[OutputT]: ...
+    @overload
+    async def run(
+        self, request: ChatRequest | str, *, deadline: float | None = None, output_type: type[T]
+    ) -> FanOutResult[T]: ...
+    @overload
+    async def run(
+        self, request: ChatRequest | str, *, deadline: float | None = None, output_type: Any
+    ) -> FanOutResult[Any]: ...
+    async def run(
+        self,
+        request: ChatRequest | str,
+        *,
+        deadline: float | None = None,
+        output_type: Any = None,
+    ) -> FanOutResult[Any]:
         """Fan ``request`` out and return every candidate and the chosen answer:
         ``result = await fan.run("...")`` (from sync code: :meth:`run_sync`).
 
         Args:
             request: a request, or a prompt string.
             deadline: overrides the fan-out's deadline for this call.
+            output_type: overrides the fan-out's ``output_type`` for this call: every answer is
+                validated into it (the invalid ones become failed candidates) and
+                ``result.output`` is the chosen instance.
 
         Raises:
-            AllBackendsFailedError: no backend answered (an ``ExceptionGroup`` of their errors).
+            AllBackendsFailedError: no backend answered (an ``ExceptionGroup`` of their errors;
+                every answer failing validation is one way).
         """
         not_awaited(request, "FanOut.run()")
-        req = ChatRequest.from_prompt(request) if isinstance(request, str) else request
-        limit = deadline if deadline is not None else self.deadline
+        req, spec, limit = self._prepare(request, deadline, output_type)
         request_id = os.urandom(8).hex()
         n = len(self.targets)
         slots: list[Candidate | None] = [None] * n
         started_at = [0.0] * n
-        agree = self.agree
-        bind = getattr(agree, "for_request", None)
-        if callable(bind):  # a key that needs the question (e.g. a vote ignoring echoes)
-            agree = bind(req)
-        state = _RaceState(self.quorum if self.mode != "all" else n + 1, agree)
+        state = self._race_state(req, spec)
         t0 = time.perf_counter()
 
         with (
@@ -299,6 +694,8 @@ class FanOut(BaseBackend):
                     await self._call_one(
                         0, self.targets[0], req, slots, started_at, state, None, t0
                     )
+                elif self.waves is not None:
+                    await self._run_waves(self.waves, req, slots, started_at, state, t0)
                 else:
                     async with anyio.create_task_group() as tg:
                         for i, target in enumerate(self.targets):
@@ -314,65 +711,128 @@ class FanOut(BaseBackend):
                                 t0,
                             )
             deadline_hit = deadline_scope is not None and deadline_scope.cancelled_caught
-            now = time.perf_counter()
-            candidates: list[Candidate] = []
-            for i, slot in enumerate(slots):
-                if slot is None:
-                    name = self.targets[i].name or self.targets[i].backend.name
-                    why = "deadline reached" if deadline_hit else "fan-out already decided"
-                    err: BackendError = (
-                        BackendTimeoutError(f"cancelled: {why} after {limit}s", backend=name)
-                        if deadline_hit
-                        else CallCancelledError(f"cancelled: {why}", backend=name)
-                    )
-                    slot = Candidate(
-                        index=i,
-                        backend=name,
-                        status="cancelled",
-                        error=err,
-                        started=started_at[i],
-                        latency=now - t0 - started_at[i],
-                    )
-                candidates.append(slot)
-
-            if not any(c.ok for c in candidates):
-                errors = [c.error for c in candidates if c.error is not None]
-                fan_span.set_attribute("genfan.outcome", "all_failed")
-                telemetry.event("fanout_all_failed", level="warning", backends=n)
-                raise AllBackendsFailedError(
-                    f"all {n} backends failed: "
-                    + "; ".join(f"{c.backend}: {type(c.error).__name__}" for c in candidates),
-                    errors,
-                )
-            selection = await self.selector.select(req, candidates)
-            chosen = selection.chosen
-            fan_span.set_attribute("genfan.successes", sum(c.ok for c in candidates))
-            if chosen is not None:
-                fan_span.set_attribute("genfan.chosen", candidates[chosen].backend)
-            fan_span.set_attribute("genfan.deadline_hit", deadline_hit)
-            if selection.method:
-                fan_span.set_attribute("genfan.select.method", selection.method)
-            telemetry.event(
-                "fanout_finished",
-                mode=self.mode,
-                successes=sum(c.ok for c in candidates),
-                chosen=None if chosen is None else candidates[chosen].backend,
-                deadline_hit=deadline_hit,
-            )
-            return FanOutResult(
-                request=req,
-                candidates=tuple(candidates),
-                selection=selection,
-                elapsed=time.perf_counter() - t0,
-                mode=self.mode,
-                deadline_hit=deadline_hit,
-                quorum_met=self.mode == "all" or state.met,
-                request_id=request_id,
+            return await self._conclude(
+                req, slots, started_at, state, t0, limit, deadline_hit, fan_span, request_id
             )
 
+    def _prepare(
+        self, request: ChatRequest | str, deadline: float | None, output_type: Any
+    ) -> tuple[ChatRequest, OutputSpec[Any] | None, float | None]:
+        """The request (asking for the output type's JSON), the output spec and the deadline
+        of one call."""
+        req = ChatRequest.from_prompt(request) if isinstance(request, str) else request
+        spec = self.output_spec if output_type is None else output_spec(output_type)
+        if spec is not None:
+            req = spec.prepare(req)
+        return req, spec, deadline if deadline is not None else self.deadline
+
+    def _race_state(self, request: ChatRequest, spec: OutputSpec[Any] | None) -> _RaceState:
+        agree = self.agree
+        bind = getattr(agree, "for_request", None)
+        if callable(bind):  # a key that needs the question (e.g. a vote ignoring echoes)
+            agree = bind(request)
+        n = len(self.targets)
+        return _RaceState(self.quorum if self.mode != "all" else n + 1, agree, spec)
+
+    async def _conclude(
+        self,
+        req: ChatRequest,
+        slots: Sequence[Candidate | None],
+        started_at: Sequence[float],
+        state: _RaceState,
+        t0: float,
+        limit: float | None,
+        deadline_hit: bool,
+        fan_span: Any,
+        request_id: str,
+    ) -> FanOutResult[Any]:
+        """The race is over: the unfinished calls become cancelled candidates, the answers not
+        yet validated are, and the selector chooses."""
+        n = len(self.targets)
+        now = time.perf_counter()
+        candidates: list[Candidate] = []
+        for i, slot in enumerate(slots):
+            if slot is None:
+                slot = self._cancelled(i, started_at[i], now - t0, limit if deadline_hit else None)
+            candidates.append(state.settle(slot))
+        if not any(c.ok for c in candidates):
+            errors = [c.error for c in candidates if c.error is not None]
+            fan_span.set_attribute("genfan.outcome", "all_failed")
+            telemetry.event("fanout_all_failed", level="warning", backends=n)
+            raise AllBackendsFailedError(
+                f"all {n} backends failed: "
+                + "; ".join(f"{c.backend}: {type(c.error).__name__}" for c in candidates),
+                errors,
+            )
+        selection = await self.selector.select(req, candidates)
+        chosen = selection.chosen
+        fan_span.set_attribute("genfan.successes", sum(c.ok for c in candidates))
+        if chosen is not None:
+            fan_span.set_attribute("genfan.chosen", candidates[chosen].backend)
+        fan_span.set_attribute("genfan.deadline_hit", deadline_hit)
+        if selection.method:
+            fan_span.set_attribute("genfan.select.method", selection.method)
+        telemetry.event(
+            "fanout_finished",
+            mode=self.mode,
+            successes=sum(c.ok for c in candidates),
+            chosen=None if chosen is None else candidates[chosen].backend,
+            deadline_hit=deadline_hit,
+        )
+        return FanOutResult(
+            request=req,
+            candidates=tuple(candidates),
+            selection=selection,
+            elapsed=time.perf_counter() - t0,
+            mode=self.mode,
+            deadline_hit=deadline_hit,
+            quorum_met=self.mode == "all" or state.met,
+            request_id=request_id,
+            output_type=None if state.spec is None else state.spec.type,
+            outputs=dict(state.outputs),
+        )
+
+    def _cancelled(self, i: int, started: float, now: float, deadline: float | None) -> Candidate:
+        """Target ``i``'s candidate when its call was cancelled: by the deadline (``deadline``
+        seconds), or because the fan-out was decided (``None``)."""
+        name = self.targets[i].name or self.targets[i].backend.name
+        err: BackendError = (
+            BackendTimeoutError(f"cancelled: deadline reached after {deadline}s", backend=name)
+            if deadline is not None
+            else CallCancelledError("cancelled: fan-out already decided", backend=name)
+        )
+        return Candidate(
+            index=i,
+            backend=name,
+            status="cancelled",
+            error=err,
+            started=started,
+            latency=now - started,
+        )
+
+    @overload
     def run_sync(
-        self, request: ChatRequest | str, *, deadline: float | None = None
-    ) -> FanOutResult:
+        self,
+        request: ChatRequest | str,
+        *,
+        deadline: float | None = None,
+        output_type: None = None,
+    ) -> FanOutResult[OutputT]: ...
+    @overload
+    def run_sync(
+        self, request: ChatRequest | str, *, deadline: float | None = None, output_type: type[T]
+    ) -> FanOutResult[T]: ...
+    @overload
+    def run_sync(
+        self, request: ChatRequest | str, *, deadline: float | None = None, output_type: Any
+    ) -> FanOutResult[Any]: ...
+    def run_sync(
+        self,
+        request: ChatRequest | str,
+        *,
+        deadline: float | None = None,
+        output_type: Any = None,
+    ) -> FanOutResult[Any]:
         """:meth:`run` for sync code: ``result = fan.run_sync("...")``.
 
         It blocks until the fan-out is decided. It works in a plain script and inside a running
@@ -383,7 +843,50 @@ class FanOut(BaseBackend):
         Raises:
             AllBackendsFailedError: no backend answered.
         """
-        return run_sync(self.run, request, deadline=deadline)
+        return run_sync(self.run, request, deadline=deadline, output_type=output_type)
+
+    async def _run_waves(
+        self,
+        waves: Waves,
+        request: ChatRequest,
+        slots: list[Candidate | None],
+        started_at: list[float],
+        state: _RaceState,
+        t0: float,
+    ) -> None:
+        """Call the targets wave by wave until the waves' stopping rule says it is settled."""
+        n, start = len(self.targets), 0
+        for size in waves.plan(n):
+            await self._wave(range(start, start + size), request, slots, started_at, state, t0)
+            start += size
+            done = [s for s in slots if s is not None]
+            if state.met or waves.settled(request, done, n - start):
+                telemetry.event("fanout_waves_settled", drawn=start, budget=n)
+                return
+
+    async def _wave(
+        self,
+        indices: range,
+        request: ChatRequest,
+        slots: list[Candidate | None],
+        started_at: list[float],
+        state: _RaceState,
+        t0: float,
+    ) -> None:
+        """Call the targets ``indices`` together (one wave)."""
+        async with anyio.create_task_group() as tg:
+            for i in indices:
+                tg.start_soon(
+                    self._call_one,
+                    i,
+                    self.targets[i],
+                    request,
+                    slots,
+                    started_at,
+                    state,
+                    tg.cancel_scope,
+                    t0,
+                )
 
     async def _call_one(
         self,
@@ -400,77 +903,27 @@ class FanOut(BaseBackend):
         prepared = target.prepare(request)
         start = time.perf_counter()
         started_at[i] = start - t0
-        with telemetry.span(
-            f"chat {prepared.model or name}",
-            **{
-                "gen_ai.operation.name": "chat",
-                "gen_ai.system": name.split(":", 1)[0],
-                "gen_ai.request.model": prepared.model,
-                "gen_ai.request.temperature": prepared.temperature,
-                "gen_ai.request.max_tokens": prepared.max_tokens,
-                "genfan.backend": name,
-            },
-        ) as call_span:
+        with _chat_span(name, prepared) as call_span:
             try:
                 completion = await target.backend.complete(prepared)
+                state.validate(i, completion, name)
             except BackendError as exc:
                 error: BackendError = exc
             except Exception as exc:  # a backend bug must still end as one typed error
-                error = BackendError(f"unexpected {type(exc).__name__}: {exc}", backend=name)
-                error.__cause__ = exc
+                error = _unexpected(exc, name)
             else:
-                latency = time.perf_counter() - start
-                slots[i] = Candidate(
-                    index=i,
-                    backend=name,
-                    status="ok",
-                    completion=completion,
-                    started=started_at[i],
-                    latency=latency,
-                    finished_order=state.next_order(),
-                )
-                usage = completion.usage
-                call_span.set_attribute("gen_ai.usage.input_tokens", usage.input_tokens)
-                call_span.set_attribute("gen_ai.usage.output_tokens", usage.output_tokens)
-                call_span.set_attribute(
-                    "gen_ai.response.finish_reasons", (completion.finish_reason,)
-                )
-                if completion.model:
-                    call_span.set_attribute("gen_ai.response.model", completion.model)
-                telemetry.event(
-                    "backend_call_finished",
-                    backend=name,
-                    latency=round(latency, 6),
-                    output_tokens=usage.output_tokens,
-                )
+                slots[i] = _succeeded(i, name, completion, started_at[i], start, state, call_span)
                 if state.success(completion) and group is not None:
                     group.cancel()
                 return
-            latency = time.perf_counter() - start
-            slots[i] = Candidate(
-                index=i,
-                backend=name,
-                status="failed",
-                error=error,
-                started=started_at[i],
-                latency=latency,
-                finished_order=state.next_order(),
-            )
-            call_span.set_attribute("error.type", type(error).__name__)
-            telemetry.event(
-                "backend_call_failed",
-                level="info",
-                backend=name,
-                error=type(error).__name__,
-                detail=error.message,
-            )
+            slots[i] = _failed(i, name, error, started_at[i], start, state, call_span)
 
     async def map(
         self,
         requests: Iterable[ChatRequest | str],
         *,
         max_in_flight: int = 16,
-    ) -> list[FanOutResult | AllBackendsFailedError]:
+    ) -> list[FanOutResult[OutputT] | AllBackendsFailedError]:
         """Fan out many requests, at most ``max_in_flight`` at a time.
 
         Returns one entry per request, in input order: its result, or the
@@ -482,7 +935,7 @@ class FanOut(BaseBackend):
         items = list(requests)
         for item in items:
             not_awaited(item, "FanOut.map()")
-        out: list[FanOutResult | AllBackendsFailedError | None] = [None] * len(items)
+        out: list[FanOutResult[OutputT] | AllBackendsFailedError | None] = [None] * len(items)
         limiter = anyio.CapacityLimiter(max_in_flight)
 
         async def one(i: int, req: ChatRequest | str) -> None:
@@ -496,6 +949,120 @@ class FanOut(BaseBackend):
             for i, req in enumerate(items):
                 tg.start_soon(one, i, req)
         return [r for r in out if r is not None]
+
+
+class FanOutStream(Generic[OutputT]):
+    """The events of one streamed fan-out (see :meth:`FanOut.run_stream`).
+
+    Use it as ``async with fan.run_stream(request) as events: async for event in events:``.
+    A failure (:class:`~genfan.AllBackendsFailedError`) is raised from the iteration; leaving
+    the block early cancels the fan-out.
+
+    Attributes:
+        result: the fan-out's result, once :class:`FanOutFinished` has been received.
+    """
+
+    def __init__(
+        self,
+        fan: FanOut[Any],
+        request: ChatRequest,
+        spec: OutputSpec[Any] | None,
+        deadline: float | None,
+    ) -> None:
+        self.fan = fan
+        self.request = request
+        self.result: FanOutResult[OutputT] | None = None
+        self._spec = spec
+        self._deadline = deadline
+        self._error: BaseException | None = None
+        self._tg: TaskGroup | None = None
+        self._send: MemoryObjectSendStream[FanOutEvent] | None = None
+        self._receive: MemoryObjectReceiveStream[FanOutEvent] | None = None
+        self._done = False
+
+    async def __aenter__(self) -> FanOutStream[OutputT]:
+        # Unbounded: no call ever waits for a slow reader (pieces are small).
+        self._send, self._receive = anyio.create_memory_object_stream[FanOutEvent](math.inf)
+        self._tg = anyio.create_task_group()
+        await self._tg.__aenter__()
+        self._tg.start_soon(self._produce, name=f"fanout {self.fan.name}")
+        return self
+
+    def _emit(self, event: FanOutEvent) -> None:
+        if self._send is not None:
+            try:
+                self._send.send_nowait(event)
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                pass  # the reader left: the fan-out is being cancelled
+
+    async def _produce(self) -> None:
+        assert self._send is not None
+        try:
+            result = await self.fan._stream_race(
+                self.request, self._spec, self._deadline, self._emit
+            )
+            self.result = result
+            self._emit(FanOutFinished(result=result))
+        except Exception as exc:
+            self._error = exc
+        finally:
+            self._done = True
+            self._send.close()
+
+    def __aiter__(self) -> AsyncIterator[_Event[OutputT]]:
+        return self
+
+    async def __anext__(self) -> _Event[OutputT]:
+        if self._receive is None:
+            raise RuntimeError("use `async with fan.run_stream(...) as events:` first")
+        try:
+            # FanOutFinished carries this stream's OutputT
+            return cast(_Event[OutputT], await self._receive.receive())
+        except anyio.EndOfStream:
+            pass
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+        raise StopAsyncIteration
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool | None:
+        assert self._tg is not None
+        if not self._done or exc is not None:
+            self._tg.cancel_scope.cancel()
+        try:
+            if exc is not None and not isinstance(exc, anyio.get_cancelled_exc_class()):
+                # The reader's own error (or the fan-out's, raised by the iteration) goes out
+                # as it is, not wrapped in the task group's ExceptionGroup.
+                await self._tg.__aexit__(None, None, None)
+                return None
+            return await self._tg.__aexit__(exc_type, exc, tb)
+        finally:
+            if self._receive is not None:
+                self._receive.close()
+
+
+class _StreamRace:
+    """Who won a streamed race, and each running call's cancel scope (to cancel the losers)."""
+
+    __slots__ = ("decided", "first", "scopes", "winner")
+
+    def __init__(self, *, first: bool) -> None:
+        self.first = first
+        self.winner: int | None = None
+        self.decided = False
+        self.scopes: dict[int, anyio.CancelScope] = {}
+
+    def decide(self, *, keep: int) -> None:
+        """The race is decided: cancel every running call but ``keep``."""
+        self.decided = True
+        for j, scope in list(self.scopes.items()):
+            if j != keep:
+                scope.cancel()
 
 
 _NO_DEADLINE: AbstractContextManager[None] = nullcontext()
@@ -524,18 +1091,134 @@ def chosen_completion(
     )
 
 
+def _chat_span(name: str, prepared: ChatRequest) -> AbstractContextManager[Any]:
+    """The span of one backend call of a fan-out."""
+    return telemetry.span(
+        f"chat {prepared.model or name}",
+        **{
+            "gen_ai.operation.name": "chat",
+            "gen_ai.system": name.split(":", 1)[0],
+            "gen_ai.request.model": prepared.model,
+            "gen_ai.request.temperature": prepared.temperature,
+            "gen_ai.request.max_tokens": prepared.max_tokens,
+            "genfan.backend": name,
+        },
+    )
+
+
+def _unexpected(exc: Exception, name: str) -> BackendError:
+    """A backend bug, as one typed error."""
+    error = BackendError(f"unexpected {type(exc).__name__}: {exc}", backend=name)
+    error.__cause__ = exc
+    return error
+
+
+def _succeeded(
+    i: int,
+    name: str,
+    completion: Completion,
+    started: float,
+    start: float,
+    state: _RaceState,
+    call_span: Any,
+) -> Candidate:
+    """Candidate ``i`` answered: its candidate, its span attributes and its log event."""
+    latency = time.perf_counter() - start
+    usage = completion.usage
+    call_span.set_attribute("gen_ai.usage.input_tokens", usage.input_tokens)
+    call_span.set_attribute("gen_ai.usage.output_tokens", usage.output_tokens)
+    call_span.set_attribute("gen_ai.response.finish_reasons", (completion.finish_reason,))
+    if completion.model:
+        call_span.set_attribute("gen_ai.response.model", completion.model)
+    telemetry.event(
+        "backend_call_finished",
+        backend=name,
+        latency=round(latency, 6),
+        output_tokens=usage.output_tokens,
+    )
+    return Candidate(
+        index=i,
+        backend=name,
+        status="ok",
+        completion=completion,
+        started=started,
+        latency=latency,
+        finished_order=state.next_order(),
+    )
+
+
+def _failed(
+    i: int,
+    name: str,
+    error: BackendError,
+    started: float,
+    start: float,
+    state: _RaceState,
+    call_span: Any,
+) -> Candidate:
+    """Candidate ``i`` failed (an answer that is not a valid output keeps its completion)."""
+    call_span.set_attribute("error.type", type(error).__name__)
+    telemetry.event(
+        "backend_call_failed",
+        level="info",
+        backend=name,
+        error=type(error).__name__,
+        detail=error.message,
+    )
+    return Candidate(
+        index=i,
+        backend=name,
+        status="failed",
+        completion=error.completion if isinstance(error, OutputValidationError) else None,
+        error=error,
+        started=started,
+        latency=time.perf_counter() - start,
+        finished_order=state.next_order(),
+    )
+
+
 class _RaceState:
-    """Counts successes (and agreeing answers) and says when the race is decided."""
+    """Counts successes (and agreeing answers) and says when the race is decided; validates
+    answers into the output type (``spec``) and keeps their outputs by candidate index."""
 
-    __slots__ = ("_agree", "_groups", "_k", "_order", "_successes", "met")
+    __slots__ = ("_agree", "_groups", "_k", "_order", "_successes", "met", "outputs", "spec")
 
-    def __init__(self, k: int, agree: Callable[[Completion], Hashable | None] | None) -> None:
+    def __init__(
+        self,
+        k: int,
+        agree: Callable[[Completion], Hashable | None] | None,
+        spec: OutputSpec[Any] | None = None,
+    ) -> None:
         self._k = k
         self._agree = agree
         self._groups: Counter[Hashable] = Counter()
         self._successes = 0
         self._order = 0
         self.met = False
+        self.spec = spec
+        self.outputs: dict[int, Any] = {}
+
+    def validate(self, i: int, completion: Completion, backend: str) -> None:
+        """Validate candidate ``i``'s answer into the output type (an answer asking for tools
+        has no output yet and is not validated).
+
+        Raises:
+            OutputValidationError: the answer is not a valid instance.
+        """
+        if self.spec is not None and not completion.tool_calls:
+            self.outputs[i] = self.spec.validate(completion, backend=backend)
+
+    def settle(self, candidate: Candidate) -> Candidate:
+        """``candidate``, validated if it answered and was not validated on the way (a
+        subclass's own calls); a failed candidate if its answer is not a valid output."""
+        c = candidate.completion
+        if not candidate.ok or c is None or candidate.index in self.outputs or c.tool_calls:
+            return candidate
+        try:
+            self.validate(candidate.index, c, candidate.backend)
+        except OutputValidationError as exc:
+            return dataclasses.replace(candidate, status="failed", error=exc)
+        return candidate
 
     def next_order(self) -> int:
         self._order += 1

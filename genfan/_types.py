@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import builtins
 import json
-from collections.abc import Mapping, Sequence
+import math
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Annotated, Any, Literal, TypeAlias
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -18,6 +19,7 @@ __all__ = [
     "Completion",
     "FinishReason",
     "JsonValue",
+    "LogprobStats",
     "Message",
     "RateLimitInfo",
     "ResponseFormat",
@@ -25,6 +27,7 @@ __all__ = [
     "StreamEnd",
     "StreamEvent",
     "TextDelta",
+    "TokenLogprob",
     "ToolCall",
     "ToolCallDelta",
     "ToolSpec",
@@ -118,12 +121,27 @@ class ResponseFormat(BaseModel):
             strict=strict,
         )
 
+    @classmethod
+    def from_type(cls, output_type: Any) -> ResponseFormat:
+        """The JSON-schema response format ``output_type=`` sends: for a pydantic model or any
+        type pydantic's ``TypeAdapter`` takes (``list[City]``, a ``Literal``...), in the
+        strict-compatible form OpenAI's structured outputs accept where the type allows it,
+        non-object types wrapped as ``{"response": ...}``; ``str``: plain text."""
+        from ._output import output_spec
+
+        spec = output_spec(output_type)
+        if spec is None or spec.response_format is None:
+            return cls()
+        return spec.response_format
+
 
 class ChatRequest(BaseModel):
     """One chat-completion request, shared unchanged by every backend of a fan-out.
 
     ``model`` is optional: a backend has its own default model, and a fan-out target may override
-    it. ``timeout`` is the per-call limit in seconds.
+    it. ``timeout`` is the per-call limit in seconds. ``logprobs=True`` asks the backend for the
+    log-probability of every generated token (:attr:`Completion.logprobs`); a backend that
+    cannot report them answers without.
     """
 
     model_config = _frozen
@@ -140,6 +158,7 @@ class ChatRequest(BaseModel):
     response_format: ResponseFormat | None = None
     timeout: Annotated[float, Field(gt=0.0)] | None = None
     metadata: dict[str, str] = Field(default_factory=dict)
+    logprobs: bool = False
 
     @field_validator("messages")
     @classmethod
@@ -219,12 +238,70 @@ class RateLimitInfo(BaseModel):
     reset_tokens: float | None = None
 
 
+class TokenLogprob(BaseModel):
+    """One generated token and its natural-log probability under the model."""
+
+    model_config = _frozen
+
+    token: str
+    logprob: float
+
+
+class LogprobStats(BaseModel):
+    """Summary statistics of a run of token log-probabilities (natural log).
+
+    Attributes:
+        tokens: how many tokens.
+        total: their sum (the log-probability of the whole text).
+        mean: the mean per token (``exp(mean)`` is the geometric-mean token probability).
+        min: the least likely token's.
+        tail_mean: the mean over the least likely 10% of tokens (at least one): low when the
+            model was unsure somewhere, however confident elsewhere.
+    """
+
+    model_config = _frozen
+
+    tokens: int
+    total: float
+    mean: float
+    min: float
+    tail_mean: float
+
+    @property
+    def probability(self) -> float:
+        """The geometric-mean token probability, ``exp(mean)``, in 0..1."""
+        return math.exp(self.mean)
+
+    @property
+    def perplexity(self) -> float:
+        """``exp(-mean)``: 1 for a text the model was sure of, larger when unsure."""
+        return math.exp(-self.mean)
+
+    @classmethod
+    def of(cls, logprobs: Iterable[float]) -> LogprobStats | None:
+        """The statistics of ``logprobs`` (``None`` when there are none)."""
+        values = [v if math.isfinite(v) else -100.0 for v in logprobs]
+        if not values:
+            return None
+        tail = sorted(values)[: max(1, len(values) // 10)]
+        total = math.fsum(values)
+        return cls(
+            tokens=len(values),
+            total=total,
+            mean=total / len(values),
+            min=min(values),
+            tail_mean=math.fsum(tail) / len(tail),
+        )
+
+
 class Completion(BaseModel):
     """One backend's answer.
 
     Attributes:
         latency: seconds from sending the request to the full answer.
         ttft: seconds to the first token, when the answer was streamed.
+        logprobs: each generated token with its log-probability, when the request asked for
+            them (``ChatRequest(logprobs=True)``) and the backend reports them; else ``None``.
     """
 
     model_config = _frozen
@@ -238,6 +315,14 @@ class Completion(BaseModel):
     latency: float = 0.0
     ttft: float | None = None
     rate_limit: RateLimitInfo | None = None
+    logprobs: tuple[TokenLogprob, ...] | None = None
+
+    @property
+    def logprob_stats(self) -> LogprobStats | None:
+        """Summary statistics of :attr:`logprobs` (``None`` without them)."""
+        if not self.logprobs:
+            return None
+        return LogprobStats.of(t.logprob for t in self.logprobs)
 
     def parse_json(self) -> JsonValue:
         """The text parsed as JSON (raises ``ValueError`` when it is not JSON)."""

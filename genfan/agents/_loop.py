@@ -12,20 +12,23 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Literal, TypeAlias
+from typing import Any, Generic, Literal, TypeAlias, overload
 
 import anyio
 from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+from typing_extensions import TypeVar
 
 from .. import telemetry
 from .._backend import Backend
 from .._errors import ConfigurationError, GenfanError
+from .._output import OutputSpec, OutputValidationError, output_spec
 from .._sync import clip, not_awaited, run_sync
 from .._types import ChatRequest, Completion, Message, ToolCall, Usage
-from ._model import check_model, complete
+from ._llm_call import ask
+from ._model import check_model
 from ._registry import ToolLike, ToolRegistry
 from ._tools import ToolCallRecord
 
@@ -43,6 +46,13 @@ __all__ = [
     "ToolFinished",
     "ToolStarted",
 ]
+
+#: The type of an agent's output (``str``, the final text, when none is asked for).
+OutputT = TypeVar("OutputT", default=str)
+#: An output type given for one run.
+T = TypeVar("T")
+#: The output of a run that has none (stopped at the step limit).
+_NO_OUTPUT: Any = object()
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -65,7 +75,7 @@ class AgentStep:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
-class AgentResult:
+class AgentResult(Generic[OutputT]):
     """What an agent run produced.
 
     Attributes:
@@ -82,6 +92,20 @@ class AgentResult:
     steps: tuple[AgentStep, ...]
     stopped: Literal["final", "step_limit"] = "final"
     elapsed: float = 0.0
+    _output: Any = field(default=_NO_OUTPUT, repr=False)
+
+    @property
+    def output(self) -> OutputT:
+        """The final answer as the agent's ``output_type``: a validated instance (a pydantic
+        model, a ``list[City]``...); without an output type, the final text.
+
+        Raises:
+            ValueError: the run stopped at the step limit, with no final answer.
+        """
+        if self._output is _NO_OUTPUT:
+            raise ValueError("the agent stopped at its step limit, with no final output")
+        output: OutputT = self._output
+        return output
 
     @property
     def tool_calls(self) -> tuple[ToolCallRecord, ...]:
@@ -116,7 +140,7 @@ class AgentStepLimitError(GenfanError):
         result: everything the run produced so far (``result.stopped == "step_limit"``).
     """
 
-    def __init__(self, message: str, *, result: AgentResult) -> None:
+    def __init__(self, message: str, *, result: AgentResult[Any]) -> None:
         self.result = result
         super().__init__(message)
 
@@ -170,7 +194,7 @@ class ToolFailed:
 class AgentFinished:
     """The run ended with ``result`` (the last event)."""
 
-    result: AgentResult
+    result: AgentResult[Any]
     type: Literal["final"] = "final"
 
 
@@ -181,7 +205,7 @@ EventHandler: TypeAlias = Callable[[AgentEvent], Awaitable[None] | None]
 Prompt: TypeAlias = str | ChatRequest | Sequence[Message]
 
 
-class Agent:
+class Agent(Generic[OutputT]):
     """A model with tools, run in a loop until it answers.
 
     Args:
@@ -203,6 +227,14 @@ class Agent:
         reset_tool_choice: after a turn that called tools, ask the next turns with
             ``tool_choice="auto"`` (as the OpenAI Agents SDK does), so a forced tool call does
             not force one on every turn until ``max_steps``.
+        output_type: the final answer's type (a pydantic model class, or any type pydantic's
+            ``TypeAdapter`` takes): every model call asks for its JSON schema, the final answer
+            is validated into it, and ``result.output`` is the instance. A
+            :class:`~genfan.FanOut` backend validates every candidate and chooses among the
+            valid ones. ``run(..., output_type=)`` overrides it per run.
+        output_retries: how many times an invalid final answer goes back to the model, with
+            what was wrong, for another try (each a step); then
+            :class:`~genfan.OutputValidationError` is raised.
         name: the agent's name in spans and logs.
 
     Example:
@@ -228,6 +260,8 @@ class Agent:
         max_tokens: int | None = None,
         tool_choice: str | None = None,
         reset_tool_choice: bool = True,
+        output_type: type[OutputT] | None = None,
+        output_retries: int = 1,
         name: str = "agent",
     ) -> None:
         self.backend = check_model(backend, what="Agent")
@@ -265,6 +299,17 @@ class Agent:
             )
         self.tool_choice = tool_choice
         self.reset_tool_choice = reset_tool_choice
+        if (
+            isinstance(output_retries, bool)
+            or not isinstance(output_retries, int)
+            or (output_retries < 0)
+        ):
+            raise ConfigurationError(
+                f"Agent.output_retries must be an int >= 0, got {output_retries!r}"
+            )
+        self.output_type = output_type
+        self.output_spec: OutputSpec[Any] | None = output_spec(output_type)
+        self.output_retries = output_retries
         self.name = name
 
     def __repr__(self) -> str:
@@ -272,7 +317,21 @@ class Agent:
             f"Agent(name={self.name!r}, backend={self.backend.name!r}, tools={self.tools.names!r})"
         )
 
-    async def run(self, prompt: Prompt, *, on_event: EventHandler | None = None) -> AgentResult:
+    @overload
+    async def run(
+        self, prompt: Prompt, *, on_event: EventHandler | None = None, output_type: None = None
+    ) -> AgentResult[OutputT]: ...
+    @overload
+    async def run(
+        self, prompt: Prompt, *, on_event: EventHandler | None = None, output_type: type[T]
+    ) -> AgentResult[T]: ...
+    @overload
+    async def run(
+        self, prompt: Prompt, *, on_event: EventHandler | None = None, output_type: Any
+    ) -> AgentResult[Any]: ...
+    async def run(
+        self, prompt: Prompt, *, on_event: EventHandler | None = None, output_type: Any = None
+    ) -> AgentResult[Any]:
         """Run the loop until the model answers without asking for tools:
         ``result = await agent.run("...")`` (from sync code: :meth:`run_sync`).
 
@@ -281,17 +340,37 @@ class Agent:
                 plus a new user message), or a whole :class:`~genfan.ChatRequest`.
             on_event: called with every :class:`AgentEvent` (sync or async); model text is
                 streamed when it is set.
+            output_type: overrides the agent's ``output_type`` for this run.
 
         Raises:
             AgentStepLimitError: ``max_steps`` reached with ``on_step_limit="raise"``.
+            OutputValidationError: the final answer is not a valid ``output_type``, after
+                ``output_retries`` tries.
             BackendError: the model call failed (tools' failures never raise; the model reads
                 them).
         """
         not_awaited(prompt, "Agent.run()")
         emit = _as_async(on_event) if on_event is not None else None
-        return await self._run(prompt, emit)
+        return await self._run(prompt, emit, self._spec(output_type))
 
-    def run_sync(self, prompt: Prompt, *, on_event: EventHandler | None = None) -> AgentResult:
+    def _spec(self, output_type: Any) -> OutputSpec[Any] | None:
+        return self.output_spec if output_type is None else output_spec(output_type)
+
+    @overload
+    def run_sync(
+        self, prompt: Prompt, *, on_event: EventHandler | None = None, output_type: None = None
+    ) -> AgentResult[OutputT]: ...
+    @overload
+    def run_sync(
+        self, prompt: Prompt, *, on_event: EventHandler | None = None, output_type: type[T]
+    ) -> AgentResult[T]: ...
+    @overload
+    def run_sync(
+        self, prompt: Prompt, *, on_event: EventHandler | None = None, output_type: Any
+    ) -> AgentResult[Any]: ...
+    def run_sync(
+        self, prompt: Prompt, *, on_event: EventHandler | None = None, output_type: Any = None
+    ) -> AgentResult[Any]:
         """:meth:`run` for sync code: ``result = agent.run_sync("...")``.
 
         It blocks until the agent answers. It works in a plain script and inside a running
@@ -304,20 +383,21 @@ class Agent:
             AgentStepLimitError: ``max_steps`` reached with ``on_step_limit="raise"``.
             BackendError: the model call failed.
         """
-        return run_sync(self.run, prompt, on_event=on_event)
+        return run_sync(self.run, prompt, on_event=on_event, output_type=output_type)
 
-    def run_stream(self, prompt: Prompt) -> AgentStream:
+    def run_stream(self, prompt: Prompt, *, output_type: Any = None) -> AgentStream:
         """Run the loop and stream its events.
 
         Use it as ``async with agent.run_stream(prompt) as events: async for ev in events:``.
         The last event is :class:`AgentFinished`; a failure is raised from the iteration.
-        Leaving the block early cancels the run (and its running tools).
+        Leaving the block early cancels the run (and its running tools). ``output_type``
+        overrides the agent's for this run.
         """
-        return AgentStream(self, prompt)
+        return AgentStream(self, prompt, self._spec(output_type))
 
     # -- the loop ---------------------------------------------------------------------------
 
-    def _first_request(self, prompt: Prompt) -> ChatRequest:
+    def _first_request(self, prompt: Prompt, spec: OutputSpec[Any] | None) -> ChatRequest:
         specs = self.tools.specs()
         if isinstance(prompt, ChatRequest):
             request = prompt
@@ -327,20 +407,25 @@ class Agent:
             request = ChatRequest(messages=tuple(prompt))
         if self.system is not None and not any(m.role == "system" for m in request.messages):
             request = request.with_system(self.system)
-        return request.with_overrides(
+        request = request.with_overrides(
             tools=specs or None,
             tool_choice=self.tool_choice,
             model=self.model,
             temperature=self.temperature,
             max_tokens=self.max_tokens,
         )
+        return request if spec is None else spec.prepare(request)
 
     async def _run(
-        self, prompt: Prompt, emit: Callable[[AgentEvent], Awaitable[None]] | None
-    ) -> AgentResult:
-        request = self._first_request(prompt)
+        self,
+        prompt: Prompt,
+        emit: Callable[[AgentEvent], Awaitable[None]] | None,
+        spec: OutputSpec[Any] | None = None,
+    ) -> AgentResult[Any]:
+        request = self._first_request(prompt, spec)
         messages = list(request.messages)
         steps: list[AgentStep] = []
+        retries_left = self.output_retries
         start = anyio.current_time()
         with telemetry.span(
             f"invoke_agent {self.name}",
@@ -356,16 +441,34 @@ class Agent:
                 on_text = None
                 if emit is not None:
                     on_text = _text_emitter(emit, index)
-                completion = await complete(
-                    self.backend,
-                    request.model_copy(update={"messages": tuple(messages)}),
-                    on_text=on_text,
-                )
+                invalid: OutputValidationError | None = None
+                try:
+                    completion, output = await ask(
+                        self.backend,
+                        request.model_copy(update={"messages": tuple(messages)}),
+                        spec,
+                        on_text=on_text,
+                    )
+                except OutputValidationError as exc:
+                    if exc.completion is None or not (retries_left and index + 1 < self.max_steps):
+                        raise
+                    completion, output, invalid = exc.completion, _NO_OUTPUT, exc
                 if emit is not None:
                     await emit(ModelResponse(step=index, completion=completion))
                 messages.append(Message.assistant(completion.text or None, completion.tool_calls))
                 records: tuple[ToolCallRecord, ...] = ()
-                if completion.tool_calls:
+                if invalid is not None:
+                    # The answer goes back to the model with what was wrong, for another try.
+                    retries_left -= 1
+                    messages.append(Message.user(_retry_prompt(invalid)))
+                    telemetry.event(
+                        "agent_output_retry",
+                        level="info",
+                        agent=self.name,
+                        step=index,
+                        detail=invalid.message,
+                    )
+                elif completion.tool_calls:
                     records = await self._run_tools(completion.tool_calls, index, emit)
                     messages.extend(
                         Message.tool(r.output, tool_call_id=r.id, name=r.name) for r in records
@@ -388,13 +491,14 @@ class Agent:
                     tool_calls=len(records),
                     tool_failures=sum(not r.ok for r in records),
                 )
-                if not completion.tool_calls:
-                    result = AgentResult(
+                if not completion.tool_calls and invalid is None:
+                    result: AgentResult[Any] = AgentResult(
                         text=completion.text,
                         messages=tuple(messages),
                         steps=tuple(steps),
                         stopped="final",
                         elapsed=anyio.current_time() - start,
+                        _output=output,
                     )
                     span.set_attribute("genfan.agent.steps", len(steps))
                     telemetry.event("agent_finished", agent=self.name, steps=len(steps))
@@ -460,6 +564,14 @@ class Agent:
         return tuple(r for r in records if r is not None)
 
 
+def _retry_prompt(error: OutputValidationError) -> str:
+    """What the model reads after an answer that is not a valid output."""
+    return (
+        f"Your answer is not a valid {error.output_type}: {error.reason}. Answer again with "
+        "only the JSON the response format asks for."
+    )
+
+
 def _as_async(handler: EventHandler) -> Callable[[AgentEvent], Awaitable[None]]:
     async def emit(event: AgentEvent) -> None:
         out = handler(event)
@@ -485,10 +597,13 @@ class AgentStream:
         result: the run's result, once :class:`AgentFinished` has been received.
     """
 
-    def __init__(self, agent: Agent, prompt: Prompt) -> None:
+    def __init__(
+        self, agent: Agent[Any], prompt: Prompt, spec: OutputSpec[Any] | None = None
+    ) -> None:
         self.agent = agent
         self.prompt = prompt
-        self.result: AgentResult | None = None
+        self.result: AgentResult[Any] | None = None
+        self._spec = spec
         self._error: BaseException | None = None
         self._tg: TaskGroup | None = None
         self._send: MemoryObjectSendStream[AgentEvent] | None = None
@@ -507,7 +622,7 @@ class AgentStream:
         assert self._send is not None
         send = self._send
         try:
-            self.result = await self.agent._run(self.prompt, send.send)
+            self.result = await self.agent._run(self.prompt, send.send, self._spec)
         except Exception as exc:
             self._error = exc
         finally:
