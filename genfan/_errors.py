@@ -12,6 +12,8 @@ arguments) is kept apart from failures that happen while talking to a backend::
     │   ├── HTTPStatusError(status_code, rate_limit)
     │   │   └── RateLimitError(retry_after)   HTTP 429 (or a provider's quota error)
     │   ├── MalformedResponseError    the backend answered something we cannot read
+    │   │   └── ResponseTooLargeError(limit)   an answer (or one event) past max_response_bytes
+    │   ├── StreamInterruptedError(partial_text)   a stream cut after text was passed on
     │   ├── CircuitOpenError(retry_at, retry_after)   the breaker is open: not called
     │   ├── BulkheadFullError         too many calls in flight or queued: not called
     │   ├── RateLimitExceededError(retry_after)  a local rate limit refused the call
@@ -53,6 +55,8 @@ __all__ = [
     "NoAnswerError",
     "RateLimitError",
     "RateLimitExceededError",
+    "ResponseTooLargeError",
+    "StreamInterruptedError",
 ]
 
 
@@ -202,6 +206,51 @@ class MalformedResponseError(BackendError):
     """The backend's answer could not be parsed into a completion."""
 
     _retryable = True
+
+
+class ResponseTooLargeError(MalformedResponseError):
+    """The backend's answer is larger than the backend allows (its ``max_response_bytes``): a
+    whole non-streamed body, or one event of a stream. Nothing past the limit was read.
+
+    Not retryable (the same server would most likely send the same again), but a fallback moves
+    on to the next backend as for any :class:`BackendError`.
+
+    Attributes:
+        limit: the most bytes allowed.
+        size: the size the server announced (``Content-Length``) or the bytes read when the
+            limit was passed.
+    """
+
+    _retryable = False
+
+    def __init__(self, message: str, *, backend: str = "?", limit: int, size: int) -> None:
+        super().__init__(message, backend=backend)
+        self.limit = limit
+        self.size = size
+
+
+class StreamInterruptedError(BackendError):
+    """A stream ended (the connection broke, or the server stopped) before its end marker
+    (OpenAI's ``[DONE]`` and finish reason, Anthropic's ``message_stop``, the local engine's
+    finish), after some of the answer had already been passed on.
+
+    The pieces passed on cannot be taken back, so no guard retries the stream itself; the answer
+    so far is kept here. A stream cut *before* anything was passed on raises the retryable error
+    of the cause instead (:class:`BackendConnectionError`, :class:`MalformedResponseError`), which
+    retries and fallbacks handle like any other.
+
+    Retryable (asking again may well succeed), and counted by circuit breakers.
+
+    Attributes:
+        partial_text: the text passed on before the stream was cut (``""`` when only tool-call
+            pieces were).
+    """
+
+    _retryable = True
+
+    def __init__(self, message: str, *, backend: str = "?", partial_text: str = "") -> None:
+        super().__init__(message, backend=backend)
+        self.partial_text = partial_text
 
 
 class CircuitOpenError(BackendError):

@@ -254,8 +254,13 @@ def capture_events() -> Iterator[list[MutableMapping[str, Any]]]:
 
     Every level is captured, whatever level filter the application configured, and bound
     context variables (such as ``request_id``) are merged into each event.
+
+    On the way out structlog is left as it was found: the application's configuration is put
+    back, and a structlog nobody had configured is unconfigured again (so genfan goes back to
+    logging nothing, as :mod:`genfan.telemetry` promises, instead of printing to stdout).
     """
     capture = structlog.testing.LogCapture()
+    was_configured = structlog.is_configured()
     old = structlog.get_config()
     structlog.configure(
         processors=[structlog.contextvars.merge_contextvars, capture],
@@ -265,4 +270,9 @@ def capture_events() -> Iterator[list[MutableMapping[str, Any]]]:
     try:
         yield capture.entries
     finally:
-        structlog.configure(**old)
+        if was_configured:
+            structlog.configure(**old)
+        else:
+            # configure() would mark structlog configured, and telemetry.event() would then
+            # print every event with structlog's defaults.
+            structlog.reset_defaults()

@@ -19,7 +19,8 @@ asks for JSON). Scripts, a handler function, latency and fault injection change 
         assert srv.count("/v1/chat/completions") == 2
 
 A single request can ask for a fault with the header ``x-fake-fault`` (``503``,
-``429;retry-after=2``, ``hang``, ``drop``, ``malformed``, ``truncate``) and for latency with
+``429;retry-after=2``, ``hang``, ``drop``, ``malformed``, ``truncate``, ``truncate;at=120``,
+``cut;at=120``, ``gzip``, ``huge;size=50000000``, ``echo;status=401``) and for latency with
 ``x-fake-latency: 0.25``.
 
 It runs in a background thread of the test process (``with FakeLLMServer() as srv``), or as a
@@ -38,14 +39,17 @@ import argparse
 import asyncio
 import collections
 import contextlib
+import gzip
 import hashlib
 import itertools
 import json
+import math
 import random
 import subprocess
 import sys
 import threading
 import time
+import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -63,7 +67,10 @@ __all__ = [
     "ToolCallsReply",
 ]
 
-FaultKind = Literal["status", "hang", "drop", "malformed", "truncate"]
+FaultKind = Literal[
+    "status", "hang", "drop", "malformed", "truncate", "cut", "gzip", "huge", "echo"
+]
+_KINDS = ("status", "hang", "drop", "malformed", "truncate", "cut", "gzip", "huge", "echo")
 
 
 @dataclass(frozen=True)
@@ -131,31 +138,52 @@ class Fault:
             connection in the middle of the answer), ``malformed`` (a body that is not JSON /
             a stream chunk that is not JSON), ``truncate`` (a stream that ends cleanly but
             early, without ``[DONE]``/``message_stop``; a non-streamed answer that is JSON of
-            the wrong shape).
-        status: the status of a ``status`` fault (429 and 529 get vendor-shaped bodies).
+            the wrong shape; with ``at``: the real answer, ended cleanly after ``at`` bytes of
+            its body), ``cut`` (the real answer, streamed or not, of which ``at`` bytes of the
+            body are sent before the socket is closed, mid-body: by default half), ``gzip``
+            (the real answer, its body gzip'd with ``content-encoding: gzip``; a stream is
+            compressed event by event, each flushed as it is sent), ``huge`` (an answer whose
+            text is ``size`` bytes: one JSON body, or one stream event of that size), ``echo``
+            (an error ``status`` whose message quotes every header of the request, as some
+            servers do with a refused key).
+        status: the status of a ``status`` or ``echo`` fault (429 and 529 get vendor-shaped
+            bodies).
         retry_after: the ``Retry-After`` header to send (seconds, or an HTTP-date string).
+        at: where ``cut`` and ``truncate`` stop, in bytes of the body (of the whole
+            ``text/event-stream`` for a stream).
+        size: the text's size for ``huge``, in bytes.
     """
 
     kind: FaultKind = "status"
     status: int = 503
     retry_after: float | str | None = None
+    at: int | None = None
+    size: int = 1_000_000
 
     @classmethod
     def parse(cls, spec: str) -> Fault:
-        """A fault from the ``x-fake-fault`` header syntax: ``503``, ``429;retry-after=2``..."""
-        head, _, rest = spec.strip().partition(";")
+        """A fault from the ``x-fake-fault`` header syntax: ``503``, ``429;retry-after=2``,
+        ``cut;at=120``, ``huge;size=1000000``, ``echo;status=401``..."""
+        head, *params = spec.strip().split(";")
         retry_after: float | str | None = None
-        if rest.strip().lower().startswith("retry-after="):
-            value = rest.split("=", 1)[1].strip()
-            try:
-                retry_after = float(value)
-            except ValueError:
-                retry_after = value
+        options: dict[str, int] = {}
+        for param in params:
+            name, _, value = param.partition("=")
+            name, value = name.strip().lower(), value.strip()
+            if name == "retry-after":
+                try:
+                    retry_after = float(value)
+                except ValueError:
+                    retry_after = value
+            elif name in ("at", "size", "status"):
+                options[name] = int(value)
+            elif name:
+                raise ValueError(f"unknown fault option {name!r} in {spec!r}")
         head = head.strip().lower()
         if head.isdigit():
             return cls("status", status=int(head), retry_after=retry_after)
-        if head in ("hang", "drop", "malformed", "truncate"):
-            return cls(head, retry_after=retry_after)  # type: ignore[arg-type]
+        if head in _KINDS:
+            return cls(head, retry_after=retry_after, **options)  # type: ignore[arg-type]
         raise ValueError(f"unknown fault {spec!r}")
 
 
@@ -626,15 +654,29 @@ class _Connection(asyncio.Protocol):
         stream = bool(body.get("stream"))
         fault = srv._pick_fault(path, headers)
         reply = None if fault is not None else srv._next_reply(path, body)
+        scripted = isinstance(reply, Fault)
         if isinstance(reply, Fault):
             fault, reply = reply, None
+        # Faults that change how the real answer is sent, not what is sent.
+        shape: Fault | None = None
+        if fault is not None and (
+            fault.kind in ("cut", "gzip", "huge")
+            or (fault.kind == "truncate" and fault.at is not None)
+        ):
+            shape, fault = fault, None
+            if not scripted:  # the answer it shapes: a scripted one, or the echo
+                reply = srv._next_reply(path, body)
+                if isinstance(reply, Fault):
+                    reply = None
+            if shape.kind == "huge":
+                reply = TextReply("x" * shape.size)  # one word: one stream event
         latency = srv._latency_for(body, headers)
         if isinstance(reply, TextReply | ToolCallsReply) and reply.latency is not None:
             latency = reply.latency
         if latency > 0:
             await asyncio.sleep(latency)
         if fault is not None:
-            await self._fault(fault, kind, stream, close)
+            await self._fault(fault, kind, stream, close, headers)
             return
         if isinstance(reply, RawReply):
             payload = reply.body
@@ -649,7 +691,7 @@ class _Connection(asyncio.Protocol):
             self._write(_head(reply.status, ctype, len(data), extra, close) + data)
             return
         if kind == "embeddings":
-            self._json(200, _embeddings(body), close)
+            self._json(200, _embeddings(body), close, shape=shape)
             return
         if isinstance(reply, str):
             reply = TextReply(reply)
@@ -663,13 +705,15 @@ class _Connection(asyncio.Protocol):
         rid = next(srv._ids)
         if kind == "openai":
             if stream:
-                await self._stream(_openai_events(rid, body, reply), close)
+                await self._stream(_openai_events(rid, body, reply), close, shape=shape)
             else:
-                self._json(200, _openai_completion(rid, body, reply), close, srv.rate_limit_headers)
+                completion = _openai_completion(rid, body, reply)
+                self._json(200, completion, close, srv.rate_limit_headers, shape=shape)
         elif stream:
-            await self._stream(_anthropic_events(rid, body, reply), close)
+            await self._stream(_anthropic_events(rid, body, reply), close, shape=shape)
         else:
-            self._json(200, _anthropic_message(rid, body, reply), close, srv.rate_limit_headers)
+            message = _anthropic_message(rid, body, reply)
+            self._json(200, message, close, srv.rate_limit_headers, shape=shape)
 
     def _json(
         self,
@@ -677,11 +721,35 @@ class _Connection(asyncio.Protocol):
         obj: Any,
         close: bool,
         extra: Mapping[str, str] | None = None,
+        *,
+        shape: Fault | None = None,
     ) -> None:
         data = json.dumps(obj, separators=(",", ":")).encode()
-        self._write(_head(status, "application/json", len(data), extra or {}, close) + data)
+        if shape is None or shape.kind == "huge":
+            self._write(_head(status, "application/json", len(data), extra or {}, close) + data)
+            return
+        if shape.kind == "gzip":
+            data = gzip.compress(data)
+            headers = {**(extra or {}), "content-encoding": "gzip"}
+            self._write(_head(status, "application/json", len(data), headers, close) + data)
+            return
+        at = len(data) // 2 if shape.at is None else min(shape.at, len(data))
+        if shape.kind == "truncate":  # a clean, short body
+            self._write(_head(status, "application/json", at, extra or {}, close) + data[:at])
+            return
+        # cut: promise the whole body, send ``at`` bytes of it, close the socket
+        self._write(_head(status, "application/json", len(data), extra or {}, close) + data[:at])
+        if self.transport is not None:
+            self.transport.close()
 
-    async def _stream(self, events: list[bytes], close: bool, *, cut: str | None = None) -> None:
+    async def _stream(
+        self,
+        events: list[bytes],
+        close: bool,
+        *,
+        cut: str | None = None,
+        shape: Fault | None = None,
+    ) -> None:
         head = (
             "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncache-control: no-cache\r\n"
             "transfer-encoding: chunked\r\n"
@@ -690,36 +758,69 @@ class _Connection(asyncio.Protocol):
             head += f"{k}: {v}\r\n"
         if close:
             head += "connection: close\r\n"
+        compressor = None
+        if shape is not None and shape.kind == "gzip":
+            head += "content-encoding: gzip\r\n"
+            compressor = zlib.compressobj(wbits=31)  # the gzip container
         self._write((head + "\r\n").encode())
         if cut == "drop":
             events = events[: max(len(events) // 2, 1)]
         elif cut == "truncate":
             events = events[: max(len(events) // 2, 1)]
+        stop = None
+        if shape is not None and shape.kind in ("cut", "truncate"):
+            total = sum(len(ev) for ev in events)
+            at = total // 2 if shape.at is None else min(shape.at, total)
+            kept: list[bytes] = []
+            for ev in events:
+                if at <= 0:
+                    break
+                kept.append(ev[:at])
+                at -= len(ev)
+            events, stop = kept, shape.kind
+        if compressor is not None:
+            events = [
+                compressor.compress(ev) + compressor.flush(zlib.Z_SYNC_FLUSH) for ev in events
+            ]
+            events.append(compressor.flush())
         delay = self.srv.chunk_delay
         if delay > 0:
             for ev in events:
-                self._write(_chunk(ev))
-                await asyncio.sleep(delay)
+                if ev:  # an empty chunk would end the body
+                    self._write(_chunk(ev))
+                    await asyncio.sleep(delay)
         else:
-            self._write(b"".join(_chunk(ev) for ev in events))
+            self._write(b"".join(_chunk(ev) for ev in events if ev))
         if cut == "drop":
             # give the kernel a moment to send what was written, then reset the connection
             await asyncio.sleep(0.01)
             self.abort()
             return
+        if stop == "cut":
+            # what was written is sent, then the socket is closed: a body cut short
+            if self.transport is not None:
+                self.transport.close()
+            return
         self._write(b"0\r\n\r\n")
 
-    async def _fault(self, fault: Fault, kind: str, stream: bool, close: bool) -> None:
+    async def _fault(
+        self, fault: Fault, kind: str, stream: bool, close: bool, headers: Mapping[str, str]
+    ) -> None:
         if fault.kind == "hang":
             raise _Hang
+        if fault.kind == "echo":
+            quoted = ", ".join(f"{k}: {v}" for k, v in headers.items())
+            body = _error_body(kind, fault.status)
+            body["error"]["message"] = f"refused; you sent {quoted}"
+            self._json(fault.status, body, close)
+            return
         if fault.kind == "status":
             status = fault.status
             extra: dict[str, str] = {}
             if fault.retry_after is not None:
                 ra = fault.retry_after
-                extra["retry-after"] = (
-                    ra if isinstance(ra, str) else (str(int(ra)) if ra == int(ra) else str(ra))
-                )
+                whole = isinstance(ra, int | float) and math.isfinite(ra) and ra == int(ra)
+                extra["retry-after"] = str(int(ra)) if whole else str(ra)
             self._json(status, _error_body(kind, status), close, extra)
             return
         if fault.kind == "malformed":

@@ -23,6 +23,7 @@ from genfan import (
     RateLimitError,
     ResponseFormat,
     StreamEnd,
+    StreamInterruptedError,
     TextDelta,
     ToolCall,
     ToolCallDelta,
@@ -513,10 +514,9 @@ async def test_stream_status_529() -> None:
 @pytest.mark.parametrize(
     "body",
     [
-        sse(START, *text_block(0, "Hi"), delta("end_turn", 2)),  # no message_stop
-        sse(START, *text_block(0, "Hi")),
         sse(START) + b"event: content_block_delta\ndata: {broken\n\n",
         sse({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta"}}),
+        sse(START, delta("end_turn", 2)),  # no message_stop, and no text passed on
         b"",
     ],
 )
@@ -524,8 +524,26 @@ async def test_truncated_or_malformed_streams(body: bytes) -> None:
     with respx.mock:
         respx.post(URL).respond(200, content=body, headers={"content-type": "text/event-stream"})
         async with backend() as b:
-            with pytest.raises(MalformedResponseError):
+            with pytest.raises(MalformedResponseError) as info:
                 await collect_stream(b.stream(request()))
+    assert info.value.retryable
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    "body",
+    [
+        sse(START, *text_block(0, "Hi"), delta("end_turn", 2)),  # no message_stop
+        sse(START, *text_block(0, "Hi")),
+    ],
+)
+async def test_streams_cut_after_text_keep_the_partial_text(body: bytes) -> None:
+    with respx.mock:
+        respx.post(URL).respond(200, content=body, headers={"content-type": "text/event-stream"})
+        async with backend() as b:
+            with pytest.raises(StreamInterruptedError) as info:
+                await collect_stream(b.stream(request()))
+    assert info.value.partial_text == "Hi" and info.value.retryable
 
 
 # -- construction ------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from genfan import (
     RateLimitError,
     ResponseFormat,
     StreamEnd,
+    StreamInterruptedError,
     TextDelta,
     ToolCall,
     ToolCallDelta,
@@ -509,25 +510,45 @@ async def test_stream_parallel_tool_calls_in_pieces() -> None:
 @pytest.mark.parametrize(
     "body",
     [
-        # cut before [DONE] and before the finish reason
-        sse(chunk({"content": "Hel"})),
-        # finish reason but no [DONE]: the usage chunk may be lost
-        sse(chunk({"content": "Hel"}), chunk({}, "stop")),
-        # [DONE] without a finish reason
-        sse(chunk({"content": "Hel"}), "[DONE]"),
         # a chunk that is not JSON
         sse(chunk({"content": "Hel"})) + b"data: {oops\n\n",
         # a chunk of the wrong shape
         sse({"choices": [{"index": 0, "delta": "text"}]}),
+        # nothing at all, or no text before the end: truncated, retryable
         b"",
+        sse(chunk({"role": "assistant"})),
+        sse(chunk({"role": "assistant"}), "[DONE]"),
     ],
 )
 async def test_truncated_or_malformed_streams(body: bytes) -> None:
     with respx.mock:
         respx.post(URL).respond(200, content=body, headers={"content-type": "text/event-stream"})
         async with backend() as b:
-            with pytest.raises(MalformedResponseError):
+            with pytest.raises(MalformedResponseError) as info:
                 await collect_stream(b.stream(request()))
+    assert info.value.retryable
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    "body",
+    [
+        # cut before [DONE] and before the finish reason
+        sse(chunk({"content": "Hel"})),
+        # finish reason but no [DONE]: the usage chunk may be lost
+        sse(chunk({"content": "Hel"}), chunk({}, "stop")),
+        # [DONE] without a finish reason
+        sse(chunk({"content": "Hel"}), "[DONE]"),
+    ],
+)
+async def test_streams_cut_after_text_keep_the_partial_text(body: bytes) -> None:
+    with respx.mock:
+        respx.post(URL).respond(200, content=body, headers={"content-type": "text/event-stream"})
+        async with backend() as b:
+            with pytest.raises(StreamInterruptedError) as info:
+                await collect_stream(b.stream(request()))
+    assert info.value.partial_text == "Hel"
+    assert info.value.retryable and info.value.backend == "openai:gpt-test"
 
 
 @pytest.mark.anyio
@@ -566,10 +587,11 @@ async def test_stream_transport_failure_mid_stream() -> None:
         respx.post(URL).respond(200, stream=Broken(), headers={"content-type": "text/event-stream"})
         async with backend() as b:
             got = []
-            with pytest.raises(BackendConnectionError) as info:
+            with pytest.raises(StreamInterruptedError) as info:
                 async for ev in b.stream(request()):
                     got.append(ev)
     assert [e.text for e in got if isinstance(e, TextDelta)] == ["Hel"]
+    assert info.value.partial_text == "Hel"
     assert isinstance(info.value.__cause__, httpx.RemoteProtocolError)
 
 

@@ -125,10 +125,16 @@ class RateLimiter(Guard):
     Args:
         inner: the backend to limit.
         policy: the limits (default: none, only learning).
+        max_block: the longest, in seconds, that what a provider reported (``Retry-After``, a
+            quota reset) stops calls; a longer wait is cut to it, so a ``Retry-After`` dated
+            2099 cannot stop a backend for good.
     """
 
-    def __init__(self, inner: Backend, policy: RateLimitPolicy | None = None) -> None:
+    def __init__(
+        self, inner: Backend, policy: RateLimitPolicy | None = None, *, max_block: float = 3600.0
+    ) -> None:
         super().__init__(inner)
+        self.max_block = max_block
         self.policy = p = policy or RateLimitPolicy()
         self.requests = (
             TokenBucket(p.burst_requests or p.requests_per_minute, p.requests_per_minute / 60.0)
@@ -175,8 +181,11 @@ class RateLimiter(Guard):
         """Stop every call through this limiter for ``seconds`` (the provider said so).
 
         This process only; the limiter itself also shares what it learns with a shared store.
+        At most :attr:`max_block` seconds.
         """
-        self._blocked_until = max(self._blocked_until, anyio.current_time() + seconds)
+        if seconds > 0:  # not NaN
+            seconds = min(seconds, self.max_block)
+            self._blocked_until = max(self._blocked_until, anyio.current_time() + seconds)
 
     async def acquire(self, tokens: int) -> None:
         """Take one request and ``tokens`` tokens, waiting (FIFO) if the policy allows.
@@ -272,7 +281,7 @@ class RateLimiter(Guard):
                     backend=self.name,
                     level="info",
                     remaining=remaining,
-                    blocked_for=reset,
+                    blocked_for=min(reset, self.max_block),
                 )
 
     async def _learned(
@@ -287,6 +296,7 @@ class RateLimiter(Guard):
         self.learn(info, estimated=estimated, used=used)
         learn = self.policy.learn
         if retry_after is not None and learn:
+            retry_after = min(retry_after, self.max_block)
             self.block_for(retry_after)
             decision("rate_limit_learned", backend=self.name, level="info", blocked_for=retry_after)
         if self.store is None:
@@ -300,7 +310,7 @@ class RateLimiter(Guard):
                 (info.remaining_tokens, info.reset_tokens),
             ):
                 if left is not None and left <= 0 and reset:
-                    block = max(block, reset)
+                    block = max(block, min(reset, self.max_block))
         await self._shared_update(
             tokens=estimated - used if used is not None else 0,
             remaining=remaining,

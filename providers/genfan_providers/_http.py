@@ -16,15 +16,24 @@
   (``genfan.resilience``, 64 calls by default) is the one cap, and it bounds the connections
   too. ``max_concurrency=N`` adds a cap here (an ``anyio.Semaphore``; more requests wait in
   genfan, never in httpcore) for a backend used without guards.
-* the API key, kept as a ``pydantic.SecretStr`` and redacted from every error message, and
-  where it comes from. A provider's own environment variable (``OPENAI_API_KEY``) is sent only
-  to the provider's own host (``api.openai.com``), or to the base URL its SDK reads from the
-  environment too (``OPENAI_BASE_URL``); any other ``base_url`` gets a key only when one is
-  named (``api_key=``, ``api_key_env=``). The provider's own host without a key fails at
+* the API key, kept as a ``pydantic.SecretStr`` and redacted from every error message (as is
+  the value of every header given in ``headers=`` that carries a credential: ``authorization``,
+  ``x-api-key``, ``api-key``, ``cookie``...), and where it comes from. A ``base_url`` with
+  credentials in it (``https://user:pass@host``) is refused at construction: httpx would send
+  them as Basic auth in place of the key, and the URL is shown in reprs and errors. A
+  provider's own environment variable (``OPENAI_API_KEY``) is sent only to the provider's own
+  host (``api.openai.com``), or to the base URL its SDK reads from the environment too
+  (``OPENAI_BASE_URL``); any other ``base_url`` gets a key only when one is named
+  (``api_key=``, ``api_key_env=``). The provider's own host without a key fails at
   construction, naming the variable; a 401 says which key was refused (never the key);
 * the translation of every transport failure, HTTP status and unreadable body into the typed
   errors of :mod:`genfan.errors`, always with ``raise ... from exc``;
-* a small, fast server-sent-events parser, and rate-limit header parsing.
+* bounded reads: a JSON body, or one event of a stream, larger than ``max_response_bytes``
+  fails with :class:`~genfan.ResponseTooLargeError` before more is read; bodies are read
+  decoded (``Content-Encoding`` undone), so a gzip'd stream parses like a plain one;
+* a server-sent-events parser whose work is linear in the bytes received, however long one
+  event is, and rate-limit header parsing, with every wait a server asks for (``Retry-After``,
+  quota resets) cut to ``max_server_wait``.
 
 Timeouts: the backend's ``timeout`` is httpx's (connect, pool, write, and each read: a
 stream that keeps sending is never cut). A request's own ``ChatRequest.timeout`` is a limit on
@@ -34,6 +43,7 @@ the whole call, enforced with an anyio cancel scope and reported as
 
 from __future__ import annotations
 
+import datetime
 import email.utils
 import enum
 import functools
@@ -42,7 +52,9 @@ import math
 import os
 import re
 import time
-from collections.abc import AsyncGenerator, Iterable, Mapping
+from collections.abc import AsyncGenerator, Iterable, Mapping, Sized
+from contextlib import aclosing
+from dataclasses import dataclass
 from typing import Any, ClassVar, Final, NoReturn
 
 import anyio
@@ -59,20 +71,51 @@ from genfan import (
     MalformedResponseError,
     RateLimitError,
     RateLimitInfo,
+    ResponseTooLargeError,
+    StreamInterruptedError,
     Usage,
     telemetry,
 )
 
 __all__ = [
+    "DEFAULT_MAX_RESPONSE_BYTES",
+    "DEFAULT_MAX_SERVER_WAIT",
     "PROVIDER_KEY",
     "SHARD_SIZE",
     "HTTPBackend",
     "SSEParser",
+    "StreamProgress",
     "parse_duration",
     "parse_retry_after",
 ]
 
 _ERROR_BODY_CHARS = 300
+#: The most of an error body read (the message is in its first few hundred bytes).
+_ERROR_BODY_BYTES = 64 * 1024
+
+#: ``max_response_bytes``'s default: the most bytes of one answer (a JSON body, or one event of
+#: a stream) held in memory.
+DEFAULT_MAX_RESPONSE_BYTES = 16 * 1024 * 1024
+#: ``max_server_wait``'s default: the longest wait a server's ``Retry-After`` or quota reset is
+#: believed (seconds); longer ones are cut to it.
+DEFAULT_MAX_SERVER_WAIT = 3600.0
+
+#: Headers whose values are credentials (redacted from error messages), besides any whose
+#: name says so (:data:`_SECRET_NAME`).
+_SECRET_HEADERS = frozenset(
+    {
+        "authorization",
+        "proxy-authorization",
+        "x-api-key",
+        "api-key",
+        "cookie",
+        "x-goog-api-key",
+        "ocp-apim-subscription-key",
+    }
+)
+_SECRET_NAME = re.compile(r"auth|key|token|secret|cookie|session|passw|credential", re.IGNORECASE)
+#: ``scheme://userinfo@``: credentials in a URL.
+_URL_USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*://)([^/?#]*)@")
 
 #: The most connections one ``httpx`` client (one httpcore pool) of a backend holds.
 SHARD_SIZE = 4
@@ -96,6 +139,22 @@ PROVIDER_KEY: Final = _ProviderKey.PROVIDER_KEY
 def _ssl_context() -> Any:
     """One SSL context for every client (building one reads the CA bundle: ~20 ms)."""
     return httpx.create_ssl_context()
+
+
+@dataclass(slots=True)
+class StreamProgress:
+    """How far a provider's stream got, for :meth:`HTTPBackend._stream_sse`: the text pieces
+    and the other pieces (tool-call deltas) passed on so far (the provider's own lists, which
+    it appends to), and whether the end marker (``[DONE]``, ``message_stop``) came."""
+
+    text: list[str]
+    pieces: Sized = ()
+    ended: bool = False
+
+    @property
+    def passed(self) -> bool:
+        """Whether any piece was passed on."""
+        return bool(self.text) or bool(self.pieces)
 
 
 class HTTPBackend(BaseBackend):
@@ -124,10 +183,19 @@ class HTTPBackend(BaseBackend):
         price: USD per million input and output tokens, to fill ``Usage.cost``.
         client: an ``httpx.AsyncClient`` to use instead of creating one (it is not closed by
             :meth:`aclose`; its own pool limits apply).
+        max_response_bytes: the most bytes of one answer held in memory: a whole JSON body, or
+            one event of a stream (decoded, after ``Content-Encoding``). A larger one fails
+            with :class:`~genfan.ResponseTooLargeError` before more is read. ``None``: no
+            limit.
+        max_server_wait: the longest wait, in seconds, that a server's ``Retry-After`` or
+            quota reset (``RateLimitError.retry_after``, ``RateLimitInfo.reset_*``) is believed;
+            a longer one (an HTTP-date in 2099, ``1e308``) is cut to it, so no server can stop
+            a backend's rate limiter for longer.
 
     Raises:
-        ConfigurationError: a bad argument; the provider's own host and no key (naming the
-            variable to set); an ``api_key_env`` that is not set.
+        ConfigurationError: a bad argument; a ``base_url`` with credentials in it
+            (``user:password@``: pass the key as ``api_key=``); the provider's own host and no
+            key (naming the variable to set); an ``api_key_env`` that is not set.
     """
 
     provider = "http"
@@ -153,12 +221,40 @@ class HTTPBackend(BaseBackend):
         max_concurrency: int | None = None,
         price: tuple[float, float] | None = None,
         client: httpx.AsyncClient | None = None,
+        max_response_bytes: int | None = DEFAULT_MAX_RESPONSE_BYTES,
+        max_server_wait: float = DEFAULT_MAX_SERVER_WAIT,
     ) -> None:
         base_url, url_from_env = self._resolve_base_url(base_url)
+        where = f" (from ${self._base_url_env})" if url_from_env else ""
         if not isinstance(base_url, str) or not base_url.startswith(("http://", "https://")):
-            where = f" (from ${self._base_url_env})" if url_from_env else ""
+            shown = redact_url(base_url) if isinstance(base_url, str) else base_url
             raise ConfigurationError(
-                f"base_url must be an http:// or https:// URL, got {base_url!r}{where}"
+                f"base_url must be an http:// or https:// URL, got {shown!r}{where}"
+            )
+        if _URL_USERINFO.match(base_url):
+            # httpx would send them as Basic auth, silently in place of the key, and the URL is
+            # shown in reprs, errors and logs: refuse them (without echoing them).
+            raise ConfigurationError(
+                f"base_url must not carry credentials (user:password@), got "
+                f"{redact_url(base_url)!r}{where}; pass the key with api_key= or api_key_env= "
+                "(or a header in headers=)"
+            )
+        if max_response_bytes is not None and not (
+            isinstance(max_response_bytes, int)
+            and not isinstance(max_response_bytes, bool)
+            and max_response_bytes >= 1
+        ):
+            raise ConfigurationError(
+                f"max_response_bytes must be None or an integer >= 1, got {max_response_bytes!r}"
+            )
+        if not (
+            isinstance(max_server_wait, int | float)
+            and not isinstance(max_server_wait, bool)
+            and max_server_wait >= 0
+            and math.isfinite(max_server_wait)
+        ):
+            raise ConfigurationError(
+                f"max_server_wait must be a finite number of seconds >= 0, got {max_server_wait!r}"
             )
         if not (isinstance(timeout, int | float) and timeout > 0 and math.isfinite(timeout)):
             raise ConfigurationError(
@@ -182,6 +278,8 @@ class HTTPBackend(BaseBackend):
         self.timeout = float(timeout)
         self.max_concurrency = max_concurrency
         self.price = (float(price[0]), float(price[1])) if price is not None else None
+        self.max_response_bytes = max_response_bytes
+        self.max_server_wait = float(max_server_wait)
         self._headers: dict[str, str] = self._default_headers()
         if headers:
             self._headers.update(headers)
@@ -197,6 +295,10 @@ class HTTPBackend(BaseBackend):
         )
         if self._api_key is not None and self._api_key.get_secret_value():
             self._headers[self._auth_header] = self._auth_prefix + self._api_key.get_secret_value()
+        #: what :meth:`_redact` hides: the key and every credential header's value (the
+        #: caller's client's own headers included).
+        own = dict(client.headers.items()) if client is not None else {}
+        self._secrets = _secrets_of(self._api_key, {**own, **self._headers})
         self._own_client = client is None
         self._client = client
         # Headers go on our own clients once; a caller's client gets them per request.
@@ -340,6 +442,12 @@ class HTTPBackend(BaseBackend):
             self._add_shard()
         return self._shards[0] or self._new_shard(0)
 
+    async def warm(self) -> None:
+        """Build the first HTTP client (its connection pool and TLS context) before any call, so
+        the ~0.1 s this costs counts against neither a deadline nor a latency."""
+        if not self._closed:
+            _ = self.client
+
     @property
     def clients(self) -> list[httpx.AsyncClient]:
         """Every ``httpx.AsyncClient`` in use now (created on demand, one per
@@ -418,13 +526,18 @@ class HTTPBackend(BaseBackend):
         try:
             client = self._client_for(slot)
             try:
+                request = client.build_request(
+                    "POST",
+                    url,
+                    json=body,
+                    headers=self._request_headers,
+                    timeout=httpx.USE_CLIENT_DEFAULT if limit is None else limit,
+                )
                 if limit is None:
-                    response = await client.post(url, json=body, headers=self._request_headers)
+                    response = await self._send_and_read(client, request, url)
                 else:
                     with anyio.fail_after(limit):
-                        response = await client.post(
-                            url, json=body, headers=self._request_headers, timeout=limit
-                        )
+                        response = await self._send_and_read(client, request, url)
             except (httpx.HTTPError, TimeoutError) as exc:
                 self._raise_transport(exc, url, limit)
         finally:
@@ -432,7 +545,7 @@ class HTTPBackend(BaseBackend):
         if response.status_code >= 400:
             self._raise_status(response, response.content, url)
         try:
-            return response.json(), response
+            return json.loads(response.content), response
         except ValueError as exc:
             raise MalformedResponseError(
                 f"non-JSON answer from {url} (HTTP {response.status_code}): "
@@ -440,13 +553,82 @@ class HTTPBackend(BaseBackend):
                 backend=self.name,
             ) from exc
 
+    async def _send_and_read(
+        self, client: httpx.AsyncClient, request: httpx.Request, url: str
+    ) -> httpx.Response:
+        """Send ``request`` and read its body (at most ``max_response_bytes`` of it; of an error
+        status, at most 64 KiB): the response comes back closed, its ``content`` read."""
+        response = await client.send(request, stream=True)
+        try:
+            if response.status_code >= 400:
+                content = await self._read_body(response, url, _ERROR_BODY_BYTES, cut=True)
+            else:
+                content = await self._read_body(response, url, self.max_response_bytes)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await response.aclose()
+            raise
+        if not response.is_closed:  # an error body cut short: the connection is let go
+            with anyio.CancelScope(shield=True):
+                await response.aclose()
+        # What Response.aread() keeps: .content (and .json(), .text) stay readable.
+        response._content = content
+        return response
+
+    async def _read_body(
+        self, response: httpx.Response, url: str, limit: int | None, *, cut: bool = False
+    ) -> bytes:
+        """The decoded body of a streamed ``response``, refused (or, with ``cut``, cut) past
+        ``limit`` bytes, before more is read.
+
+        Raises:
+            ResponseTooLargeError: the body is larger than ``limit`` (and not ``cut``).
+        """
+        if limit is not None and not cut:
+            announced = response.headers.get("content-length", "")
+            if announced.isdigit() and int(announced) > limit:
+                raise self._too_large(url, limit, int(announced), "the answer")
+        parts: list[bytes] = []
+        size = 0
+        async with aclosing(response.aiter_bytes()) as pieces:  # type: ignore[type-var]
+            async for part in pieces:
+                size += len(part)
+                if limit is not None and size > limit:
+                    if not cut:
+                        raise self._too_large(url, limit, size, "the answer")
+                    parts.append(part[: len(part) - (size - limit)])
+                    break
+                parts.append(part)
+        return b"".join(parts)
+
+    def _too_large(self, url: str, limit: int, size: int, what: str) -> ResponseTooLargeError:
+        return ResponseTooLargeError(
+            f"{what} from {url} is larger than max_response_bytes={limit} ({size} bytes or more "
+            "read or announced); raise max_response_bytes if it is expected, else check the "
+            "server",
+            backend=self.name,
+            limit=limit,
+            size=size,
+        )
+
     async def _stream_sse(
-        self, url: str, body: dict[str, Any], limit: float | None
+        self,
+        url: str,
+        body: dict[str, Any],
+        limit: float | None,
+        *,
+        progress: StreamProgress | None = None,
     ) -> AsyncGenerator[tuple[str | None, str, httpx.Response], None]:
         """POST ``body`` and yield ``(event, data, response)`` for each server-sent event.
 
         The response is closed however the iteration ends (finished, failed, cancelled, or
         abandoned by the consumer), so its connection goes back to the pool or is dropped.
+
+        ``progress``: what the caller has passed on so far, and whether the stream's end marker
+        came. Once a piece was passed on, a connection that breaks raises
+        :class:`~genfan.StreamInterruptedError` with the text so far, not the retryable
+        :class:`~genfan.BackendConnectionError`; once the end marker came, the answer is whole,
+        and a connection that breaks while the rest of the body is read is no error.
         """
         deadline = None if limit is None else anyio.current_time() + limit
         slot = await self._acquire()
@@ -470,12 +652,14 @@ class HTTPBackend(BaseBackend):
             try:
                 if response.status_code >= 400:
                     try:
-                        content = await response.aread()
+                        content = await self._read_body(response, url, _ERROR_BODY_BYTES, cut=True)
                     except httpx.HTTPError:
                         content = b""
                     self._raise_status(response, content, url)
-                parser = SSEParser()
-                chunks = response.aiter_raw().__aiter__()
+                max_event = self.max_response_bytes
+                parser = SSEParser(max_event_bytes=max_event)
+                # Decoded bytes: a gzip'd (or brotli'd...) stream parses like a plain one.
+                chunks = response.aiter_bytes().__aiter__()
                 while True:
                     try:
                         if deadline is None:
@@ -486,8 +670,15 @@ class HTTPBackend(BaseBackend):
                     except StopAsyncIteration:
                         break
                     except (httpx.HTTPError, TimeoutError) as exc:
-                        self._raise_transport(exc, url, limit)
-                    for event, data in parser.feed(chunk):
+                        if progress is not None and progress.ended:
+                            break  # the answer is whole; only the body's end is missing
+                        self._raise_transport(exc, url, limit, progress=progress)
+                    try:
+                        events = parser.feed(chunk)
+                    except EventTooLarge as exc:
+                        assert max_event is not None
+                        raise self._too_large(url, max_event, exc.size, "one event") from None
+                    for event, data in events:
                         yield event, data, response
                 for event, data in parser.close():
                     yield event, data, response
@@ -500,21 +691,30 @@ class HTTPBackend(BaseBackend):
     # -- error translation ---------------------------------------------------------------------
 
     def _redact(self, text: str) -> str:
-        key = self._api_key.get_secret_value() if self._api_key is not None else ""
-        if key and key in text:
-            text = text.replace(key, "***")
+        """``text`` without the key or any credential header's value (each becomes ``***``)."""
+        for secret in self._secrets:
+            if secret in text:
+                text = text.replace(secret, "***")
         return text
 
     def _snippet(self, content: bytes) -> str:
-        text = content[:_ERROR_BODY_CHARS].decode("utf-8", "replace")
-        if len(content) > _ERROR_BODY_CHARS:
-            text += "..."
-        return self._redact(text) or "(empty body)"
+        # Redacted before it is cut, so no secret is left half-shown at the cut.
+        text = self._redact(content[: _ERROR_BODY_CHARS + 4096].decode("utf-8", "replace"))
+        if len(text) > _ERROR_BODY_CHARS or len(content) > _ERROR_BODY_CHARS + 4096:
+            text = text[:_ERROR_BODY_CHARS] + "..."
+        return text or "(empty body)"
 
     def _raise_transport(
-        self, exc: httpx.HTTPError | TimeoutError, url: str, timeout: float | None
+        self,
+        exc: httpx.HTTPError | TimeoutError,
+        url: str,
+        timeout: float | None,
+        *,
+        progress: StreamProgress | None = None,
     ) -> NoReturn:
-        """Raise the typed error for a transport failure (``from exc``)."""
+        """Raise the typed error for a transport failure (``from exc``); a connection that
+        broke after pieces of a stream were passed on (see :meth:`_stream_sse`) raises
+        :class:`~genfan.StreamInterruptedError`."""
         err: BackendError
         if isinstance(exc, httpx.TimeoutException | TimeoutError):
             limit = timeout if timeout is not None else self.timeout
@@ -535,6 +735,8 @@ class HTTPBackend(BaseBackend):
                 "base_url right?",
                 backend=self.name,
             )
+        if progress is not None and progress.passed and isinstance(err, BackendConnectionError):
+            err = self._interrupted(url, "".join(progress.text), err)
         telemetry.event(
             "backend_http_failed", level="info", backend=self.name, error=type(err).__name__
         )
@@ -579,7 +781,7 @@ class HTTPBackend(BaseBackend):
             err = RateLimitError(
                 message,
                 backend=self.name,
-                retry_after=parse_retry_after(response.headers),
+                retry_after=self._wait(parse_retry_after(response.headers)),
                 rate_limit=rate_limit,
             )
         else:
@@ -594,8 +796,10 @@ class HTTPBackend(BaseBackend):
     ) -> MalformedResponseError:
         """The error for an answer that decoded but is not ``what`` (raise it ``from exc``)."""
         return MalformedResponseError(
-            f"answer from {url} is not {what} ({type(exc).__name__}: {exc}): "
-            f"{self._snippet(response.content)}",
+            self._redact(
+                f"answer from {url} is not {what} ({type(exc).__name__}: {str(exc)[:200]}): "
+                f"{self._snippet(response.content)}"
+            ),
             backend=self.name,
         )
 
@@ -604,21 +808,66 @@ class HTTPBackend(BaseBackend):
         ``from exc``)."""
         return MalformedResponseError(
             f"unreadable stream {what} from {url} ({type(exc).__name__}): "
-            f"{self._redact(data[:300])}",
+            f"{self._redact(data[:4096])[:_ERROR_BODY_CHARS]}",
             backend=self.name,
         )
 
     def _truncated(self, url: str, missing: str) -> MalformedResponseError:
-        """The error for a stream that ended before ``missing``."""
+        """The error for a stream that ended before ``missing`` (nothing was passed on yet)."""
         return MalformedResponseError(
             f"stream from {url} ended without {missing} (truncated); the answer is incomplete",
             backend=self.name,
         )
 
+    def _cut_short(
+        self, url: str, missing: str, text: list[str], pieces: Sized = ()
+    ) -> MalformedResponseError | StreamInterruptedError:
+        """The error for a stream that ended cleanly but before ``missing`` (its end marker):
+        :class:`~genfan.StreamInterruptedError` with the ``text`` passed on when any piece was
+        (``text`` or ``pieces``), else the retryable :class:`~genfan.MalformedResponseError`."""
+        if text or pieces:
+            return self._interrupted(url, "".join(text), missing)
+        return self._truncated(url, missing)
+
+    def _interrupted(
+        self, url: str, partial_text: str, cause: BackendError | str
+    ) -> StreamInterruptedError:
+        """The error for a stream cut (``cause``: the transport error, or the end marker that
+        never came) after some of it was passed on."""
+        why = f"ended without {cause}" if isinstance(cause, str) else f"broke ({cause.message})"
+        return StreamInterruptedError(
+            f"stream from {url} {why} after {len(partial_text)} characters of text were passed "
+            "on; the answer is incomplete (partial_text holds what came)",
+            backend=self.name,
+            partial_text=partial_text,
+        )
+
     def _rate_limit_info(self, headers: httpx.Headers) -> RateLimitInfo | None:
-        """The quota in a response's rate-limit headers (each provider reads its own), for
-        completions and error statuses alike; ``None`` when there are none."""
+        """The quota in a response's rate-limit headers (each provider reads its own in
+        :meth:`_read_rate_limit`), for completions and error statuses alike, with every reset
+        cut to ``max_server_wait``; ``None`` when there are none."""
+        info = self._read_rate_limit(headers)
+        if info is None:
+            return None
+        cap = self.max_server_wait
+        if (info.reset_requests or 0.0) <= cap and (info.reset_tokens or 0.0) <= cap:
+            return info
+        return info.model_copy(
+            update={
+                "reset_requests": self._wait(info.reset_requests),
+                "reset_tokens": self._wait(info.reset_tokens),
+            }
+        )
+
+    def _read_rate_limit(self, headers: httpx.Headers) -> RateLimitInfo | None:
+        """The quota in a response's rate-limit headers, as the provider reports it."""
         return None
+
+    def _wait(self, seconds: float | None) -> float | None:
+        """A wait a server asked for, cut to ``max_server_wait`` (``None``, NaN: none)."""
+        if seconds is None or math.isnan(seconds):
+            return None
+        return min(max(seconds, 0.0), self.max_server_wait)
 
     # -- shared helpers ------------------------------------------------------------------------
 
@@ -632,69 +881,149 @@ class HTTPBackend(BaseBackend):
         return Usage(input_tokens=input_tokens, output_tokens=output_tokens, cost=cost)
 
 
+# -- credentials -------------------------------------------------------------------------------
+
+
+def redact_url(url: str) -> str:
+    """``url`` with any credentials in it (``user:password@``) shown as ``***@``."""
+    return _URL_USERINFO.sub(r"\1***@", url)
+
+
+def _secrets_of(api_key: SecretStr | None, headers: Mapping[str, str]) -> tuple[str, ...]:
+    """What error messages must never show: the key, and the value of every header that
+    carries a credential (with the credential alone of ``Bearer <token>``-style values, and
+    each cookie's value), longest first."""
+    found: set[str] = set()
+    key = api_key.get_secret_value() if api_key is not None else ""
+    if key:
+        found.add(key)
+    for name, value in headers.items():
+        lower = name.lower()
+        if not value or not (lower in _SECRET_HEADERS or _SECRET_NAME.search(lower)):
+            continue
+        value = value.strip()
+        found.add(value)
+        parts = value.split()
+        if len(parts) > 1:  # "Bearer sk-...", "Basic ...": the credential alone too
+            found.add(parts[-1])
+        if "cookie" in lower:
+            for pair in value.split(";"):
+                found.add(pair.partition("=")[2].strip())
+    # Short strings are no credentials, and would blank out ordinary words.
+    return tuple(sorted((s for s in found if s == key or len(s) >= 8), key=len, reverse=True))
+
+
 # -- server-sent events ------------------------------------------------------------------------
 
 
-class SSEParser:
-    """An incremental parser of ``text/event-stream`` bodies.
+class EventTooLarge(ValueError):
+    """An event (or one line) of a stream is larger than :class:`SSEParser`'s limit."""
 
-    Feed it raw bytes as they arrive; it returns the complete events as ``(event, data)``
-    pairs (``event`` is ``None`` when the server named none; multi-line data is joined with
-    ``\\n``). Comments and ``id:``/``retry:`` fields are ignored.
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__(f"an event of {size} bytes or more, over the limit of {limit}")
+        self.size = size
+        self.limit = limit
+
+
+class SSEParser:
+    """An incremental parser of ``text/event-stream`` bodies, linear in the bytes fed.
+
+    Feed it the body's (decoded) bytes as they arrive; it returns the complete events as
+    ``(event, data)`` pairs (``event`` is ``None`` when the server named none; multi-line data
+    is joined with ``\\n``). Comments and ``id:``/``retry:`` fields are ignored. Lines end with
+    ``\\n``, ``\\r\\n`` or ``\\r`` (split across chunks or not).
+
+    Each byte is looked at a fixed number of times, however long an event is: the pieces of a
+    line that has not ended yet are kept in a list and joined once, when it ends (never copied
+    on every chunk).
+
+    Args:
+        max_event_bytes: the most bytes one event (its data, and the line being read) may hold;
+            past it :meth:`feed` raises :class:`EventTooLarge`. ``None``: no limit.
     """
 
-    __slots__ = ("_buf", "_data", "_event")
+    __slots__ = ("_after_cr", "_data", "_data_bytes", "_event", "_limit", "_pending", "_size")
 
-    def __init__(self) -> None:
-        self._buf = b""
+    def __init__(self, max_event_bytes: int | None = None) -> None:
+        self._limit = max_event_bytes
+        self._pending: list[bytes] = []  # the line being read, in pieces
+        self._size = 0  # bytes in _pending
+        self._after_cr = False  # the last chunk ended with "\r": skip a "\n" that follows
         self._event: str | None = None
         self._data: list[str] = []
+        self._data_bytes = 0
 
     def feed(self, chunk: bytes) -> list[tuple[str | None, str]]:
-        buf = self._buf + chunk if self._buf else chunk
-        if b"\r" in buf:
-            if buf.endswith(b"\r"):
-                # a "\r\n" may be split across chunks: keep the "\r" for next time
-                self._buf = b"\r"
-                buf = buf[:-1]
-            else:
-                self._buf = b""
-            buf = buf.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
-            lines = buf.split(b"\n")
-            self._buf = lines.pop() + self._buf
-        else:
-            lines = buf.split(b"\n")
-            self._buf = lines.pop()
-        return self._lines(lines)
+        """The events that ``chunk`` completes.
+
+        Raises:
+            EventTooLarge: the event being read is past ``max_event_bytes``.
+        """
+        if self._after_cr:
+            self._after_cr = False
+            if chunk[:1] == b"\n":
+                chunk = chunk[1:]
+        if b"\r" in chunk:
+            self._after_cr = chunk.endswith(b"\r")
+            chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        lines = chunk.split(b"\n")
+        tail = lines.pop()
+        if not lines:  # no line ends here: keep the piece (not a copy of what came before)
+            if tail:
+                self._pending.append(tail)
+                self._size += len(tail)
+                if self._limit is not None and self._size > self._limit:
+                    raise EventTooLarge(self._size, self._limit)
+            return []
+        if self._pending:
+            self._pending.append(lines[0])
+            lines[0] = b"".join(self._pending)
+            self._pending = []
+        self._size = len(tail)
+        if tail:
+            self._pending.append(tail)
+        out = self._lines(lines)
+        if self._limit is not None and self._data_bytes + self._size > self._limit:
+            raise EventTooLarge(self._data_bytes + self._size, self._limit)
+        return out
 
     def close(self) -> list[tuple[str | None, str]]:
-        """Events left when the body ended (a last event without its blank line)."""
-        lines = [self._buf] if self._buf else []
-        self._buf = b""
-        out = self._lines(lines)
+        """The event left when the body ended, if its lines were whole (a server that leaves
+        out the last blank line); a line cut short is dropped, as the SSE standard says."""
+        self._pending = []
+        self._size = 0
+        out: list[tuple[str | None, str]] = []
         if self._data:
             out.append((self._event, "\n".join(self._data)))
-            self._data = []
-            self._event = None
+        self._data = []
+        self._data_bytes = 0
+        self._event = None
         return out
 
     def _lines(self, lines: Iterable[bytes]) -> list[tuple[str | None, str]]:
         out: list[tuple[str | None, str]] = []
+        limit = self._limit
         for raw in lines:
             if not raw:
                 if self._data:
                     out.append((self._event, "\n".join(self._data)))
                     self._data = []
+                    self._data_bytes = 0
                 self._event = None
                 continue
             if raw.startswith(b"data:"):
-                value = raw[5:]
-                if value.startswith(b" "):
-                    value = value[1:]
-                self._data.append(value.decode("utf-8", "replace"))
-            elif raw.startswith(b"event:"):
-                self._event = raw[6:].strip().decode("utf-8", "replace")
-            # comments (":...") and other fields are ignored
+                value = raw[6:] if raw[5:6] == b" " else raw[5:]
+            elif raw == b"data":
+                value = b""
+            else:
+                if raw.startswith(b"event:"):
+                    self._event = raw[6:].strip().decode("utf-8", "replace")
+                continue  # comments (":...") and other fields are ignored
+            if limit is not None:
+                self._data_bytes += len(value)
+                if self._data_bytes > limit:
+                    raise EventTooLarge(self._data_bytes, limit)
+            self._data.append(value.decode("utf-8", "replace"))
         return out
 
 
@@ -706,15 +1035,18 @@ _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
 def parse_duration(value: str | None) -> float | None:
     """Seconds in an OpenAI-style duration: ``"1s"``, ``"6m0s"``, ``"20ms"``, ``"1h2m3.5s"``.
 
-    A bare number counts as seconds; anything unreadable gives ``None``.
+    A bare number counts as seconds; anything unreadable (``"inf"``, ``"nan"`` included) gives
+    ``None``.
     """
     if not value:
         return None
     value = value.strip()
     try:
-        return max(float(value), 0.0)
+        seconds = float(value)
     except ValueError:
         pass
+    else:
+        return max(seconds, 0.0) if math.isfinite(seconds) else None
     total = 0.0
     pos = 0
     for m in _DURATION.finditer(value):
@@ -723,13 +1055,17 @@ def parse_duration(value: str | None) -> float | None:
         pos = m.end()
         amount = float(m.group(1))
         total += amount * {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}[m.group(2)]
-    if pos != len(value) or pos == 0:
+    if pos != len(value) or pos == 0 or not math.isfinite(total):
         return None
     return total
 
 
 def parse_retry_after(headers: httpx.Headers | Mapping[str, str]) -> float | None:
-    """Seconds to wait from ``retry-after-ms``, or ``Retry-After`` (seconds or an HTTP-date)."""
+    """Seconds to wait from ``retry-after-ms``, or ``Retry-After`` (seconds or an HTTP-date).
+
+    As the server said it (a backend cuts it to its ``max_server_wait``); ``None`` when there
+    is none or it cannot be read (``inf``, ``nan``).
+    """
     ms = headers.get("retry-after-ms")
     if ms:
         try:
@@ -749,12 +1085,59 @@ def parse_retry_after(headers: httpx.Headers | Mapping[str, str]) -> float | Non
         pass
     try:
         when = email.utils.parsedate_to_datetime(raw)
-    except (TypeError, ValueError, IndexError):
+        # An absolute date can only be read against the wall clock (a naive one is UTC).
+        stamp = when.timestamp() if when.tzinfo else when.replace(tzinfo=datetime.UTC).timestamp()
+    except (TypeError, ValueError, IndexError, OverflowError, AttributeError):
         return None
-    if when is None:
-        return None
-    # An absolute date can only be read against the wall clock.
-    return max(when.timestamp() - time.time(), 0.0)
+    return max(stamp - time.time(), 0.0)
+
+
+# -- validating what a server sent -------------------------------------------------------------
+
+
+def text_field(obj: Mapping[str, Any], key: str) -> str | None:
+    """``obj[key]`` when it is a string, ``None`` when missing or null.
+
+    Raises:
+        TypeError: anything else (a list, a number...), for the caller to report as a
+            :class:`~genfan.MalformedResponseError`.
+    """
+    value = obj.get(key)
+    if value is None or isinstance(value, str):
+        return value
+    raise TypeError(f"{key} must be a string, got {type(value).__name__}")
+
+
+def token_count(obj: Mapping[str, Any], key: str) -> int:
+    """``obj[key]`` as a count of tokens: a whole number >= 0 (``0`` when missing or null).
+
+    Raises:
+        TypeError, ValueError: anything else (``"lots"``, ``-1``, ``1.5``, ``true``).
+    """
+    value = obj.get(key)
+    if value is None:
+        return 0
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{key} must be a number of tokens, got {type(value).__name__}")
+    if value < 0 or (isinstance(value, float) and not value.is_integer()):  # nan, inf too
+        raise ValueError(f"{key} must be a whole number >= 0, got {value!r}")
+    return int(value)
+
+
+def usage_field(obj: Mapping[str, Any], key: str, counts: tuple[str, ...]) -> Mapping[str, Any]:
+    """``obj[key]``, a usage object whose ``counts`` are token counts (``{}`` when missing).
+
+    Raises:
+        TypeError, ValueError: it is not an object, or one of its counts is no count.
+    """
+    value = obj.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise TypeError(f"{key} must be an object, got {type(value).__name__}")
+    for count in counts:
+        token_count(value, count)
+    return value
 
 
 def prefixed_headers(headers: httpx.Headers, prefix: bytes) -> dict[bytes, str] | None:
@@ -775,5 +1158,5 @@ def parse_int(value: str | None) -> int | None:
         return None
     try:
         return int(float(value))
-    except ValueError:
+    except (ValueError, OverflowError):  # "x", "nan"; "inf", "1e999"
         return None

@@ -48,7 +48,19 @@ from genfan import (
     merge_tool_call_deltas,
 )
 
-from ._http import PROVIDER_KEY, HTTPBackend, _ProviderKey, parse_int, prefixed_headers
+from ._http import (
+    DEFAULT_MAX_RESPONSE_BYTES,
+    DEFAULT_MAX_SERVER_WAIT,
+    PROVIDER_KEY,
+    HTTPBackend,
+    StreamProgress,
+    _ProviderKey,
+    parse_int,
+    prefixed_headers,
+    text_field,
+    token_count,
+    usage_field,
+)
 
 __all__ = ["ANTHROPIC_VERSION", "AnthropicBackend"]
 
@@ -109,6 +121,11 @@ class AnthropicBackend(HTTPBackend):
             ``None`` (default): no cap of its own; the guard stack's bulkhead is the cap.
         price: USD per million input and output tokens, to fill ``Usage.cost``.
         client: use this ``httpx.AsyncClient`` (left open by :meth:`aclose`).
+        max_response_bytes: the most bytes of one answer held in memory (a JSON body, or one
+            event of a stream; default 16 MiB); a larger one fails with
+            :class:`~genfan.ResponseTooLargeError`. ``None``: no limit.
+        max_server_wait: the longest wait (seconds, default 3600) believed from a server's
+            ``Retry-After`` or quota reset; longer ones are cut to it.
         max_tokens: sent when a request sets none (the API requires a value).
         anthropic_version: the ``anthropic-version`` header.
 
@@ -141,6 +158,8 @@ class AnthropicBackend(HTTPBackend):
         max_concurrency: int | None = None,
         price: tuple[float, float] | None = None,
         client: httpx.AsyncClient | None = None,
+        max_response_bytes: int | None = DEFAULT_MAX_RESPONSE_BYTES,
+        max_server_wait: float = DEFAULT_MAX_SERVER_WAIT,
         max_tokens: int = 1024,
         anthropic_version: str = ANTHROPIC_VERSION,
     ) -> None:
@@ -161,6 +180,8 @@ class AnthropicBackend(HTTPBackend):
             max_concurrency=max_concurrency,
             price=price,
             client=client,
+            max_response_bytes=max_response_bytes,
+            max_server_wait=max_server_wait,
         )
         self._messages_url = self.base_url + "/messages"
 
@@ -283,8 +304,8 @@ class AnthropicBackend(HTTPBackend):
                                 arguments=json.dumps(block.get("input", {})),
                             )
                         )
-            usage = data.get("usage") or {}
-            stop = data.get("stop_reason")
+            usage = usage_field(data, "usage", _USAGE_COUNTS)
+            stop = text_field(data, "stop_reason")
             finish: FinishReason = (
                 "stop"
                 if json_tool and not calls and stop == "tool_use"
@@ -294,8 +315,8 @@ class AnthropicBackend(HTTPBackend):
                 text="".join(texts),
                 tool_calls=tuple(calls),
                 finish_reason=finish,
-                usage=self._usage(_tokens_in(usage), usage.get("output_tokens") or 0),
-                model=data.get("model") or body.get("model") or "",
+                usage=self._usage(_tokens_in(usage), token_count(usage, "output_tokens")),
+                model=text_field(data, "model") or body.get("model") or "",
                 backend=self.name,
                 latency=latency,
                 rate_limit=self._rate_limit_info(response.headers),
@@ -306,8 +327,10 @@ class AnthropicBackend(HTTPBackend):
     async def stream(self, request: ChatRequest) -> AsyncIterator[StreamEvent]:
         """Stream the answer: text and tool-call pieces, then a :class:`StreamEnd`.
 
-        A stream that ends before ``message_stop`` raises :class:`MalformedResponseError`; an
-        ``error`` event raises the matching :class:`HTTPStatusError` (529 when overloaded).
+        A stream that ends before ``message_stop`` raises :class:`MalformedResponseError`
+        (retryable) before any piece was passed on, :class:`~genfan.StreamInterruptedError`
+        (with ``partial_text``) after; so does a connection that breaks. An ``error`` event
+        raises the matching :class:`HTTPStatusError` (529 when overloaded).
         """
         body = self.build_body(request, stream=True)
         url = self._messages_url
@@ -323,13 +346,17 @@ class AnthropicBackend(HTTPBackend):
         model = ""
         stopped = False
         response: httpx.Response | None = None
-        async with aclosing(self._stream_sse(url, body, request.timeout)) as events:
+        progress = StreamProgress(parts, deltas)
+        sse = self._stream_sse(url, body, request.timeout, progress=progress)
+        async with aclosing(sse) as events:
             async for event, data, resp in events:
                 response = resp
                 if stopped:
                     continue
                 try:
                     ev = json.loads(data)
+                    if not isinstance(ev, dict):
+                        raise TypeError(f"an event must be a JSON object, got {type(ev).__name__}")
                     kind = ev.get("type") or event
                     out: list[StreamEvent] = []
                     if kind == "content_block_delta":
@@ -337,12 +364,12 @@ class AnthropicBackend(HTTPBackend):
                         dtype = delta.get("type")
                         index = ev.get("index", 0)
                         if dtype == "text_delta":
-                            text = delta["text"]
+                            text = text_field(delta, "text")
                             if text:
                                 parts.append(text)
                                 out.append(TextDelta(text=text))
                         elif dtype == "input_json_delta":
-                            piece = delta.get("partial_json") or ""
+                            piece = text_field(delta, "partial_json") or ""
                             if index in json_blocks:
                                 if piece:
                                     parts.append(piece)
@@ -366,19 +393,19 @@ class AnthropicBackend(HTTPBackend):
                                 out.append(d)
                     elif kind == "message_start":
                         message = ev["message"]
-                        model = message.get("model") or model
-                        usage = message.get("usage") or {}
+                        model = text_field(message, "model") or model
+                        usage = usage_field(message, "usage", _USAGE_COUNTS)
                         input_tokens = _tokens_in(usage)
-                        output_tokens = usage.get("output_tokens") or 0
+                        output_tokens = token_count(usage, "output_tokens")
                     elif kind == "message_delta":
-                        stop = (ev.get("delta") or {}).get("stop_reason") or stop
-                        usage = ev.get("usage") or {}
+                        stop = text_field(ev.get("delta") or {}, "stop_reason") or stop
+                        usage = usage_field(ev, "usage", _USAGE_COUNTS)
                         if usage.get("output_tokens") is not None:
-                            output_tokens = usage["output_tokens"]
+                            output_tokens = token_count(usage, "output_tokens")
                         if usage.get("input_tokens"):
                             input_tokens = _tokens_in(usage)
                     elif kind == "message_stop":
-                        stopped = True
+                        stopped = progress.ended = True
                     elif kind == "error":
                         self._raise_event_error(ev, url, resp)
                 except (KeyError, IndexError, TypeError, AttributeError, ValueError) as exc:
@@ -388,7 +415,7 @@ class AnthropicBackend(HTTPBackend):
                 for item in out:
                     yield item
         if not stopped:
-            raise self._truncated(url, "message_stop")
+            raise self._cut_short(url, "message_stop", parts, deltas)
         calls = merge_tool_call_deltas(deltas)
         finish: FinishReason = (
             "stop" if json_tool and not calls and stop == "tool_use" else _STOP.get(stop, "unknown")
@@ -425,7 +452,7 @@ class AnthropicBackend(HTTPBackend):
             return "Anthropic is overloaded; retry later or fall back to another backend"
         return super()._status_hint(status)
 
-    def _rate_limit_info(self, headers: httpx.Headers) -> RateLimitInfo | None:
+    def _read_rate_limit(self, headers: httpx.Headers) -> RateLimitInfo | None:
         found = prefixed_headers(headers, _RL_PREFIX)
         if found is None:
             return None
@@ -439,12 +466,24 @@ class AnthropicBackend(HTTPBackend):
         )
 
 
+_USAGE_COUNTS = (
+    "input_tokens",
+    "output_tokens",
+    "cache_creation_input_tokens",
+    "cache_read_input_tokens",
+)
+
+
 def _tokens_in(usage: Mapping[str, Any]) -> int:
-    """Input tokens, counting prompt-cache reads and writes (Anthropic reports them apart)."""
-    return int(
-        (usage.get("input_tokens") or 0)
-        + (usage.get("cache_creation_input_tokens") or 0)
-        + (usage.get("cache_read_input_tokens") or 0)
+    """Input tokens, counting prompt-cache reads and writes (Anthropic reports them apart).
+
+    Raises:
+        TypeError, ValueError: a count that is no count.
+    """
+    return (
+        token_count(usage, "input_tokens")
+        + token_count(usage, "cache_creation_input_tokens")
+        + token_count(usage, "cache_read_input_tokens")
     )
 
 
@@ -474,9 +513,9 @@ def _seconds_until(value: str | None) -> float | None:
         return None
     try:
         when = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
+        if when.tzinfo is None:
+            return None
+        # An absolute time can only be read against the wall clock.
+        return max(when.timestamp() - time.time(), 0.0)
+    except (ValueError, OverflowError):
         return None
-    if when.tzinfo is None:
-        return None
-    # An absolute time can only be read against the wall clock.
-    return max(when.timestamp() - time.time(), 0.0)
