@@ -491,8 +491,8 @@ class FanOut(BaseBackend, Generic[OutputT]):
             telemetry.span(
                 "genfan.fanout",
                 **{
-                    "genfan.mode": self.mode,
-                    "genfan.backends": n,
+                    "genfan.fanout.mode": self.mode,
+                    "genfan.fanout.backends": n,
                     "genfan.request_id": request_id,
                     "genfan.stream": True,
                 },
@@ -678,8 +678,8 @@ class FanOut(BaseBackend, Generic[OutputT]):
             telemetry.span(
                 "genfan.fanout",
                 **{
-                    "genfan.mode": self.mode,
-                    "genfan.backends": n,
+                    "genfan.fanout.mode": self.mode,
+                    "genfan.fanout.backends": n,
                     "genfan.request_id": request_id,
                 },
             ) as fan_span,
@@ -757,7 +757,7 @@ class FanOut(BaseBackend, Generic[OutputT]):
             candidates.append(state.settle(slot))
         if not any(c.ok for c in candidates):
             errors = [c.error for c in candidates if c.error is not None]
-            fan_span.set_attribute("genfan.outcome", "all_failed")
+            fan_span.set_attribute("genfan.fanout.outcome", "all_failed")
             telemetry.event("fanout_all_failed", level="warning", backends=n)
             raise AllBackendsFailedError(
                 f"all {n} backends failed: "
@@ -766,10 +766,10 @@ class FanOut(BaseBackend, Generic[OutputT]):
             )
         selection = await self.selector.select(req, candidates)
         chosen = selection.chosen
-        fan_span.set_attribute("genfan.successes", sum(c.ok for c in candidates))
+        fan_span.set_attribute("genfan.fanout.successes", sum(c.ok for c in candidates))
         if chosen is not None:
-            fan_span.set_attribute("genfan.chosen", candidates[chosen].backend)
-        fan_span.set_attribute("genfan.deadline_hit", deadline_hit)
+            fan_span.set_attribute("genfan.fanout.chosen", candidates[chosen].backend)
+        fan_span.set_attribute("genfan.fanout.deadline_hit", deadline_hit)
         if selection.method:
             fan_span.set_attribute("genfan.select.method", selection.method)
         telemetry.event(

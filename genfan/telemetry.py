@@ -154,7 +154,9 @@ class _Instruments:
 
     def __init__(self) -> None:
         meter = get_meter()
-        self.calls = meter.create_counter("genfan.calls", description="backend calls by outcome")
+        self.calls = meter.create_counter(
+            "genfan.backend.calls", description="backend calls by outcome"
+        )
         self.duration = meter.create_histogram(
             "gen_ai.client.operation.duration", unit="s", description="backend call duration"
         )
