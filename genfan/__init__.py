@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from ._config import parse_config as parse_config
     from ._create import create_backend as create_backend
     from ._errors import AllBackendsFailedError as AllBackendsFailedError
+    from ._errors import AnswerRejectedError as AnswerRejectedError
     from ._errors import BackendConnectionError as BackendConnectionError
     from ._errors import BackendError as BackendError
     from ._errors import BackendTimeoutError as BackendTimeoutError
@@ -61,7 +62,9 @@ if TYPE_CHECKING:
     from ._fanout import FanOutStream as FanOutStream
     from ._fanout import Mode as Mode
     from ._fanout import Target as Target
+    from ._output import AnswerCheck as AnswerCheck
     from ._output import OutputValidationError as OutputValidationError
+    from ._output import ValidateLike as ValidateLike
     from ._synthesis import AGGREGATE_PROMPT as AGGREGATE_PROMPT
     from ._synthesis import Synthesis as Synthesis
     from ._synthesis import SynthesisResult as SynthesisResult

@@ -22,11 +22,12 @@ from dataclasses import dataclass
 
 from . import telemetry
 from ._backend import Backend, BaseBackend, aclose_all
-from ._errors import AllBackendsFailedError, ConfigurationError
+from ._errors import AllBackendsFailedError, AnswerRejectedError, ConfigurationError
 from ._fanout import FanOut, FanOutResult, Target, chosen_completion, no_answer
+from ._output import AnswerValidator, ValidateLike, answer_validator
 from ._sync import clip, not_awaited, run_sync
 from ._types import ChatRequest, Completion
-from .select import Candidate, Selection, SelectorLike, as_selector
+from .select import Candidate, Selection, SelectorLike, StoppingRule, Waves, as_selector
 
 __all__ = ["Cascade", "CascadeResult", "Tier", "TierOutcome"]
 
@@ -174,7 +175,8 @@ class Cascade(BaseBackend):
     Each tier's candidates go to ``selector``; when it chooses an answer with confidence at or
     above the tier's threshold the cascade stops, otherwise it escalates to the next tier. The
     last tier's answer is taken whatever its confidence (if the last tier fails entirely, the
-    latest earlier answer is). A tier whose backends all fail escalates.
+    latest earlier answer is). A tier whose backends all fail escalates, and so does one whose
+    answers ``validate`` all rejects.
 
     A cascade is a :class:`~genfan.Backend`: :meth:`complete` (and :meth:`stream`, which replays
     it) returns the chosen completion and raises :class:`~genfan.NoAnswerError` where
@@ -182,12 +184,24 @@ class Cascade(BaseBackend):
 
     Args:
         tiers: :class:`Tier` s, or what a tier takes (a fan-out, backends, a backend).
-        selector: picks and gives the confidence (a vote's confidence is the share that agrees).
+        selector: picks and gives the confidence (default: the ``auto`` selector, whose
+            confidence is the calibrated probability that its answer is right; a plain vote's
+            is the share that agrees).
         threshold: the confidence needed to stop: one number, or one per tier but the last.
+        stop: instead of the threshold, stop when this stopping rule (a
+            :class:`~genfan.select.StoppingRule`, or the rule and vote counter of a
+            :class:`~genfan.select.Waves`) says the vote over the answers so far is settled,
+            given the samples the later tiers could still add (adaptive sampling across tiers;
+            best with ``carry=True``).
         carry: also show the selector the candidates of earlier tiers (votes accumulate: 3
             cheap samples, then 6 more, voted over all 9).
         name: the cascade's backend name (default ``"cascade(tier,tier,...)"``, each tier by
             its backend's name, or its fan-out's).
+        validate: what a good answer is (see :data:`~genfan.ValidateLike`): every tier's
+            answers are checked, those it rejects become failed candidates (an
+            :class:`~genfan.AnswerRejectedError`), so the selector never sees them, and a tier
+            left with none escalates. A fan-out given as a tier keeps its own ``validate=``
+            too (which makes its ``first`` mode race on to an answer that passes).
 
     Example:
         ```python
@@ -207,10 +221,12 @@ class Cascade(BaseBackend):
         self,
         tiers: Sequence[Tier | FanOut | Sequence[Backend | Target] | Backend],
         *,
-        selector: SelectorLike,
+        selector: SelectorLike | None = None,
         threshold: float | Sequence[float] = 0.5,
         carry: bool = False,
         name: str | None = None,
+        stop: StoppingRule | Waves | None = None,
+        validate: ValidateLike | None = None,
     ) -> None:
         not_awaited(tiers, "Cascade()")
         if not tiers:
@@ -245,8 +261,12 @@ class Cascade(BaseBackend):
             if not 0.0 <= x <= 1.0:
                 raise ConfigurationError(f"threshold must be in [0, 1], got {x!r}")
         self.threshold = thresholds
-        self.selector = as_selector(selector)
+        self.selector = as_selector(selector if selector is not None else "auto")
+        self.stop: Waves | None = (
+            Waves(stop=stop) if stop is not None and not isinstance(stop, Waves) else stop
+        )
         self.carry = carry
+        self.validator: AnswerValidator | None = answer_validator(validate)
         labels = [
             fan.names[0]
             if len(fan.targets) == 1 and not isinstance(t.backends, FanOut)
@@ -298,6 +318,8 @@ class Cascade(BaseBackend):
                     continue
                 try:
                     result = await fan.run(req)
+                    if self.validator is not None:
+                        result = await self._rejecting(name, result, req, self.validator)
                 except AllBackendsFailedError as exc:
                     errors.append(exc)
                     outcomes.append(TierOutcome(name=name, ran=True, cost=0.0, error=exc))
@@ -322,10 +344,16 @@ class Cascade(BaseBackend):
                     candidates = result.candidates
                 selection = await self.selector.select(req, candidates)
                 confidence = (selection.confidence or 0.0) if selection.chosen is not None else 0.0
-                accepted = (
-                    selection.chosen is not None
-                    and confidence >= self.threshold[min(i, len(self.threshold) - 1)]
-                )
+                if self.stop is not None:
+                    later = sum(len(f.targets) for f in self._fanouts[i + 1 :])
+                    accepted = selection.chosen is not None and self.stop.settled(
+                        req, candidates, later
+                    )
+                else:
+                    accepted = (
+                        selection.chosen is not None
+                        and confidence >= self.threshold[min(i, len(self.threshold) - 1)]
+                    )
                 if selection.chosen is not None:
                     decided = (selection, candidates)
                 outcomes.append(
@@ -377,6 +405,40 @@ class Cascade(BaseBackend):
                 saved=final.saved,
             )
             return final
+
+    @staticmethod
+    async def _rejecting(
+        name: str, result: FanOutResult, request: ChatRequest, validator: AnswerValidator
+    ) -> FanOutResult:
+        """``result`` with every answer ``validator`` rejects made a failed candidate.
+
+        Raises:
+            AllBackendsFailedError: it rejected every answer of the tier (or none came).
+        """
+        checked: list[Candidate] = []
+        for c in result.candidates:
+            if c.ok and c.completion is not None:
+                try:
+                    await validator(c.completion, request=request, backend=c.backend)
+                except AnswerRejectedError as exc:
+                    c = dataclasses.replace(c, status="failed", error=exc)
+            checked.append(c)
+        if not any(c.ok for c in checked):
+            raise AllBackendsFailedError(
+                f"every answer of tier {name} was rejected or failed",
+                [c.error for c in checked if c.error is not None],
+            )
+        selection = result.selection
+        if selection.chosen is not None and not checked[selection.chosen].ok:
+            selection = dataclasses.replace(
+                selection, chosen=None, explanation=f"{selection.explanation} (answer rejected)"
+            )
+        return dataclasses.replace(
+            result,
+            candidates=tuple(checked),
+            selection=selection,
+            outputs={i: v for i, v in result.outputs.items() if checked[i].ok},
+        )
 
     def run_sync(self, request: ChatRequest | str) -> CascadeResult:
         """:meth:`run` for sync code: ``result = cascade.run_sync("...")``.

@@ -14,6 +14,7 @@ arguments) is kept apart from failures that happen while talking to a backend::
     │   ├── MalformedResponseError    the backend answered something we cannot read
     │   │   └── ResponseTooLargeError(limit)   an answer (or one event) past max_response_bytes
     │   ├── StreamInterruptedError(partial_text)   a stream cut after text was passed on
+    │   ├── AnswerRejectedError(reason, completion)   an answer failed a ``validate=`` check
     │   ├── CircuitOpenError(retry_at, retry_after)   the breaker is open: not called
     │   ├── BulkheadFullError         too many calls in flight or queued: not called
     │   ├── RateLimitExceededError(retry_after)  a local rate limit refused the call
@@ -37,10 +38,11 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from ._types import RateLimitInfo
+    from ._types import Completion, RateLimitInfo
 
 __all__ = [
     "AllBackendsFailedError",
+    "AnswerRejectedError",
     "BackendConnectionError",
     "BackendError",
     "BackendTimeoutError",
@@ -251,6 +253,44 @@ class StreamInterruptedError(BackendError):
     def __init__(self, message: str, *, backend: str = "?", partial_text: str = "") -> None:
         super().__init__(message, backend=backend)
         self.partial_text = partial_text
+
+
+class AnswerRejectedError(BackendError):
+    """The backend answered, but its answer failed a check of what a good answer is (the
+    ``validate=`` of :class:`~genfan.resilience.Fallback`, :class:`~genfan.FanOut` and
+    :class:`~genfan.Cascade`: a schema, a refusal detector, your own function).
+
+    A fallback moves on to the next backend, a cascade tier whose answers are all rejected
+    escalates, and in a fan-out the answer is a failed candidate (its completion kept, so its
+    tokens still count). An answer that is not a valid ``output_type`` raises its subclass
+    :class:`~genfan.OutputValidationError`.
+
+    Retryable (another sample, or another model, may well answer better); not counted by
+    circuit breakers (the backend itself worked).
+
+    Attributes:
+        reason: why the answer was rejected (``"refuses"``, ``"population: Input should be a
+            valid integer"``, what your check returned).
+        completion: the rejected answer.
+        check: the name of the check that rejected it (``""`` when unknown).
+    """
+
+    _retryable = True
+    _counts = False
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        backend: str = "?",
+        reason: str = "",
+        completion: Completion | None = None,
+        check: str = "",
+    ) -> None:
+        super().__init__(message, backend=backend)
+        self.reason = reason or message
+        self.completion = completion
+        self.check = check
 
 
 class CircuitOpenError(BackendError):

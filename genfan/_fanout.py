@@ -35,6 +35,7 @@ from . import telemetry
 from ._backend import Backend, BaseBackend, aclose_all
 from ._errors import (
     AllBackendsFailedError,
+    AnswerRejectedError,
     BackendError,
     BackendTimeoutError,
     CallCancelledError,
@@ -42,7 +43,7 @@ from ._errors import (
     MalformedResponseError,
     NoAnswerError,
 )
-from ._output import OutputSpec, OutputValidationError, output_spec
+from ._output import AnswerValidator, OutputSpec, ValidateLike, answer_validator, output_spec
 from ._sync import clip, not_awaited, run_sync
 from ._types import ChatRequest, Completion, StreamEnd, StreamEvent, TextDelta, ToolCallDelta, Usage
 from .select import Candidate, Selection, SelectorLike, Waves, as_selector
@@ -297,6 +298,17 @@ class FanOut(BaseBackend, Generic[OutputT]):
             does not validate is a failed candidate, so the selector chooses among valid ones,
             and ``result.output`` is the chosen instance. ``run(..., output_type=)`` overrides
             it per call.
+        validate: what a good answer is, beyond its type (see :data:`~genfan.ValidateLike`: a
+            function ``(completion) -> None | reason``, an object with a ``check`` method, a
+            per-answer scorer such as ``RefusalDetector()``, a type, or a list of these). An
+            answer it rejects is a failed candidate (an :class:`~genfan.AnswerRejectedError`,
+            its completion kept), as an invalid ``output_type`` is: the selector chooses among
+            the others, and ``first`` mode races on to the first answer that passes.
+        validate_streams: when streaming in ``first`` mode (or one target), decide at the
+            first answer that ends and passes, not at the first token: :meth:`stream` then
+            passes the chosen answer on once it is known (buffered), and :meth:`run_stream`
+            streams every candidate until then. By default the first token wins and its
+            answer, passed on live, is checked only at its end (if it fails, the fan-out does).
 
     Example:
         ```python
@@ -322,6 +334,8 @@ class FanOut(BaseBackend, Generic[OutputT]):
         owns_backends: bool = False,
         waves: Waves | int | None = None,
         output_type: type[OutputT] | None = None,
+        validate: ValidateLike | None = None,
+        validate_streams: bool = False,
     ) -> None:
         not_awaited(targets, "FanOut()")
         if not targets:
@@ -354,6 +368,8 @@ class FanOut(BaseBackend, Generic[OutputT]):
         self.owns_backends = owns_backends
         self.output_type = output_type
         self.output_spec: OutputSpec[Any] | None = output_spec(output_type)
+        self.validator: AnswerValidator | None = answer_validator(validate)
+        self.validate_streams = validate_streams
         super().__init__(name or "fanout(" + ",".join(self.names) + ")")
 
     @property
@@ -398,7 +414,7 @@ class FanOut(BaseBackend, Generic[OutputT]):
             NoAnswerError: every candidate failed (a winner failing mid-stream included), or
                 the selector chose none.
         """
-        live = self.mode == "first" or len(self.targets) == 1
+        live = (self.mode == "first" or len(self.targets) == 1) and not self.validate_streams
         held: dict[int, list[TextDelta | ToolCallDelta]] = {}
         result: FanOutResult[Any] | None = None
         try:
@@ -484,7 +500,7 @@ class FanOut(BaseBackend, Generic[OutputT]):
         slots: list[Candidate | None] = [None] * n
         started_at = [0.0] * n
         state = self._race_state(req, spec)
-        race = _StreamRace(first=self.mode == "first")
+        race = _StreamRace(first=self.mode == "first" and not self.validate_streams)
         t0 = time.perf_counter()
         with (
             telemetry.bound(request_id=request_id),
@@ -564,7 +580,7 @@ class FanOut(BaseBackend, Generic[OutputT]):
             with scope, _chat_span(name, prepared) as call_span:
                 try:
                     completion = await self._read(i, name, target.backend, prepared, race, emit)
-                    state.validate(i, completion, name)
+                    await state.validate(i, completion, name)
                 except BackendError as exc:
                     error: BackendError = exc
                 except Exception as exc:  # a backend bug must still end as one typed error
@@ -732,7 +748,8 @@ class FanOut(BaseBackend, Generic[OutputT]):
         if callable(bind):  # a key that needs the question (e.g. a vote ignoring echoes)
             agree = bind(request)
         n = len(self.targets)
-        return _RaceState(self.quorum if self.mode != "all" else n + 1, agree, spec)
+        k = self.quorum if self.mode != "all" else n + 1
+        return _RaceState(k, agree, spec, self.validator, request)
 
     async def _conclude(
         self,
@@ -754,7 +771,7 @@ class FanOut(BaseBackend, Generic[OutputT]):
         for i, slot in enumerate(slots):
             if slot is None:
                 slot = self._cancelled(i, started_at[i], now - t0, limit if deadline_hit else None)
-            candidates.append(state.settle(slot))
+            candidates.append(await state.settle(slot))
         if not any(c.ok for c in candidates):
             errors = [c.error for c in candidates if c.error is not None]
             fan_span.set_attribute("genfan.fanout.outcome", "all_failed")
@@ -906,7 +923,7 @@ class FanOut(BaseBackend, Generic[OutputT]):
         with _chat_span(name, prepared) as call_span:
             try:
                 completion = await target.backend.complete(prepared)
-                state.validate(i, completion, name)
+                await state.validate(i, completion, name)
             except BackendError as exc:
                 error: BackendError = exc
             except Exception as exc:  # a backend bug must still end as one typed error
@@ -1169,7 +1186,7 @@ def _failed(
         index=i,
         backend=name,
         status="failed",
-        completion=error.completion if isinstance(error, OutputValidationError) else None,
+        completion=error.completion if isinstance(error, AnswerRejectedError) else None,
         error=error,
         started=started,
         latency=time.perf_counter() - start,
@@ -1179,15 +1196,30 @@ def _failed(
 
 class _RaceState:
     """Counts successes (and agreeing answers) and says when the race is decided; validates
-    answers into the output type (``spec``) and keeps their outputs by candidate index."""
+    answers into the output type (``spec``) and keeps their outputs by candidate index, and
+    checks them with ``validate=`` (``validator``)."""
 
-    __slots__ = ("_agree", "_groups", "_k", "_order", "_successes", "met", "outputs", "spec")
+    __slots__ = (
+        "_agree",
+        "_groups",
+        "_k",
+        "_order",
+        "_successes",
+        "checked",
+        "met",
+        "outputs",
+        "request",
+        "spec",
+        "validator",
+    )
 
     def __init__(
         self,
         k: int,
         agree: Callable[[Completion], Hashable | None] | None,
         spec: OutputSpec[Any] | None = None,
+        validator: AnswerValidator | None = None,
+        request: ChatRequest | None = None,
     ) -> None:
         self._k = k
         self._agree = agree
@@ -1196,27 +1228,40 @@ class _RaceState:
         self._order = 0
         self.met = False
         self.spec = spec
+        self.validator = validator
+        self.request = request
         self.outputs: dict[int, Any] = {}
+        self.checked: set[int] = set()
 
-    def validate(self, i: int, completion: Completion, backend: str) -> None:
-        """Validate candidate ``i``'s answer into the output type (an answer asking for tools
-        has no output yet and is not validated).
+    async def validate(self, i: int, completion: Completion, backend: str) -> None:
+        """Validate candidate ``i``'s answer into the output type, then check it with
+        ``validate=`` (an answer asking for tools has no output yet and is not validated).
 
         Raises:
-            OutputValidationError: the answer is not a valid instance.
+            AnswerRejectedError: the answer is not a valid instance
+                (an ``OutputValidationError``), or a check rejected it.
         """
-        if self.spec is not None and not completion.tool_calls:
-            self.outputs[i] = self.spec.validate(completion, backend=backend)
+        if completion.tool_calls:
+            return
+        output = None if self.spec is None else self.spec.validate(completion, backend=backend)
+        if self.validator is not None and self.request is not None:
+            await self.validator(completion, request=self.request, backend=backend)
+        if self.spec is not None:
+            self.outputs[i] = output
+        self.checked.add(i)
 
-    def settle(self, candidate: Candidate) -> Candidate:
+    async def settle(self, candidate: Candidate) -> Candidate:
         """``candidate``, validated if it answered and was not validated on the way (a
-        subclass's own calls); a failed candidate if its answer is not a valid output."""
+        subclass's own calls); a failed candidate if its answer is not a valid output or a
+        check rejects it."""
         c = candidate.completion
-        if not candidate.ok or c is None or candidate.index in self.outputs or c.tool_calls:
+        if not candidate.ok or c is None or candidate.index in self.checked or c.tool_calls:
+            return candidate
+        if self.spec is None and self.validator is None:
             return candidate
         try:
-            self.validate(candidate.index, c, candidate.backend)
-        except OutputValidationError as exc:
+            await self.validate(candidate.index, c, candidate.backend)
+        except AnswerRejectedError as exc:
             return dataclasses.replace(candidate, status="failed", error=exc)
         return candidate
 

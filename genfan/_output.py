@@ -14,24 +14,40 @@ a ``TypedDict``, ``int``...). :func:`output_spec` turns it into an :class:`Outpu
   what fails is an :class:`OutputValidationError` naming each wrong field.
 
 ``str`` (or no type at all) asks for nothing and "validates" to the answer's text.
+
+``validate=`` (on ``Fallback``, ``FanOut`` and ``Cascade``) is the one way to say what a good
+answer is, beyond its type: :class:`AnswerValidator` compiles it once (a function, an object
+with a ``check`` method, a per-answer scorer of ``genfan.select``, a type as for
+``output_type``, or a list of these) and rejects an answer with an
+:class:`~genfan.AnswerRejectedError` (an :class:`OutputValidationError` for a type).
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
+import inspect
 import json
 import re
-from collections.abc import Mapping, Sequence
-from typing import Any, Generic, cast
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any, Generic, Protocol, TypeAlias, cast, get_origin, runtime_checkable
 
 from pydantic import PydanticUserError, TypeAdapter, ValidationError
 from typing_extensions import TypeVar
 
-from ._errors import ConfigurationError, MalformedResponseError
+from ._errors import AnswerRejectedError, ConfigurationError, MalformedResponseError
 from ._types import ChatRequest, Completion, JsonValue, ResponseFormat
 
-__all__ = ["OutputSpec", "OutputValidationError", "output_spec"]
+__all__ = [
+    "AnswerCheck",
+    "AnswerValidator",
+    "OutputSpec",
+    "OutputValidationError",
+    "ValidateLike",
+    "answer_validator",
+    "output_spec",
+]
 
 T = TypeVar("T")
 
@@ -39,12 +55,15 @@ T = TypeVar("T")
 WRAP_KEY = "response"
 
 
-class OutputValidationError(MalformedResponseError):
+class OutputValidationError(MalformedResponseError, AnswerRejectedError):
     """An answer is not a valid instance of the requested ``output_type``.
 
     In a fan-out the candidate counts as failed (``status="failed"``, this error, and its
     ``completion`` kept so that its tokens still count); the other candidates are chosen from.
-    It is retryable: another sample may well be valid.
+    It is retryable: another sample may well be valid. It is an
+    :class:`~genfan.AnswerRejectedError` too (the type is one way to say what a good answer is),
+    so a ``validate=`` type rejects an answer with it, and ``except AnswerRejectedError`` sees
+    both.
 
     Attributes:
         output_type: the type's name (``"City"``, ``"list[City]"``).
@@ -65,12 +84,12 @@ class OutputValidationError(MalformedResponseError):
         errors: Sequence[Mapping[str, Any]] = (),
         completion: Completion | None = None,
     ) -> None:
-        super().__init__(message, backend=backend)
+        super().__init__(
+            message, backend=backend, reason=reason, completion=completion, check=output_type
+        )
         self.output_type = output_type
-        self.reason = reason or message
         self.text = text
         self.errors = [dict(e) for e in errors]
-        self.completion = completion
 
 
 class OutputSpec(Generic[T]):
@@ -203,6 +222,194 @@ def output_spec(output_type: Any) -> OutputSpec[Any] | None:
         return _cached_spec(output_type)
     except TypeError:  # an unhashable type form: build it each time
         return OutputSpec(output_type)
+
+
+# -- what a good answer is: validate= ------------------------------------------------------------
+
+
+@runtime_checkable
+class AnswerCheck(Protocol):
+    """Checks one answer: ``check(completion)`` returns ``None`` to accept it, or the reason to
+    reject it (it may also raise :class:`~genfan.AnswerRejectedError` or ``ValueError``).
+
+    Any object with such a method is a check ``validate=`` takes.
+    """
+
+    def check(self, completion: Completion, /) -> str | None: ...
+
+
+#: What ``validate=`` takes: a function ``(completion) -> None | True | False | reason`` (plain
+#: or ``async``; raising ``ValueError`` rejects too), an :class:`AnswerCheck`, a per-answer
+#: scorer of ``genfan.select`` (``SchemaValid()``, ``RefusalDetector()``, ``LengthBounds(...)``,
+#: ``Patterns(...)``, ``Finished()``: it passes when it scores above 0, as a ``Select`` filter),
+#: a type as for ``output_type`` (a pydantic model, ``list[City]``...), or a list of these (all
+#: must pass, checked in order).
+ValidateLike: TypeAlias = Any
+
+_Verdict: TypeAlias = "str | bool | None"
+_CheckFn: TypeAlias = Callable[[Completion, ChatRequest], "_Verdict | Awaitable[_Verdict]"]
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class _AnswerView:
+    """One answer as a per-answer scorer reads a candidate (``genfan.select.Candidate``'s
+    fields; this floor cannot import selection)."""
+
+    completion: Completion
+    backend: str
+    index: int = 0
+    status: str = "ok"
+    error: None = None
+    started: float = 0.0
+    latency: float = 0.0
+    finished_order: int | None = 0
+
+    @property
+    def ok(self) -> bool:
+        return True
+
+    @property
+    def text(self) -> str:
+        return self.completion.text
+
+
+def _score_verdict(scores: Any, name: str) -> _Verdict:
+    score = scores.get(0) if isinstance(scores, Mapping) else None
+    if score is None:
+        return f"not scored by {name}"
+    value = getattr(score, "value", score)
+    if isinstance(value, int | float) and not isinstance(value, bool) and value > 0:
+        return None
+    reason = getattr(score, "reason", "")
+    return str(reason) if reason else f"scored 0 by {name}"
+
+
+def _compile_check(item: Any) -> tuple[str, _CheckFn]:
+    """``(name, check)`` for one item of ``validate=``."""
+    if isinstance(item, AnswerValidator):
+        return item.name, lambda completion, request: item(completion, request=request)
+    if isinstance(item, OutputSpec) or isinstance(item, type) or get_origin(item) is not None:
+        spec = output_spec(item)
+        assert spec is not None
+
+        def by_type(completion: Completion, request: ChatRequest) -> _Verdict:
+            spec.validate(completion)  # raises OutputValidationError
+            return None
+
+        return spec.name, by_type
+    check = getattr(item, "check", None)
+    if callable(check):
+        return str(getattr(item, "name", None) or type(item).__name__), (
+            lambda completion, request: check(completion)
+        )
+    score = getattr(item, "score", None)
+    if callable(score):
+        name = str(getattr(item, "name", None) or type(item).__name__)
+
+        def by_scorer(
+            completion: Completion, request: ChatRequest
+        ) -> _Verdict | Awaitable[_Verdict]:
+            view = _AnswerView(completion=completion, backend=completion.backend or "?")
+            scores = score(request, [view])
+            if inspect.isawaitable(scores):
+
+                async def later() -> _Verdict:
+                    return _score_verdict(await scores, name)
+
+                return later()
+            return _score_verdict(scores, name)
+
+        return name, by_scorer
+    if callable(item):
+        name = getattr(item, "__name__", "") or type(item).__name__
+        return ("validate" if name == "<lambda>" else name), (
+            lambda completion, request: item(completion)
+        )
+    raise ConfigurationError(
+        "validate= takes a function (completion) -> None | bool | reason, an object with a "
+        "check(completion) method, a per-answer scorer (SchemaValid(), RefusalDetector()...), "
+        f"a type as for output_type, or a list of these; got {item!r}"
+    )
+
+
+class AnswerValidator:
+    """What a good answer is, compiled once from ``validate=`` (see :data:`ValidateLike`).
+
+    Awaiting ``validator(completion, request=...)`` runs the checks in order; the first that
+    rejects the answer raises :class:`~genfan.AnswerRejectedError` (with the reason, the
+    completion and the check's name; an :class:`OutputValidationError` for a type). An answer
+    that asks for tools is not checked: it is not the answer yet.
+
+    Attributes:
+        name: the checks' names, joined by ``+``.
+    """
+
+    __slots__ = ("_checks", "name")
+
+    def __init__(self, validate: ValidateLike) -> None:
+        items = list(validate) if isinstance(validate, list | tuple) else [validate]
+        if not items:
+            raise ConfigurationError("validate= needs at least one check")
+        self._checks = tuple(_compile_check(item) for item in items)
+        self.name = "+".join(name for name, _ in self._checks)
+
+    def __repr__(self) -> str:
+        return f"AnswerValidator({self.name})"
+
+    async def __call__(
+        self, completion: Completion, *, request: ChatRequest, backend: str | None = None
+    ) -> None:
+        """Accept ``completion`` (return) or reject it.
+
+        Raises:
+            AnswerRejectedError: a check rejected the answer.
+        """
+        if completion.tool_calls:
+            return
+        who = backend or completion.backend or "?"
+        for name, check in self._checks:
+            try:
+                verdict = check(completion, request)
+                if inspect.isawaitable(verdict):
+                    verdict = await verdict
+            except AnswerRejectedError as exc:
+                if exc.completion is None:
+                    exc.completion = completion
+                if exc.backend == "?":
+                    exc.backend = who
+                if not exc.check:
+                    exc.check = name
+                raise
+            except ValidationError as exc:
+                verdict = describe_errors(exc.errors(include_url=False, include_context=False))
+            except ValueError as exc:
+                verdict = str(exc) or type(exc).__name__
+            if verdict is None or verdict is True:
+                continue
+            if verdict is not False and not isinstance(verdict, str):
+                raise ConfigurationError(
+                    f"validate check {name} must return None or True (accept), False or a "
+                    f"reason (reject), not {type(verdict).__name__}"
+                )
+            reason = verdict or f"rejected by {name}"
+            raise AnswerRejectedError(
+                f"answer rejected by {name}: {reason}",
+                backend=who,
+                reason=reason,
+                completion=completion,
+                check=name,
+            )
+
+
+def answer_validator(validate: ValidateLike | None) -> AnswerValidator | None:
+    """``validate=`` compiled (``None``: no checks).
+
+    Raises:
+        ConfigurationError: something in it is not a check.
+    """
+    if validate is None or isinstance(validate, AnswerValidator):
+        return validate
+    return AnswerValidator(validate)
 
 
 def type_name(output_type: Any) -> str:
