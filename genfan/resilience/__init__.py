@@ -16,6 +16,10 @@ from typing import TYPE_CHECKING
 from genfan._facade import lazy
 
 if TYPE_CHECKING:
+    from ._adaptive import AIMD as AIMD
+    from ._adaptive import AdaptiveLimit as AdaptiveLimit
+    from ._adaptive import Gradient2 as Gradient2
+    from ._adaptive import Vegas as Vegas
     from ._base import time_left as time_left
     from ._breaker import BreakerState as BreakerState
     from ._breaker import BreakerStatistics as BreakerStatistics

@@ -141,7 +141,7 @@ class GuardsConfig(BaseModel):
     fields; unset guards inherit ``[defaults.guards]`` (see :meth:`merged_over`), and after that
     the library defaults (bulkhead, breaker, retry and timeout on; hedge and rate limit off).
     ``timeout`` may also be a number of seconds. The bulkhead is the backend's one concurrency
-    cap. ``rate_limit_store`` names a ``[rate_limit_stores.NAME]`` table whose shared quota the
+    cap, fixed or adaptive (``bulkhead = { adaptive = "aimd" }``). ``rate_limit_store`` names a ``[rate_limit_stores.NAME]`` table whose shared quota the
     rate limit draws from (a policy never holds a Redis URL); a backend whose rate limit is off
     does not use it, so ``[defaults.guards]`` may name it for every backend.
 
@@ -153,6 +153,7 @@ class GuardsConfig(BaseModel):
 
         [backends.gpt.guards]
         rate_limit = { requests_per_minute = 500, tokens_per_minute = 200000 }
+        bulkhead = { adaptive = "aimd", max_concurrent = 128 }   # the cap follows 429s
         hedge = { percentile = 0.95 }
         breaker = { failure_ratio = 0.5, break_duration = 10 }
 

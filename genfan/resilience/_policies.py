@@ -113,16 +113,58 @@ class BulkheadPolicy:
             ``None`` (default): no limit, the queue holds every waiting call.
         max_queue_wait: seconds a call may wait for a slot before it is shed (``None``,
             default: until the deadline).
+        adaptive: ``None`` (default): the cap is ``max_concurrent``, fixed. ``"aimd"``,
+            ``"gradient"`` or ``"vegas"``: the cap adapts, between ``min_concurrent`` and
+            ``max_concurrent``, to what each attempt meets: 429s, 503/529 overloads and
+            timeouts (:class:`~genfan.resilience.AIMD`), and latency as well
+            (:class:`~genfan.resilience.Gradient2`, :class:`~genfan.resilience.Vegas`).
+        min_concurrent: the lowest an adaptive cap goes (only with ``adaptive``).
+        initial_concurrent: an adaptive cap's first value (only with ``adaptive``; ``None``:
+            16, within ``min_concurrent`` and ``max_concurrent``).
     """
 
     max_concurrent: int = 64
     max_queued: int | None = None
     max_queue_wait: float | None = None
+    adaptive: Literal["aimd", "gradient", "vegas"] | None = None
+    min_concurrent: int = 1
+    initial_concurrent: int | None = None
 
     def __post_init__(self) -> None:
-        _check_int("BulkheadPolicy.max_concurrent", self.max_concurrent, low=1)
-        _check_int("BulkheadPolicy.max_queued", self.max_queued, low=0, allow_none=True)
-        _check("BulkheadPolicy.max_queue_wait", self.max_queue_wait, low=0, allow_none=True)
+        p = "BulkheadPolicy."
+        _check_int(p + "max_concurrent", self.max_concurrent, low=1)
+        _check_int(p + "max_queued", self.max_queued, low=0, allow_none=True)
+        _check(p + "max_queue_wait", self.max_queue_wait, low=0, allow_none=True)
+        if self.adaptive is not None:
+            _check_choice(p + "adaptive", self.adaptive, ("aimd", "gradient", "vegas"))
+        _check_int(p + "min_concurrent", self.min_concurrent, low=1)
+        _check_int(p + "initial_concurrent", self.initial_concurrent, low=1, allow_none=True)
+        if self.adaptive is None and (self.min_concurrent != 1 or self.initial_concurrent):
+            raise ConfigurationError(
+                "BulkheadPolicy.min_concurrent and initial_concurrent need an adaptive cap"
+                ' (adaptive="aimd" or "gradient")'
+            )
+        if self.min_concurrent > self.max_concurrent:
+            raise ConfigurationError(
+                f"BulkheadPolicy.min_concurrent must be <= max_concurrent"
+                f" ({self.max_concurrent}), got {self.min_concurrent}"
+            )
+        start = self.initial_concurrent
+        if start is not None and not self.min_concurrent <= start <= self.max_concurrent:
+            raise ConfigurationError(
+                f"BulkheadPolicy.initial_concurrent must be between min_concurrent"
+                f" ({self.min_concurrent}) and max_concurrent ({self.max_concurrent}), got {start}"
+            )
+
+    @property
+    def start_concurrent(self) -> int:
+        """The cap before any call: ``max_concurrent`` when fixed; when adaptive,
+        ``initial_concurrent`` (default 16, within ``min_concurrent`` and ``max_concurrent``)."""
+        if self.adaptive is None:
+            return self.max_concurrent
+        if self.initial_concurrent is not None:
+            return self.initial_concurrent
+        return min(self.max_concurrent, max(self.min_concurrent, 16))
 
     __repr__ = _policy_repr
 

@@ -12,7 +12,7 @@ from .._errors import ConfigurationError
 from .._types import ChatRequest, Completion, StreamEvent
 from ._base import Guard
 from ._breaker import BreakerStatistics, CircuitBreaker
-from ._bulkhead import Bulkhead, BulkheadStatistics
+from ._bulkhead import AttemptSampler, Bulkhead, BulkheadStatistics
 from ._hedge import Hedge, HedgeStatistics
 from ._policies import (
     BreakerPolicy,
@@ -126,7 +126,9 @@ def guard(
 
     The bulkhead is the backend's one concurrency cap (64 running by default; the others
     queue, however many, until their deadline): providers do not cap concurrency themselves
-    unless told to. ``BulkheadPolicy(max_queued=N)`` sheds what does not fit in the queue.
+    unless told to. ``BulkheadPolicy(max_queued=N)`` sheds what does not fit in the queue;
+    ``BulkheadPolicy(adaptive="aimd")`` (or ``"gradient"``, ``"vegas"``) lets the cap adapt to
+    what each attempt meets (429s, 503/529 overloads, timeouts; and latency for the latter two).
 
     Policies hold values only. What stacks share is passed here, once, as an object: a retry
     budget (``retry_budget``) and a shared quota store (``rate_limit_store``); give the same
@@ -186,6 +188,11 @@ def guard(
     node: Backend = backend
     t = Timeout(node, timeout) if timeout is not None else None
     node = t or node
+    # An adaptive bulkhead learns from each attempt, as the provider answered it (a 429 the
+    # retry hides is still a 429; backoff and quota waits are not latency): its sampler sits
+    # just outside the timeout.
+    sampler = AttemptSampler(node) if bulkhead is not None and bulkhead.adaptive else None
+    node = sampler or node
     b = CircuitBreaker(node, breaker) if breaker is not None else None
     node = b or node
     rl = RateLimiter(node, rate_limit) if rate_limit is not None else None
@@ -197,6 +204,8 @@ def guard(
         r._share_budget(retry_budget)
     node = r or node
     bh = Bulkhead(node, bulkhead) if bulkhead is not None else None
+    if bh is not None and sampler is not None:
+        sampler.feed(bh)
     node = bh or node
     h = Hedge(node, hedge, alternates=hedge_alternates) if hedge is not None else None
     node = h or node
