@@ -52,13 +52,14 @@ engine: $(LOCAL_STAMP)
 	$(BIN)/python -m pytest -m engine -q
 
 docs: $(DEV_STAMP)
-	$(BIN)/mkdocs build --strict -q
+	$(BIN)/mkdocs build --strict
 
 test: $(LOCAL_STAMP)
 	$(MAKE) lint typecheck unit engine docs
 
 # Every benchmark, one after another (each prints its table and writes benchmarks/results/*.json).
 BENCHMARKS := core_overhead resilience_overhead resilience_hedge resilience_outage resilience_p2c \
+	resilience_adaptive \
 	agents_parallel batching_embed batching_job schedule_drift schedule_replicas local_engine selection
 bench: $(LOCAL_STAMP)
 	$(BIN)/genfan local prepare
