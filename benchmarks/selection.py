@@ -1,21 +1,33 @@
-"""Does selection beat a single answer? Greedy vs one sample vs vote, consensus, judge, cascade.
+"""Does selection beat one greedy call? Greedy, one sample, vote, auto, adaptive sampling, oracle.
 
-One run on the local model (SmolLM2-135M through the in-process vLLM engine, one engine):
+The benchmark (``benchmarks/data/selection_bench.jsonl``, written by
+``benchmarks.data.make_selection_bench``): 390 short questions in six families (arithmetic,
+number facts, number sequences, capitals, word facts, multiple choice), every third item of each
+family in the ``dev`` split (every setting was tuned on it), the rest in ``test``.
 
-1. greedy: one answer per question at temperature 0;
-2. samples: 9 answers per question at temperature 0.7, drawn in three rounds (1, +4, +4) so that
-   the cost of 1, 5 and 9 samples is each measured, every round many concurrent requests;
-3. selection over the same samples: majority vote (final number, echoes of the question
-   ignored) over 5 and 9, consensus (ROUGE-L medoid) over 5 and 9, and an LLM judge (the same
-   model, pointwise, temperature 0) over 9; "oracle" is whether any of the 9 was right;
-4. cascade (FrugalGPT) replayed on the recorded samples with the real :class:`Cascade`: vote over
-   3 samples, and only when the vote's share is below the threshold, 6 more (voting over all 9).
+Two phases, so that the engine runs once:
 
-A question counts as right when the final number of the chosen answer (echoes ignored) equals
-the expected answer. Tokens are prompt + completion tokens as the engine reports them.
+1. ``generate``: end to end through :class:`~genfan.FanOut` on the local model (SmolLM2-135M in
+   the in-process vLLM engine): per question one greedy answer (temperature 0) and 9 samples at
+   temperature 0.7 drawn by :class:`~genfan.Sampling` as one engine request with ``n=9``, all
+   with token log-probabilities; cached in ``benchmarks/results/selection-samples.jsonl``
+   (questions already there are skipped).
+2. ``evaluate`` (offline, seconds): every selector over the cached samples; adaptive sampling
+   replayed wave by wave on them (waves of 3 drawn from the 9: the samples are independent, so a
+   prefix is a draw of that size); Wilson intervals for accuracies, paired bootstrap intervals
+   for differences; the reliability table and expected calibration error of
+   ``Selection.confidence``.
 
-    .venv/bin/python -m benchmarks.selection            # ~5-10 min on 2 CPU cores
-    .venv/bin/python -m benchmarks.selection --fake     # the pipeline on a scripted backend
+``waves`` measures, on the engine, one request with ``n`` samples against ``n`` separate
+requests, and the real adaptive :class:`~genfan.Sampling` end to end.
+
+A question counts as right when the chosen answer, read for the question's known form, is one of
+the expected answers (see :func:`is_right`); the selectors never see the form.
+
+    .venv/bin/python -m benchmarks.selection generate            # ~15-30 min on 2 CPU cores
+    .venv/bin/python -m benchmarks.selection evaluate
+    .venv/bin/python -m benchmarks.selection waves --limit 60
+    .venv/bin/python -m benchmarks.selection evaluate --fake     # the pipeline, no engine
 """
 
 from __future__ import annotations
@@ -24,10 +36,13 @@ import argparse
 import dataclasses
 import datetime as dt
 import json
+import math
+import os
 import platform
 import random
+import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,408 +51,687 @@ import anyio
 from genfan import (
     AllBackendsFailedError,
     Backend,
-    BaseBackend,
-    Cascade,
     ChatRequest,
     Completion,
     FanOut,
+    Sampling,
     Target,
-    Tier,
+    TokenLogprob,
     Usage,
 )
 from genfan.select import (
+    AdaptiveConsistency,
+    AutoSelect,
+    Calibration,
     Candidate,
     Consensus,
     FinalNumber,
-    LLMJudge,
+    FirstSuccess,
     MajorityVote,
     Select,
+    Selection,
     Selector,
+    Waves,
+    expected_calibration_error,
+    reliability_table,
 )
-from genfan.testing import FakeBackend, FunctionBackend, Reply
 
 HERE = Path(__file__).resolve().parent
-TASKS = HERE / "data" / "selection_tasks.jsonl"
+BENCH = HERE / "data" / "selection_bench.jsonl"
 RESULTS = HERE / "results"
-SUFFIX = "\nAnswer with just the number."
-MAX_TOKENS = 48
-JUDGE_MAX_TOKENS = 12
+SAMPLES = RESULTS / "selection-samples.jsonl"  # temperature 0.7; others: -t<T>.jsonl
+MAX_TOKENS = 40
 TEMPERATURE = 0.7
-ROUNDS = (1, 4, 4)  # samples per round: 1, 5 and 9 in total
-IN_FLIGHT = 64  # concurrent engine requests
-THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.8, 1.0)  # a vote share of k of n stops at <= k/n
-
-EXTRACT = FinalNumber()
-#: The vote's extractor; ``--number-words`` reads numbers written in words too (and grades so).
-VOTE_EXTRACT = "number"
+K = 9
+IN_FLIGHT = 48  # engine sequences in flight
 
 
-class Metered(BaseBackend):
-    """Forwards to a backend and adds up calls and usage (for the judge's cost)."""
-
-    def __init__(self, inner: Backend) -> None:
-        super().__init__(inner.name)
-        self.inner = inner
-        self.calls = 0
-        self.usage = Usage()
-
-    async def complete(self, request: ChatRequest) -> Completion:
-        completion = await self.inner.complete(request)
-        self.calls += 1
-        self.usage = self.usage + completion.usage
-        return completion
+def load_items(split: str | None = None) -> list[dict[str, Any]]:
+    items = [json.loads(line) for line in BENCH.read_text().splitlines() if line.strip()]
+    return [i for i in items if split in (None, "all", i["split"])]
 
 
-def load_tasks(limit: int | None = None) -> list[dict[str, str]]:
-    tasks = [json.loads(line) for line in TASKS.read_text().splitlines() if line.strip()]
-    return tasks[:limit] if limit else tasks
+def request_for(item: dict[str, Any]) -> ChatRequest:
+    return ChatRequest.from_prompt(item["question"], max_tokens=MAX_TOKENS, logprobs=True)
 
 
-def request_for(task: dict[str, str]) -> ChatRequest:
-    return ChatRequest.from_prompt(task["question"] + SUFFIX, max_tokens=MAX_TOKENS)
+# -- generation ------------------------------------------------------------------------------
 
 
-def is_right(text: str, task: dict[str, str], request: ChatRequest) -> bool:
-    return EXTRACT(text, request) == task["answer"]
+def _dump(c: Candidate | Completion | None) -> dict[str, Any] | None:
+    completion = c.completion if isinstance(c, Candidate) else c
+    if completion is None:
+        return None
+    return {
+        "text": completion.text,
+        "finish": completion.finish_reason,
+        "in": completion.usage.input_tokens,
+        "out": completion.usage.output_tokens,
+        "tokens": [t.token for t in completion.logprobs or ()],
+        "logprobs": [round(t.logprob, 5) for t in completion.logprobs or ()],
+    }
 
 
-async def draw(
-    backend: Backend, requests: Sequence[ChatRequest], k: int, temperature: float
-) -> tuple[list[list[Candidate]], float]:
-    """``k`` answers per request (one fan-out of k targets each); wall seconds for all."""
-    targets = [
-        Target(backend=backend, name=f"t{i}", temperature=temperature, max_tokens=MAX_TOKENS)
-        for i in range(k)
+def completion_of(row: dict[str, Any] | None) -> Completion | None:
+    """A cached answer as a :class:`Completion` again (logprobs included)."""
+    if row is None:
+        return None
+    tokens = [
+        TokenLogprob(token=t, logprob=lp)
+        for t, lp in zip(row["tokens"], row["logprobs"], strict=True)
     ]
-    fan = FanOut(targets, mode="all")  # not closed here: the engine is shared by every phase
+    # As the backend now does: tokens past the text (the end-of-turn token) are not the answer's.
+    joined = sum(len(t.token) for t in tokens)
+    while tokens and joined - len(tokens[-1].token) >= len(row["text"]):
+        joined -= len(tokens.pop().token)
+    return Completion(
+        text=row["text"],
+        finish_reason=row["finish"],
+        usage=Usage(input_tokens=row["in"], output_tokens=row["out"]),
+        logprobs=tuple(tokens) or None,
+    )
+
+
+def samples_path(temperature: float | None = None) -> Path:
+    t = TEMPERATURE if temperature is None else temperature
+    return SAMPLES if t == 0.7 else SAMPLES.with_name(f"selection-samples-t{t:g}.jsonl")
+
+
+def load_cache(temperature: float | None = None) -> dict[str, dict[str, Any]]:
+    path = samples_path(temperature)
+    if not path.exists():
+        return {}
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return {r["id"]: r for r in rows}
+
+
+async def generate(backend: Backend, items: Sequence[dict[str, Any]], chunk: int = 48) -> None:
+    """Greedy + ``K`` samples per question, through FanOut / Sampling, appended to the cache."""
+    cached = load_cache()
+    greedy_done = load_cache(0.7)  # greedy answers do not depend on the sampling temperature
+    todo = [i for i in items if i["id"] not in cached]
+    print(f"{len(items) - len(todo)} cached, {len(todo)} to generate")
+    greedy = FanOut([Target(backend=backend, name="greedy", temperature=0.0)])
+    sampler = Sampling(
+        backend, K, waves=None, temperature=TEMPERATURE, select=FirstSuccess(), name="samples"
+    )
+    RESULTS.mkdir(exist_ok=True)
+    t_all = time.perf_counter()
+    for lo in range(0, len(todo), chunk):
+        part = todo[lo : lo + chunk]
+        requests = [request_for(i) for i in part]
+        t0 = time.perf_counter()
+        reuse = all(i["id"] in greedy_done for i in part) and TEMPERATURE != 0.7
+        g: list[Any] = (
+            [greedy_done[i["id"]]["greedy"] for i in part]
+            if reuse
+            else await greedy.map(requests, max_in_flight=IN_FLIGHT)
+        )
+        t1 = time.perf_counter()
+        s = await sampler.map(requests, max_in_flight=max(1, IN_FLIGHT // K))
+        t2 = time.perf_counter()
+        with samples_path().open("a") as f:
+            for item, gr, sr in zip(part, g, s, strict=True):
+                if reuse:
+                    greedy_row = gr
+                elif isinstance(gr, AllBackendsFailedError):
+                    greedy_row = None
+                else:
+                    greedy_row = _dump(gr.chosen)
+                row = {
+                    "id": item["id"],
+                    "greedy": greedy_row,
+                    "samples": []
+                    if isinstance(sr, AllBackendsFailedError)
+                    else [_dump(c) for c in sr.candidates],
+                    "wall": {"greedy": t1 - t0, "samples": t2 - t1, "questions": len(part)},
+                }
+                f.write(json.dumps(row) + "\n")
+        out_tokens = sum(
+            c.completion.usage.output_tokens
+            for r in s
+            if not isinstance(r, AllBackendsFailedError)
+            for c in r.candidates
+            if c.completion is not None
+        )
+        print(
+            f"{lo + len(part)}/{len(todo)}: greedy {t1 - t0:.1f}s, samples {t2 - t1:.1f}s "
+            f"({out_tokens / (t2 - t1):.0f} output tok/s), total {time.perf_counter() - t_all:.0f}s",
+            flush=True,
+        )
+
+
+async def run_generate(split: str, limit: int | None) -> None:
+    from genfan_providers.vllm import VLLMBackend
+
+    items = load_items(split)[: limit or None]
+    backend = VLLMBackend()
     t0 = time.perf_counter()
-    results = await fan.map(requests, max_in_flight=max(1, IN_FLIGHT // k))
-    wall = time.perf_counter() - t0
-    out: list[list[Candidate]] = []
-    for r in results:
-        if isinstance(r, AllBackendsFailedError):
-            out.append([])
-        else:
-            out.append(list(r.candidates))
-    return out, wall
+    await backend.start()
+    print(f"engine ready in {time.perf_counter() - t0:.1f}s")
+    try:
+        await generate(backend, items)
+    finally:
+        await backend.aclose()
 
 
-def tokens(cands: Sequence[Candidate]) -> int:
-    return sum(c.completion.usage.total_tokens for c in cands if c.completion is not None)
+# -- grading ---------------------------------------------------------------------------------
+
+FORMS = {
+    "arithmetic": "number",
+    "number_facts": "number",
+    "sequences": "number",
+    "capitals": "short",
+    "word_facts": "short",
+    "multiple_choice": "choice",
+}
 
 
-def reindex(cands: Sequence[Candidate]) -> list[Candidate]:
-    return [
-        dataclasses.replace(c, index=i, backend=f"s{i}", finished_order=i)
-        for i, c in enumerate(cands)
+def _fold(text: str) -> str:
+    import unicodedata
+
+    decomposed = unicodedata.normalize("NFKD", unicodedata.normalize("NFKC", text))
+    return "".join(ch for ch in decomposed if not unicodedata.combining(ch)).casefold()
+
+
+_CHOICE_MARKED = re.compile(r"\b(?i:answer|option|choice)\b[^A-Za-z]{0,12}\(?([A-D])\b(?![\w'])")
+_CHOICE_LEAD = re.compile(r"^\W{0,3}\(?([A-D])(?:\)|\.|:|\s*$|\s*\n)")
+
+
+def grade_choice(text: str, item: dict[str, Any]) -> str | None:
+    """The letter a reply gives: one named as the answer (``answer is B``), else the letter it
+    starts with (``B``, ``(B)``, ``B) ...``, ``B. ...``), else the one option whose text it
+    names; ``None`` when it gives none."""
+    m = _CHOICE_MARKED.search(text) or _CHOICE_LEAD.search(text.strip())
+    if m:
+        return m.group(1)
+    folded = _fold(text)
+    named = [
+        letter
+        for letter, option in zip("ABCD", item["options"], strict=False)
+        if re.search(rf"(?<!\w){re.escape(_fold(option))}(?!\w)", folded)
     ]
+    return named[0] if len(named) == 1 else None
 
 
-async def pick(
-    selector: Selector, request: ChatRequest, cands: Sequence[Candidate]
-) -> tuple[str, float]:
-    sel = await selector.select(request, cands)
-    if sel.chosen is None:
-        return "", 0.0
-    return cands[sel.chosen].text, sel.confidence or 0.0
+_LAST_NUMBER = FinalNumber()
+_LAST_NUMBER_WORDS = FinalNumber(words=True)
 
 
-async def run_cascades(
-    tasks: Sequence[dict[str, str]],
-    requests: Sequence[ChatRequest],
-    samples: list[list[Candidate]],
-    first: int,
-) -> dict[str, dict[str, float]]:
-    """Replay the recorded samples through the real Cascade: ``first`` samples, then the rest."""
-    out: dict[str, dict[str, float]] = {}
-    vote = MajorityVote(extract=VOTE_EXTRACT)
-    all_tokens = sum(tokens(s) for s in samples)
-    for threshold in THRESHOLDS:
-        right, spent, estimated_all, escalated = 0, 0.0, 0.0, 0
-        for task, request, cands in zip(tasks, requests, samples, strict=True):
-            replies = [
-                FakeBackend(
-                    f"s{i}",
-                    [Reply(text=c.text, usage=c.completion.usage if c.completion else Usage())],
-                )
-                for i, c in enumerate(cands)
-            ]
-            if len(replies) < 9:
-                continue
-            cascade = Cascade(
-                [
-                    Tier(backends=replies[:first]),
-                    Tier(backends=replies[first:]),
-                ],
-                selector=vote.selector(),
-                threshold=threshold,
-                carry=True,
-            )
-            result = await cascade.run(request)
-            right += is_right(result.text, task, request)
-            spent += result.cost
-            estimated_all += result.cost_all_tiers
-            escalated += result.escalations
-        n = len(tasks)
-        out[f"{threshold:g}"] = {
-            "accuracy": right / n,
-            "tokens_per_question": spent / n,
-            "saved_vs_9": 1 - spent / all_tokens if all_tokens else 0.0,
-            "saved_estimated_by_cascade": 1 - spent / estimated_all if estimated_all else 0.0,
-            "escalated": escalated / n,
-        }
+def is_right(text: str, item: dict[str, Any], request: ChatRequest) -> bool:
+    """The benchmark's grader, fixed before any tuning and independent of the selectors' own
+    answer reading. Numbers: the reply's last number is the expected one (numbers echoed from
+    the question ignored; numbers in words only when it has no digit: ``FinalNumber``). Choices:
+    :func:`grade_choice` gives the expected letter. Short answers: an accepted answer appears,
+    as whole words, in the reply's first 150 characters."""
+    if not text:
+        return False
+    kind = FORMS[item["family"]]
+    if kind == "number":
+        found = _LAST_NUMBER(text, request) or _LAST_NUMBER_WORDS(text, request)
+        return found == item["answers"][0]
+    if kind == "choice":
+        return grade_choice(text, item) == item["answers"][0]
+    head = _fold(text[:150])
+    return any(re.search(rf"(?<!\w){re.escape(_fold(a))}(?!\w)", head) for a in item["answers"])
+
+
+# -- statistics ------------------------------------------------------------------------------
+
+
+def wilson(hits: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval (95%) of a proportion."""
+    if n == 0:
+        return (0.0, 0.0)
+    p = hits / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def paired_bootstrap(
+    a: Sequence[bool], b: Sequence[bool], rounds: int = 4000, seed: int = 16
+) -> tuple[float, float, float]:
+    """The difference of accuracies a - b over the same items, with a 95% bootstrap interval."""
+    n = len(a)
+    rng = random.Random(seed)
+    diffs = [int(x) - int(y) for x, y in zip(a, b, strict=True)]
+    stats = []
+    for _ in range(rounds):
+        stats.append(sum(diffs[rng.randrange(n)] for _ in range(n)) / n)
+    stats.sort()
+    return (sum(diffs) / n, stats[int(0.025 * rounds)], stats[int(0.975 * rounds) - 1])
+
+
+def mean_ci(
+    values: Sequence[float], rounds: int = 4000, seed: int = 16
+) -> tuple[float, float, float]:
+    """A mean with a 95% bootstrap interval."""
+    n = len(values)
+    rng = random.Random(seed)
+    means = sorted(sum(values[rng.randrange(n)] for _ in range(n)) / n for _ in range(rounds))
+    return (sum(values) / n, means[int(0.025 * rounds)], means[int(0.975 * rounds) - 1])
+
+
+# -- evaluation ------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Question:
+    item: dict[str, Any]
+    request: ChatRequest
+    greedy: Completion | None
+    samples: list[Completion]
+
+    def candidates(self, k: int | None = None, start: int = 0) -> list[Candidate]:
+        chosen = self.samples[start : (start + k) if k is not None else None]
+        return [
+            Candidate(index=i, backend=f"s{i}", status="ok", completion=c, finished_order=i)
+            for i, c in enumerate(chosen)
+        ]
+
+    def right(self, text: str) -> bool:
+        return is_right(text, self.item, self.request)
+
+    def prompt_tokens(self) -> int:
+        return self.samples[0].usage.input_tokens if self.samples else 0
+
+
+def questions(items: Sequence[dict[str, Any]], cache: dict[str, dict[str, Any]]) -> list[Question]:
+    out = []
+    for item in items:
+        row = cache.get(item["id"])
+        if row is None:
+            continue
+        samples = [c for c in (completion_of(r) for r in row["samples"]) if c is not None]
+        out.append(Question(item, request_for(item), completion_of(row["greedy"]), samples))
     return out
 
 
-def fake_backend(tasks: Sequence[dict[str, str]]) -> Backend:
-    """A scripted stand-in for the model: right 40% of the time, else wrong or an echo."""
-    answers = {t["question"] + SUFFIX: t["answer"] for t in tasks}
+async def choose(
+    selector: Selector, q: Question, cands: Sequence[Candidate]
+) -> tuple[str, Selection]:
+    sel = await selector.select(q.request, cands)
+    return ("" if sel.chosen is None else cands[sel.chosen].text), sel
+
+
+def wave_tokens(q: Question, drawn: int, waves: int) -> int:
+    """Tokens of ``drawn`` samples drawn in ``waves`` engine requests (the prompt once each)."""
+    return q.prompt_tokens() * waves + sum(c.usage.output_tokens for c in q.samples[:drawn])
+
+
+async def adaptive(
+    q: Question, selector: AutoSelect, waves: Waves, budget: int = K
+) -> tuple[bool, int, int, Selection]:
+    """Replay adaptive sampling on the cached samples: (right, tokens with the prompt counted
+    once per wave, samples drawn, selection)."""
+    drawn, n_waves = 0, 0
+    for size in waves.plan(budget):
+        drawn += size
+        n_waves += 1
+        cands = q.candidates(drawn)
+        if waves.settled(q.request, cands, budget - drawn):
+            break
+    text, sel = await choose(selector, q, q.candidates(drawn))
+    return q.right(text), wave_tokens(q, drawn, n_waves), drawn, sel
+
+
+SCHEDULES = {"3+3+3": Waves(size=3), "2+2+...": Waves(size=2), "3+2+2+2": Waves(first=3, size=2)}
+THRESHOLDS = (0.8, 0.9, 0.95, 0.99)
+CONFIDENT = (0.5, 0.6, 0.7, 0.8)
+
+
+async def evaluate_split(qs: Sequence[Question]) -> dict[str, Any]:
+    """Every method on the questions of one split."""
+    auto = AutoSelect()
+    variants: dict[str, Selector] = {
+        "vote@9 (normalize, the plain default)": Select(MajorityVote()),
+        "vote@9 (number)": Select(MajorityVote(extract="number")),
+        "consensus@9": Select(Consensus()),
+        "auto@9": auto,
+        "auto@9, unweighted": AutoSelect(weight="none"),
+        "auto@9, sequence-weighted": AutoSelect(weight="sequence"),
+        "auto@9, keep 75% most confident": AutoSelect(keep=0.75),
+        "auto@9, keep 50% most confident": AutoSelect(keep=0.5),
+    }
+    hits: dict[str, list[bool]] = {"greedy": [], "one sample": []}
+    tokens: dict[str, list[int]] = {"greedy": [], "one sample": []}
+    for name in variants:
+        hits[name], tokens[name] = [], []
+    for k in (1, 3, 5, 7):
+        hits[f"auto@{k}"], tokens[f"auto@{k}"] = [], []
+    hits["oracle@9"], tokens["oracle@9"] = [], []
+    calibration: list[tuple[float, bool]] = []
+    forms: dict[str, int] = {}
+    agreement: dict[str, dict[int, int]] = {"3": {}, "9": {}}
+    for q in qs:
+        for k in (3, 9):
+            counts = sorted(
+                (len(g) for g in auto._analyse(q.request, q.candidates(k)).groups.values()),
+                reverse=True,
+            )
+            top = counts[0] if counts else 0
+            agreement[str(k)][top] = agreement[str(k)].get(top, 0) + 1
+        g = q.greedy
+        hits["greedy"].append(g is not None and q.right(g.text))
+        tokens["greedy"].append(g.usage.total_tokens if g else 0)
+        hits["one sample"].append(bool(q.samples) and q.right(q.samples[0].text))
+        tokens["one sample"].append(wave_tokens(q, 1, 1))
+        for name, selector in variants.items():
+            text, sel = await choose(selector, q, q.candidates(K))
+            hits[name].append(q.right(text))
+            tokens[name].append(wave_tokens(q, K, 1))
+            if name == "auto@9":
+                calibration.append((sel.confidence or 0.0, q.right(text)))
+                forms[sel.method] = forms.get(sel.method, 0) + 1
+        for k in (1, 3, 5, 7):
+            text, _ = await choose(auto, q, q.candidates(k))
+            hits[f"auto@{k}"].append(q.right(text))
+            tokens[f"auto@{k}"].append(wave_tokens(q, k, 1))
+        hits["oracle@9"].append(any(q.right(c.text) for c in q.samples))
+        tokens["oracle@9"].append(wave_tokens(q, K, 1))
+    n = len(qs)
+    table: dict[str, dict[str, Any]] = {}
+    for name, h in hits.items():
+        lo, hi = wilson(sum(h), n)
+        table[name] = {
+            "accuracy": sum(h) / n,
+            "right": sum(h),
+            "ci95": [lo, hi],
+            "tokens_per_question": sum(tokens[name]) / n,
+        }
+    # auto@9's tokens when its 9 samples are 9 separate requests (a FanOut of 9 targets)
+    separate = sum(K * q.prompt_tokens() + wave_tokens(q, K, 0) for q in qs) / n
+    table["auto@9"]["tokens_as_9_requests"] = separate
+    adaptive_rows: dict[str, dict[str, Any]] = {}
+    adaptive_hits: dict[str, list[bool]] = {}
+    adaptive_calibration: dict[str, list[tuple[float, bool]]] = {}
+    rules = [(f"Beta {t:g}", {"stop": AdaptiveConsistency(t)}) for t in THRESHOLDS] + [
+        (f"Beta 0.95 or P(right) >= {c:g}", {"stop": AdaptiveConsistency(0.95), "confident": c})
+        for c in CONFIDENT
+    ]
+    for sched, waves in SCHEDULES.items():
+        for rule, fields in rules:
+            w = dataclasses.replace(waves, **fields)
+            name = f"adaptive {sched}, {rule}"
+            rs, ts, os_, ds, cal = [], [], [], [], []
+            for q in qs:
+                right, tok, drawn, sel = await adaptive(q, auto, w)
+                rs.append(right)
+                ts.append(tok)
+                os_.append(wave_tokens(q, drawn, 1))
+                ds.append(drawn)
+                cal.append((sel.confidence or 0.0, right))
+            lo, hi = wilson(sum(rs), n)
+            t_mean, t_lo, t_hi = mean_ci([float(t) for t in ts])
+            adaptive_rows[name] = {
+                "accuracy": sum(rs) / n,
+                "right": sum(rs),
+                "ci95": [lo, hi],
+                "tokens_per_question": t_mean,
+                "tokens_ci95": [t_lo, t_hi],
+                "tokens_vs_auto9": t_mean / table["auto@9"]["tokens_per_question"],
+                "prompt_once_tokens_per_question": sum(os_) / n,
+                "prompt_once_vs_auto9": sum(os_) / n / table["auto@9"]["tokens_per_question"],
+                "vs_auto9_as_9_requests": t_mean / separate,
+                "samples_per_question": sum(ds) / n,
+                "ece": expected_calibration_error(cal),
+            }
+            adaptive_hits[name] = rs
+            adaptive_calibration[name] = cal
+    auto9 = hits["auto@9"]
+    diffs = {
+        "auto@9 - greedy": paired_bootstrap(auto9, hits["greedy"]),
+        "auto@9 - vote@9 (plain)": paired_bootstrap(
+            auto9, hits["vote@9 (normalize, the plain default)"]
+        ),
+        "auto@9 - vote@9 (number)": paired_bootstrap(auto9, hits["vote@9 (number)"]),
+        "auto@9 - one sample": paired_bootstrap(auto9, hits["one sample"]),
+    }
+    for name, rs in adaptive_hits.items():
+        diffs[f"{name} - auto@9"] = paired_bootstrap(rs, auto9)
+    by_family: dict[str, dict[str, float]] = {}
+    for fam in FORMS:
+        idx = [i for i, q in enumerate(qs) if q.item["family"] == fam]
+        if idx:
+            by_family[fam] = {
+                name: sum(hits[name][i] for i in idx) / len(idx)
+                for name in (
+                    "greedy",
+                    "one sample",
+                    "vote@9 (normalize, the plain default)",
+                    "vote@9 (number)",
+                    "consensus@9",
+                    "auto@9",
+                    "oracle@9",
+                )
+            }
+            by_family[fam]["questions"] = len(idx)
+    return {
+        "questions": n,
+        "methods": table,
+        "adaptive": adaptive_rows,
+        "differences": {k: {"diff": d, "ci95": [lo, hi]} for k, (d, lo, hi) in diffs.items()},
+        "by_family": by_family,
+        "forms_inferred": forms,
+        "top_votes": {k: dict(sorted(v.items())) for k, v in agreement.items()},
+        "calibration": {
+            "ece": expected_calibration_error(calibration),
+            "reliability": [dataclasses.asdict(b) for b in reliability_table(calibration)],
+            "adaptive_ece": {
+                k: expected_calibration_error(v) for k, v in adaptive_calibration.items()
+            },
+        },
+    }
+
+
+async def fit_calibration(qs: Sequence[Question]) -> Calibration:
+    """Fit the auto selector's calibration on selections over 1, 3, 5, 7 and 9 samples."""
+    auto = AutoSelect()
+    rows: list[tuple[dict[str, float], bool]] = []
+    for q in qs:
+        for k in (1, 3, 5, 7, 9):
+            for start in range(0, K - k + 1, max(k, 1)):
+                cands = q.candidates(k, start)
+                text, _ = await choose(auto, q, cands)
+                rows.append((auto.evidence(q.request, cands), q.right(text)))
+    return Calibration.fit(
+        rows,
+        features=["share", "margin", "votes", "log_n", "answer_conf"],
+        defaults={"answer_conf": sum(f.get("answer_conf", 0.0) for f, _ in rows) / len(rows)},
+        source="benchmarks/selection.py fit on the dev split",
+    )
+
+
+def print_split(name: str, r: dict[str, Any]) -> None:
+    print(f"\n== {name}: {r['questions']} questions ==")
+    print(f"{'method':<40}{'accuracy':>9}  {'95% CI':<15}{'tokens/q':>9}")
+    for m, row in r["methods"].items():
+        lo, hi = row["ci95"]
+        print(
+            f"{m:<40}{row['accuracy']:>8.1%}  [{lo:.1%}, {hi:.1%}]{row['tokens_per_question']:>9.0f}"
+        )
+    print(
+        f"\n{'adaptive sampling (auto selector)':<48}{'accuracy':>9}  {'95% CI':<15}"
+        f"{'tokens/q':>9}{'vs auto@9':>10}{'prompt once':>12}{'samples':>8}"
+    )
+    for m, row in r["adaptive"].items():
+        lo, hi = row["ci95"]
+        print(
+            f"{m:<48}{row['accuracy']:>8.1%}  [{lo:.1%}, {hi:.1%}]{row['tokens_per_question']:>9.0f}"
+            f"{row['tokens_vs_auto9']:>9.1%}{row['prompt_once_vs_auto9']:>11.1%}"
+            f"{row['samples_per_question']:>8.2f}"
+        )
+    print("\ndifferences (paired bootstrap, 95%):")
+    for m, d in r["differences"].items():
+        lo, hi = d["ci95"]
+        print(f"  {m:<52}{d['diff']:+.1%}  [{lo:+.1%}, {hi:+.1%}]")
+    print("\nby family:", json.dumps(r["by_family"], indent=None))
+    print("forms inferred:", r["forms_inferred"])
+    print("questions by the leading answer's votes, of 3 and of 9 samples:", r["top_votes"])
+    cal = r["calibration"]
+    print(f"auto@9 Selection.confidence: ECE {cal['ece']:.3f}")
+    for b in cal["reliability"]:
+        if b["count"]:
+            print(
+                f"  [{b['low']:.1f}, {b['high']:.1f}): {b['count']:>4} selections, "
+                f"mean confidence {b['confidence']:.2f}, right {b['accuracy']:.2f}"
+            )
+
+
+def fake_cache(items: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """A scripted stand-in for the engine's answers (right 40% of the time, else a wrong answer
+    or an echo of the question), to run the evaluation without the engine."""
     rng = random.Random(1)
 
-    def answer(request: ChatRequest) -> Completion:
-        if request.messages[0].role == "system":  # judge
-            return Completion(
-                text=f"Rating: [[{rng.randint(1, 10)}]]", usage=Usage(output_tokens=5)
-            )
-        right = answers[request.prompt]
-        greedy = request.temperature == 0
+    def reply(item: dict[str, Any], greedy: bool) -> dict[str, Any]:
+        right = item["answers"][0]
         roll = rng.random()
         if greedy or roll < 0.4:
             text = f"The answer is {right}."
         elif roll < 0.6:
-            text = request.prompt.split("\n")[0]
+            text = item["question"].split("\n")[0]
+        elif FORMS[item["family"]] == "number":
+            text = f"It is {int(right) + rng.randint(1, 3)}."
         else:
-            text = str(int(right) + rng.randint(1, 3))
-        return Completion(text=text, usage=Usage(input_tokens=20, output_tokens=len(text.split())))
-
-    return FunctionBackend(answer, name="fake")
-
-
-async def main(fake: bool, limit: int | None, judge_every: int) -> dict[str, Any]:
-    tasks = load_tasks(limit)
-    requests = [request_for(t) for t in tasks]
-    n = len(tasks)
-    if fake:
-        backend: Backend = fake_backend(tasks)
-        model = "scripted"
-    else:
-        from genfan_providers.vllm import VLLMBackend
-
-        backend = VLLMBackend()
-        model = backend.model_name
-        t0 = time.perf_counter()
-        await backend.start()  # type: ignore[attr-defined]
-        print(f"engine ready in {time.perf_counter() - t0:.1f}s")
-
-    try:
-        greedy, greedy_wall = await draw(backend, requests, 1, 0.0)
-        print(f"greedy: {greedy_wall:.1f}s")
-        rounds: list[list[list[Candidate]]] = []
-        round_walls: list[float] = []
-        for k in ROUNDS:
-            got, wall = await draw(backend, requests, k, TEMPERATURE)
-            rounds.append(got)
-            round_walls.append(wall)
-            print(f"{k} samples per question: {wall:.1f}s")
-        samples = [reindex([c for r in rounds for c in r[i]]) for i in range(n)]
-
-        judge_backend = Metered(backend)
-        judge = LLMJudge(
-            judge_backend, max_tokens=JUDGE_MAX_TOKENS, max_concurrency=9, name="judge"
-        )
-        vote = Select(MajorityVote(extract=VOTE_EXTRACT))
-        consensus = Select(Consensus())
-        judged = Select(judge)
-
-        rows: dict[str, list[bool]] = {
-            k: []
-            for k in (
-                "greedy",
-                "1 sample",
-                "vote@5",
-                "vote@9",
-                "consensus@5",
-                "consensus@9",
-                "judge@9",
-                "oracle@9",
-            )
+            text = f"It is {rng.choice(['Lyon', 'A', 'blue', 'B'])}."
+        lp = -0.1 if roll < 0.4 else -1.0
+        tokens = [w if i == 0 else " " + w for i, w in enumerate(text.split(" "))]
+        return {
+            "text": text,
+            "finish": "stop",
+            "in": 30,
+            "out": len(tokens),
+            "tokens": tokens,
+            "logprobs": [lp] * len(tokens),
         }
-        vote_confidence: list[tuple[float, bool]] = []
-        for task, request, g, s in zip(tasks, requests, greedy, samples, strict=True):
-            rows["greedy"].append(bool(g) and is_right(g[0].text, task, request))
-            rows["1 sample"].append(bool(s) and is_right(s[0].text, task, request))
-            for size in (5, 9):
-                text, conf = await pick(vote, request, s[:size])
-                rows[f"vote@{size}"].append(is_right(text, task, request))
-                if size == 9:
-                    vote_confidence.append((conf, is_right(text, task, request)))
-                text, _ = await pick(consensus, request, s[:size])
-                rows[f"consensus@{size}"].append(is_right(text, task, request))
-            rows["oracle@9"].append(any(is_right(c.text, task, request) for c in s))
 
-        # The judge costs a call per distinct answer: it runs on every `judge_every`-th question.
-        judged_ids = list(range(0, n, judge_every))
-        t0 = time.perf_counter()
-        picks: dict[int, str] = {}
-        limiter = anyio.CapacityLimiter(max(1, IN_FLIGHT // 9))
-
-        async def judge_one(i: int) -> None:
-            async with limiter:
-                picks[i], _ = await pick(judged, requests[i], samples[i])
-
-        async with anyio.create_task_group() as tg:
-            for i in judged_ids:
-                tg.start_soon(judge_one, i)
-        judge_wall = time.perf_counter() - t0
-        judge_rows = {
-            name: [rows[name][i] for i in judged_ids]
-            for name in ("greedy", "1 sample", "vote@9", "consensus@9", "oracle@9")
+    return {
+        i["id"]: {
+            "id": i["id"],
+            "greedy": reply(i, True),
+            "samples": [reply(i, False) for _ in range(K)],
         }
-        judge_rows["judge@9"] = [is_right(picks[i], tasks[i], requests[i]) for i in judged_ids]
-        del rows["judge@9"]
-        print(f"judge over 9 on {len(judged_ids)} questions: {judge_wall:.1f}s")
+        for i in items
+    }
 
-        cascades = {f"{k}+{9 - k}": await run_cascades(tasks, requests, samples, k) for k in (3, 5)}
-    finally:
-        await backend.aclose()
 
-    tok_greedy = sum(tokens(g) for g in greedy)
-    tok_round = [sum(tokens(r[i]) for i in range(n)) for r in rounds]
-    tok1, tok5, tok9 = tok_round[0], tok_round[0] + tok_round[1], sum(tok_round)
-    wall1, wall5, wall9 = round_walls[0], sum(round_walls[:2]), sum(round_walls)
-    judge_stats = judge.statistics()
-    cost = {
-        "greedy": (tok_greedy, greedy_wall),
-        "1 sample": (tok1, wall1),
-        "vote@5": (tok5, wall5),
-        "vote@9": (tok9, wall9),
-        "consensus@5": (tok5, wall5),
-        "consensus@9": (tok9, wall9),
-        "oracle@9": (tok9, wall9),
-    }
-    table = {
-        name: {
-            "accuracy": sum(hits) / n,
-            "right": sum(hits),
-            "tokens_per_question": cost[name][0] / n,
-            "wall_s": cost[name][1],
-        }
-        for name, hits in rows.items()
-    }
-    m = len(judged_ids)
-    judge_table = {
-        name: {"accuracy": sum(hits) / m, "right": sum(hits)} for name, hits in judge_rows.items()
-    }
-    judge_table["judge@9"]["extra_tokens_per_question"] = judge_backend.usage.total_tokens / m
-    judge_table["judge@9"]["extra_wall_s"] = judge_wall
-    judge_table["judge@9"]["calls_per_question"] = judge_backend.calls / m
-    high = [ok for conf, ok in vote_confidence if conf >= 0.5]
-    low = [ok for conf, ok in vote_confidence if conf < 0.5]
-    report = {
+async def run_evaluate(fit: bool, fake: bool = False) -> dict[str, Any]:
+    cache = fake_cache(load_items()) if fake else load_cache()
+    report: dict[str, Any] = {
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, shared",
-        "model": model,
-        "questions": n,
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, shared",
         "temperature": TEMPERATURE,
         "max_tokens": MAX_TOKENS,
-        "methods": table,
-        "judge": {**dataclasses.asdict(judge_stats), "questions": m, "methods": judge_table},
-        "vote9_confidence": {
-            "share>=0.5": {"n": len(high), "accuracy": sum(high) / len(high) if high else None},
-            "share<0.5": {"n": len(low), "accuracy": sum(low) / len(low) if low else None},
-        },
-        "cascades": cascades,
-        "cascade_at_vote9_accuracy": {
-            name: _cheapest_at(rows_, table["vote@9"]["accuracy"])
-            for name, rows_ in cascades.items()
-        },
-        "answers": [
-            {
-                "id": t["id"],
-                "expected": t["answer"],
-                "greedy": g[0].text if g else None,
-                "samples": [c.text for c in smp],
-            }
-            for t, g, smp in zip(tasks, greedy, samples, strict=True)
-        ],
+        "samples": K,
     }
+    dev = questions(load_items("dev"), cache)
+    if fit:
+        cal = await fit_calibration(dev)
+        print("calibration fitted on dev:", cal)
+        report["fitted_calibration"] = {
+            "weights": dict(cal.weights),
+            "intercept": cal.intercept,
+            "defaults": dict(cal.defaults),
+        }
+    for split in ("dev", "test"):
+        qs = dev if split == "dev" else questions(load_items("test"), cache)
+        if not qs:
+            continue
+        report[split] = await evaluate_split(qs)
+        print_split(split, report[split])
     return report
 
 
-def _cheapest_at(rows: dict[str, dict[str, float]], target: float) -> dict[str, Any] | None:
-    """The threshold with the fewest tokens among those at least as accurate as ``target``."""
-    ok = [(r["tokens_per_question"], t, r) for t, r in rows.items() if r["accuracy"] >= target]
-    if not ok:
-        return None
-    _, threshold, row = min(ok)
-    return {"threshold": threshold, **row}
+# -- n samples in one request against n requests (engine) -------------------------------------
 
 
-def print_report(report: dict[str, Any]) -> None:
-    print(f"\n{report['questions']} questions, model {report['model']}, {report['date']}")
-    print(f"{'method':<14}{'accuracy':>10}{'tokens/q':>11}{'wall s':>9}")
-    for name, row in report["methods"].items():
-        print(
-            f"{name:<14}{row['accuracy']:>9.1%} {row['tokens_per_question']:>10.0f}"
-            f"{row['wall_s']:>9.1f}"
+async def run_waves(limit: int) -> dict[str, Any]:
+    """On ``limit`` test questions: 9 separate requests, one request with n=9, and the real
+    adaptive :class:`~genfan.Sampling` (waves of 3, Beta 0.95), each end to end on the engine."""
+    from genfan_providers.vllm import VLLMBackend
+
+    items = load_items("test")[:limit]
+    requests = [request_for(i) for i in items]
+    backend = VLLMBackend()
+    await backend.start()
+    out: dict[str, Any] = {"questions": len(items)}
+    try:
+        separate = FanOut(
+            [Target(backend=backend, name=f"s{i}", temperature=TEMPERATURE) for i in range(K)],
+            select=AutoSelect(),
         )
-    j = report["judge"]
-    print(
-        f"\njudge on {j['questions']} questions ({j['calls']} calls: parsed {j['parsed']}, "
-        f"unparsed {j['unparsed']}, failed {j['failed']}):"
-    )
-    for name, row in j["methods"].items():
-        print(f"  {name:<12}{row['accuracy']:>9.1%}")
-    jj = j["methods"]["judge@9"]
-    print(
-        f"  judge extra: {jj['extra_tokens_per_question']:.0f} tokens/q, "
-        f"{jj['calls_per_question']:.1f} calls/q, {jj['extra_wall_s']:.1f}s"
-    )
-    for bucket, v in report["vote9_confidence"].items():
-        acc = "-" if v["accuracy"] is None else f"{v['accuracy']:.1%}"
-        print(f"vote@9 with {bucket}: {v['n']} questions, accuracy {acc}")
-    for name, rows in report["cascades"].items():
-        first, rest = name.split("+")
-        print(f"\ncascade: vote over {first} samples, {rest} more (carried) when share < threshold")
-        print(
-            f"{'threshold':<10}{'accuracy':>10}{'tokens/q':>11}{'saved vs 9':>12}{'escalated':>11}"
-        )
-        for t, row in rows.items():
-            print(
-                f"{t:<10}{row['accuracy']:>9.1%} {row['tokens_per_question']:>10.0f}"
-                f"{row['saved_vs_9']:>11.1%} {row['escalated']:>10.1%}"
+        one = Sampling(backend, K, waves=None, temperature=TEMPERATURE)
+        waves = Sampling(backend, K, waves=Waves(size=3), temperature=TEMPERATURE)
+        for name, fan in (
+            ("9 separate requests", separate),
+            ("one request, n=9", one),
+            ("adaptive, waves of 3 (one request each)", waves),
+        ):
+            t0 = time.perf_counter()
+            results = await fan.map(requests, max_in_flight=max(1, IN_FLIGHT // K))
+            wall = time.perf_counter() - t0
+            ok = [r for r in results if not isinstance(r, AllBackendsFailedError)]
+            usage = [r.usage for r in ok]
+            inp = sum(u.input_tokens for u in usage)
+            outp = sum(u.output_tokens for u in usage)
+            right = sum(
+                is_right(r.text if r.chosen else "", item, req)
+                for r, item, req in zip(results, items, requests, strict=True)
+                if not isinstance(r, AllBackendsFailedError)
             )
-        best = report["cascade_at_vote9_accuracy"][name]
-        if best is None:
-            print("  no threshold reaches vote@9's accuracy")
-        else:
+            drawn = sum(len(r.successes) for r in ok)
+            out[name] = {
+                "wall_s": wall,
+                "input_tokens": inp,
+                "output_tokens": outp,
+                "output_tok_per_s": outp / wall,
+                "samples": drawn,
+                "accuracy": right / len(items),
+            }
             print(
-                f"  at vote@9's accuracy: threshold {best['threshold']}, "
-                f"saves {best['saved_vs_9']:.1%} of vote@9's tokens"
+                f"{name}: {wall:.1f}s, {inp} prompt + {outp} output tokens "
+                f"({outp / wall:.0f} output tok/s), {drawn} samples, {right}/{len(items)} right",
+                flush=True,
             )
+    finally:
+        await backend.aclose()
+    return out
 
 
-def cli(argv: Sequence[str] | None = None, run: Callable[..., Any] = anyio.run) -> None:
+def cli(argv: Sequence[str] | None = None) -> None:
+    global TEMPERATURE
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--fake", action="store_true", help="scripted backend, no engine")
-    parser.add_argument("--limit", type=int, default=None, help="only the first N questions")
-    parser.add_argument(
-        "--judge-every", type=int, default=3, help="judge every N-th question (default 3)"
-    )
-    parser.add_argument(
-        "--number-words",
-        action="store_true",
-        help="vote and grade with numbers written in words read too (extract='number_words')",
-    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("generate", help="draw greedy + 9 samples per question (engine)")
+    g.add_argument("--split", default="all", choices=["dev", "test", "all"])
+    g.add_argument("--limit", type=int, default=None)
+    g.add_argument("--temperature", type=float, default=TEMPERATURE)
+    e = sub.add_parser("evaluate", help="every selector over the cached samples (offline)")
+    e.add_argument("--fit", action="store_true", help="fit the calibration on dev and print it")
+    e.add_argument("--temperature", type=float, default=TEMPERATURE)
+    e.add_argument("--fake", action="store_true", help="scripted answers instead of the cache")
+    w = sub.add_parser("waves", help="n samples in one request vs n requests (engine)")
+    w.add_argument("--limit", type=int, default=60)
     args = parser.parse_args(argv)
-    if args.number_words:
-        global EXTRACT, VOTE_EXTRACT
-        EXTRACT, VOTE_EXTRACT = FinalNumber(words=True), "number_words"
-    report = run(main, args.fake, args.limit, args.judge_every, backend="asyncio")
-    print_report(report)
+    TEMPERATURE = getattr(args, "temperature", TEMPERATURE)
     RESULTS.mkdir(exist_ok=True)
-    stem = "selection-fake" if args.fake else "selection"
-    path = RESULTS / (stem + ("-number-words" if args.number_words else "") + ".json")
+    if args.command == "generate":
+        anyio.run(run_generate, args.split, args.limit, backend="asyncio")
+        return
+    if args.command == "evaluate":
+        report = anyio.run(run_evaluate, args.fit, args.fake)
+        path = RESULTS / (
+            "selection-fake.json"
+            if args.fake
+            else "selection.json"
+            if TEMPERATURE == 0.7
+            else f"selection-t{TEMPERATURE:g}.json"
+        )
+    else:
+        report = anyio.run(run_waves, args.limit, backend="asyncio")
+        path = RESULTS / "selection-waves.json"
     path.write_text(json.dumps(report, indent=2))
     print(f"\nwrote {path.relative_to(HERE.parent)}")
 

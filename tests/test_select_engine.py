@@ -85,3 +85,42 @@ async def test_selection_end_to_end_on_the_local_model() -> None:
         assert "Responses from models:\n1. " in (synth.aggregate_request.messages[0].content or "")
     finally:
         await backend.aclose()
+
+
+async def test_logprobs_and_an_n_sample_wave_from_the_local_engine() -> None:
+    vllm_local = pytest.importorskip("genfan_providers.vllm")
+    from genfan import MultiSampleBackend, Sampling
+    from genfan.select import AutoSelect, Waves
+
+    backend = vllm_local.VLLMBackend()
+    try:
+        await backend.start()
+        asked = ChatRequest.from_prompt(
+            "What is the capital of France? Answer with one word.", max_tokens=12, logprobs=True
+        )
+        one = await backend.complete(asked)
+        assert one.logprobs is not None and 0 < len(one.logprobs) <= one.usage.output_tokens
+        assert "".join(t.token for t in one.logprobs) == one.text  # the end token left out
+        assert all(t.logprob <= 0.0 for t in one.logprobs)
+        assert one.logprob_stats is not None and 0.0 < one.logprob_stats.probability <= 1.0
+        plain = await backend.complete(asked.with_overrides(logprobs=False))
+        assert plain.logprobs is None
+
+        # One engine request, n samples: the prompt counted once, every sample with logprobs.
+        assert isinstance(backend, MultiSampleBackend)
+        wave = await backend.sample(asked.with_overrides(temperature=0.7), 4)
+        assert len(wave) == 4
+        assert wave[0].usage.input_tokens > 0 and all(c.usage.input_tokens == 0 for c in wave[1:])
+        assert all(c.logprobs and c.usage.output_tokens > 0 for c in wave)
+
+        # Adaptive sampling end to end: waves of 2, the auto selector picks and explains.
+        sampler = Sampling(backend, 6, waves=Waves(size=2), temperature=0.7, max_tokens=12)
+        result = await sampler.run(asked)
+        drawn = len(result.successes)
+        assert drawn in (2, 4, 6)
+        assert all(c.status == "cancelled" for c in result.candidates[drawn:])
+        assert result.selection.method == "auto:short"
+        assert result.selection.confidence is not None
+        assert isinstance(sampler.selector, AutoSelect)
+    finally:
+        await backend.aclose()

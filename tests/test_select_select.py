@@ -211,7 +211,7 @@ async def test_scores_and_pick_are_span_attributes_events_and_log_events(
 
 
 def test_selector_from_name_builds_each_selector() -> None:
-    assert SELECTOR_NAMES == ("first", "vote", "consensus", "judge", "schema")
+    assert SELECTOR_NAMES == ("auto", "first", "vote", "consensus", "judge", "schema")
     assert isinstance(selector_from_name("first"), FirstSuccess)
     vote = selector_from_name("vote", extract="number", tie_break="fastest")
     assert isinstance(vote, Select) and vote.name == "vote" and vote.tie_break == "fastest"
@@ -235,7 +235,9 @@ def test_selector_from_name_resolves_a_judge_spec_through_the_registry() -> None
 
 
 def test_selector_from_name_errors() -> None:
-    with pytest.raises(ConfigurationError, match="unknown selector 'best'; available: first, vote"):
+    with pytest.raises(
+        ConfigurationError, match="unknown selector 'best'; available: auto, first, vote"
+    ):
         selector_from_name("best")
     with pytest.raises(ConfigurationError, match="bad options for selector 'vote'"):
         selector_from_name("vote", colour="red")

@@ -111,10 +111,12 @@ class Selector(Protocol):
     async def select(self, request: ChatRequest, candidates: Sequence[Candidate]) -> Selection: ...
 
 
-#: A selector, or a plain function ``(request, candidates) -> Candidate | int | None``
-#: (sync or async).
+#: A selector, a selector's name (``"auto"``, ``"vote"``... see
+#: :func:`~genfan.select.selector_from_name`), or a plain function
+#: ``(request, candidates) -> Candidate | int | None`` (sync or async).
 SelectorLike: TypeAlias = (
     Selector
+    | str
     | Callable[[ChatRequest, Sequence[Candidate]], "Candidate | int | None"]
     | Callable[[ChatRequest, Sequence[Candidate]], Awaitable["Candidate | int | None"]]
 )
@@ -167,11 +169,16 @@ class _FunctionSelector:
 
 
 def as_selector(select: SelectorLike | None) -> Selector:
-    """Turn ``None`` (first success), a selector, or a function into a :class:`Selector`."""
+    """Turn ``None`` (first success), a selector, a selector's name (``"auto"``...), or a
+    function into a :class:`Selector`."""
     if select is None:
         return FirstSuccess()
     if isinstance(select, Selector):
         return select
+    if isinstance(select, str):
+        from ._factory import selector_from_name
+
+        return selector_from_name(select)
     if callable(select):
         return _FunctionSelector(select)
     raise ConfigurationError(

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import re
+import ssl
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import aclosing
@@ -41,6 +42,7 @@ from genfan import (
     StreamEnd,
     StreamEvent,
     TextDelta,
+    TokenLogprob,
     ToolCall,
     ToolCallDelta,
     merge_tool_call_deltas,
@@ -48,12 +50,18 @@ from genfan import (
 )
 
 from ._http import (
+    DEFAULT_MAX_RESPONSE_BYTES,
+    DEFAULT_MAX_SERVER_WAIT,
     PROVIDER_KEY,
     HTTPBackend,
+    StreamProgress,
+    Transport,
     _ProviderKey,
     parse_duration,
     parse_int,
     prefixed_headers,
+    text_field,
+    usage_field,
 )
 
 __all__ = ["MaxTokensField", "OpenAIBackend", "UnsupportedParams"]
@@ -108,6 +116,18 @@ class OpenAIBackend(HTTPBackend):
             ``None`` (default): no cap of its own; the guard stack's bulkhead is the cap.
         price: USD per million input and output tokens, to fill ``Usage.cost``.
         client: use this ``httpx.AsyncClient`` (left open by :meth:`aclose`).
+        max_response_bytes: the most bytes of one answer held in memory (a JSON body, or one
+            event of a stream; default 16 MiB); a larger one fails with
+            :class:`~genfan.ResponseTooLargeError`. ``None``: no limit.
+        max_server_wait: the longest wait (seconds, default 3600) believed from a server's
+            ``Retry-After`` or quota reset; longer ones are cut to it.
+        http2: offer HTTP/2 (the ``http2`` extra); a server that takes it carries many calls
+            on one connection, and a cancelled call resets its stream instead of dropping the
+            connection (see :class:`~genfan_providers._http.HTTPBackend`).
+        transport: ``"httpx"`` (default), ``"aiohttp"`` (asyncio only, the ``aiohttp`` extra:
+            less client CPU per call) or ``"auto"`` (aiohttp on asyncio, httpx elsewhere).
+        verify: ``True`` (default), a CA bundle file or folder, an ``ssl.SSLContext``, or
+            ``False`` (no certificate check: testing only).
         max_tokens_field: the body field that carries ``ChatRequest.max_tokens``. OpenAI
             deprecated ``max_tokens`` for chat completions and its reasoning models reject it
             for ``max_completion_tokens``; OpenAI-compatible servers (vLLM, Ollama, llama.cpp,
@@ -148,6 +168,11 @@ class OpenAIBackend(HTTPBackend):
         max_concurrency: int | None = None,
         price: tuple[float, float] | None = None,
         client: httpx.AsyncClient | None = None,
+        max_response_bytes: int | None = DEFAULT_MAX_RESPONSE_BYTES,
+        max_server_wait: float = DEFAULT_MAX_SERVER_WAIT,
+        http2: bool = False,
+        transport: Transport = "httpx",
+        verify: bool | str | ssl.SSLContext = True,
         max_tokens_field: MaxTokensField = "auto",
         unsupported_params: UnsupportedParams = "drop",
     ) -> None:
@@ -166,6 +191,11 @@ class OpenAIBackend(HTTPBackend):
             max_concurrency=max_concurrency,
             price=price,
             client=client,
+            max_response_bytes=max_response_bytes,
+            max_server_wait=max_server_wait,
+            http2=http2,
+            transport=transport,
+            verify=verify,
         )
         self._chat_url = self.base_url + "/chat/completions"
         self._embed_url = self.base_url + "/embeddings"
@@ -240,6 +270,8 @@ class OpenAIBackend(HTTPBackend):
             body["stop"] = list(request.stop)
         if request.seed is not None:
             body["seed"] = request.seed
+        if request.logprobs:
+            body["logprobs"] = True
         if request.tools:
             body["tools"] = [
                 {
@@ -313,6 +345,7 @@ class OpenAIBackend(HTTPBackend):
                 backend=self.name,
                 latency=latency,
                 rate_limit=self._rate_limit_info(response.headers),
+                logprobs=_logprobs(choice.get("logprobs")) if request.logprobs else None,
             )
         except (KeyError, IndexError, TypeError, AttributeError, ValueError) as exc:
             raise self._not_a("a chat completion", url, response, exc) from exc
@@ -321,7 +354,9 @@ class OpenAIBackend(HTTPBackend):
         """Stream the answer: text and tool-call pieces, then a :class:`StreamEnd`.
 
         Usage comes from the last chunk (``stream_options.include_usage``). A stream that ends
-        before ``[DONE]`` or without a finish reason raises :class:`MalformedResponseError`.
+        before ``[DONE]`` or without a finish reason raises :class:`MalformedResponseError`
+        (retryable) before any piece was passed on, :class:`~genfan.StreamInterruptedError`
+        (with ``partial_text``) after; so does a connection that breaks.
         """
         body = self.build_body(request, stream=True)
         url = self._chat_url
@@ -329,18 +364,21 @@ class OpenAIBackend(HTTPBackend):
         ttft: float | None = None
         parts: list[str] = []
         deltas: list[ToolCallDelta] = []
+        logprobs: list[TokenLogprob] = []
         finish: str | None = None
         usage: Mapping[str, Any] | None = None
         model = ""
         done = False
         response: httpx.Response | None = None
-        async with aclosing(self._stream_sse(url, body, request.timeout)) as events:
+        progress = StreamProgress(parts, deltas)
+        sse = self._stream_sse(url, body, request.timeout, progress=progress)
+        async with aclosing(sse) as events:
             async for _event, data, resp in events:
                 response = resp
                 if done:
                     continue
                 if data == "[DONE]":
-                    done = True
+                    done = progress.ended = True
                     continue
                 try:
                     chunk = json.loads(data)
@@ -350,15 +388,15 @@ class OpenAIBackend(HTTPBackend):
                         )
                     if chunk.get("error") is not None:
                         self._raise_stream_error(chunk, url, resp)
-                    model = chunk.get("model") or model
+                    model = text_field(chunk, "model") or model
                     if chunk.get("usage"):
-                        usage = chunk["usage"]
+                        usage = usage_field(chunk, "usage", _USAGE_COUNTS)
                     out: list[StreamEvent] = []
                     for choice in chunk.get("choices") or ():
                         if choice.get("index", 0) != 0:
                             continue
                         delta = choice.get("delta") or _NO_USAGE
-                        content = delta.get("content")
+                        content = text_field(delta, "content")
                         if content:
                             parts.append(content)
                             out.append(TextDelta(text=content))
@@ -374,7 +412,9 @@ class OpenAIBackend(HTTPBackend):
                             deltas.append(d)
                             out.append(d)
                         if choice.get("finish_reason"):
-                            finish = choice["finish_reason"]
+                            finish = text_field(choice, "finish_reason")
+                        if request.logprobs:
+                            logprobs.extend(_logprobs(choice.get("logprobs")) or ())
                 except (KeyError, IndexError, TypeError, AttributeError, ValueError) as exc:
                     raise self._unreadable("chunk", url, data, exc) from exc
                 if out and ttft is None:
@@ -383,7 +423,7 @@ class OpenAIBackend(HTTPBackend):
                     yield ev
         if not done or finish is None:
             missing = "[DONE]" if not done else "a finish reason"
-            raise self._truncated(url, missing)
+            raise self._cut_short(url, missing, parts, deltas)
         u = usage or _NO_USAGE
         yield StreamEnd(
             completion=Completion(
@@ -396,6 +436,7 @@ class OpenAIBackend(HTTPBackend):
                 latency=time.perf_counter() - start,
                 ttft=ttft,
                 rate_limit=None if response is None else self._rate_limit_info(response.headers),
+                logprobs=tuple(logprobs) if request.logprobs and logprobs else None,
             )
         )
 
@@ -450,7 +491,7 @@ class OpenAIBackend(HTTPBackend):
             )
         return vectors
 
-    def _rate_limit_info(self, headers: httpx.Headers) -> RateLimitInfo | None:
+    def _read_rate_limit(self, headers: httpx.Headers) -> RateLimitInfo | None:
         found = prefixed_headers(headers, _RL_PREFIX)
         if found is None:
             return None
@@ -465,6 +506,7 @@ class OpenAIBackend(HTTPBackend):
 
 
 _NO_USAGE: Mapping[str, Any] = {}
+_USAGE_COUNTS = ("prompt_tokens", "completion_tokens")
 _RL_PREFIX = b"x-ratelimit-"
 
 
@@ -510,3 +552,17 @@ def _tool_calls(raw: Any) -> tuple[ToolCall, ...]:
             args = json.dumps(args)
         calls.append(ToolCall(id=c.get("id") or f"call_{i}", name=fn["name"], arguments=args))
     return tuple(calls)
+
+
+def _logprobs(raw: Any) -> tuple[TokenLogprob, ...] | None:
+    """The tokens and log-probabilities of a choice's ``logprobs`` (``{"content": [...]}``)."""
+    if not isinstance(raw, Mapping):
+        return None
+    content = raw.get("content")
+    if not isinstance(content, list):
+        return None
+    return tuple(
+        TokenLogprob(token=str(t.get("token", "")), logprob=float(t["logprob"]))
+        for t in content
+        if isinstance(t, Mapping) and t.get("logprob") is not None
+    )

@@ -55,7 +55,9 @@ from genfan import (
     MalformedResponseError,
     StreamEnd,
     StreamEvent,
+    StreamInterruptedError,
     TextDelta,
+    TokenLogprob,
     ToolCall,
     ToolCallDelta,
     Usage,
@@ -297,6 +299,10 @@ class VLLMBackend(BaseBackend):
 
     # -- the shared engine -----------------------------------------------------------------
 
+    async def warm(self) -> None:
+        """Start (or join) the shared engine now, so its start-up is not a call's latency."""
+        await self.start()
+
     async def start(self) -> EngineStats:
         """Start (or join) the shared engine now instead of on the first request."""
         shared = await self._acquire()
@@ -493,6 +499,7 @@ class VLLMBackend(BaseBackend):
         plan: _ToolPlan,
         *,
         stream: bool,
+        n: int = 1,
     ) -> Any:
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
@@ -515,6 +522,10 @@ class VLLMBackend(BaseBackend):
             max_tokens=min(wanted, room),
             output_kind=RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY,
         )
+        if n != 1:
+            params["n"] = n
+        if request.logprobs:
+            params["logprobs"] = 0  # the sampled token's own log-probability, no alternatives
         if temperature is not None:
             params["temperature"] = temperature
         if top_p is not None:
@@ -574,7 +585,7 @@ class VLLMBackend(BaseBackend):
         return LocalEngineError(f"vLLM failed: {type(exc).__name__}: {exc}", backend=self.name)
 
     async def _generate(
-        self, request: ChatRequest, *, stream: bool
+        self, request: ChatRequest, *, stream: bool, n: int = 1
     ) -> AsyncGenerator[tuple[_ToolPlan, int, Any], None]:
         """Submit one request to the shared engine and yield vLLM's outputs.
 
@@ -584,7 +595,7 @@ class VLLMBackend(BaseBackend):
         shared = await self._acquire()
         plan = self._tool_plan(shared, request)
         ids = self._prompt_ids(shared, request, plan)
-        params = self._sampling_params(shared, request, len(ids), plan, stream=stream)
+        params = self._sampling_params(shared, request, len(ids), plan, stream=stream, n=n)
         request_id = f"genfan-{uuid.uuid4().hex}"
         engine = shared.engine
         outputs = engine.generate({"type": "token", "prompt_token_ids": ids}, params, request_id)
@@ -668,7 +679,11 @@ class VLLMBackend(BaseBackend):
             raise BackendTimeoutError(f"no answer within {limit:g}s", backend=self.name) from exc
         if final is None or not final.outputs:
             raise LocalEngineError("the engine returned no output", backend=self.name)
-        choice = final.outputs[0]
+        return self._completion(plan, request, final.outputs[0], prompt_len, start)
+
+    def _completion(
+        self, plan: _ToolPlan, request: ChatRequest, choice: Any, prompt_len: int, start: float
+    ) -> Completion:
         text, calls, reason = self._outcome(plan, request, choice.text, choice.finish_reason)
         return Completion(
             text=text,
@@ -678,7 +693,70 @@ class VLLMBackend(BaseBackend):
             model=self.model_name,
             backend=self.name,
             latency=time.perf_counter() - start,
+            logprobs=self._logprobs(choice) if request.logprobs else None,
         )
+
+    def _logprobs(self, choice: Any) -> tuple[TokenLogprob, ...] | None:
+        """Each generated token and its log-probability, from a vLLM output."""
+        positions = getattr(choice, "logprobs", None)
+        if positions is None:
+            return None
+        shared = self._shared
+        out: list[TokenLogprob] = []
+        for token_id, position in zip(choice.token_ids, positions, strict=False):
+            entry = position.get(int(token_id)) if position is not None else None
+            if entry is None:
+                continue
+            token = entry.decoded_token
+            if token is None and shared is not None:
+                token = shared.tokenizer.decode([int(token_id)])
+            out.append(TokenLogprob(token=token or "", logprob=float(entry.logprob)))
+        # Tokens past the text (the end-of-turn token, a stop sequence) are not part of the
+        # answer: drop them, as OpenAI's API does, so the tokens spell the text.
+        text = getattr(choice, "text", None)
+        if isinstance(text, str) and out:
+            joined = sum(len(t.token) for t in out)
+            while out and joined - len(out[-1].token) >= len(text):
+                joined -= len(out.pop().token)
+        return tuple(out)
+
+    async def sample(self, request: ChatRequest, n: int) -> list[Completion]:
+        """``n`` answers to ``request`` from one engine request (vLLM's ``n``).
+
+        The samples share the prompt: it is processed once, and its tokens are counted once, in
+        the first sample's ``usage.input_tokens`` (the others show 0), so the usages add up to
+        what the engine did. With ``n=1`` this is :meth:`complete`.
+
+        Raises:
+            ConfigurationError: ``n`` is below 1.
+            MalformedResponseError: a forced tool call did not parse (retryable).
+        """
+        if n < 1:
+            raise ConfigurationError(f"n must be >= 1 samples, got {n!r}")
+        if n == 1:
+            return [await self.complete(request)]
+        start = time.perf_counter()
+        limit = self._limit(request)
+        final: Any = None
+        plan = _NO_TOOLS
+        prompt_len = 0
+        try:
+            with anyio.fail_after(limit):
+                async with contextlib.aclosing(
+                    self._generate(request, stream=False, n=n)
+                ) as outputs:
+                    async for step_plan, n_prompt, out in outputs:
+                        plan, prompt_len, final = step_plan, n_prompt, out
+        except TimeoutError as exc:
+            raise BackendTimeoutError(f"no answer within {limit:g}s", backend=self.name) from exc
+        if final is None or not final.outputs:
+            raise LocalEngineError("the engine returned no output", backend=self.name)
+        choices = sorted(final.outputs, key=lambda c: int(getattr(c, "index", 0)))
+        completions = [
+            self._completion(plan, request, choice, prompt_len if k == 0 else 0, start)
+            for k, choice in enumerate(choices)
+        ]
+        return completions
 
     async def stream(self, request: ChatRequest) -> AsyncIterator[StreamEvent]:
         """Stream the answer token by token, then one :class:`StreamEnd` with usage.
@@ -698,19 +776,24 @@ class VLLMBackend(BaseBackend):
         prompt_len = 0
         ttft: float | None = None
         finish: str | None = None
+        finished = False  # the engine's last output said the answer is whole
         plan = _NO_TOOLS
         parser: Any = None
+        logprobs: list[TokenLogprob] = []
         try:
             with anyio.fail_after(limit):
                 async with contextlib.aclosing(self._generate(request, stream=True)) as outputs:
                     async for step_plan, n_prompt, out in outputs:
                         plan, prompt_len = step_plan, n_prompt
+                        finished = bool(out.finished)
                         if not out.outputs:
                             continue
                         choice = out.outputs[0]
                         new_ids = [int(i) for i in choice.token_ids]
                         tokens += len(new_ids)
                         finish = choice.finish_reason or finish
+                        if request.logprobs:
+                            logprobs.extend(self._logprobs(choice) or ())
                         previous_ids = ids
                         if plan.new_parser is not None:  # only vLLM's parsers read token ids
                             ids = ids + new_ids
@@ -741,6 +824,15 @@ class VLLMBackend(BaseBackend):
                             yield TextDelta(text=piece)
         except TimeoutError as exc:
             raise BackendTimeoutError(f"no answer within {limit:g}s", backend=self.name) from exc
+        if not finished:  # the engine's outputs ended before the answer did
+            why = "the engine's stream ended before the answer finished"
+            if shown:
+                raise StreamInterruptedError(
+                    f"{why}; partial_text holds what came",
+                    backend=self.name,
+                    partial_text="".join(shown),
+                )
+            raise MalformedResponseError(why, backend=self.name)
         answer, calls, reason = self._outcome(plan, request, "".join(pieces), finish)
         sent = "".join(shown)
         if len(answer) > len(sent) and answer.startswith(sent):  # text held back, or all of it
@@ -757,6 +849,7 @@ class VLLMBackend(BaseBackend):
                 backend=self.name,
                 latency=time.perf_counter() - start,
                 ttft=ttft,
+                logprobs=tuple(logprobs) if request.logprobs else None,
             )
         )
 
