@@ -167,3 +167,45 @@ def test_a_terminal_gets_a_progress_bar(monkeypatch: pytest.MonkeyPatch) -> None
     bar.close()
     assert (tally.ok, tally.failed, tally.input_tokens, tally.cost) == (1, 1, 3, 0.5)
     assert _batch._make_progress(False) is None
+
+
+def _run_batch(inp: Path, out: Path, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [
+            *GENFAN,
+            "batch",
+            "run",
+            str(inp),
+            "-o",
+            str(out),
+            "--fanout",
+            "tests.test_batching_cli:slow_echo_fanout",
+        ],
+        env=env(),
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_input_and_output_problems_are_one_line_and_exit_2(tmp_path: Path) -> None:
+    good = write_rows(tmp_path / "in.jsonl", 3)
+    bad = tmp_path / "latin1.jsonl"
+    bad.write_bytes(b'{"id": 1, "prompt": "a"}\n{"id": 2, "prompt": "caf\xe9"}\n')
+    (tmp_path / "outdir").mkdir()
+    (tmp_path / "plain").write_text("x")
+    device = tmp_path / "device.jsonl"
+    device.symlink_to("/dev/full")  # (a full disk is tested in test_batching_job.py)
+    cases = [
+        (bad, tmp_path / "o1.jsonl", f"{bad} line 2: not UTF-8 (byte 0xe9"),
+        (good, tmp_path / "outdir", "is a folder: name a file"),
+        (good, tmp_path / "plain" / "o.jsonl", "is a file, not a folder"),
+        (good, Path("/proc/genfan-nowhere/o.jsonl"), "cannot open the output /proc/genfan"),
+        (good, device, "it is not a regular file"),
+    ]
+    for inp, out, expected in cases:
+        done = _run_batch(inp, out, ROOT)
+        assert done.returncode == 2, (out, done.stderr)
+        (line,) = done.stderr.strip().splitlines()  # no traceback
+        assert line.startswith("error: ") and expected in line, (out, line)

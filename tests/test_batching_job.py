@@ -345,3 +345,149 @@ def test_batching_modules_import_each_other_without_a_cycle() -> None:
 
     for module in graph:
         visit(module, ())
+
+
+# -- output and input problems: one line each, nothing torn, nothing left behind ------------------
+
+
+async def test_a_non_utf8_byte_names_its_line_and_column(tmp_path: Path) -> None:
+    inp = tmp_path / "in.jsonl"
+    inp.write_bytes(b'{"id": 1, "prompt": "a"}\n{"id": 2, "prompt": "caf\xe9"}\n')
+    job = BatchJob(input=inp, output=tmp_path / "out.jsonl", fanout=echo_fanout)
+    with pytest.raises(ConfigurationError) as err:
+        await run_batch_job(job)
+    assert str(err.value) == (
+        f"{inp} line 2: not UTF-8 (byte 0xe9 at column 25); save the file as UTF-8"
+    )
+    assert not (tmp_path / "out.jsonl").exists()  # refused before any work
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes(b'\xef\xbb\xbf{"id": 1, "prompt": "a"}\n')  # a BOM at the start is fine
+    summary = await run_batch_job(
+        BatchJob(input=bom, output=tmp_path / "b.jsonl", fanout=echo_fanout)
+    )
+    assert summary.done_ok == 1
+
+
+@pytest.mark.parametrize(
+    ("where", "expected"),
+    [
+        ("folder", "is a folder: name a file, e.g. -o"),
+        ("under_a_file", "is a file, not a folder"),
+    ],
+)
+async def test_an_output_that_cannot_be_a_file_is_one_error(
+    tmp_path: Path, where: str, expected: str
+) -> None:
+    from genfan import GenfanError
+
+    inp = write_rows(tmp_path / "in.jsonl", prompts(3))
+    if where == "folder":
+        out = tmp_path / "outdir"
+        out.mkdir()
+    else:
+        (tmp_path / "plain").write_text("x")
+        out = tmp_path / "plain" / "out.jsonl"
+    with pytest.raises(GenfanError) as err:
+        await run_batch_job(BatchJob(input=inp, output=out, fanout=echo_fanout))
+    assert isinstance(err.value, OSError)
+    assert str(err.value).startswith(f"cannot open the output {out}: ") and expected in str(
+        err.value
+    )
+
+
+async def test_a_read_only_file_system_is_one_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    from genfan import GenfanError
+
+    inp = write_rows(tmp_path / "in.jsonl", prompts(3))
+    out = tmp_path / "ro" / "out.jsonl"
+
+    def read_only(self: Path, *args: object, **kwargs: object) -> None:
+        raise OSError(errno.EROFS, "Read-only file system", str(self))
+
+    monkeypatch.setattr(Path, "mkdir", read_only)
+    with pytest.raises(GenfanError, match="is on a read-only file system: choose a writable"):
+        await run_batch_job(BatchJob(input=inp, output=out, fanout=echo_fanout))
+
+
+async def test_a_full_disk_leaves_no_torn_line_and_the_job_resumes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+    import os
+
+    from genfan.batching import _output
+
+    inp = write_rows(tmp_path / "in.jsonl", prompts(20))
+    out = tmp_path / "out.jsonl"
+    real = _output._write_all
+    written = [0]
+
+    def fills_up(fd: int, data: bytes) -> None:
+        if written[0] + data.count(b"\n") > 5:  # room for 5 records, then half a write
+            os.write(fd, data[: len(data) // 2])
+            raise OSError(errno.ENOSPC, "No space left on device")
+        written[0] += data.count(b"\n")
+        real(fd, data)
+
+    monkeypatch.setattr(_output, "_write_all", fills_up)
+    job = BatchJob(input=inp, output=out, fanout=echo_fanout, max_in_flight=1)
+    with pytest.raises(OSError, match=r"the disk holding .* is full") as err:
+        await run_batch_job(job)
+    assert "run the same command again" in str(err.value)
+    assert out.read_bytes().endswith(b"\n")  # the half-written line was cut off again
+    kept = len(lines(out))
+    assert kept == written[0] <= 5  # every whole write, nothing of the failed one
+    monkeypatch.setattr(_output, "_write_all", real)
+    summary = await run_batch_job(job)
+    assert (summary.skipped, summary.ran, summary.done_ok) == (kept, 20 - kept, 20)
+
+
+async def test_a_failed_compaction_leaves_no_temporary_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    from genfan.batching import _output
+
+    inp = write_rows(tmp_path / "in.jsonl", prompts(10))
+    out = tmp_path / "out.jsonl"
+    FAIL_WORDS.add("q3")
+    job = BatchJob(input=inp, output=out, fanout=echo_fanout)
+    await run_batch_job(job)
+    FAIL_WORDS.clear()
+    before = out.read_bytes()
+    real = _output._write_all
+
+    def full_when_compacting(fd: int, data: bytes) -> None:
+        if os_path(fd).endswith(".compact"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(fd, data)
+
+    monkeypatch.setattr(_output, "_write_all", full_when_compacting)
+    retry = BatchJob(input=inp, output=out, fanout=echo_fanout, rerun="failed")
+    with pytest.raises(OSError, match=r"cannot compact the output .* is full"):
+        await run_batch_job(retry)
+    assert not (tmp_path / "out.jsonl.compact").exists()
+    assert out.read_bytes().startswith(before)  # the output is as it was, plus the re-run row
+    assert read_results(out)[3]["status"] == "ok"
+    monkeypatch.setattr(_output, "_write_all", real)
+    summary = await run_batch_job(retry)  # the retry compacts now
+    assert summary.done_ok == 10 and [r["id"] for r in lines(out)] == list(range(10))
+
+
+def os_path(fd: int) -> str:
+    import os
+
+    return os.readlink(f"/proc/self/fd/{fd}")
+
+
+async def test_a_compaction_file_left_by_a_kill_is_removed(tmp_path: Path) -> None:
+    inp = write_rows(tmp_path / "in.jsonl", prompts(4))
+    out = tmp_path / "out.jsonl"
+    (tmp_path / "out.jsonl.compact").write_text('{"id": 0, "status": "ok"}\n{"id"')
+    summary = await run_batch_job(BatchJob(input=inp, output=out, fanout=echo_fanout))
+    assert summary.done_ok == 4 and not (tmp_path / "out.jsonl.compact").exists()

@@ -284,3 +284,87 @@ def test_backfill_queues_a_window_once_and_a_running_scheduler_runs_it(tmp_path:
     assert [(r["fire_time"], r["status"], r["backfill"]) for r in runs] == [
         (f, "succeeded", True) for f in fires
     ]
+
+
+_RUN_ERRORS = [
+    # an unimportable func: the key, the path, why, and the fix
+    (
+        'func = "nosuchmod.jobs:go"\ninterval = 5',
+        [
+            "schedules.x.func: job 'nosuchmod.jobs:go': cannot import 'nosuchmod.jobs'",
+            "No module named 'nosuchmod'",
+            "fix the import path",
+        ],
+    ),
+    # a module that raises while it is imported: the file and line
+    (
+        'func = "badmod:go"\ninterval = 5',
+        ["schedules.x.func", "importing 'badmod' failed with RuntimeError: boom", "line 2"],
+    ),
+    # a cron that never fires
+    (
+        'func = "os:getpid"\ncron = "0 0 31 2 *"',
+        ["schedules.x: cron '0 0 31 2 *' never fires", "fix its day-of-month and month"],
+    ),
+    # a start after the end
+    (
+        'func = "os:getpid"\ninterval = 5\nstart = 2026-02-01T00:00:00Z\nend = 2026-01-01T00:00:00Z',
+        ["schedules.x: start 2026-02-01T00:00:00+00:00 is after its end", "set start before end"],
+    ),
+]
+
+
+@pytest.mark.parametrize(("table", "expected"), _RUN_ERRORS)
+def test_run_reports_a_bad_schedule_in_one_line_and_exits_2(
+    tmp_path: Path, table: str, expected: list[str]
+) -> None:
+    (tmp_path / "badmod.py").write_text('"""A module that fails."""\nraise RuntimeError("boom")\n')
+    cfg = tmp_path / "genfan.toml"
+    cfg.write_text(f'[schedules]\nstore = "sqlite:///{tmp_path}/s.db"\n\n[schedules.x]\n{table}\n')
+    proc = subprocess.run(
+        [sys.executable, "-m", "genfan.cli", "schedule", "run", "--config", str(cfg)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+    )
+    assert proc.returncode == 2, proc.stderr
+    (line,) = proc.stderr.strip().splitlines()  # one line, no traceback
+    assert line.startswith(f"error: {cfg}: "), line
+    for part in expected:
+        assert part in line, line
+
+
+@pytest.mark.parametrize(
+    ("store", "expected"),
+    [
+        (
+            "postgresql://postgres@127.0.0.1:1/test",
+            ["cannot connect to the PostgreSQL store", "port 1", "database is running"],
+        ),
+        (
+            "sqlite:////proc/genfan-nowhere/s.db",
+            ["SQLite store /proc/genfan-nowhere/s.db", "folder exists or can be created"],
+        ),
+    ],
+)
+def test_run_reports_an_unreachable_store_in_one_line_and_exits_2(
+    tmp_path: Path, store: str, expected: list[str]
+) -> None:
+    cfg = tmp_path / "genfan.toml"
+    cfg.write_text(
+        f'[schedules]\nstore = "{store}"\n\n[schedules.x]\nfunc = "os:getpid"\ninterval = 5\n'
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "genfan.cli", "schedule", "run", "--config", str(cfg)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+    )
+    assert proc.returncode == 2, proc.stderr
+    (line,) = proc.stderr.strip().splitlines()
+    for part in [*expected, f"check `store` in [schedules] of {cfg}"]:
+        assert part in line, line

@@ -15,10 +15,12 @@ from genfan.schedule._planning import (
     backfill_fires,
     buffer_one,
     coalesce,
+    confirm_us,
     history_limits,
     jitter_us,
     plan_claim,
     plan_due,
+    plan_expired,
     rebind,
     resume_fire,
 )
@@ -100,17 +102,29 @@ def test_plan_claim_misfire_grace_time_spares_manual_and_backfill_runs() -> None
     assert plan_claim(_run(backfill=True), policy, "skip", late, set()).action == "start"
 
 
-def test_plan_claim_a_lost_run_is_taken_over_while_attempts_are_left() -> None:
+def test_an_expired_lease_is_suspected_then_taken_over_while_attempts_are_left() -> None:
     policy = SchedulePolicy(retry=RetryPolicy(attempts=2))
-    now = to_us(_at(30))
     lost = _run(status="running", attempts=1, owner="ghost")
-    assert plan_claim(lost, policy, "skip", now, {to_us(T0)}) == ClaimDecision("takeover")
-    spent = plan_claim(
-        _run(status="running", attempts=2, owner="ghost"), policy, "skip", now, set()
-    )
+    now = to_us(_at(30))
+    confirm = confirm_us(30)
+    assert confirm == 15_000_000  # half the lease time
+
+    def plan(run: RunRecord, seen: int | None, at: int, mine: bool = False) -> ClaimDecision:
+        return plan_expired(
+            run, policy, mine=mine, expired_seen=seen, lease_now=at, confirm=confirm
+        )
+
+    # First seen expired: only suspected (its replica may just be cut off from the store).
+    assert plan(lost, None, now) == ClaimDecision("suspect")
+    assert plan(lost, now, now + confirm - 1) == ClaimDecision("suspect")
+    # Still expired half a lease later: taken over, or failed without attempts left.
+    assert plan(lost, now, now + confirm) == ClaimDecision("takeover")
+    spent = plan(_run(status="running", attempts=2, owner="ghost"), now, now + confirm)
     assert spent == ClaimDecision(
         "failed", "lease expired: the replica running it (ghost) was lost after attempt 2 of 2"
     )
+    # The claiming replica runs it itself (a renewal of its own came late): renewed.
+    assert plan(lost, now, now + confirm, mine=True) == ClaimDecision("renew")
 
 
 def test_backfill_fires_and_their_limit() -> None:

@@ -283,7 +283,7 @@ async def test_timeout_per_attempt() -> None:
 
 
 @pytest.mark.anyio
-async def test_lease_expiry_takeover_at_exactly_the_lease_time(tmp_path: Path) -> None:
+async def test_lease_expiry_takeover_at_one_and_a_half_lease_times(tmp_path: Path) -> None:
     db = tmp_path / "s.db"
     clock = AnyioClock(start=T0)
     ghost = SQLiteStore(db, threads=False)
@@ -302,17 +302,26 @@ async def test_lease_expiry_takeover_at_exactly_the_lease_time(tmp_path: Path) -
         claimed = await ghost.claim("ghost", clock.now(), 30, 10)
         assert [c.run.key for c in claimed.claimed] == [("x", to_us(T0))]
         b._local_jobs["x"] = job  # b can run it: the same code is deployed on every replica
-        await anyio.sleep(29.999)
+        await anyio.sleep(30.001)
+        # Expired at 30 s: first only suspected (the ghost may just be cut off from the store).
+        (suspected,) = await b.history("x")
+        assert suspected.status == "running" and suspected.owner == "ghost"
+        await anyio.sleep(44.999 - 30.001)
         assert job.calls == []
         await anyio.sleep(0.002)
-        assert job.calls == [(0, 30, 2)]  # taken over exactly at 30 s, as attempt 2
+        # Still expired half a lease later: taken over, as attempt 2, with a newer token.
+        assert job.calls == [(0, 45, 2)]
         (run,) = await b.history("x")
     await ghost.aclose()
     assert run.status == "succeeded" and run.owner == "b" and run.attempts == 2
+    first = claimed.claimed[0].run.fencing_token
+    assert first is not None and run.fencing_token is not None and run.fencing_token > first
 
 
 @pytest.mark.anyio
-async def test_lost_run_without_attempts_left_is_failed_at_lease_expiry(tmp_path: Path) -> None:
+async def test_lost_run_without_attempts_left_is_failed_once_its_expiry_is_confirmed(
+    tmp_path: Path,
+) -> None:
     db = tmp_path / "s.db"
     clock = AnyioClock(start=T0)
     ghost = SQLiteStore(db, threads=False)
@@ -327,11 +336,11 @@ async def test_lost_run_without_attempts_left_is_failed_at_lease_expiry(tmp_path
         await ghost.process_due(clock.now())
         await ghost.claim("ghost", clock.now(), 20, 10)
         b._wake.set()
-        await anyio.sleep(25)
+        await anyio.sleep(35)
         (run,) = await b.history("x")
     await ghost.aclose()
     assert run.status == "failed"
-    assert run.ended == T0 + timedelta(seconds=20)
+    assert run.ended == T0 + timedelta(seconds=30)  # expired at 20, confirmed 10 s later
     assert "lease expired" in (run.error or "") and "ghost" in (run.error or "")
 
 
@@ -700,3 +709,176 @@ async def test_stopping_during_a_retry_wait_hands_the_run_back_with_the_attempt_
     assert run.status == "pending" and run.attempts == 1 and run.owner is None
     retries = [e for e in events if e["event"] == "schedule_run_retry"]
     assert [(e["attempt"], e["delay"]) for e in retries] == [(1, 60)]
+
+
+# -- leases lost, fencing tokens, drift at the job's start ----------------------------------------
+
+_tokens: list[tuple[int | None, float]] = []
+
+
+async def fenced_job(context: RunContext) -> None:
+    """The first call (the replica that will lose its lease) runs on for 60 s, deaf to
+    cancellation, as a job blocked in a thread would; later calls return at once."""
+    _tokens.append((context.fencing_token, 0))
+    if len(_tokens) == 1:
+        with anyio.CancelScope(shield=True):
+            await anyio.sleep(60)
+
+
+def _frozen_until(s: Scheduler, method: str, until: datetime, *, since: float = 0) -> None:
+    """``s``'s store answers ``method``, called ``since`` seconds in or later, only from
+    ``until`` on (a replica cut off from the store, or frozen)."""
+    real = getattr(s.store, method)
+
+    async def late(*args: Any, **kwargs: Any) -> Any:
+        if s.clock.now() >= T0 + timedelta(seconds=since):
+            await s.clock.sleep_until(until)
+        return await real(*args, **kwargs)
+
+    setattr(s.store, method, late)
+
+
+@pytest.mark.anyio
+async def test_a_result_from_a_replica_that_lost_its_lease_is_refused(tmp_path: Path) -> None:
+    db = tmp_path / "s.db"
+    clock = AnyioClock(start=T0)
+    _tokens.clear()
+    with capture_events() as events:
+        async with scheduler(db, clock=clock, identity="a", lease_time=30, poll_interval=5) as a:
+            # After its first claim, a cannot renew its lease nor claim before 1000 s (cut off
+            # from the store, as by a partition).
+            _frozen_until(a, "renew", T0 + timedelta(seconds=1000))
+            _frozen_until(a, "cycle", T0 + timedelta(seconds=1000), since=0.5)
+            await a.add_schedule(
+                "tests.test_schedule_scheduler:fenced_job",
+                DateTrigger(at=T0),
+                id="x",
+                policy=SchedulePolicy(retry=RetryPolicy(attempts=2)),
+            )
+            await anyio.sleep(0.25)  # a claims the run and starts it
+            async with scheduler(
+                db, clock=clock, identity="b", lease_time=30, poll_interval=5
+            ) as b:
+                await anyio.sleep(100)
+                (run,) = await b.history("x")
+    first, second = (t for t, _ in _tokens)
+    assert first is not None and second is not None and second > first
+    # b took the run over at 45 s (lease 30 s, confirmed 15 s later) and its result counts.
+    assert (run.status, run.owner, run.fencing_token) == ("succeeded", "b", second)
+    assert run.ended == T0 + timedelta(seconds=45)
+    # a's job ended at 60 s: the store refused its result, and a said so, as a warning.
+    (refused,) = [e for e in events if e["event"] == "schedule_run_refused"]
+    assert refused["log_level"] == "warning" and refused["token"] == first
+    finished = [e for e in events if e["event"] == "schedule_run_finished"]
+    assert [(e["token"], e["outcome"]) for e in finished] == [(second, "succeeded")]
+
+
+@pytest.mark.anyio
+async def test_a_replica_never_starts_a_run_after_losing_its_lease(tmp_path: Path) -> None:
+    db = tmp_path / "s.db"
+    clock = AnyioClock(start=T0)
+    _tokens.clear()
+    with capture_events() as events:
+        async with scheduler(db, clock=clock, identity="a", lease_time=30, poll_interval=5) as a:
+            # a claims the run at 0 and freezes before it starts the job, until 50 s.
+            frozen = T0 + timedelta(seconds=50)
+            _frozen_until(a, "renew", frozen)
+            _frozen_until(a, "last_success", frozen)
+            _frozen_until(a, "cycle", frozen, since=0.5)
+            _tokens.append((None, 0))  # (so that no call of the job blocks)
+            await a.add_schedule(
+                "tests.test_schedule_scheduler:fenced_job",
+                DateTrigger(at=T0),
+                id="x",
+                policy=SchedulePolicy(retry=RetryPolicy(attempts=2)),
+            )
+            await anyio.sleep(0.25)  # a has claimed the run
+            async with scheduler(
+                db, clock=clock, identity="b", lease_time=30, poll_interval=5
+            ) as b:
+                await anyio.sleep(100)
+                (run,) = await b.history("x")
+    # Only b ran it (at 45 s); at 50 s a checked its lease, found it lost, and did not start.
+    assert [t for t, _ in _tokens[1:]] == [run.fencing_token]
+    assert (run.status, run.owner, run.attempts) == ("succeeded", "b", 2)
+    (lost,) = [e for e in events if e["event"] == "schedule_lease_lost"]
+    assert lost["identity"] == "a" and lost["started"] is False
+    assert lost["log_level"] == "warning"
+
+
+@pytest.mark.anyio
+async def test_every_run_gets_a_larger_fencing_token() -> None:
+    seen: dict[str, list[int]] = {"t": [], "u": []}
+
+    async def job(context: RunContext) -> None:
+        assert context.fencing_token is not None
+        seen[context.schedule_id].append(context.fencing_token)
+
+    async with scheduler() as s:
+        await s.add_schedule(job, IntervalTrigger(seconds=10), id="t")
+        await s.add_schedule(job, IntervalTrigger(seconds=15), id="u")
+        await anyio.sleep(95)
+        runs = await s.history(limit=100)
+    assert (len(seen["t"]), len(seen["u"])) == (10, 7)
+    for tokens in seen.values():  # strictly increasing per schedule
+        assert tokens == sorted(tokens) and len(set(tokens)) == len(tokens)
+    assert len(set(seen["t"]) | set(seen["u"])) == 17  # (one counter for the store)
+    assert sorted(r.fencing_token or 0 for r in runs) == sorted(seen["t"] + seen["u"])
+
+
+@pytest.mark.anyio
+async def test_drift_is_measured_at_the_jobs_real_start(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    from genfan import telemetry
+
+    reader = InMemoryMetricReader()
+    meter_provider = MeterProvider(metric_readers=[reader])
+    monkeypatch.setattr(telemetry, "get_meter", lambda: meter_provider.get_meter("t"))
+    instruments = telemetry._Instruments()
+    monkeypatch.setattr(telemetry, "instruments", lambda: instruments)
+    async with scheduler() as s:
+        job = rec(s)
+        # Reading the last success (the job takes a context) takes 2.5 s: the job starts late.
+        _frozen_until(s, "last_success", T0 + timedelta(seconds=12.5))
+        await s.add_schedule(job, DateTrigger(at=T0 + timedelta(seconds=10)), id="d")
+        await anyio.sleep(20)
+        (run,) = await s.history("d")
+    assert job.starts == [12.5]
+    assert run.drift == 2.5 and run.started == T0 + timedelta(seconds=12.5)
+    data = reader.get_metrics_data()
+    drifts = [
+        p
+        for rm in (data.resource_metrics if data else [])
+        for sm in rm.scope_metrics
+        for m in sm.metrics
+        if m.name == "genfan.schedule.drift"
+        for p in m.data.data_points
+    ]
+    assert [(p.count, p.sum) for p in drifts] == [(1, 2.5)]
+
+
+@pytest.mark.anyio
+async def test_one_replica_never_takes_a_run_over_from_itself() -> None:
+    # Its renewals are late (cut for 1000 s), so its lease expires while the job still runs:
+    # its own claims renew the run instead of taking it over and starting it a second time.
+    with capture_events() as events:
+        async with scheduler(lease_time=30, poll_interval=5) as s:
+            job = rec(s, duration=100)
+            _frozen_until(s, "renew", T0 + timedelta(seconds=1000))
+            await s.add_schedule(
+                job,
+                DateTrigger(at=T0),
+                id="x",
+                policy=SchedulePolicy(retry=RetryPolicy(attempts=3)),
+            )
+            await anyio.sleep(150)
+            (run,) = await s.history("x")
+    assert job.calls == [(0, 0, 1)]
+    assert (run.status, run.attempts) == ("succeeded", 1)
+    assert not [
+        e for e in events if e["event"] in ("schedule_run_reclaimed", "schedule_lease_lost")
+    ]

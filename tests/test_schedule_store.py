@@ -116,9 +116,17 @@ async def test_schedule_crud_history_and_heartbeat(store: Store) -> None:
     (claim,) = (await store.claim("me", now + timedelta(minutes=6), 30, 5)).claimed
     hb = await store.heartbeat("me", now + timedelta(minutes=6, seconds=10), 30)
     assert hb.held == {claim.run.key} and not hb.cancel
+    token = claim.run.fencing_token
+    assert token is not None
+    # A result under another claim's token is refused (that claim lost the run).
+    assert not await store.finish(claim.run.key, "me", "succeeded", now, None, 1, token=token - 1)
+    done_at = now + timedelta(minutes=6, seconds=1)
+    started = now + timedelta(minutes=6)  # the job's real start, written with its outcome
     assert await store.finish(
-        claim.run.key, "me", "succeeded", now + timedelta(minutes=6, seconds=1), None, 1
+        claim.run.key, "me", "succeeded", done_at, None, 1, token=token, started=started
     )
+    # The same outcome again (a retried transaction whose commit went through): not refused.
+    assert await store.finish(claim.run.key, "me", "succeeded", done_at, None, 1, token=token)
     assert not await store.finish(claim.run.key, "me", "failed", now, "late", 1)  # not running
     last = await store.last_success("x")
     assert last is not None and last.fire_time == now + timedelta(minutes=6)

@@ -278,10 +278,24 @@ async def _writer(
                 on_written(record)
 
 
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    out: list[BaseException] = []
+    for exc in group.exceptions:
+        out.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    return out
+
+
 def _raise_single(group: BaseExceptionGroup[BaseException]) -> None:
-    # A task group wraps even one error; hand a lone typed error to the caller as itself.
-    if len(group.exceptions) == 1 and isinstance(group.exceptions[0], Exception):
-        raise group.exceptions[0] from None
+    # A task group wraps even one error; hand a lone typed error to the caller as itself. A row
+    # that found the writer gone (it failed: a full disk, a progress callback that raised) is a
+    # consequence of that error, not a second one.
+    causes = [
+        e
+        for e in _leaves(group)
+        if not isinstance(e, anyio.BrokenResourceError | anyio.ClosedResourceError)
+    ]
+    if len(causes) == 1 and isinstance(causes[0], Exception):
+        raise causes[0] from None
     raise group
 
 
@@ -315,7 +329,12 @@ async def run_batch_job(
             ``genfan batch run`` command draws a progress bar). Not called when no row is to run.
 
     Raises:
-        ConfigurationError: bad input (invalid JSON, duplicate ids), config or factory.
+        ConfigurationError: bad input (missing, not UTF-8, invalid JSON, duplicate ids: the
+            file and line are named), config or factory.
+        OutputError: (a ``GenfanError`` and an ``OSError``) the output cannot be written: it is
+            a folder, its location is missing, forbidden or read-only, the disk is full (during
+            the run or the compaction). The rows already written stay, no temporary file is
+            left, and running the job again resumes.
         MissingExtraError: ``executor="ray"`` without Ray installed.
     """
     settings = resolve(job)

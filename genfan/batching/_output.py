@@ -6,11 +6,17 @@ fsync). A process killed at any moment leaves at worst a last line without its n
 cut off on the next start and that row runs again. When a row was written more than once (a
 failure, then a successful re-run), the **last** record of an id wins; at the end of a complete
 run the file is compacted, atomically, to exactly one record per id in input order.
+
+An output that cannot be written (a folder, a read-only or full file system, a missing or
+forbidden location) raises :class:`OutputError`, a ``GenfanError`` and an ``OSError`` at once,
+whose one-line message names the file and the fix. A failed write leaves no torn line, and a
+failed compaction no temporary file: the output stays as it was, and the same command resumes.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -18,9 +24,49 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from .._errors import ConfigurationError
+from .._errors import ConfigurationError, GenfanError
 
-__all__ = ["OutputFile", "Record", "read_results", "row_key"]
+__all__ = ["OutputError", "OutputFile", "Record", "read_results", "row_key"]
+
+
+class OutputError(GenfanError, OSError):
+    """The output file cannot be written; the message names the file and what to do."""
+
+
+_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def output_error(path: Path, exc: OSError, doing: str) -> OutputError:
+    """One line for an ``OSError`` met while ``doing`` something to the output ``path``."""
+    where = exc.filename if isinstance(exc.filename, str) else str(path)
+    code = exc.errno
+    if code in _FULL:
+        why = (
+            f"the disk holding {where} is full (or over quota): free some space and run the same "
+            "command again; the rows already written are kept and skipped"
+        )
+    elif code == errno.EROFS:
+        why = f"{where} is on a read-only file system: choose a writable location with -o"
+    elif code in (errno.EACCES, errno.EPERM):
+        why = (
+            f"permission denied on {where}: choose a writable location with -o, or fix the "
+            "permissions"
+        )
+    elif code == errno.EISDIR:
+        why = f"{where} is a folder: name a file, e.g. -o {Path(where) / 'results.jsonl'}"
+    elif code in (errno.ENOTDIR, errno.EEXIST):  # (EEXIST: a folder to create is a file)
+        why = (
+            f"a part of {where} is a file, not a folder: choose a location whose folders exist "
+            "or can be created"
+        )
+    elif code == errno.ENOENT:
+        why = f"{where} does not exist and cannot be created: choose an existing location"
+    else:
+        why = f"{exc.strerror or exc} ({where}): choose another location with -o"
+    error = OutputError(f"cannot {doing} the output {path}: {why}")
+    error.errno = code
+    return error
+
 
 #: One output record, as written (a JSON object).
 Record = dict[str, Any]
@@ -58,6 +104,7 @@ class OutputFile:
         self.skipped_lines = 0
         self._fh: IO[bytes] | None = None
         self._lock_fh: IO[bytes] | None = None
+        self._size = 0  # where the next record goes: the end of the last whole line
 
     # -- opening and scanning -----------------------------------------------------------------
 
@@ -66,13 +113,36 @@ class OutputFile:
 
         Raises:
             ConfigurationError: another process holds the file (a job is already writing it).
+            OutputError: the output cannot be created or written (see :func:`output_error`).
         """
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._lock()
-        self.path.touch(exist_ok=True)
-        self._repair_tail()
-        self._scan()
-        self._fh = open(self.path, "ab")
+        if self.path.is_dir():
+            raise output_error(
+                self.path, IsADirectoryError(errno.EISDIR, "is a folder", str(self.path)), "open"
+            )
+        if self.path.exists() and not self.path.is_file():
+            raise OutputError(
+                f"cannot open the output {self.path}: it is not a regular file (a device, a "
+                "pipe or a socket); a job reads its output back to resume: name a file with -o"
+            )
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._lock()
+            # A compaction killed or failed before its rename leaves its file: not needed.
+            self._compact_path.unlink(missing_ok=True)
+            self.path.touch(exist_ok=True)
+            self._repair_tail()
+            self._scan()
+            self._fh = open(self.path, "ab", buffering=0)
+        except OSError as exc:
+            self.close()
+            raise output_error(self.path, exc, "open") from None
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def _compact_path(self) -> Path:
+        return self.path.with_name(self.path.name + ".compact")
 
     def _lock(self) -> None:
         try:
@@ -119,6 +189,9 @@ class OutputFile:
 
     def _scan(self) -> None:
         offset = 0
+        self.entries = {}
+        self.records_seen = 0
+        self.skipped_lines = 0
         with open(self.path, "rb") as fh:
             for line in fh:
                 length = len(line)
@@ -132,6 +205,7 @@ class OutputFile:
                     self.entries[key] = _Entry(offset, length, status)
                     self.records_seen += 1
                 offset += length
+        self._size = offset
 
     # -- what is done --------------------------------------------------------------------------
 
@@ -148,16 +222,27 @@ class OutputFile:
     # -- writing -------------------------------------------------------------------------------
 
     def append(self, records: Sequence[Record]) -> None:
-        """Append ``records`` durably: one write, one flush, one fsync (blocking I/O)."""
+        """Append ``records`` durably: one write, one fsync (blocking I/O).
+
+        Raises:
+            OutputError: the write failed (a full disk...); what it wrote of the records is cut
+                off again, so the file ends with a whole line and those rows run next time.
+        """
         if not records:
             return
         if self._fh is None:
             raise ConfigurationError(f"{self.path} is not open")
         lines = [_dumps(r) for r in records]
-        offset = self._fh.tell()
-        self._fh.write(b"".join(lines))
-        self._fh.flush()
-        os.fsync(self._fh.fileno())
+        offset = self._size
+        fd = self._fh.fileno()
+        try:
+            _write_all(fd, b"".join(lines))
+            os.fsync(fd)
+        except OSError as exc:
+            with contextlib.suppress(OSError):  # leave no torn line behind
+                os.ftruncate(fd, offset)
+            raise output_error(self.path, exc, "write") from None
+        self._size = offset + sum(len(line) for line in lines)
         for record, line in zip(records, lines, strict=True):
             self.entries[row_key(record["id"])] = _Entry(offset, len(line), record["status"])
             self.records_seen += 1
@@ -168,41 +253,64 @@ class OutputFile:
 
         Atomic: a new file is written, fsync'ed and renamed over the old one, so a kill during
         compaction leaves either the old file (still valid, last record wins) or the new one.
+        A compaction that fails (a full disk) removes its temporary file and raises
+        :class:`OutputError`; the output is left as it was (valid, only not compacted).
         """
         if self._fh is None:
             raise ConfigurationError(f"{self.path} is not open")
-        self._fh.flush()
         keys = list(dict.fromkeys(k for k in order if k in self.entries))
         listed = set(keys)
         keys += [k for k in self.entries if k not in listed]
-        tmp = self.path.with_name(self.path.name + ".compact")
+        tmp = self._compact_path
         new_entries: dict[str, _Entry] = {}
-        with open(self.path, "rb") as src, open(tmp, "wb") as dst:
-            offset = 0
-            for k in keys:
-                entry = self.entries[k]
-                src.seek(entry.offset)
-                line = src.read(entry.length)
-                dst.write(line)
-                new_entries[k] = _Entry(offset, entry.length, entry.status)
-                offset += entry.length
-            dst.flush()
-            os.fsync(dst.fileno())
+        try:
+            with open(self.path, "rb") as src, open(tmp, "wb", buffering=0) as dst:
+                offset = 0
+                out: list[bytes] = []
+                pending = 0
+                for k in keys:
+                    entry = self.entries[k]
+                    src.seek(entry.offset)
+                    line = src.read(entry.length)
+                    out.append(line)
+                    pending += len(line)
+                    new_entries[k] = _Entry(offset, entry.length, entry.status)
+                    offset += entry.length
+                    if pending >= 1 << 20:
+                        _write_all(dst.fileno(), b"".join(out))
+                        out, pending = [], 0
+                _write_all(dst.fileno(), b"".join(out))
+                os.fsync(dst.fileno())
+            os.replace(tmp, self.path)
+        except BaseException as exc:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+            if isinstance(exc, OSError):
+                raise output_error(self.path, exc, "compact") from None
+            raise
         self._fh.close()
-        os.replace(tmp, self.path)
         _fsync_dir(self.path.parent)
         self.entries = new_entries
         self.records_seen = len(new_entries)
-        self._fh = open(self.path, "ab")
+        self._size = offset
+        self._fh = open(self.path, "ab", buffering=0)
 
     def close(self) -> None:
         """Close the file and release the lock."""
-        if self._fh is not None:
-            self._fh.close()
-            self._fh = None
-        if self._lock_fh is not None:
-            self._lock_fh.close()
-            self._lock_fh = None
+        fh, self._fh = self._fh, None
+        lock, self._lock_fh = self._lock_fh, None
+        for f in (fh, lock):
+            if f is not None:
+                with contextlib.suppress(OSError):  # nothing is buffered: writes are unbuffered
+                    f.close()
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """Write all of ``data`` to ``fd`` (``os.write`` may write less)."""
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
 
 
 def _dumps(record: Mapping[str, Any]) -> bytes:

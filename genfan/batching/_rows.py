@@ -69,27 +69,63 @@ class JobRow:
     data: Mapping[str, Any]
 
 
-def iter_rows(path: Path) -> Iterator[JobRow]:
+def _input_error(path: Path, exc: OSError) -> ConfigurationError:
+    if isinstance(exc, FileNotFoundError):
+        return ConfigurationError(f"input file {path} not found; check the path")
+    if isinstance(exc, IsADirectoryError):
+        return ConfigurationError(f"input {path} is a folder; pass a JSONL file")
+    return ConfigurationError(f"cannot read the input {path}: {exc.strerror or exc}")
+
+
+def _lines(path: Path) -> Iterator[tuple[int, str]]:
+    """``(line number, text)`` of every line: UTF-8, a BOM at the start allowed."""
     try:
-        fh = open(path, encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigurationError(f"input file {path} not found") from None
+        fh = open(path, "rb")
+    except OSError as exc:
+        raise _input_error(path, exc) from None
     with fh:
-        for n, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
+        n = 0
+        while True:
             try:
-                data = json.loads(line)
-            except ValueError as exc:
-                raise ConfigurationError(f"{path} line {n}: not valid JSON ({exc})") from None
-            if not isinstance(data, dict):
-                raise ConfigurationError(f"{path} line {n}: a row must be a JSON object")
-            row_id = data.get("id", n)
-            if isinstance(row_id, bool) or not isinstance(row_id, str | int):
+                raw = fh.readline()
+            except OSError as exc:
+                raise _input_error(path, exc) from None
+            if not raw:
+                return
+            n += 1
+            try:
+                text = raw.decode("utf-8-sig" if n == 1 else "utf-8")
+            except UnicodeDecodeError as exc:
+                column = len(raw[: exc.start].decode("utf-8", "replace")) + 1
                 raise ConfigurationError(
-                    f"{path} line {n}: id must be a string or an integer, got {row_id!r}"
-                )
-            yield JobRow(row_id, row_key(row_id), n, data)
+                    f"{path} line {n}: not UTF-8 (byte 0x{raw[exc.start]:02x} at column "
+                    f"{column}); save the file as UTF-8"
+                ) from None
+            yield n, text
+
+
+def iter_rows(path: Path) -> Iterator[JobRow]:
+    """Every non-blank line of the input as a row (its id, or its line number).
+
+    Raises:
+        ConfigurationError: the file is missing or unreadable, or a line is not UTF-8, not
+            valid JSON, not an object, or has a bad id; naming the file and the line.
+    """
+    for n, line in _lines(path):
+        if not line.strip():
+            continue
+        try:
+            data = json.loads(line)
+        except ValueError as exc:
+            raise ConfigurationError(f"{path} line {n}: not valid JSON ({exc})") from None
+        if not isinstance(data, dict):
+            raise ConfigurationError(f"{path} line {n}: a row must be a JSON object")
+        row_id = data.get("id", n)
+        if isinstance(row_id, bool) or not isinstance(row_id, str | int):
+            raise ConfigurationError(
+                f"{path} line {n}: id must be a string or an integer, got {row_id!r}"
+            )
+        yield JobRow(row_id, row_key(row_id), n, data)
 
 
 def scan_input(path: Path) -> list[str]:

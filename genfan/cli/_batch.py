@@ -104,7 +104,11 @@ def run(
             if bar is not None:
                 bar.close()
     except GenfanError as exc:
-        typer.echo(f"error: {exc}", err=True)
+        typer.echo(f"error: {' '.join(str(exc).split())}", err=True)
+        raise typer.Exit(2) from None
+    except OSError as exc:  # an input or output problem the library did not name itself
+        where = f" ({exc.filename})" if exc.filename else ""
+        typer.echo(f"error: {exc.strerror or exc}{where}", err=True)
         raise typer.Exit(2) from None
     if as_json:
         print(json.dumps(summary.to_dict(), indent=2))

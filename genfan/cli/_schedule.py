@@ -51,17 +51,48 @@ def _fail(message: str) -> typer.Exit:
     return typer.Exit(2)
 
 
+def _config_path(config: Path | None) -> Path | None:
+    return config if config is not None else (DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None)
+
+
 def _load(config: Path | None) -> tuple[Any, Any]:
-    """(GenfanConfig or None, SchedulesConfig)."""
+    """(GenfanConfig or None, SchedulesConfig); an error names the file."""
     from ..schedule import parse_schedules
 
-    path = config if config is not None else (DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None)
+    path = _config_path(config)
     if path is None:
         return None, parse_schedules({})
     from .._config import load_config
 
     cfg = load_config(path)
-    return cfg, parse_schedules(cfg.schedules, base_dir=path.resolve().parent)
+    try:
+        return cfg, parse_schedules(cfg.schedules, base_dir=path.resolve().parent)
+    except GenfanError as exc:
+        raise type(exc)(f"{path}: {exc}") from None
+
+
+def _store_hint(store: str | None, config: Path | None, sqlite: bool) -> str:
+    """Where the store URL came from, and what to check."""
+    path = _config_path(config)
+    where = (
+        "--store"
+        if store
+        else f"`store` in [schedules] of {path}"
+        if path is not None
+        else "the default store (set `store` in [schedules] of genfan.toml, or --store)"
+    )
+    if sqlite:
+        return f"check {where}, and that the file's folder exists or can be created and written"
+    return f"check {where}, and that the database is running and reachable"
+
+
+def _message(exc: BaseException, store: str | None, config: Path | None) -> str:
+    from ..schedule import StoreUnavailableError
+
+    text = " ".join(str(exc).split())  # one line
+    if isinstance(exc, StoreUnavailableError):
+        text = f"{text}; {_store_hint(store, config, 'SQLite' in text)}"
+    return text
 
 
 def _store_url(store: str | None, sched: Any) -> str:
@@ -82,16 +113,21 @@ def _with_admin(config: Path | None, store: str | None, op: Callable[[Any], Awai
         async with _admin(config, store) as s:
             return await op(s)
 
+    return _run_main(main, store, config)
+
+
+def _run_main(main: Callable[[], Awaitable[T]], store: str | None, config: Path | None) -> T:
+    """``anyio.run(main)``; a genfan error (alone, or wrapped by the scheduler's task group:
+    an unknown id, a bad window, an unreachable store) is one line on stderr and exit 2."""
     try:
         return anyio.run(main)
     except GenfanError as exc:
-        raise _fail(str(exc)) from None
+        raise _fail(_message(exc, store, config)) from None
     except ExceptionGroup as group:
-        # The scheduler's task group wraps an error of ``op`` (an unknown id, a bad window).
         errors, rest = group.split(GenfanError)
         if errors is None or rest is not None:
             raise
-        raise _fail("; ".join(str(e) for e in _leaves(errors))) from None
+        raise _fail("; ".join(_message(e, store, config) for e in _leaves(errors))) from None
 
 
 def _leaves(group: BaseExceptionGroup[Any]) -> list[BaseException]:
@@ -129,8 +165,13 @@ def run(
             sys.path.insert(0, p)
     try:
         cfg, sched = _load(config)
+        sched.check_jobs()  # a func that does not import: one line now, not a failed run later
     except GenfanError as exc:
-        raise _fail(str(exc)) from None
+        path = _config_path(config)
+        text = str(exc)
+        if path is not None and not text.startswith(str(path)):
+            text = f"{path}: {text}"
+        raise _fail(text) from None
     if not sched.entries:
         typer.echo(
             "note: the config has no [schedules.ID] tables; running what the store has", err=True
@@ -179,9 +220,7 @@ def run(
                         break
 
     try:
-        anyio.run(main)
-    except GenfanError as exc:
-        raise _fail(str(exc)) from None
+        _run_main(main, store, config)
     except KeyboardInterrupt:  # pragma: no cover - Ctrl-C before the receiver is installed
         pass
 

@@ -15,7 +15,7 @@ async with Scheduler("sqlite:///schedules.db") as scheduler:
 Retries are a :class:`genfan.resilience.RetryPolicy` (``SchedulePolicy(retry=...)``), run by
 genfan's one retry engine. :func:`parse_schedules` reads the ``[schedules]`` section of a TOML
 config (what ``genfan schedule run`` runs). See docs/schedule.md for the semantics (misfires,
-coalescing, overlap, leases, DST, backfill, history limits).
+coalescing, overlap, leases and fencing tokens, DST, backfill, history limits).
 """
 
 from typing import TYPE_CHECKING
@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from ._jobs import FanOutFactory as FanOutFactory
     from ._jobs import RunContext as RunContext
     from ._policy import Coalesce as Coalesce
+    from ._policy import Isolation as Isolation
     from ._policy import Overlap as Overlap
     from ._policy import SchedulePolicy as SchedulePolicy
     from ._postgres import PostgresStore as PostgresStore
@@ -41,6 +42,7 @@ if TYPE_CHECKING:
     from ._scheduler import Scheduler as Scheduler
     from ._sqlite import SQLiteStore as SQLiteStore
     from ._store import Store as Store
+    from ._store import StoreUnavailableError as StoreUnavailableError
     from ._triggers import CronTrigger as CronTrigger
     from ._triggers import DateTrigger as DateTrigger
     from ._triggers import IntervalTrigger as IntervalTrigger

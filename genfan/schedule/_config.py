@@ -20,6 +20,7 @@ jitter = 30
 retry = { attempts = 3, initial = 5, max_delay = 60 }   # also multiplier, jitter
 keep_succeeded = 10              # history limits (default: keep every run)
 keep_failed = 5
+isolation = "process"            # run in a child process, killed at the timeout
 
 [schedules.digest]
 interval = "30m"
@@ -42,7 +43,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .._errors import ConfigurationError
-from ._jobs import ContentJob
+from ._jobs import ContentJob, resolve_callable
 from ._policy import SchedulePolicy, schedule_retry
 from ._triggers import CronTrigger, DateTrigger, IntervalTrigger, Trigger, parse_duration
 
@@ -103,6 +104,7 @@ class ScheduleEntry(BaseModel):  # type: ignore[no-redef,unused-ignore]
     retry: _Retry = Field(default_factory=_Retry)
     keep_succeeded: Annotated[int, Field(ge=1, le=1_000_000)] | None = None
     keep_failed: Annotated[int, Field(ge=0, le=1_000_000)] | None = None
+    isolation: Literal["thread", "process"] = "thread"
     paused: bool = False
 
     @model_validator(mode="after")
@@ -114,6 +116,11 @@ class ScheduleEntry(BaseModel):  # type: ignore[no-redef,unused-ignore]
             raise ValueError(
                 "set exactly one of cron, interval, at and delay"
                 + (f" (got {', '.join(when)})" if when else "")
+            )
+        if self.isolation == "process" and self.content is not None:
+            raise ValueError(
+                "isolation = 'process' runs a func by its import path; a content job runs "
+                "in the scheduler: remove isolation"
             )
         return self
 
@@ -144,6 +151,7 @@ class ScheduleEntry(BaseModel):  # type: ignore[no-redef,unused-ignore]
             retry=schedule_retry(**self.retry.model_dump(exclude_none=True)),
             keep_succeeded=self.keep_succeeded,
             keep_failed=self.keep_failed,
+            isolation=self.isolation,
         )
 
     def job(self, base_dir: Path | None) -> str | ContentJob:
@@ -180,6 +188,24 @@ class SchedulesConfig:
     entries: dict[str, ScheduleEntry]
     base_dir: Path | None = None
 
+    def check_jobs(self) -> None:
+        """Import every ``func`` (what ``genfan schedule run`` does before it starts), so a typo
+        or a module that fails to import is reported at once, by key.
+
+        Raises:
+            ConfigurationError: naming ``schedules.ID.func``, the import path and why.
+        """
+        for sid, entry in self.entries.items():
+            if entry.func is None:
+                continue
+            try:
+                resolve_callable(entry.func)
+            except ConfigurationError as exc:
+                raise ConfigurationError(
+                    f"schedules.{sid}.func: {exc}; fix the import path, or start genfan from "
+                    "the folder that holds the package (or add it to PYTHONPATH)"
+                ) from None
+
 
 def _describe(err: ValidationError, prefix: str) -> str:
     lines = []
@@ -192,6 +218,25 @@ def _describe(err: ValidationError, prefix: str) -> str:
         )
         lines.append(f"  {prefix}{('.' + loc) if loc else ''}: {msg}")
     return "invalid [schedules] configuration:\n" + "\n".join(lines)
+
+
+# The names of the trigger fields as a [schedules.ID] table spells them.
+_KEYS = {
+    "CronTrigger.expr": "cron",
+    "CronTrigger.timezone": "timezone",
+    "CronTrigger.start": "start",
+    "CronTrigger.end": "end",
+    "IntervalTrigger.start": "start",
+    "IntervalTrigger.end": "end",
+    "DateTrigger.at": "at",
+    "DateTrigger.delay": "delay",
+}
+
+
+def _keys(message: str) -> str:
+    for name, key in _KEYS.items():
+        message = message.replace(name, key)
+    return message
 
 
 def parse_schedules(data: Mapping[str, Any], *, base_dir: Path | None = None) -> SchedulesConfig:
@@ -223,6 +268,6 @@ def parse_schedules(data: Mapping[str, Any], *, base_dir: Path | None = None) ->
         except ValidationError as exc:
             raise ConfigurationError(_describe(exc, f"schedules.{sid}")) from None
         except ConfigurationError as exc:
-            raise ConfigurationError(f"schedules.{sid}: {exc}") from None
+            raise ConfigurationError(f"schedules.{sid}: {_keys(str(exc))}") from None
         entries[sid] = entry
     return SchedulesConfig(settings=settings, entries=entries, base_dir=base_dir)

@@ -9,6 +9,11 @@ Jobs are stored as plain JSON, so every replica can run every schedule:
 A callable that cannot be imported by path (a closure, a lambda) can still be scheduled in the
 process that adds it: it is kept in that scheduler's local registry under the schedule id, and
 other replicas cannot run it.
+
+A sync job runs in a worker thread, and a thread cannot be stopped: a timeout or a cancellation
+only abandons it. A schedule with ``isolation="process"`` runs its job (by import path) in a
+child process instead, which is killed when the attempt times out or is cancelled
+(``_process``).
 """
 
 from __future__ import annotations
@@ -48,6 +53,12 @@ class RunContext:
         manual: the run was triggered by hand (``trigger``), not by the trigger.
         backfill: the run was queued by ``backfill`` for a past fire time; ``fire_time`` is
             that nominal time, ``scheduled_at`` when the backfill queued it.
+        fencing_token: the fencing token of the claim this attempt runs under: a number from
+            one counter of the store, larger for every claim, so strictly increasing per
+            schedule; a replica that takes the run over (its first replica's lease lost) runs
+            it with a larger one. Guard side effects with it (write only if no larger token
+            wrote before), and use ``(schedule_id, fire_time)`` as an idempotency key; see
+            docs/schedule.md. ``None`` only for a context built by hand.
     """
 
     schedule_id: str
@@ -57,6 +68,30 @@ class RunContext:
     previous_success: datetime | None = None
     manual: bool = False
     backfill: bool = False
+    fencing_token: int | None = None
+
+    @property
+    def idempotency_key(self) -> str:
+        """``"<schedule id>@<fire time, ISO 8601>"``: the same for every attempt and replica of
+        this run, different for every other run; send it where an outbound call takes an
+        idempotency key."""
+        return f"{self.schedule_id}@{self.fire_time.isoformat()}"
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-able form (a job run in a child process gets its context this way)."""
+        data = asdict(self)
+        for key in ("fire_time", "scheduled_at", "previous_success"):
+            value = data[key]
+            data[key] = None if value is None else value.isoformat()
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> RunContext:
+        fields = dict(data)
+        for key in ("fire_time", "scheduled_at", "previous_success"):
+            if fields.get(key) is not None:
+                fields[key] = datetime.fromisoformat(fields[key])
+        return cls(**fields)
 
 
 #: Builds the fan-out of a content job (from the job's backends/select/mode settings).
@@ -95,6 +130,18 @@ def resolve_callable(ref: str) -> Callable[..., Any]:
         obj: Any = importlib.import_module(module_name)
     except ImportError as exc:
         raise ConfigurationError(f"job {ref!r}: cannot import {module_name!r}: {exc}") from None
+    except Exception as exc:  # the module raised while it was imported
+        where = ""
+        tb = exc.__traceback__
+        while tb is not None:
+            if tb.tb_frame.f_code.co_filename.endswith(".py"):
+                where = f" ({tb.tb_frame.f_code.co_filename}, line {tb.tb_lineno})"
+            tb = tb.tb_next
+        if isinstance(exc, SyntaxError):
+            where = ""  # its message names the file and line
+        raise ConfigurationError(
+            f"job {ref!r}: importing {module_name!r} failed with {type(exc).__name__}: {exc}{where}"
+        ) from None
     for part in qualname.split("."):
         try:
             obj = getattr(obj, part)
@@ -115,7 +162,8 @@ def takes_context(fn: Callable[..., Any]) -> bool:
 async def call_job(
     fn: Callable[..., Any], args: Sequence[Any], kwargs: Mapping[str, Any], ctx: RunContext
 ) -> Any:
-    """Call a sync or async job; a sync one runs in a worker thread."""
+    """Call a sync or async job; a sync one runs in a worker thread, which a timeout or a
+    cancellation abandons but cannot stop (use ``isolation="process"`` for that)."""
     kw = dict(kwargs)
     if takes_context(fn):
         kw["context"] = ctx
@@ -155,7 +203,9 @@ class ContentJob:
         skip_if_empty: with ``collect``, do nothing when no new file arrived.
         system: a system prompt for every backend.
         backends: backend names of the config to fan out to (default: the config's fan-out).
-        select, mode, deadline: override the config's fan-out settings.
+        select: the selector, overriding the config's fan-out setting.
+        mode: the fan-out mode, overriding the config's.
+        deadline: the fan-out deadline in seconds, overriding the config's.
         max_chars: at most this many characters of collected text go into the prompt.
         base_dir: where relative ``collect`` and ``output`` paths start (default: the config
             file's folder, or the working directory).

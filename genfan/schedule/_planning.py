@@ -1,8 +1,9 @@
 """The scheduling decisions, as pure functions: no I/O, no clock, the same on every replica.
 
 Which fire times of a schedule are due and which of them run (misfire grace time, coalescing,
-jitter); what a due run does when claimed (start, take over a lost run, end as missed or
-skipped, wait, cancel the running one: the overlap policy); which fire times a backfill window
+jitter); what a due run does when claimed (start, end as missed or skipped, wait, cancel the
+running one: the overlap policy); what a run whose lease expired becomes (suspected, then taken
+over or failed, or renewed by its own replica); which fire times a backfill window
 holds; how a re-added trigger keeps its place in time; which runs the history limits keep.
 The SQL dialects run these inside their transactions.
 """
@@ -31,11 +32,13 @@ __all__ = [
     "buffer_one",
     "check_backfill",
     "coalesce",
+    "confirm_us",
     "due_fires",
     "history_limits",
     "jitter_us",
     "plan_claim",
     "plan_due",
+    "plan_expired",
     "rebind",
     "resume_fire",
 ]
@@ -152,7 +155,16 @@ def resume_fire(trigger: Trigger, next_fire: datetime | None, now: datetime) -> 
 # -- claiming a due run ---------------------------------------------------------------------------
 
 ClaimAction = Literal[
-    "start", "takeover", "failed", "missed", "skipped", "wait", "cancel_old", "buffer_one"
+    "start",
+    "takeover",
+    "failed",
+    "missed",
+    "skipped",
+    "wait",
+    "cancel_old",
+    "buffer_one",
+    "suspect",
+    "renew",
 ]
 
 
@@ -160,11 +172,14 @@ ClaimAction = Literal[
 class ClaimDecision:
     """What a claim does with one due run.
 
-    ``start``: run it; ``takeover``: run it again, its replica was lost (lease expired);
-    ``failed`` (lost without attempts left), ``missed``, ``skipped``: end it with that outcome
-    and ``error``, without running it; ``wait``: leave it pending until the running one ends;
-    ``cancel_old``: ask the running runs to cancel, and wait; ``buffer_one``: wait, unless an
-    earlier run already waits (see :func:`buffer_one`).
+    ``start``: run it; ``takeover``: run it again, its replica was lost (lease expired and
+    confirmed, see :func:`plan_expired`); ``failed`` (lost without attempts left), ``missed``,
+    ``skipped``: end it with that outcome and ``error``, without running it; ``wait``: leave it
+    pending until the running one ends; ``cancel_old``: ask the running runs to cancel, and
+    wait; ``buffer_one``: wait, unless an earlier run already waits (see :func:`buffer_one`);
+    ``suspect``: its lease expired, but its replica may only have been cut off from the store:
+    mark when that was first seen, and leave it; ``renew``: the claiming replica holds it
+    itself and is still running it: renew its lease.
     """
 
     action: ClaimAction
@@ -188,21 +203,12 @@ def plan_claim(
     or a running one whose lease expired.
 
     Args:
-        run: the run.
+        run: the run (pending: a running run whose lease expired goes to :func:`plan_expired`).
         policy: its schedule's policy.
         overlap: the overlap policy that applies (a backfill may override the schedule's).
         now_us: now, in epoch microseconds.
         others: the fire times of the schedule's other runs that are running.
     """
-    if run.status == "running":  # lease expired: the replica running it is gone
-        attempts = policy.retry.attempts
-        if run.attempts >= attempts:
-            return ClaimDecision(
-                "failed",
-                f"lease expired: the replica running it ({run.owner}) was lost after "
-                f"attempt {run.attempts} of {attempts}",
-            )
-        return ClaimDecision("takeover")
     grace = policy.misfire_grace_time
     late = (now_us - to_us(run.run_at)) / 1e6
     if grace is not None and not (run.manual or run.backfill) and late > grace:
@@ -218,6 +224,54 @@ def plan_claim(
     if overlap == "cancel_old":
         return ClaimDecision("cancel_old")
     return ClaimDecision("wait")  # buffer_all
+
+
+def confirm_us(lease: float) -> int:
+    """How long a lease must have been seen expired before its run is taken over: half the
+    lease time, in microseconds (see :func:`plan_expired`)."""
+    return int(lease * 500_000)
+
+
+def plan_expired(
+    run: RunRecord,
+    policy: SchedulePolicy,
+    *,
+    mine: bool,
+    expired_seen: int | None,
+    lease_now: int,
+    confirm: int,
+) -> ClaimDecision:
+    """What a claim does with a running run whose lease expired (all times on the store's
+    clock, in epoch microseconds).
+
+    A lease that expired while the store could not be reached (a stall, a lock held for long,
+    a network cut) does not mean its replica is gone: that replica's renewal is queued behind
+    the stall. So an expired lease is first only *suspected* (``expired_seen`` is set to when a
+    claim first saw it); the run is taken over only once it has stayed expired for ``confirm``
+    more on the store's clock, by which time a live replica's renewal has landed (and cleared
+    the mark). A replica claiming a run it holds itself and still runs (``mine``: a renewal of
+    its own was late) renews it instead.
+
+    Args:
+        run: the running run whose ``lease_until`` has passed.
+        policy: its schedule's policy (``retry.attempts`` decides takeover or failure).
+        mine: the claiming replica owns the run under the same fencing token and runs it.
+        expired_seen: when a claim first saw the lease expired (``None``: not yet).
+        lease_now: the store's clock now.
+        confirm: how long the expiry must have been seen (:func:`confirm_us`).
+    """
+    if mine:
+        return ClaimDecision("renew")
+    if expired_seen is None or lease_now < expired_seen + confirm:
+        return ClaimDecision("suspect")
+    attempts = policy.retry.attempts
+    if run.attempts >= attempts:
+        return ClaimDecision(
+            "failed",
+            f"lease expired: the replica running it ({run.owner}) was lost after "
+            f"attempt {run.attempts} of {attempts}",
+        )
+    return ClaimDecision("takeover")
 
 
 def buffer_one(one_waits: bool) -> ClaimDecision:

@@ -11,7 +11,14 @@ from typing import Any, Literal
 from .._errors import ConfigurationError
 from ..resilience import RetryPolicy
 
-__all__ = ["RETRY_DEFAULTS", "Coalesce", "Overlap", "SchedulePolicy", "schedule_retry"]
+__all__ = [
+    "RETRY_DEFAULTS",
+    "Coalesce",
+    "Isolation",
+    "Overlap",
+    "SchedulePolicy",
+    "schedule_retry",
+]
 
 #: Which of several missed fire times run: ``earliest`` or ``latest`` one, or ``all`` of them.
 Coalesce = Literal["earliest", "latest", "all"]
@@ -20,10 +27,15 @@ Coalesce = Literal["earliest", "latest", "all"]
 #: ``buffer_all`` (wait, in order); ``allow`` (run at the same time); ``cancel_old`` (cancel the
 #: running one, then start).
 Overlap = Literal["skip", "buffer_one", "buffer_all", "allow", "cancel_old"]
+#: Where a job runs: ``thread`` (a sync job in a worker thread, which a timeout abandons but
+#: cannot stop; an async job in the event loop) or ``process`` (a child process, killed when an
+#: attempt times out or is cancelled).
+Isolation = Literal["thread", "process"]
 
 _COALESCE = ("earliest", "latest", "all")
 _OVERLAP = ("skip", "buffer_one", "buffer_all", "allow", "cancel_old")
 _JITTER = ("none", "full", "decorrelated")
+_ISOLATION = ("thread", "process")
 
 
 def _check(
@@ -145,6 +157,12 @@ class SchedulePolicy:
             ``cancelled``, ``skipped``, ``missed``); 0 keeps none (Kubernetes'
             ``failedJobsHistoryLimit``). ``None`` (default): keep all. Pending and running runs
             are never deleted.
+        isolation: ``"thread"`` (default): a sync job runs in a worker thread. A thread cannot
+            be stopped: when ``timeout`` expires the run is recorded ``timeout`` and the next
+            attempt may start, but the function runs on until it returns. ``"process"``: the
+            job (an import path, sync or async) runs in a child process of its own, killed
+            (SIGKILL, with anything it started) when the attempt times out or is cancelled;
+            each attempt pays for starting an interpreter and importing the job's module.
     """
 
     misfire_grace_time: float | None = None
@@ -155,6 +173,7 @@ class SchedulePolicy:
     jitter: float = 0.0
     keep_succeeded: int | None = None
     keep_failed: int | None = None
+    isolation: Isolation = "thread"
 
     def __post_init__(self) -> None:
         _check(
@@ -176,6 +195,11 @@ class SchedulePolicy:
         _check("SchedulePolicy.jitter", self.jitter, low=0, high=86400)
         _check_keep("SchedulePolicy.keep_succeeded", self.keep_succeeded, low=1)
         _check_keep("SchedulePolicy.keep_failed", self.keep_failed, low=0)
+        if self.isolation not in _ISOLATION:
+            raise ConfigurationError(
+                f"SchedulePolicy.isolation must be one of {', '.join(_ISOLATION)}, "
+                f"got {self.isolation!r}"
+            )
         object.__setattr__(self, "retry", _as_schedule_retry(self.retry))
 
     @property
@@ -195,12 +219,16 @@ class SchedulePolicy:
             "jitter": self.jitter,
             "keep_succeeded": self.keep_succeeded,
             "keep_failed": self.keep_failed,
+            "isolation": self.isolation,
         }
-        # Unset history limits and the default retry jitter are left out, so stored policies
-        # stay readable by replicas running an older genfan during a rolling upgrade.
+        # Unset history limits, the default isolation and the default retry jitter are left
+        # out, so stored policies stay readable by replicas running an older genfan during a
+        # rolling upgrade.
         for key in ("keep_succeeded", "keep_failed"):
             if data[key] is None:
                 del data[key]
+        if self.isolation == "thread":
+            del data["isolation"]
         if retry["jitter"] == RETRY_DEFAULTS["jitter"]:
             del retry["jitter"]
         return data

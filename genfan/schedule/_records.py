@@ -22,6 +22,8 @@ __all__ = [
     "Conflict",
     "DueResult",
     "Heartbeat",
+    "Outcome",
+    "Renewal",
     "RunKey",
     "RunRecord",
     "RunStatus",
@@ -67,6 +69,10 @@ class RunRecord:
 
     ``manual``: queued by :meth:`Scheduler.trigger`; ``backfill``: queued by
     :meth:`Scheduler.backfill` for a past fire time (its ``run_at`` is when it was queued).
+    ``started``: when the job of its first attempt really started, on the replica that ran it
+    (until that replica writes it, at its next lease renewal or with the outcome: when the run
+    was claimed). ``lease_until``: on the store's clock. ``fencing_token``: the token of the
+    newest claim (see :class:`RunContext`); a claim that takes the run over gets a larger one.
     """
 
     schedule_id: str
@@ -81,6 +87,7 @@ class RunRecord:
     error: str | None = None
     manual: bool = False
     backfill: bool = False
+    fencing_token: int | None = None
 
     @property
     def key(self) -> RunKey:
@@ -88,7 +95,8 @@ class RunRecord:
 
     @property
     def drift(self) -> float | None:
-        """Seconds between the planned start (fire time + jitter) and the actual first start."""
+        """Seconds from the planned start (fire time + jitter) to the real start of the job's
+        first attempt."""
         if self.started is None:
             return None
         return (self.started - self.run_at).total_seconds()
@@ -120,11 +128,15 @@ class Claim:
     job: dict[str, Any]
     policy: SchedulePolicy
     takeover: bool = False
+    #: the run had no start time before this claim: its real start is the first one.
+    first_start: bool = False
 
 
 @dataclass(frozen=True, kw_only=True)
 class ClaimResult:
     claimed: list[Claim] = field(default_factory=list)
+    #: runs of the claiming replica whose lease had expired while it still ran them: renewed.
+    renewed: list[RunKey] = field(default_factory=list)
     #: running runs asked to cancel (overlap ``cancel_old``); their owners see it.
     cancel: list[RunKey] = field(default_factory=list)
     #: runs that ended without running in this round (missed, skipped, lost), for telemetry.
@@ -147,3 +159,31 @@ class Heartbeat:
     held: set[RunKey]
     #: held runs that another replica asked to cancel (overlap ``cancel_old``).
     cancel: set[RunKey]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Renewal:
+    """One held run whose lease a replica renews: its key, the fencing token of its claim, and
+    the real start of its first attempt when that is not written yet."""
+
+    key: RunKey
+    token: int
+    started: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """A run's result, as its replica records it (:meth:`Store.finish_many`).
+
+    ``token``: the fencing token of the claim it ran under (``None``: not checked); the store
+    refuses the result when the run was claimed again since. ``started``: the real start of the
+    first attempt, when the replica has not written it yet.
+    """
+
+    key: RunKey
+    status: RunStatus
+    ended: datetime
+    error: str | None
+    attempts: int
+    token: int | None = None
+    started: datetime | None = None

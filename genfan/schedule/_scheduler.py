@@ -1,10 +1,16 @@
 """The scheduler: fires schedules on time, runs each fire time once, survives failure.
 
 One loop per scheduler: turn due fire times into runs (misfire grace and coalescing), claim
-due runs (overlap policy, leases), start them in a task group (timeout, retries), renew leases
-while they run, record outcomes in batches. Then sleep until the next thing is due: a fire time,
-a jittered start, another replica's lease expiry, or (with several replicas) the poll interval.
-Every wait goes through the :class:`~genfan.schedule.Clock`.
+due runs (overlap policy, leases on the store's clock, a fencing token per claim), start them in
+a task group (timeout, retries), renew leases while they run, record outcomes in batches. Then
+sleep until the next thing is due: a fire time, a jittered start, another replica's lease
+expiry, or (with several replicas) the poll interval. Every wait goes through the
+:class:`~genfan.schedule.Clock`.
+
+A replica knows how long its lease surely holds on its own clock: a lease taken or renewed by a
+call sent at ``t`` lasts until at least ``t + lease_time`` (the store read its clock after the
+call was sent). Before each attempt of a job it checks that a third of that is left, or renews
+first; a run whose lease is lost is never started, and its result is refused by the store.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+from anyio.lowlevel import checkpoint
 from tenacity import RetryCallState
 
 from .. import telemetry
@@ -36,17 +43,20 @@ from ._jobs import (
     takes_context,
 )
 from ._policy import Overlap, SchedulePolicy
+from ._process import JobProcessError, call_in_process
 from ._records import (
     BackfillResult,
     Claim,
     Conflict,
+    Outcome,
+    Renewal,
     RunKey,
     RunRecord,
     RunStatus,
     ScheduleInfo,
 )
 from ._sqlite import SQLiteStore
-from ._store import Store
+from ._store import Store, StoreUnavailableError
 from ._triggers import Trigger
 from ._url import store_from_url
 
@@ -59,19 +69,34 @@ class _Local:
 
     claim: Claim
     scope: anyio.CancelScope
+    #: the fencing token of the claim it runs under
+    token: int
+    #: until when, on this scheduler's clock, its lease surely holds
+    deadline: datetime
     reason: str | None = None  # why it was cancelled: "cancel_old" or "lease_lost"
     finishing: bool = False
+    #: the real start of its job's first attempt here (``None``: not started)
+    started: datetime | None = None
+    #: that start is in the store (written with a renewal)
+    started_written: bool = False
+
+    def unwritten_start(self) -> datetime | None:
+        """The real start to write, if this claim holds the run's first start and it is not
+        written yet."""
+        if self.claim.first_start and not self.started_written:
+            return self.started
+        return None
 
 
 @dataclass
 class _Finish:
-    key: RunKey
-    status: RunStatus
-    when: datetime
-    error: str | None
-    attempts: int
+    outcome: Outcome
     done: anyio.Event = field(default_factory=anyio.Event)
     recorded: bool = False
+
+    @property
+    def key(self) -> RunKey:
+        return self.outcome.key
 
 
 class Scheduler:
@@ -83,8 +108,10 @@ class Scheduler:
         clock: wall time and waiting (default :class:`AnyioClock`).
         identity: this replica's name in leases and history (default ``host:pid:random``).
         max_concurrent_runs: runs this scheduler executes at once; due runs beyond it wait.
-        lease_time: seconds a claimed run is held without renewal; renewed every third of it.
-            A replica that dies loses its runs to another after this long.
+        lease_time: seconds a claimed run is held without renewal, on the store's clock;
+            renewed every third of it. A replica that dies (or is cut off from the store, or
+            frozen) loses its runs to another once the lease has expired and stayed expired
+            for half of it more (1.5 lease times after its last renewal, plus a poll).
         poll_interval: seconds between looks at the store for work other replicas created
             (``None``: only when something here is due, for a single scheduler).
         batch_size: schedules processed per store transaction.
@@ -209,15 +236,27 @@ class Scheduler:
             # Outcomes not yet written are written; runs cut short by shutdown go back to
             # pending, for this or another replica.
             batch, self._finishes = self._finishes, []
-            if batch:
-                await self.store.finish_many(
-                    self.identity, [(f.key, f.status, f.when, f.error, f.attempts) for f in batch]
-                )
             keys = [k for k, v in self._running.items() if not v.finishing]
             self._running.clear()
-            if keys:
-                await self.store.release(self.identity, keys)
-                telemetry.event("schedule_runs_released", identity=self.identity, runs=len(keys))
+            try:
+                if batch:
+                    await self.store.finish_many(self.identity, [f.outcome for f in batch])
+                if keys:
+                    await self.store.release(self.identity, keys)
+                    telemetry.event(
+                        "schedule_runs_released", identity=self.identity, runs=len(keys)
+                    )
+            except StoreUnavailableError as exc:
+                # Their leases run out instead, and another replica takes them over.
+                telemetry.event(
+                    "schedule_store_unavailable",
+                    level="warning",
+                    identity=self.identity,
+                    during="shutdown",
+                    unwritten=len(batch),
+                    unreleased=len(keys),
+                    error=str(exc),
+                )
 
     async def run_until_stopped(self) -> None:
         """Run until cancelled (Ctrl-C / SIGTERM in ``genfan schedule run``)."""
@@ -248,7 +287,8 @@ class Scheduler:
                 this scheduler.
             trigger: when it fires.
             id: the schedule's id (default: the import path, or a random id).
-            args, kwargs: JSON-able arguments for the callable.
+            args: JSON-able positional arguments for the callable.
+            kwargs: JSON-able keyword arguments for the callable.
             policy: misfire grace, coalescing, overlap, timeout, retries, jitter.
             paused: add it paused.
             conflict: if the id exists: ``replace`` (keeps its place in time when the trigger is
@@ -264,13 +304,21 @@ class Scheduler:
         except (TypeError, ValueError) as exc:
             raise ConfigurationError(f"job args/kwargs must be JSON-able: {exc}") from None
         sid = id or (spec.get("func") if spec["kind"] == "call" else None) or uuid.uuid4().hex
+        policy = policy or SchedulePolicy()
+        if policy.isolation == "process" and (spec["kind"] != "call" or spec["func"] is None):
+            raise ConfigurationError(
+                f"schedule {sid!r}: isolation='process' runs a job by its import path in a "
+                "child process; a content job or a callable without an import path (a closure, "
+                "a lambda) cannot run there: schedule 'package.module:function', or use "
+                "isolation='thread'"
+            )
         if local is not None:
             self._local_jobs[sid] = local
         info = await self.store.put_schedule(
             id=sid,
             trigger=trigger,
             job=spec,
-            policy=policy or SchedulePolicy(),
+            policy=policy,
             now=self._now(),
             paused=paused,
             conflict=conflict,
@@ -332,7 +380,8 @@ class Scheduler:
 
         Args:
             id: the schedule.
-            start, end: the window, timezone-aware; ``end`` not after now.
+            start: the window's first instant (included), timezone-aware.
+            end: the window's end (excluded), timezone-aware, not after now.
             overlap: how the backfill's runs overlap each other and the schedule's runs
                 (default: the schedule's policy). The default ``skip`` runs the first and skips
                 the rest while it goes; ``buffer_all`` runs them one after another, in order;
@@ -374,14 +423,47 @@ class Scheduler:
 
     # -- the loop -------------------------------------------------------------------------------
 
+    def _store_pause(self, failures: int) -> float:
+        """How long to wait before using a store that failed ``failures`` times in a row."""
+        return min(0.5 * failures, 5.0, max(self.lease_time / 3, 0.01))
+
+    def _store_failed(self, exc: StoreUnavailableError, during: str, failures: int) -> float:
+        pause = self._store_pause(failures)
+        telemetry.event(
+            "schedule_store_unavailable",
+            level="warning",
+            identity=self.identity,
+            during=during,
+            failures=failures,
+            retry_in=pause,
+            error=str(exc),
+        )
+        return pause
+
     async def _main_loop(self) -> None:
+        failures = 0
         while True:
             self._wake = anyio.Event()
             now = self._now()
             free = self.max_concurrent_runs - len(self._running)
-            due, res, nxt = await self.store.cycle(
-                self.identity, now, self.lease_time, max(0, free), self.batch_size
-            )
+            mine = {k: v.token for k, v in self._running.items()}
+            try:
+                due, res, nxt = await self.store.cycle(
+                    self.identity, now, self.lease_time, max(0, free), self.batch_size, mine=mine
+                )
+            except StoreUnavailableError as exc:
+                failures += 1
+                pause = self._store_failed(exc, "cycle", failures)
+                await self._wait(self._now() + timedelta(seconds=pause))
+                continue
+            failures = 0
+            # The claim was sent at ``now``: the store read its clock after that, so the new
+            # leases hold at least until ``now + lease_time`` here.
+            deadline = now + timedelta(seconds=self.lease_time)
+            for key in res.renewed:
+                local = self._running.get(key)
+                if local is not None:
+                    local.deadline = max(local.deadline, deadline)
             for sid, n in due.missed.items():
                 telemetry.event("schedule_fires_missed", level="warning", schedule=sid, fires=n)
                 self._count(sid, "missed", n)
@@ -395,7 +477,7 @@ class Scheduler:
                     local.reason = "cancel_old"
                     local.scope.cancel()
             for claim in res.claimed:
-                self._start(claim, now)
+                self._start(claim, deadline)
             if due.more:
                 continue
             if self.poll_interval is not None:
@@ -423,33 +505,60 @@ class Scheduler:
             tg.start_soon(sleeper)
             tg.start_soon(waker)
 
-    def _start(self, claim: Claim, now: datetime) -> None:
+    def _start(self, claim: Claim, deadline: datetime) -> None:
         assert self._tg is not None
-        local = _Local(claim=claim, scope=anyio.CancelScope())
-        self._running[claim.run.key] = local
+        key = claim.run.key
+        token = claim.run.fencing_token
+        assert token is not None
+        running = self._running.get(key)
+        if running is not None:
+            # This scheduler runs it already (its lease had run out, and the store handed it
+            # to the same replica again): one replica never runs a fire time twice. The run
+            # goes on under the new claim's token.
+            telemetry.event(
+                "schedule_run_reclaimed",
+                level="warning",
+                schedule=key[0],
+                fire_time=claim.run.fire_time.isoformat(),
+                token=token,
+                identity=self.identity,
+            )
+            running.token = token
+            running.deadline = deadline
+            return
+        local = _Local(claim=claim, scope=anyio.CancelScope(), token=token, deadline=deadline)
+        self._running[key] = local
         self._runs_changed.set()
-        self._tg.start_soon(self._run_one, local, now)
+        self._tg.start_soon(self._run_one, local)
+
+    async def _holds(self, local: _Local) -> bool:
+        """Whether this scheduler surely still holds ``local``'s lease: a third of it is left
+        on this scheduler's clock, or a renewal says so (renewed until it is fresh, however
+        long the store takes to answer)."""
+        margin = timedelta(seconds=self.lease_time / 3)
+        failures = 0
+        while self._now() >= local.deadline - margin:
+            sent = self._now()
+            item = Renewal(key=local.claim.run.key, token=local.token)
+            try:
+                hb = await self.store.renew(self.identity, sent, self.lease_time, [item])
+            except StoreUnavailableError as exc:
+                failures += 1
+                await anyio.sleep(self._store_pause(failures))
+                if failures == 1:
+                    self._store_failed(exc, "lease check", failures)
+                continue
+            if item.key not in hb.held:
+                return False
+            local.deadline = max(local.deadline, sent + timedelta(seconds=self.lease_time))
+        return True
 
     # -- one run ----------------------------------------------------------------------------------
 
-    async def _run_one(self, local: _Local, claimed_at: datetime) -> None:
+    async def _run_one(self, local: _Local) -> None:
         claim = local.claim
         run = claim.run
         sid = run.schedule_id
-        drift = (claimed_at - run.run_at).total_seconds()
-        attrs = {"genfan.schedule.id": sid}
-        if not (claim.takeover or run.backfill):  # a backfill run's wait is not drift
-            telemetry.instruments().schedule_drift.record(drift, attrs)
-        telemetry.event(
-            "schedule_run_started",
-            schedule=sid,
-            fire_time=run.fire_time.isoformat(),
-            attempt=run.attempts,
-            drift=round(drift, 6),
-            takeover=claim.takeover,
-            backfill=run.backfill,
-            identity=self.identity,
-        )
         status: RunStatus = "failed"
         error: str | None = None
         attempts = run.attempts
@@ -459,13 +568,13 @@ class Scheduler:
                 "genfan.schedule.id": sid,
                 "genfan.schedule.fire_time": run.fire_time.isoformat(),
                 "genfan.schedule.attempt": run.attempts,
-                "genfan.schedule.drift": drift,
+                "genfan.schedule.token": local.token,
                 "genfan.schedule.takeover": claim.takeover,
                 "genfan.schedule.backfill": run.backfill,
             },
         ) as span:
             with local.scope:
-                status, error, attempts = await self._execute(claim)
+                status, error, attempts = await self._execute(local, span)
             if local.scope.cancelled_caught:
                 if local.reason == "lease_lost":
                     telemetry.event(
@@ -473,8 +582,11 @@ class Scheduler:
                         level="warning",
                         schedule=sid,
                         fire_time=run.fire_time.isoformat(),
+                        token=local.token,
+                        started=local.started is not None,
                         identity=self.identity,
                     )
+                    self._count(sid, "lease_lost")
                     self._forget(run.key)
                     span.set_attribute("genfan.schedule.outcome", "lease_lost")
                     return
@@ -485,11 +597,37 @@ class Scheduler:
             span.set_attribute("genfan.schedule.outcome", status)
             span.set_attribute("genfan.schedule.attempts", attempts)
         local.finishing = True
-        item = _Finish(key=run.key, status=status, when=self._now(), error=error, attempts=attempts)
+        item = _Finish(
+            Outcome(
+                key=run.key,
+                status=status,
+                ended=self._now(),
+                error=error,
+                attempts=attempts,
+                token=local.token,
+                started=local.unwritten_start(),
+            )
+        )
         self._finishes.append(item)
         self._finish_ready.set()
         # If the scheduler stops now, the outcome is still written (see _release_held).
         await item.done.wait()
+        if not item.recorded:
+            # Another replica took the run over after this one lost its lease (a freeze, a
+            # cut from the store): the store refused this result, the newer claim's counts.
+            self._count(sid, "lease_lost")
+            telemetry.event(
+                "schedule_run_refused",
+                level="warning",
+                schedule=sid,
+                fire_time=run.fire_time.isoformat(),
+                outcome=status,
+                token=local.token,
+                identity=self.identity,
+                reason="this replica lost the run's lease and another claimed it: the result "
+                "was not recorded",
+            )
+            return
         self._count(sid, status)
         telemetry.event(
             "schedule_run_finished",
@@ -498,8 +636,8 @@ class Scheduler:
             fire_time=run.fire_time.isoformat(),
             outcome=status,
             attempts=attempts,
+            token=local.token,
             error=error,
-            recorded=item.recorded,
         )
 
     def _forget(self, key: RunKey) -> None:
@@ -508,17 +646,26 @@ class Scheduler:
         self._wake.set()
 
     async def _finish_loop(self) -> None:
+        failures = 0
         while True:
             await self._finish_ready.wait()
             self._finish_ready = anyio.Event()
             batch, self._finishes = self._finishes, []
             if not batch:
                 continue
-            with anyio.CancelScope(shield=True):
-                results = await self.store.finish_many(
-                    self.identity,
-                    [(f.key, f.status, f.when, f.error, f.attempts) for f in batch],
-                )
+            try:
+                with anyio.CancelScope(shield=True):
+                    results = await self.store.finish_many(
+                        self.identity, [f.outcome for f in batch]
+                    )
+            except StoreUnavailableError as exc:
+                # Kept, and written when the store answers again (or at shutdown).
+                failures += 1
+                self._finishes[:0] = batch
+                self._finish_ready.set()
+                await anyio.sleep(self._store_failed(exc, "finish", failures))
+                continue
+            failures = 0
             for f, ok in zip(batch, results, strict=True):
                 f.recorded = ok
                 self._forget(f.key)
@@ -528,7 +675,13 @@ class Scheduler:
         """The job as ``ctx -> awaitable``, and whether it reads the context."""
         job = claim.job
         sid = claim.run.schedule_id
+        process = claim.policy.isolation == "process"
         if job.get("kind") == "content":
+            if process:
+                raise ConfigurationError(
+                    f"schedule {sid!r} is a content job: isolation='process' runs jobs by "
+                    "import path only; use isolation='thread'"
+                )
             content = ContentJob.from_dict(job)
             factory = self.fanout_factory
             if factory is None:
@@ -544,26 +697,40 @@ class Scheduler:
         ref = job.get("func")
         if ref is None:
             fn = self._local_jobs.get(sid)
-            if fn is None:
+            if fn is None or process:
                 raise ConfigurationError(
-                    f"schedule {sid!r} runs a local callable registered in another process; "
-                    "schedule an import path ('pkg.mod:func') to run it on every replica"
+                    f"schedule {sid!r} runs a local callable "
+                    + (
+                        "registered in another process; "
+                        if fn is None
+                        else "that a child process cannot import (isolation='process'); "
+                    )
+                    + "schedule an import path ('pkg.mod:func') to run it on every replica"
                 )
         else:
             fn = self._jobs.get(ref) or resolve_callable(ref)
         args, kwargs = job.get("args", []), job.get("kwargs", {})
+        if process:
+            assert ref is not None
+
+            async def process_run(ctx: RunContext) -> Any:
+                await call_in_process(ref, args, kwargs, ctx)
+
+            return process_run, takes_context(fn)
 
         async def call_run(ctx: RunContext) -> Any:
             return await call_job(fn, args, kwargs, ctx)
 
         return call_run, takes_context(fn)
 
-    async def _execute(self, claim: Claim) -> tuple[RunStatus, str | None, int]:
+    async def _execute(self, local: _Local, span: Any) -> tuple[RunStatus, str | None, int]:
         """Run the job, retried as the schedule's policy says (genfan's one retry engine).
 
-        Returns the outcome, its error and the attempts made (counting those made before, by
-        a replica that died).
+        Each attempt starts only while this scheduler surely holds the run's lease; a lost one
+        cancels ``local.scope`` (reason ``lease_lost``). Returns the outcome, its error and the
+        attempts made (counting those made before, by a replica that died).
         """
+        claim = local.claim
         run = claim.run
         policy = claim.policy
         attempt = run.attempts  # the claim counted this attempt already
@@ -576,7 +743,35 @@ class Scheduler:
             last = await self.store.last_success(run.schedule_id, before=run.fire_time)
             previous = None if last is None else last.fire_time
 
+        def began() -> None:
+            """The job starts now: its real start, the drift measured at it."""
+            if local.started is not None:
+                return
+            local.started = self._now()
+            drift = (local.started - run.run_at).total_seconds()
+            span.set_attribute("genfan.schedule.drift", drift)
+            if claim.first_start and not (claim.takeover or run.backfill):
+                # (a backfill run's wait is not drift, nor is a takeover's)
+                telemetry.instruments().schedule_drift.record(
+                    drift, {"genfan.schedule.id": run.schedule_id}
+                )
+            telemetry.event(
+                "schedule_run_started",
+                schedule=run.schedule_id,
+                fire_time=run.fire_time.isoformat(),
+                attempt=attempt,
+                drift=round(drift, 6),
+                token=local.token,
+                takeover=claim.takeover,
+                backfill=run.backfill,
+                identity=self.identity,
+            )
+
         async def attempt_once() -> Any:
+            if not await self._holds(local):
+                local.reason = "lease_lost"
+                local.scope.cancel()
+                await checkpoint()
             ctx = RunContext(
                 schedule_id=run.schedule_id,
                 fire_time=run.fire_time,
@@ -585,7 +780,9 @@ class Scheduler:
                 previous_success=previous,
                 manual=run.manual,
                 backfill=run.backfill,
+                fencing_token=local.token,
             )
+            began()
             if policy.timeout is not None:
                 with anyio.fail_after(policy.timeout):
                     return await job(ctx)
@@ -604,7 +801,10 @@ class Scheduler:
             )
             attempt += 1
             self._count(run.schedule_id, "retry")
-            await self.store.record_attempt(run.key, self.identity, attempt)
+            try:
+                await self.store.record_attempt(run.key, self.identity, attempt, token=local.token)
+            except StoreUnavailableError as exc:  # counted with the outcome instead
+                self._store_failed(exc, "record attempt", 1)
 
         async def before_sleep(state: RetryCallState) -> None:
             error = state.outcome.exception() if state.outcome is not None else None
@@ -648,25 +848,40 @@ class Scheduler:
     # -- leases ---------------------------------------------------------------------------------
 
     async def _heartbeat_loop(self) -> None:
-        interval = self.lease_time / 3
+        interval = timedelta(seconds=self.lease_time / 3)
+        lease = timedelta(seconds=self.lease_time)
+        failures = 0
         while True:
             if not self._running:
                 self._runs_changed = anyio.Event()
                 await self._runs_changed.wait()
                 continue
-            await self.clock.sleep_until(self._now() + timedelta(seconds=interval))
+            await self.clock.sleep_until(self._now() + interval)
             if not self._running:
                 continue
-            watched = {k for k, v in self._running.items() if not v.finishing}
-            hb = await self.store.heartbeat(self.identity, self._now(), self.lease_time)
-            for key in watched:
-                local = self._running.get(key)
-                if local is None or local.finishing:
+            held = list(self._running.items())
+            items = [Renewal(key=k, token=v.token, started=v.unwritten_start()) for k, v in held]
+            sent = self._now()
+            try:
+                hb = await self.store.renew(self.identity, sent, self.lease_time, items)
+            except StoreUnavailableError as exc:
+                # The leases are not lost for that: a claim only suspects an expired lease,
+                # and takes it over only if it stays expired after the store answers again.
+                failures += 1
+                self._store_failed(exc, "lease renewal", failures)
+                continue
+            failures = 0
+            for (key, local), item in zip(held, items, strict=True):
+                if self._running.get(key) is not local:
                     continue
-                if key in hb.cancel:
-                    local.reason = "cancel_old"
-                    local.scope.cancel()
-                elif key not in hb.held:
+                if key in hb.held:
+                    local.deadline = max(local.deadline, sent + lease)
+                    if item.started is not None:
+                        local.started_written = True
+                    if key in hb.cancel and not local.finishing:
+                        local.reason = "cancel_old"
+                        local.scope.cancel()
+                elif not local.finishing:
                     local.reason = "lease_lost"
                     local.scope.cancel()
 
@@ -695,4 +910,6 @@ def _describe(exc: BaseException | None) -> str | None:
     if exc is None:
         return None
     text = str(exc)
+    if isinstance(exc, JobProcessError):  # already "Type: message" of the job's own error
+        return text
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

@@ -2,10 +2,14 @@
 
 Every (schedule, fire time) is one row of the ``runs`` table (its primary key), created once by
 whichever replica processes the schedule first. A replica *claims* a due run inside one
-transaction and holds it with a lease it renews while the run goes on. A replica that dies stops
-renewing; once the lease has expired, another replica takes the run over and retries it if the
-schedule's retry policy has attempts left. So a fire time runs exactly once while replicas stay
-alive, and at least once (per policy) when one dies mid-run: make jobs idempotent.
+transaction and holds it with a lease it renews while the run goes on. Leases are on the store's
+clock, read inside the transaction once it holds its locks (:meth:`SQL.lease_now`), so a claim
+that waited on a lock still commits a full lease. Each claim gets a fencing token from one
+counter of the store (strictly increasing); renewals and outcomes name it, so a replica whose
+run was taken over can neither renew it nor record its result. A replica that dies stops
+renewing; once the lease has expired, and stayed expired for half a lease more after a claim
+first saw it (the replica may only have been cut off from the store), another replica takes the
+run over and retries it if the schedule's retry policy has attempts left.
 
 The decisions (what is due, what a claim does with each run) are the pure functions of
 ``_planning``; this module reads the rows they need and writes what they decided. A dialect
@@ -16,18 +20,21 @@ schema introspection.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+import time
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, ClassVar
 
 from .._errors import ConfigurationError
 from ._planning import (
     backfill_fires,
     buffer_one,
+    confirm_us,
     history_limits,
     plan_claim,
     plan_due,
+    plan_expired,
     rebind,
     resume_fire,
 )
@@ -39,17 +46,45 @@ from ._records import (
     Conflict,
     DueResult,
     Heartbeat,
+    Outcome,
+    Renewal,
     RunKey,
     RunRecord,
     ScheduleInfo,
 )
 from ._triggers import Trigger, from_us, to_us, trigger_from_dict
 
-__all__ = ["SQL"]
+__all__ = ["SQL", "TxClock"]
 
 
 def _err_text(text: str | None) -> str | None:
     return None if text is None else text[:2000]
+
+
+def _us(value: datetime | None) -> int | None:
+    return None if value is None else to_us(value)
+
+
+class TxClock:
+    """The time inside one store transaction.
+
+    ``now()`` is the caller's clock at the call, advanced by the real time that has passed
+    since (``follow``: the transaction runs in a worker thread and may wait for a lock), so a
+    value read once the transaction holds its locks is the time then, not the time it was
+    asked for. Run inline (tests under a mock clock), it is the caller's time, exactly.
+    """
+
+    __slots__ = ("_at", "_follow", "_mono")
+
+    def __init__(self, at: datetime, *, follow: bool) -> None:
+        self._at = at
+        self._follow = follow
+        self._mono = time.monotonic()
+
+    def now(self) -> datetime:
+        if not self._follow:
+            return self._at
+        return self._at + timedelta(seconds=time.monotonic() - self._mono)
 
 
 class SQL:
@@ -74,18 +109,24 @@ class SQL:
     LOCK_CLAIM: ClassVar[str] = ""
     #: what ``ALTER TABLE ... ADD COLUMN`` takes to be idempotent
     ADD_COLUMN: ClassVar[str] = "ADD COLUMN "
+    #: the store's clock in epoch microseconds as an SQL expression (``None``: the dialect has
+    #: no server clock, :meth:`lease_now` is passed as a parameter)
+    LEASE_NOW_SQL: ClassVar[str | None] = None
 
     #: Columns added to ``runs`` after its first release: (name, SQL type and default).
     ADDED: ClassVar[tuple[tuple[str, str], ...]] = (
         ("backfill", "INTEGER NOT NULL DEFAULT 0"),
         ("overlap", "TEXT"),
+        ("token", "BIGINT"),
+        ("expired_seen", "BIGINT"),
     )
 
     _SCHED_COLS = "id, trigger, job, policy, paused, next_fire, last_fire, created"
     _RUN_COLS = (
         "schedule_id, fire_time, run_at, status, attempts, owner, lease_until, started, ended,"
-        " error, manual, backfill"
+        " error, manual, backfill, token"
     )
+    _N_RUN = 13
 
     def __init__(self, *, ns: str, ix: str) -> None:
         self.ns = ns
@@ -95,7 +136,32 @@ class SQL:
 
     def q(self, sql: str) -> str:
         sql = sql.replace("{S}", f"{self.ns}schedules").replace("{R}", f"{self.ns}runs")
+        sql = sql.replace("{F}", f"{self.ns}fencing")
         return sql if self.PARAM == "?" else sql.replace("?", self.PARAM)
+
+    # -- the store's clock and the fencing counter (the dialects') ----------------------------
+
+    def lease_now(self, cur: Any, clock: TxClock) -> int:
+        """Now on the store's clock, in epoch microseconds: what leases are measured on. SQLite
+        has no server: its clock is the host's, which the replicas on that host share."""
+        return to_us(clock.now())
+
+    def fencing_ddl(self) -> list[str]:
+        """The counter that fencing tokens come from."""
+        return [
+            self.q(
+                "CREATE TABLE IF NOT EXISTS {F} (id INTEGER PRIMARY KEY, value BIGINT NOT NULL)"
+            ),
+            self.q("INSERT INTO {F} (id, value) VALUES (0, 0) ON CONFLICT DO NOTHING"),
+        ]
+
+    def next_tokens(self, cur: Any, n: int) -> list[int]:
+        """``n`` new fencing tokens, each larger than every token handed out before."""
+        if n <= 0:
+            return []
+        cur.execute(self.q("UPDATE {F} SET value = value + ? WHERE id = 0 RETURNING value"), (n,))
+        last = int(cur.fetchone()[0])
+        return list(range(last - n + 1, last + 1))
 
     # -- tables -------------------------------------------------------------------------------
 
@@ -113,12 +179,13 @@ class SQL:
                 " status TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0, owner TEXT,"
                 " lease_until BIGINT, started BIGINT, ended BIGINT, error TEXT,"
                 " manual INTEGER NOT NULL DEFAULT 0, cancel_requested INTEGER NOT NULL DEFAULT 0,"
-                " backfill INTEGER NOT NULL DEFAULT 0, overlap TEXT,"
-                " PRIMARY KEY (schedule_id, fire_time))"
+                " backfill INTEGER NOT NULL DEFAULT 0, overlap TEXT, token BIGINT,"
+                " expired_seen BIGINT, PRIMARY KEY (schedule_id, fire_time))"
             ),
             self.q(f"CREATE INDEX IF NOT EXISTS {self.ix}runs_status ON {{R}} (status, run_at)"),
             self.q(f"CREATE INDEX IF NOT EXISTS {self.ix}runs_owner ON {{R}} (owner, status)"),
             self.q(f"CREATE INDEX IF NOT EXISTS {self.ix}schedules_next ON {{S}} (next_fire)"),
+            *self.fencing_ddl(),
         ]
 
     def run_columns(self, cur: Any) -> set[str]:
@@ -165,6 +232,7 @@ class SQL:
             error=row[9],
             manual=bool(row[10]),
             backfill=bool(row[11]),
+            fencing_token=row[12],
         )
 
     def policy(self, text: str) -> SchedulePolicy:
@@ -347,7 +415,8 @@ class SQL:
 
     # -- processing due schedules -------------------------------------------------------------
 
-    def process_due(self, cur: Any, now: datetime, limit: int) -> DueResult:
+    def process_due(self, cur: Any, clock: TxClock, limit: int) -> DueResult:
+        now = clock.now()
         cur.execute(
             self.q(
                 "SELECT id, trigger, policy, next_fire FROM {S}"
@@ -421,64 +490,90 @@ class SQL:
         )
         return any(f not in others for (f,) in cur.fetchall())
 
-    def claim(self, cur: Any, owner: str, now: datetime, lease: float, limit: int) -> ClaimResult:
-        now_us = to_us(now)
-        lease_us = now_us + int(lease * 1_000_000)
+    def claim(
+        self,
+        cur: Any,
+        owner: str,
+        clock: TxClock,
+        lease: float,
+        limit: int,
+        mine: Mapping[RunKey, int] | None = None,
+    ) -> ClaimResult:
+        """Claim up to ``limit`` due runs for ``owner``.
+
+        ``mine``: the runs ``owner`` is running now, with their fencing tokens; one of them
+        whose lease expired (a renewal came late) is renewed, never taken over from itself.
+        """
+        mine = mine or {}
         cols = ", ".join(f"r.{c.strip()}" for c in self._RUN_COLS.split(","))
+        n = self._N_RUN
         # Backfill runs come after the schedules' own due runs, so a long backfill waiting
         # behind itself (buffer_all) never holds the others up; a schedule's runs start oldest
         # fire time first.
+        expiry: tuple[Any, ...] = ()
+        if self.LEASE_NOW_SQL is None:
+            expiry = (self.lease_now(cur, clock),)
         cur.execute(
             self.q(
-                f"SELECT {cols}, r.overlap, s.job, s.policy"
+                f"SELECT {cols}, r.overlap, s.job, s.policy, r.expired_seen"
                 " FROM {R} r JOIN {S} s ON s.id = r.schedule_id"
                 " WHERE (r.status = 'pending' AND r.run_at <= ?)"
-                " OR (r.status = 'running' AND r.lease_until <= ?)"
+                f" OR (r.status = 'running' AND r.lease_until <= {self.LEASE_NOW_SQL or '?'})"
                 " ORDER BY r.backfill, r.run_at, r.schedule_id, r.fire_time"
                 f" LIMIT ?{self.LOCK_CLAIM}"
             ),
-            (now_us, now_us, max(limit * 2, 64)),
+            (to_us(clock.now()), *expiry, max(limit * 2, 64)),
         )
         rows = cur.fetchall()
-        claimed: list[Claim] = []
+        # The rows are locked now: the times of this claim are read after any wait for them.
+        now = clock.now()
+        now_us = to_us(now)
+        lease_now = self.lease_now(cur, clock)
+        lease_us = lease_now + int(lease * 1_000_000)
+        confirm = confirm_us(lease)
         ended: list[RunRecord] = []
         cancel: list[RunKey] = []
-        starts: list[tuple[Any, ...]] = []
-        takeovers: list[tuple[Any, ...]] = []
+        chosen: list[tuple[RunRecord, dict[str, Any], SchedulePolicy, bool]] = []
+        renewed: list[RunKey] = []
+        marks: list[tuple[Any, ...]] = []
         running = self._running_of(cur, [r[0] for r in rows if r[3] == "pending"])
         jobs: dict[str, dict[str, Any]] = {}
         prune: dict[str, SchedulePolicy] = {}  # schedules with runs ended here, and limits
         for row in rows:
-            if len(claimed) >= limit:
+            if len(chosen) >= limit:
                 break
-            run = self.run(row[:12])
-            job = jobs.get(row[13])
+            run = self.run(row[:n])
+            job = jobs.get(row[n + 1])
             if job is None:
-                job = jobs[row[13]] = json.loads(row[13])
-            policy = self.policy(row[14])
-            overlap = row[12] or policy.overlap  # a backfill may override the schedule's
+                job = jobs[row[n + 1]] = json.loads(row[n + 1])
+            policy = self.policy(row[n + 2])
+            overlap = row[n] or policy.overlap  # a backfill may override the schedule's
             sid, fus = run.key
-            others = running.get(sid, set()) - {fus}
-            decision = plan_claim(run, policy, overlap, now_us, others)
-            if decision.action == "buffer_one":
-                decision = buffer_one(self._one_waits(cur, run, others))
+            if run.status == "running":
+                decision = plan_expired(
+                    run,
+                    policy,
+                    mine=run.owner == owner and mine.get(run.key, -1) == run.fencing_token,
+                    expired_seen=row[n + 3],
+                    lease_now=lease_now,
+                    confirm=confirm,
+                )
+            else:
+                others = running.get(sid, set()) - {fus}
+                decision = plan_claim(run, policy, overlap, now_us, others)
+                if decision.action == "buffer_one":
+                    decision = buffer_one(self._one_waits(cur, run, others))
             action = decision.action
             if action == "start":
                 running.setdefault(sid, set()).add(fus)
-                starts.append((owner, lease_us, now_us, sid, fus))
-                started = replace(
-                    run,
-                    status="running",
-                    owner=owner,
-                    attempts=run.attempts + 1,
-                    started=run.started or now,
-                    lease_until=from_us(lease_us),
-                )
-                claimed.append(Claim(run=started, job=job, policy=policy))
+                chosen.append((run, job, policy, False))
             elif action == "takeover":
-                takeovers.append((owner, lease_us, sid, fus))
-                taken = replace(run, owner=owner, attempts=run.attempts + 1)
-                claimed.append(Claim(run=taken, job=job, policy=policy, takeover=True))
+                chosen.append((run, job, policy, True))
+            elif action == "renew":
+                renewed.append(run.key)
+            elif action == "suspect":
+                if row[n + 3] is None:
+                    marks.append((lease_now, sid, fus))
             elif action in ("failed", "missed", "skipped"):
                 lost = action == "failed"  # a lost run ends now; the others never started
                 self._end(cur, sid, fus, action, now_us if lost else None, decision.error)
@@ -493,6 +588,7 @@ class SQL:
                 if policy.prunes_history:
                     prune[sid] = policy
             elif action == "cancel_old":
+                others = running.get(sid, set()) - {fus}
                 cancel.extend((sid, f) for f in others)
                 cur.executemany(
                     self.q(
@@ -502,12 +598,40 @@ class SQL:
                     [(sid, f) for f in others],
                 )
             # "wait" (buffer_all, buffer_one's first waiting run): until the running one ends.
+        claimed: list[Claim] = []
+        starts: list[tuple[Any, ...]] = []
+        takeovers: list[tuple[Any, ...]] = []
+        tokens = self.next_tokens(cur, len(chosen))
+        for (run, job, policy, takeover), token in zip(chosen, tokens, strict=True):
+            sid, fus = run.key
+            taken = replace(
+                run,
+                status="running",
+                owner=owner,
+                attempts=run.attempts + 1,
+                started=run.started or now,
+                lease_until=from_us(lease_us),
+                fencing_token=token,
+            )
+            if takeover:
+                takeovers.append((owner, lease_us, token, sid, fus))
+            else:
+                starts.append((owner, lease_us, now_us, token, sid, fus))
+            claimed.append(
+                Claim(
+                    run=taken,
+                    job=job,
+                    policy=policy,
+                    takeover=takeover,
+                    first_start=run.started is None,
+                )
+            )
         if starts:
             cur.executemany(
                 self.q(
                     "UPDATE {R} SET status = 'running', owner = ?, lease_until = ?,"
-                    " attempts = attempts + 1, started = COALESCE(started, ?)"
-                    " WHERE schedule_id = ? AND fire_time = ?"
+                    " attempts = attempts + 1, started = COALESCE(started, ?), token = ?,"
+                    " expired_seen = NULL WHERE schedule_id = ? AND fire_time = ?"
                 ),
                 starts,
             )
@@ -515,77 +639,121 @@ class SQL:
             cur.executemany(
                 self.q(
                     "UPDATE {R} SET owner = ?, lease_until = ?, attempts = attempts + 1,"
-                    " cancel_requested = 0 WHERE schedule_id = ? AND fire_time = ?"
+                    " cancel_requested = 0, token = ?, expired_seen = NULL"
+                    " WHERE schedule_id = ? AND fire_time = ?"
                 ),
                 takeovers,
             )
+        if renewed:
+            cur.executemany(
+                self.q(
+                    "UPDATE {R} SET lease_until = ?, expired_seen = NULL"
+                    " WHERE schedule_id = ? AND fire_time = ? AND owner = ? AND status = 'running'"
+                ),
+                [(lease_us, sid, fus, owner) for sid, fus in renewed],
+            )
+        if marks:
+            cur.executemany(
+                self.q(
+                    "UPDATE {R} SET expired_seen = ? WHERE schedule_id = ? AND fire_time = ?"
+                    " AND expired_seen IS NULL"
+                ),
+                marks,
+            )
         for sid in sorted(prune):
             self.prune(cur, sid, prune[sid])
-        return ClaimResult(claimed=claimed, cancel=cancel, ended=ended)
+        return ClaimResult(claimed=claimed, renewed=renewed, cancel=cancel, ended=ended)
 
     def _end(
         self, cur: Any, sid: str, fus: int, status: str, ended: int | None, error: str | None
     ) -> None:
         cur.execute(
             self.q(
-                "UPDATE {R} SET status = ?, ended = ?, error = ?, lease_until = NULL"
-                " WHERE schedule_id = ? AND fire_time = ?"
+                "UPDATE {R} SET status = ?, ended = ?, error = ?, lease_until = NULL,"
+                " expired_seen = NULL WHERE schedule_id = ? AND fire_time = ?"
             ),
             (status, ended, _err_text(error), sid, fus),
         )
 
     def cycle(
-        self, cur: Any, owner: str, now: datetime, lease: float, limit: int, batch: int
+        self,
+        cur: Any,
+        owner: str,
+        clock: TxClock,
+        lease: float,
+        limit: int,
+        batch: int,
+        mine: Mapping[RunKey, int] | None = None,
     ) -> tuple[DueResult, ClaimResult, datetime | None]:
         """One scheduler step in one transaction: create due runs, claim, find the next wakeup."""
-        due = self.process_due(cur, now, batch)
-        claims = self.claim(cur, owner, now, lease, limit) if limit > 0 else ClaimResult()
-        return due, claims, self.next_wakeup(cur, owner, now)
+        due = self.process_due(cur, clock, batch)
+        claims = self.claim(cur, owner, clock, lease, limit, mine) if limit > 0 else ClaimResult()
+        return due, claims, self.next_wakeup(cur, owner, clock, lease)
 
     # -- running runs -------------------------------------------------------------------------
 
-    def finish(
-        self,
-        cur: Any,
-        key: RunKey,
-        owner: str,
-        status: str,
-        now: datetime,
-        error: str | None,
-        attempts: int,
-    ) -> bool:
+    def finish(self, cur: Any, owner: str, outcome: Outcome) -> bool:
+        """Record ``outcome``; ``False`` (refused) when ``owner`` no longer holds the run under
+        the outcome's token. Recording the same outcome again (a retried transaction whose
+        first commit went through) is not a refusal."""
+        (sid, fus), token = outcome.key, outcome.token
+        where = " WHERE schedule_id = ? AND fire_time = ? AND owner = ?"
+        params: tuple[Any, ...] = (sid, fus, owner)
+        if token is not None:
+            where += " AND token = ?"
+            params += (token,)
+        ended = to_us(outcome.ended)
         cur.execute(
             self.q(
-                "UPDATE {R} SET status = ?, ended = ?, error = ?, attempts = ?, lease_until = NULL"
-                " WHERE schedule_id = ? AND fire_time = ? AND owner = ? AND status = 'running'"
+                "UPDATE {R} SET status = ?, ended = ?, error = ?, attempts = ?,"
+                " lease_until = NULL, expired_seen = NULL, started = COALESCE(?, started)"
+                + where
+                + " AND status = 'running'"
             ),
-            (status, to_us(now), _err_text(error), attempts, key[0], key[1], owner),
+            (
+                outcome.status,
+                ended,
+                _err_text(outcome.error),
+                outcome.attempts,
+                _us(outcome.started),
+                *params,
+            ),
         )
-        return bool(cur.rowcount)
+        if cur.rowcount:
+            return True
+        if token is None:
+            return False
+        cur.execute(self.q("SELECT status, ended FROM {R}" + where), params)
+        row = cur.fetchone()
+        return row is not None and (row[0], row[1]) == (outcome.status, ended)
 
-    def finish_many(
-        self, cur: Any, owner: str, items: Sequence[tuple[RunKey, str, datetime, str | None, int]]
-    ) -> list[bool]:
-        out = []
-        for key, status, now, error, attempts in items:
-            out.append(self.finish(cur, key, owner, status, now, error, attempts))
-        self.prune_schedules(cur, {k[0] for (k, *_), ok in zip(items, out, strict=True) if ok})
+    def finish_many(self, cur: Any, owner: str, items: Sequence[Outcome]) -> list[bool]:
+        out = [self.finish(cur, owner, item) for item in items]
+        self.prune_schedules(cur, {i.key[0] for i, ok in zip(items, out, strict=True) if ok})
         return out
 
-    def record_attempt(self, cur: Any, key: RunKey, owner: str, attempts: int) -> bool:
+    def record_attempt(
+        self, cur: Any, key: RunKey, owner: str, attempts: int, token: int | None = None
+    ) -> bool:
+        where = "" if token is None else " AND token = ?"
         cur.execute(
             self.q(
                 "UPDATE {R} SET attempts = ? WHERE schedule_id = ? AND fire_time = ?"
-                " AND owner = ? AND status = 'running'"
+                f" AND owner = ? AND status = 'running'{where}"
             ),
-            (attempts, key[0], key[1], owner),
+            (attempts, key[0], key[1], owner) + (() if token is None else (token,)),
         )
         return bool(cur.rowcount)
 
-    def heartbeat(self, cur: Any, owner: str, now: datetime, lease: float) -> Heartbeat:
-        until = to_us(now) + int(lease * 1_000_000)
+    def heartbeat(self, cur: Any, owner: str, clock: TxClock, lease: float) -> Heartbeat:
+        """Renew every lease ``owner`` holds, whatever its token (the store API's simple form;
+        the scheduler renews run by run, see :meth:`renew`)."""
+        until = self.lease_now(cur, clock) + int(lease * 1_000_000)
         cur.execute(
-            self.q("UPDATE {R} SET lease_until = ? WHERE owner = ? AND status = 'running'"),
+            self.q(
+                "UPDATE {R} SET lease_until = ?, expired_seen = NULL"
+                " WHERE owner = ? AND status = 'running'"
+            ),
             (until, owner),
         )
         cur.execute(
@@ -603,18 +771,58 @@ class SQL:
                 cancel.add((sid, fus))
         return Heartbeat(held=held, cancel=cancel)
 
+    def renew(
+        self, cur: Any, owner: str, clock: TxClock, lease: float, items: Sequence[Renewal]
+    ) -> Heartbeat:
+        """Renew the leases of ``items`` that ``owner`` still holds under their tokens (and
+        write the real start of a first attempt); say which are held, and which of those another
+        replica asked to cancel."""
+        until = self.lease_now(cur, clock) + int(lease * 1_000_000)
+        held: set[RunKey] = set()
+        for item in items:
+            sid, fus = item.key
+            cur.execute(
+                self.q(
+                    "UPDATE {R} SET lease_until = ?, expired_seen = NULL,"
+                    " started = COALESCE(?, started) WHERE schedule_id = ? AND fire_time = ?"
+                    " AND owner = ? AND token = ? AND status = 'running'"
+                ),
+                (until, _us(item.started), sid, fus, owner, item.token),
+            )
+            if cur.rowcount:
+                held.add(item.key)
+        cancel: set[RunKey] = set()
+        if held:
+            cur.execute(
+                self.q(
+                    "SELECT schedule_id, fire_time FROM {R}"
+                    " WHERE owner = ? AND status = 'running' AND cancel_requested = 1"
+                ),
+                (owner,),
+            )
+            cancel = {(sid, fus) for sid, fus in cur.fetchall()} & held
+        return Heartbeat(held=held, cancel=cancel)
+
     def release(self, cur: Any, owner: str, keys: Sequence[RunKey]) -> None:
         cur.executemany(
             self.q(
                 "UPDATE {R} SET status = 'pending', owner = NULL, lease_until = NULL,"
+                " expired_seen = NULL,"
                 " attempts = CASE WHEN attempts > 0 THEN attempts - 1 ELSE 0 END"
                 " WHERE schedule_id = ? AND fire_time = ? AND owner = ? AND status = 'running'"
             ),
             [(k[0], k[1], owner) for k in keys],
         )
 
-    def next_wakeup(self, cur: Any, owner: str, now: datetime) -> datetime | None:
+    def next_wakeup(
+        self, cur: Any, owner: str, clock: TxClock, lease: float | None = None
+    ) -> datetime | None:
+        """The next time something is due, on the caller's clock: a fire time, a pending run's
+        start, another replica's lease expiry, or the end of a suspected lease's confirmation
+        (``lease``: the caller's lease time, which sets that confirmation)."""
+        now = clock.now()
         now_us = to_us(now)
+        lease_now = self.lease_now(cur, clock)
         cur.execute(
             self.q("SELECT MIN(next_fire) FROM {S} WHERE paused = 0 AND next_fire IS NOT NULL")
         )
@@ -624,15 +832,23 @@ class SQL:
             (now_us,),
         )
         b = cur.fetchone()[0]
+        vals = [v for v in (a, b) if v is not None]
+        # Lease times are on the store's clock: how far ahead they are is what counts here.
+        # Another replica's lease may expire, or a suspected one be confirmed (``lease``).
+        confirm = None if lease is None else confirm_us(lease)
         cur.execute(
             self.q(
-                "SELECT MIN(lease_until) FROM {R} WHERE status = 'running' AND owner <> ?"
-                " AND lease_until > ?"
+                "SELECT MIN(CASE WHEN expired_seen IS NULL AND lease_until > ?"
+                " THEN lease_until END), MIN(CASE WHEN expired_seen > ? THEN expired_seen END)"
+                " FROM {R} WHERE status = 'running' AND owner <> ?"
             ),
-            (owner, now_us),
+            (lease_now, lease_now - (confirm or 0), owner),
         )
-        c = cur.fetchone()[0]
-        vals = [v for v in (a, b, c) if v is not None]
+        c, d = cur.fetchone()
+        if c is not None:
+            vals.append(now_us + (c - lease_now))
+        if d is not None and confirm is not None:
+            vals.append(now_us + (d + confirm - lease_now))
         return from_us(min(vals)) if vals else None
 
     # -- history ------------------------------------------------------------------------------

@@ -1,11 +1,13 @@
 """SQLite: the default store, one file shared by the processes on one host.
 
 A claim is a ``BEGIN IMMEDIATE`` transaction on the file (one writer at a time), and the file
-runs in WAL mode. The blocking ``sqlite3`` calls run in a worker thread.
+runs in WAL mode. The blocking ``sqlite3`` calls run in a worker thread. The store's clock is
+the host's: the caller's time, advanced by the time the transaction waited for the file.
 """
 
 from __future__ import annotations
 
+import errno
 import sqlite3
 from collections.abc import Callable
 from pathlib import Path
@@ -15,11 +17,14 @@ import anyio
 
 from .._errors import ConfigurationError
 from ._sql import SQL
-from ._store import Pool, PooledStore
+from ._store import Pool, PooledStore, StoreUnavailableError, one_line
 
 __all__ = ["SQLiteSQL", "SQLiteStore"]
 
 T = TypeVar("T")
+
+# sqlite3.OperationalError messages that mean the file could not be used, not a bad statement.
+_UNAVAILABLE = ("locked", "busy", "unable to open", "disk i/o", "readonly", "disk is full")
 
 
 class SQLiteSQL(SQL):
@@ -53,6 +58,7 @@ class SQLiteStore(PooledStore):
             )
         self.path = str(path)
         self.threads = threads
+        self._follow = threads
         self._sql = SQLiteSQL(ns=prefix, ix=f"{prefix}genfan_")
         self._pool = Pool(self._connect, 1)
         self._limiter: anyio.CapacityLimiter | None = None
@@ -60,7 +66,13 @@ class SQLiteStore(PooledStore):
 
     def _connect(self) -> sqlite3.Connection:
         if self.path != ":memory:":
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            try:
+                Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise StoreUnavailableError(
+                    f"cannot create the folder of the SQLite store {self.path}: "
+                    f"{exc.strerror or exc}"
+                ) from exc
         conn = sqlite3.connect(
             self.path, timeout=30.0, isolation_level=None, check_same_thread=False
         )
@@ -87,14 +99,23 @@ class SQLiteStore(PooledStore):
             cur.execute("COMMIT")
             return out
 
-    async def _tx(self, fn: Callable[[Any], T], *, write: bool = True) -> T:
-        if not self._ready:
-            await self.setup()
+    def _unavailable(self, exc: BaseException) -> StoreUnavailableError | None:
+        if isinstance(exc, StoreUnavailableError):
+            return exc
+        if isinstance(exc, sqlite3.OperationalError) and any(
+            m in str(exc).lower() for m in _UNAVAILABLE
+        ):
+            return StoreUnavailableError(f"the SQLite store {self.path}: {one_line(exc)}")
+        if isinstance(exc, OSError) and exc.errno in (errno.EACCES, errno.EROFS, errno.ENOSPC):
+            return StoreUnavailableError(f"the SQLite store {self.path}: {one_line(exc)}")
+        return None
+
+    async def _call(self, fn: Callable[[], T]) -> T:
         if not self.threads:
-            return self._run(fn, write)
+            return fn()
         if self._limiter is None:
             self._limiter = anyio.CapacityLimiter(1)
-        return await anyio.to_thread.run_sync(self._run, fn, write, limiter=self._limiter)
+        return await anyio.to_thread.run_sync(fn, limiter=self._limiter)
 
     def __repr__(self) -> str:
         return f"SQLiteStore({self.path!r})"

@@ -72,6 +72,14 @@ def _iso(value: datetime | None) -> str | None:
     return None if value is None else value.astimezone(UTC).isoformat()
 
 
+def _check_window(kind: str, start: datetime | None, end: datetime | None) -> None:
+    if start is not None and end is not None and start > end:
+        raise ConfigurationError(
+            f"{kind}.start {start.isoformat()} is after its end {end.isoformat()}: the "
+            "schedule would never fire; set start before end (or leave one out)"
+        )
+
+
 def _from_iso(value: str | None) -> datetime | None:
     return None if value is None else datetime.fromisoformat(value).astimezone(UTC)
 
@@ -114,7 +122,12 @@ class IntervalTrigger:
     """Fire every ``interval`` seconds: at ``start``, ``start + interval``, ... up to ``end``.
 
     Args:
-        seconds, minutes, hours, days, weeks: the interval (summed; must be positive).
+        seconds: seconds of the interval (the five units are summed; the sum must be
+            positive).
+        minutes: minutes of the interval.
+        hours: hours of the interval.
+        days: days of the interval.
+        weeks: weeks of the interval.
         start: the first fire time. ``None``: when the schedule is added (it fires at once).
         end: no fire after this time.
 
@@ -146,6 +159,7 @@ class IntervalTrigger:
             object.__setattr__(self, "start", _utc(self.start, "IntervalTrigger.start"))
         if self.end is not None:
             object.__setattr__(self, "end", _utc(self.end, "IntervalTrigger.end"))
+        _check_window("IntervalTrigger", self.start, self.end)
 
     @property
     def interval(self) -> float:
@@ -291,7 +305,7 @@ class CronTrigger:
     end: datetime | None = None
 
     def __post_init__(self) -> None:
-        from croniter import croniter
+        from croniter import CroniterBadDateError, croniter
 
         expr = " ".join(self.expr.split())
         object.__setattr__(self, "expr", expr)
@@ -312,6 +326,14 @@ class CronTrigger:
             object.__setattr__(self, "start", _utc(self.start, "CronTrigger.start"))
         if self.end is not None:
             object.__setattr__(self, "end", _utc(self.end, "CronTrigger.end"))
+        _check_window("CronTrigger", self.start, self.end)
+        try:
+            croniter(expr, datetime(2000, 1, 1)).get_next(datetime)
+        except CroniterBadDateError:
+            raise ConfigurationError(
+                f"CronTrigger.expr {self.expr!r} never fires: no date matches it (such as "
+                "February 30 or 31, or April 31); fix its day-of-month and month fields"
+            ) from None
 
     @property
     def _tz(self) -> ZoneInfo:
@@ -356,7 +378,7 @@ class CronTrigger:
         return min(offs), max(offs)
 
     def next_after(self, after: datetime) -> datetime | None:
-        from croniter import croniter
+        from croniter import CroniterBadDateError, croniter
 
         after = _utc(after, "after")
         if self.start is not None and after < self.start:
@@ -371,7 +393,10 @@ class CronTrigger:
         stop: datetime | None = None
         end_local = None if self.end is None else (self.end + _MAX_SHIFT).replace(tzinfo=None)
         for _ in range(100_000):
-            naive: datetime = it.get_next(datetime)
+            try:
+                naive: datetime = it.get_next(datetime)
+            except CroniterBadDateError:  # no later date matches (checked when created)
+                break
             if stop is not None and naive >= stop:
                 break
             if end_local is not None and naive > end_local + self._offsets(self.end)[1]:  # type: ignore[arg-type]
