@@ -58,8 +58,8 @@ test: $(LOCAL_STAMP)
 	$(MAKE) lint typecheck unit engine docs
 
 # Every benchmark, one after another (each prints its table and writes benchmarks/results/*.json).
-BENCHMARKS := core_overhead resilience_overhead resilience_hedge resilience_outage resilience_p2c \
-	resilience_adaptive \
+BENCHMARKS := core_overhead http2_connections resilience_overhead resilience_hedge resilience_outage resilience_p2c \
+	resilience_adaptive schedule_faults \
 	agents_parallel batching_embed batching_job schedule_drift schedule_replicas local_engine selection
 bench: $(LOCAL_STAMP)
 	$(BIN)/genfan local prepare

@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from ._micro import BatchHandler as BatchHandler
     from ._micro import MicroBatcher as MicroBatcher
     from ._micro import OnFull as OnFull
+    from ._output import OutputError as OutputError
     from ._output import read_results as read_results
     from ._progress import JobProgress as JobProgress
     from ._rows import FanOutFactory as FanOutFactory
