@@ -413,3 +413,34 @@ def test_the_docs_example_runs(tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert "('frugal', '17 * 3 = 51')" in out.stdout and "chosen: 51" in out.stdout
+
+
+@pytest.mark.anyio
+async def test_a_hedged_stream_over_a_pool_of_fanouts_goes_to_the_other_replica() -> None:
+    """Each hedged attempt's stream (a fan-out's, which holds its task group across its events)
+    is read in one task of its own; the hedge goes to the other replica."""
+    import anyio
+
+    from genfan.resilience import HedgePolicy
+
+    stalled = Reply(text="stalled", latency=2.0, ttft=1.5)
+    s1, s2 = FakeBackend("s1", [stalled]), FakeBackend("s2", [stalled])
+    f1 = FakeBackend("f1", [Reply(text="from the other replica", latency=0.06, ttft=0.01)])
+    f2 = FakeBackend("f2", [Reply(text="slower", latency=0.5, ttft=0.3)])
+    replicas = [FanOut([s1, s2], mode="first"), FanOut([f1, f2], mode="first")]
+    # No timeout guard: Timeout.stream reads each event under a scope of its own, which a
+    # fan-out's stream cannot be read under (a separate fix).
+    hedged = guard(
+        Pool(replicas, strategy="round_robin"),
+        hedge=HedgePolicy(delay=0.05, max_extra_ratio=1.0),
+        timeout=None,
+    )
+    assert hedged.hedge is not None
+    hedged.hedge.budget.deposit()
+    with anyio.fail_after(1.0):
+        completion = await collect_stream(hedged.stream(REQ))
+    assert completion.text == "from the other replica" and completion.backend == "f1"
+    assert hedged.hedge.statistics().hedge_wins == 1
+    assert [len(f.calls) for f in (s1, s2, f1, f2)] == [1, 1, 1, 1]
+    assert all(f.in_flight == 0 for f in (s1, s2, f1, f2))
+    assert (s1.cancelled, s2.cancelled, f2.cancelled) == (1, 1, 1)

@@ -4,22 +4,34 @@ and retrying a stream stalled before it."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from contextlib import aclosing
+from typing import Any
 
 import anyio
 import pytest
 from trio.testing import MockClock
 
 from genfan import (
+    Backend,
     BackendConnectionError,
     ChatRequest,
     ConfigurationError,
+    FanOut,
     MalformedResponseError,
+    NoAnswerError,
     StreamEnd,
     StreamEvent,
     TextDelta,
     collect_stream,
 )
-from genfan.resilience import Hedge, HedgePolicy, RetryPolicy, TimeoutPolicy, guard
+from genfan.resilience import (
+    GuardedBackend,
+    Hedge,
+    HedgePolicy,
+    RetryPolicy,
+    TimeoutPolicy,
+    guard,
+)
 from genfan.testing import Fail, FakeBackend, Reply, capture_events
 
 REQ = ChatRequest.from_prompt("hi")
@@ -220,7 +232,7 @@ async def test_an_empty_stream_is_a_malformed_answer() -> None:
 
 @pytest.mark.anyio
 async def test_guarded_stream_is_hedged_through_the_whole_stack() -> None:
-    """Bulkhead, retry, breaker and timeout streams hand over between tasks cleanly."""
+    """Bulkhead, retry, breaker and timeout streams, each read in one task by the hedge."""
     replies = iter([Reply(text="stalled", latency=40.0, ttft=30.0)])
     fake = FakeBackend("f", lambda r: next(replies, Reply(text="fine", latency=2.0, ttft=0.2)))
     guarded = guard(
@@ -246,7 +258,8 @@ def test_trigger_is_validated() -> None:
 @pytest.mark.parametrize("anyio_backend", ["asyncio", "trio"])
 @pytest.mark.anyio
 async def test_stream_hedge_on_a_real_clock(anyio_backend: str) -> None:
-    """The same hand-over of a stream between tasks on asyncio and trio, in real time."""
+    """The same race of streams, each read in a task of its own, on asyncio and trio in real
+    time."""
     primary = FakeBackend("p", [Reply(text="slow", latency=2.0, ttft=1.5)])
     alternate = FakeBackend("alt", [Reply(text="fast one", latency=0.05, ttft=0.01)])
     hedge = Hedge(
@@ -284,3 +297,182 @@ async def test_stream_stalled_before_first_token_is_retried() -> None:
     assert anyio.current_time() - start == pytest.approx(2.0 + 0.5 + 1.0)
     assert [e["event"] for e in log] == ["stream_stalled", "retry_scheduled"]
     assert fake.in_flight == 0 and fake.cancelled == 1
+
+
+# -- streams that cannot change tasks: a fan-out's holds a task group across its events ------
+
+BOTH_LOOPS = pytest.mark.parametrize("anyio_backend", ["asyncio", "trio"])  # in real time
+STALLED = Reply(text="stalled answer", latency=2.0, ttft=1.5)
+
+
+def quick(text: str, ttft: float = 0.01) -> Reply:
+    return Reply(text=text, latency=ttft + 0.08, ttft=ttft)
+
+
+def idle(*fakes: FakeBackend) -> bool:
+    return all(f.in_flight == 0 for f in fakes)
+
+
+def hedged(backend: Backend, **policy: Any) -> GuardedBackend:
+    """``backend`` in its guard stack with a hedge that may fire on the first call.
+
+    Without the timeout guard: ``Timeout.stream`` reads each event under a cancel scope of its
+    own, which a stream holding a task group across its events (a fan-out's) cannot be read
+    under, hedged or not (a separate fix, in ``_timeout.py``).
+    """
+    guarded = guard(backend, hedge=HedgePolicy(max_extra_ratio=1.0, **policy), timeout=None)
+    assert guarded.hedge is not None
+    guarded.hedge.budget.deposit()
+    return guarded
+
+
+def holding_a_scope(fake: FakeBackend) -> FakeBackend:
+    """``fake``, its stream read under a cancel scope held across its events, as a fan-out's
+    task group is: the stream can neither change tasks nor be closed under a newer scope."""
+    plain = fake.stream
+
+    async def stream(request: ChatRequest) -> AsyncIterator[StreamEvent]:
+        with anyio.CancelScope():
+            async with aclosing(plain(request)) as events:  # type: ignore[type-var]
+                async for event in events:
+                    yield event
+
+    fake.stream = stream  # type: ignore[method-assign]
+    return fake
+
+
+@BOTH_LOOPS
+@pytest.mark.anyio
+async def test_a_guarded_fanout_stream_is_hedged_on_a_slow_first_token(anyio_backend: str) -> None:
+    # Both candidates stall before their first token; the hedge (the same fan-out again) answers.
+    a = FakeBackend("a", [STALLED, quick("a quick answer here")])
+    b = FakeBackend("b", [STALLED, quick("b is slower", ttft=0.3)])
+    guarded = hedged(FanOut([a, b], mode="first"), delay=0.05)
+    with capture_events() as log, anyio.fail_after(1.0):
+        events = await read(guarded.stream(REQ))
+    assert text_of(events) == "a quick answer here"
+    assert [type(ev) for _, ev in events] == [TextDelta] * 4 + [StreamEnd]
+    end = events[-1][1]
+    assert isinstance(end, StreamEnd) and end.completion.backend == "a"
+    assert events[-1][0] - events[0][0] >= 0.05  # passed on live, as the tokens came
+    assert guarded.hedge is not None
+    stats = guarded.hedge.statistics()
+    assert (stats.hedges_sent, stats.hedge_wins, stats.primary_wins) == (1, 1, 0)
+    hedging = [e["event"] for e in log if e["event"].startswith("hedge")]
+    assert hedging == ["hedge_sent", "hedge_won"]
+    # The stalled attempt's two calls and the hedge's losing candidate were cancelled.
+    assert idle(a, b) and (a.cancelled, a.completed, b.cancelled) == (1, 1, 2)
+
+
+@BOTH_LOOPS
+@pytest.mark.anyio
+async def test_a_guarded_fanout_stream_on_time_is_not_hedged(anyio_backend: str) -> None:
+    a = FakeBackend("a", [quick("on time")])
+    b = FakeBackend("b", [quick("later", ttft=0.3)])
+    fan = FanOut([a, b], mode="first")
+    learning = hedged(fan)  # no delay learned yet: read in the caller's task, not raced
+    for g in (learning, hedged(fan, delay=0.5)):
+        with anyio.fail_after(1.0):
+            events = await read(g.stream(REQ))
+        assert text_of(events) == "on time" and isinstance(events[-1][1], StreamEnd)
+        assert g.hedge is not None
+        stats = g.hedge.statistics()
+        assert (stats.hedges_sent, stats.primary_wins) == (0, 1)
+    assert learning.hedge is not None and learning.hedge.current_first_token_delay() is None
+    assert len(a.calls) == len(b.calls) == 2
+    assert idle(a, b) and (a.completed, b.cancelled) == (2, 2)
+
+
+@BOTH_LOOPS
+@pytest.mark.anyio
+async def test_a_hedged_stream_closed_early_or_cancelled_closes_every_call(
+    anyio_backend: str,
+) -> None:
+    a = FakeBackend("a", [STALLED, quick("a b c d e f")])
+    b = FakeBackend("b", [STALLED, quick("slower", ttft=0.3)])
+    guarded = hedged(FanOut([a, b], mode="first"), delay=0.05)
+    with anyio.fail_after(1.0):
+        async with aclosing(guarded.stream(REQ)) as events:  # type: ignore[type-var]
+            async for event in events:
+                assert event == TextDelta(text="a")
+                break  # the caller has what it needs: the winner is closed mid-stream
+    assert idle(a, b) and (a.cancelled, a.completed, b.cancelled) == (2, 0, 2)
+    assert guarded.hedge is not None and guarded.hedge.statistics().hedge_wins == 1
+
+    # A slow reader: the winner's stream waits, suspended in its scope, when the reader leaves.
+    slow = holding_a_scope(FakeBackend("slow", [STALLED]))
+    spare = holding_a_scope(FakeBackend("spare", [quick("a b c d e f")]))
+    hedge = Hedge(slow, HedgePolicy(delay=0.05, max_extra_ratio=1.0), alternates=[spare])
+    hedge.budget.deposit()
+    with anyio.fail_after(1.0):
+        async with aclosing(hedge.stream(REQ)) as events:  # type: ignore[type-var]
+            async for _ in events:
+                await anyio.sleep(0.03)
+                break
+    assert idle(slow, spare) and (slow.cancelled, spare.cancelled) == (1, 1)
+
+    # Cancelled from outside while both attempts wait for a first token: both are closed.
+    c = FakeBackend("c", [STALLED])
+    d = FakeBackend("d", [STALLED])
+    guarded = hedged(FanOut([c, d], mode="first"), delay=0.05)
+    with anyio.fail_after(1.0), anyio.move_on_after(0.2) as scope:
+        await collect_stream(guarded.stream(REQ))
+    assert scope.cancelled_caught
+    assert idle(c, d) and len(c.calls) == 2 and (c.cancelled, d.cancelled) == (2, 2)
+    assert guarded.hedge is not None and guarded.hedge.statistics().hedges_sent == 1
+
+
+@BOTH_LOOPS
+@pytest.mark.anyio
+async def test_a_winner_failing_mid_stream_raises_its_own_error(anyio_backend: str) -> None:
+    error = BackendConnectionError("reset mid-stream", backend="alt")
+
+    async def breaks_mid_stream(request: ChatRequest) -> AsyncIterator[StreamEvent]:
+        with anyio.CancelScope():  # held across its events: this stream cannot change tasks
+            await anyio.sleep(0.01)
+            yield TextDelta(text="par")
+            await anyio.sleep(0.02)
+            raise error from OSError("connection reset by peer")
+
+    primary = FakeBackend("p", [STALLED])
+    alternate = FakeBackend("alt")
+    alternate.stream = breaks_mid_stream  # type: ignore[method-assign]
+    hedge = Hedge(primary, HedgePolicy(delay=0.05, max_extra_ratio=1.0), alternates=[alternate])
+    hedge.budget.deposit()
+    got: list[StreamEvent] = []
+    with anyio.fail_after(1.0), pytest.raises(BackendConnectionError) as info:
+        async for event in hedge.stream(REQ):
+            got.append(event)
+    assert info.value is error and isinstance(error.__cause__, OSError)  # as it was raised
+    assert got == [TextDelta(text="par")]
+    assert primary.in_flight == 0 and primary.cancelled == 1
+    assert hedge.statistics().hedge_wins == 1
+
+    # The same through a guarded fan-out: its NoAnswerError, after the token passed on.
+    broken = FakeBackend("broken")
+    broken.stream = breaks_mid_stream  # type: ignore[method-assign]
+    other = FakeBackend("other", [quick("too late", ttft=0.3)])
+    guarded = hedged(FanOut([broken, other], mode="first"), delay=0.5)
+    got.clear()
+    with anyio.fail_after(1.0), pytest.raises(NoAnswerError) as failed:
+        async for event in guarded.stream(REQ):
+            got.append(event)
+    assert got == [TextDelta(text="par")]
+    assert error in failed.value.errors
+    assert other.in_flight == 0 and other.cancelled == 1
+
+
+@BOTH_LOOPS
+@pytest.mark.anyio
+async def test_complete_on_the_first_token_closes_a_stream_that_holds_a_scope(
+    anyio_backend: str,
+) -> None:
+    """``complete()`` with ``trigger="first_token"`` closes each attempt's stream, suspended
+    in its scope at its last event, without a scope of its own around the close."""
+    fake = holding_a_scope(FakeBackend("p", [STALLED, quick("whole answer")]))
+    hedge = Hedge(fake, HedgePolicy(delay=0.05, max_extra_ratio=1.0, trigger="first_token"))
+    hedge.budget.deposit()
+    with anyio.fail_after(1.0):
+        completion = await hedge.complete(REQ)
+    assert completion.text == "whole answer" and hedge.statistics().hedge_wins == 1
+    assert idle(fake) and (fake.cancelled, fake.completed) == (1, 1)

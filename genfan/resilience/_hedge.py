@@ -11,6 +11,7 @@ from typing import TypeVar
 
 import anyio
 import anyio.abc
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from .._backend import Backend
 from .._errors import BackendError, MalformedResponseError
@@ -98,9 +99,13 @@ class Hedge(Guard):
     Streams are hedged on their **first token**: the delay is the learned percentile of times to
     first token, the first attempt to produce an event wins, and the caller then reads that one
     stream (tokens, once passed on, are never taken back, so nothing is hedged after the first
-    token). With ``HedgePolicy(trigger="first_token")``, :meth:`complete` reads the backend's
-    stream and hedges both a late first token (at the learned first-token delay) and, once a
-    token has come, a late answer (at the answer delay); the first whole answer wins.
+    token). Each hedged attempt's stream is read from start to end by one task of its own, which
+    passes its events on through a memory object stream (a stream may hold a cancel scope or a
+    task group across its events, as a fan-out's does, and so cannot change tasks); the losers'
+    streams are closed as soon as the race is decided. With
+    ``HedgePolicy(trigger="first_token")``, :meth:`complete` reads the backend's stream and
+    hedges both a late first token (at the learned first-token delay) and, once a token has
+    come, a late answer (at the answer delay); the first whole answer wins.
 
     Args:
         inner: the primary backend.
@@ -214,22 +219,30 @@ class Hedge(Guard):
         async def attempt(backend: Backend, first_token: Callable[[], None]) -> Completion:
             start = anyio.current_time()
             ttft: float | None = None
-            events = backend.stream(request)
-            try:
-                async for event in events:
-                    if ttft is None:
-                        ttft = anyio.current_time() - start
-                        self.first_token_latencies.add(ttft)
-                        first_token()
-                    if isinstance(event, StreamEnd):
-                        c = event.completion
-                        return c if c.ttft is not None else c.model_copy(update={"ttft": ttft})
-            finally:
-                if ttft is None:  # failed or cancelled first: a lower bound of its ttft
-                    self.first_token_latencies.add(anyio.current_time() - start)
-                await _close_stream(events)
-            raise MalformedResponseError(
-                "stream ended without a final event (truncated)", backend=backend.name
+            completion: Completion | None = None
+            with anyio.CancelScope() as scope:  # entered before the stream: see _close_in
+                events = backend.stream(request)
+                try:
+                    async for event in events:
+                        if ttft is None:
+                            ttft = anyio.current_time() - start
+                            self.first_token_latencies.add(ttft)
+                            first_token()
+                        if isinstance(event, StreamEnd):
+                            completion = event.completion
+                            break
+                finally:
+                    if ttft is None:  # failed or cancelled first: a lower bound of its ttft
+                        self.first_token_latencies.add(anyio.current_time() - start)
+                    await _close_in(scope, events)
+            if completion is None:
+                raise MalformedResponseError(
+                    "stream ended without a final event (truncated)", backend=backend.name
+                )
+            return (
+                completion
+                if completion.ttft is not None
+                else completion.model_copy(update={"ttft": ttft})
             )
 
         attempt_no, completion = await self._race(
@@ -247,27 +260,54 @@ class Hedge(Guard):
         start = anyio.current_time()
         delay = self.current_first_token_delay()
         if delay is None:
+            # Nothing to hedge yet: the stream is read here, in the caller's task.
             first, events = await _first_event(self.inner, request)
             self.first_token_latencies.add(anyio.current_time() - start)
-            attempt = 0
-        else:
-            attempt, (first, events) = await self._race(
-                lambda backend, _: _first_event(backend, request),
+            self._primary_wins += 1
+            async with aclosing(events):  # type: ignore[type-var,unused-ignore]
+                event = first
+                while True:
+                    if isinstance(event, StreamEnd):
+                        self.latencies.add(anyio.current_time() - start)
+                    yield event
+                    try:
+                        event = await anext(events)
+                    except StopAsyncIteration:
+                        return
+        # Hedged: each attempt's stream is read by a task of ``pumps``, held for the life of
+        # this stream (a stream cannot move between tasks: it may hold a cancel scope).
+        pumps = anyio.create_task_group()
+        await pumps.__aenter__()
+        opened: list[_Pumped] = []
+        try:
+            attempt, (first, pumped) = await self._race(
+                lambda backend, _: _Pumped.open(pumps, opened, backend, request),
                 self.first_token_latencies,
                 delay,
-                discard=_close_loser,
+                discard=_let_go,
             )
-        self._won(attempt)
-        async with aclosing(events):  # type: ignore[type-var,unused-ignore]
-            event = first
-            while True:
-                if isinstance(event, StreamEnd):
+            self._won(attempt)
+            next_event: StreamEvent | None = first
+            while next_event is not None:
+                if isinstance(next_event, StreamEnd):
                     self.latencies.add(anyio.current_time() - start)
-                yield event
-                try:
-                    event = await anext(events)
-                except StopAsyncIteration:
+                yield next_event
+                next_event = await pumped.receive()
+        except BaseException as exc:
+            # Failed, cancelled, or closed by the caller (early, or at its StreamEnd): every
+            # pump still running is let go and has closed its stream before this one ends. The
+            # error goes out as it is, not wrapped in the task group's ExceptionGroup.
+            for each in opened:
+                each.let_go()
+            if isinstance(exc, anyio.get_cancelled_exc_class()):
+                if await pumps.__aexit__(type(exc), exc, exc.__traceback__):
                     return
+                raise
+            await pumps.__aexit__(None, None, None)
+            raise
+        for each in opened:  # the losers were let go when the race was decided
+            each.let_go()
+        await pumps.__aexit__(None, None, None)
 
     async def _race(
         self,
@@ -393,6 +433,9 @@ class Hedge(Guard):
 
 #: Seconds allowed for closing a losing stream (shielded from the cancellation that ended it).
 _CLOSE_TIMEOUT = 5.0
+#: Events a hedged attempt's pump may read ahead of its reader (a slow reader slows the stream
+#: down beyond that, as it would without the pump).
+_READ_AHEAD = 16
 
 
 async def _first_event(
@@ -411,11 +454,120 @@ async def _first_event(
         raise
 
 
-async def _close_loser(result: tuple[StreamEvent, AsyncIterator[StreamEvent]]) -> None:
-    await _close_stream(result[1])
+class _Pumped:
+    """One hedged stream attempt, read to its end by a task of its own (its pump), which passes
+    the events on through a memory object stream: a backend's stream never changes tasks."""
+
+    __slots__ = ("done", "error", "events", "reading", "scope")
+
+    def __init__(self, events: MemoryObjectReceiveStream[StreamEvent]) -> None:
+        self.events = events
+        #: The pump's scope, entered before its stream is read (see :func:`_close_in`).
+        self.scope = anyio.CancelScope()
+        #: What the stream raised (passed on once its events are).
+        self.error: Exception | None = None
+        #: Waiting on the stream (not on its reader): only a cancellation stops it then.
+        self.reading = True
+        self.done = False
+
+    @classmethod
+    async def open(
+        cls,
+        pumps: anyio.abc.TaskGroup,
+        opened: list[_Pumped],
+        backend: Backend,
+        request: ChatRequest,
+    ) -> tuple[StreamEvent, _Pumped]:
+        """Start ``backend``'s stream in a new task of ``pumps`` (kept in ``opened``) and wait
+        for its first event; the attempt is let go (its stream closed) if that fails or is
+        cancelled."""
+        send, receive = anyio.create_memory_object_stream[StreamEvent](_READ_AHEAD)
+        pumped = cls(receive)
+        opened.append(pumped)
+        pumps.start_soon(pumped._pump, backend, request, send, name=f"hedge {backend.name}")
+        try:
+            first = await pumped.receive()
+        except BaseException:
+            pumped.let_go()
+            raise
+        if first is None:
+            raise MalformedResponseError(
+                "stream ended before its first event", backend=backend.name
+            )
+        return first, pumped
+
+    async def _pump(
+        self, backend: Backend, request: ChatRequest, send: MemoryObjectSendStream[StreamEvent]
+    ) -> None:
+        scope = self.scope
+        try:
+            with scope, send:
+                if scope.cancel_called:  # let go before it started: nothing to open
+                    return
+                events = backend.stream(request)
+                try:
+                    try:
+                        async for event in events:
+                            try:
+                                try:
+                                    send.send_nowait(event)  # no checkpoint: the stream had one
+                                except anyio.WouldBlock:
+                                    self.reading = False
+                                    await send.send(event)
+                                    self.reading = True
+                            except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                                return  # the reader let it go: the stream is closed below
+                    finally:
+                        await _close_in(scope, events)
+                except Exception as exc:  # passed on, after the events before it
+                    self.error = exc
+        finally:
+            self.done = True
+
+    async def receive(self) -> StreamEvent | None:
+        """The next event; ``None`` at the end of the stream, or its error raised as it is."""
+        try:
+            try:
+                return self.events.receive_nowait()  # read ahead: no checkpoint needed
+            except anyio.WouldBlock:
+                return await self.events.receive()
+        except anyio.EndOfStream:
+            pass
+        error, self.error = self.error, None
+        if error is not None:
+            raise error  # outside the except clause: its __context__ is left as it was
+        return None
+
+    def let_go(self) -> None:
+        """Stop reading: the pump closes its stream (cancelled first if it is waiting on it;
+        waiting on its reader, it is woken by the reader's end closing)."""
+        self.events.close()
+        if self.reading and not self.done:
+            self.scope.cancel()  # costly on asyncio (it formats the task): only when needed
+
+
+async def _let_go(result: tuple[StreamEvent, _Pumped]) -> None:
+    result[1].let_go()
+
+
+async def _close_in(scope: anyio.CancelScope, events: AsyncIterator[StreamEvent]) -> None:
+    """Close ``events`` in ``scope``, a scope entered before they were read: shielded from the
+    cancellation that ended them, for at most ``_CLOSE_TIMEOUT`` seconds.
+
+    A stream may hold cancel scopes of its own across its events (a fan-out's holds a task
+    group): a scope entered around its close (``move_on_after(shield=True)``) would not nest
+    with those and the close would fail; ``scope``, entered before them, does.
+    """
+    aclose = getattr(events, "aclose", None)
+    # An async generator read to its end (``ag_frame`` is None) has nothing left to close.
+    if aclose is not None and getattr(events, "ag_frame", True) is not None:
+        scope.shield = True
+        scope.deadline = anyio.current_time() + _CLOSE_TIMEOUT
+        await aclose()
 
 
 async def _close_stream(events: AsyncIterator[StreamEvent]) -> None:
+    """Close a stream that has ended (failed or cancelled inside): nothing of it is left open."""
     aclose = getattr(events, "aclose", None)
     if aclose is not None:
         with anyio.move_on_after(_CLOSE_TIMEOUT, shield=True):
