@@ -433,7 +433,6 @@ async def test_a_hedged_stream_over_a_pool_of_fanouts_goes_to_the_other_replica(
     hedged = guard(
         Pool(replicas, strategy="round_robin"),
         hedge=HedgePolicy(delay=0.05, max_extra_ratio=1.0),
-        timeout=None,
     )
     assert hedged.hedge is not None
     hedged.hedge.budget.deposit()

@@ -320,7 +320,7 @@ def hedged(backend: Backend, **policy: Any) -> GuardedBackend:
     own, which a stream holding a task group across its events (a fan-out's) cannot be read
     under, hedged or not (a separate fix, in ``_timeout.py``).
     """
-    guarded = guard(backend, hedge=HedgePolicy(max_extra_ratio=1.0, **policy), timeout=None)
+    guarded = guard(backend, hedge=HedgePolicy(max_extra_ratio=1.0, **policy))
     assert guarded.hedge is not None
     guarded.hedge.budget.deposit()
     return guarded

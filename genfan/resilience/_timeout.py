@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 
 import anyio
+import anyio.lowlevel
 
 from .._backend import Backend
 from .._errors import BackendTimeoutError
@@ -50,26 +52,33 @@ class Timeout(Guard):
         limit = self._limit(request)
         end = anyio.current_time() + limit
         first = True
-        async with aclosing(self.inner.stream(request)) as events:  # type: ignore[type-var]
-            iterator = aiter(events)
-            while True:
-                gap = self.policy.first_token if first else self.policy.idle
-                left = end - anyio.current_time()
-                bounded_by_gap = gap is not None and gap < left
-                with anyio.move_on_after(
-                    gap if gap is not None and bounded_by_gap else left
-                ) as scope:
+        gap: float | None = None
+        bounded_by_gap = False
+        # One scope, entered before the inner stream is read: a stream that holds scopes of its
+        # own across its events (a fan-out's task group) nests inside it, where it could not
+        # nest inside a scope around each event. Its deadline is set while an event is awaited
+        # and lifted while the event is with the caller.
+        with anyio.CancelScope() as scope:
+            async with aclosing(self.inner.stream(request)) as events:  # type: ignore[type-var]
+                iterator = aiter(events)
+                while True:
+                    gap = self.policy.first_token if first else self.policy.idle
+                    now = anyio.current_time()
+                    left = end - now
+                    bounded_by_gap = gap is not None and gap < left
+                    scope.deadline = now + (gap if gap is not None and bounded_by_gap else left)
                     try:
                         event = await anext(iterator)
                     except StopAsyncIteration:
                         return
-                if scope.cancelled_caught:
-                    if not bounded_by_gap:
-                        raise self._expired(limit)
-                    why = (
-                        f"no first token within {gap:g}s" if first else f"stream idle for {gap:g}s"
-                    )
-                    decision("stream_stalled", backend=self.name, level="info", reason=why)
-                    raise BackendTimeoutError(why, backend=self.name)
-                first = False
-                yield event
+                    scope.deadline = math.inf
+                    if scope.cancel_called:  # the deadline passed as the event came
+                        await anyio.lowlevel.checkpoint()  # the scope catches it: see below
+                    first = False
+                    yield event
+        # Only reached when the scope caught its own cancellation: a deadline passed.
+        if not bounded_by_gap:
+            raise self._expired(limit)
+        why = f"no first token within {gap:g}s" if first else f"stream idle for {gap:g}s"
+        decision("stream_stalled", backend=self.name, level="info", reason=why)
+        raise BackendTimeoutError(why, backend=self.name)
