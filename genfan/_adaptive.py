@@ -1,7 +1,7 @@
 """Adaptive sampling: samples of one model, drawn in waves until the answer is settled.
 
-:class:`Sampling` is a :class:`~genfan.FanOut` of ``samples`` targets on one backend, called in
-:class:`~genfan.select.Waves`: a first wave, then more only while the stopping rule
+[`Sampling`][genfan.Sampling] is a [`FanOut`][genfan.FanOut] of ``samples`` targets on one backend, called in
+[`Waves`][genfan.select.Waves]: a first wave, then more only while the stopping rule
 (Adaptive-Consistency's Beta criterion by default) says the leading answer is not settled. Where
 the backend can draw several samples in one request (a ``sample(request, n)`` method, as the
 local vLLM engine's), a wave is one request with ``n`` samples: the prompt is processed once and
@@ -43,7 +43,7 @@ class Sampling(FanOut):
     Args:
         backend: the model to sample.
         samples: the most samples to draw.
-        waves: the wave schedule and stopping rule (a :class:`~genfan.select.Waves`, or a wave
+        waves: the wave schedule and stopping rule (a [`Waves`][genfan.select.Waves], or a wave
             size); ``None``: every sample at once (one request where the backend can).
         temperature: the sampling temperature (default: the request's, else the backend's).
         max_tokens: per sample (default: the request's).

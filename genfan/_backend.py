@@ -1,15 +1,15 @@
-"""The one seam between genfan and an LLM: the :class:`Backend` protocol, and the registry.
+"""The one seam between genfan and an LLM: the [`Backend`][genfan.Backend] protocol, and the registry.
 
-A backend has a ``name``, answers :meth:`Backend.complete`, streams with :meth:`Backend.stream`,
-and releases its resources in :meth:`Backend.aclose`. Guards (``genfan.resilience``) are backends
+A backend has a ``name``, answers `Backend.complete`, streams with `Backend.stream`,
+and releases its resources in `Backend.aclose`. Guards (``genfan.resilience``) are backends
 that wrap a backend; providers (``genfan_providers``, the genfan-providers distribution, or any
 third-party package) implement it for a vendor. genfan never imports them: the registry loads
 them by name.
 
 The registry turns ``"openai:gpt-4o-mini"``-style strings into backends. It looks prefixes up in
 the ``genfan.backends`` entry-point group, so installing a package is enough to add a provider;
-:func:`register_backend` adds one at run time. Constructing a backend class directly always works.
-:func:`build_backend` returns the provider's backend as it is (unguarded); the public
+[`register_backend`][genfan.register_backend] adds one at run time. Constructing a backend class directly always works.
+`build_backend` returns the provider's backend as it is (unguarded); the public
 ``genfan.create_backend`` (``genfan._create``, a floor above ``genfan.resilience``) wraps it in
 its guard stack.
 """
@@ -57,11 +57,11 @@ class Backend(Protocol):
         ...
 
     async def complete(self, request: ChatRequest) -> Completion:
-        """Answer ``request``; raise a :class:`~genfan.BackendError` on failure."""
+        """Answer ``request``; raise a [`BackendError`][genfan.BackendError] on failure."""
         ...
 
     def stream(self, request: ChatRequest) -> AsyncIterator[StreamEvent]:
-        """Stream the answer: text and tool-call deltas, then one :class:`StreamEnd`."""
+        """Stream the answer: text and tool-call deltas, then one [`StreamEnd`][genfan.StreamEnd]."""
         ...
 
     async def aclose(self) -> None:
@@ -80,8 +80,8 @@ class Backend(Protocol):
 
 class AsyncCloseable:
     """What every genfan backend class shares (providers, composites, guards, pools): an async
-    context manager whose exit calls :meth:`aclose` (subclasses override it), and
-    :meth:`complete_sync` for sync code.
+    context manager whose exit calls `aclose` (subclasses override it), and
+    `complete_sync` for sync code.
 
     ``with`` (instead of ``async with``) raises a ``TypeError`` that says so.
     """
@@ -91,7 +91,7 @@ class AsyncCloseable:
         raise NotImplementedError
 
     def complete_sync(self, request: ChatRequest) -> Completion:
-        """:meth:`complete` for sync code: ``completion = backend.complete_sync(request)``.
+        """`complete` for sync code: ``completion = backend.complete_sync(request)``.
 
         It blocks until the answer is there. It works in a plain script and inside a running
         event loop (a notebook), whose loop it blocks meanwhile, as a sync HTTP client would:
@@ -144,9 +144,9 @@ async def aclose_all(backends: Iterable[Backend]) -> None:
 
 class BaseBackend(AsyncCloseable):
     """A convenient base class: context manager, ``stream`` built on ``complete``, and
-    :meth:`complete_sync` for sync code.
+    `complete_sync` for sync code.
 
-    Subclasses implement :meth:`complete` (and :meth:`stream` when they can really stream).
+    Subclasses implement `complete` (and `stream` when they can really stream).
 
     Whoever creates a backend owns it and closes it (``async with backend:`` or
     ``await backend.aclose()``); composites that are handed a backend never close it, so one
@@ -169,7 +169,7 @@ class BaseBackend(AsyncCloseable):
 
         A no-op by default. The command line awaits it before a fan-out's clock starts, so a
         one-off start-up cost is counted neither against the deadline nor in the latency.
-        Calling it again, or calling :meth:`complete` without it, must work.
+        Calling it again, or calling `complete` without it, must work.
         """
         return None
 
@@ -190,7 +190,7 @@ async def collect_stream(events: AsyncIterator[StreamEvent], *, backend: str = "
     """Drain a stream and return its completion, with ``ttft`` measured on the way.
 
     Raises:
-        MalformedResponseError: the stream ended without a :class:`StreamEnd` event.
+        MalformedResponseError: the stream ended without a [`StreamEnd`][genfan.StreamEnd] event.
     """
     start = time.perf_counter()
     ttft: float | None = None

@@ -3,10 +3,10 @@
 Chen et al. (2023) call LLMs from cheap to expensive and stop as soon as a scorer trusts the
 answer; they matched GPT-4 at up to 98% lower cost. Here a tier is a fan-out (one backend, or
 several samples of one, or several backends), the scorer is any selector whose
-:attr:`Selection.confidence` is compared with the threshold, and the result reports what was
+`Selection.confidence` is compared with the threshold, and the result reports what was
 spent and what running every tier would have cost.
 
-A cascade is a :class:`~genfan.Backend` too (:meth:`Cascade.complete` gives the chosen answer),
+A cascade is a [`Backend`][genfan.Backend] too (`Cascade.complete` gives the chosen answer),
 so it can be a fan-out target, or a tier of another cascade.
 
 Closing a cascade closes only the fan-outs it built for tiers given as backends, never the
@@ -37,7 +37,7 @@ class Tier:
     """One step of a cascade.
 
     Attributes:
-        backends: a :class:`FanOut`, or backends/targets run together (``mode="all"``); several
+        backends: a [`FanOut`][genfan.FanOut], or backends/targets run together (``mode="all"``); several
             targets of one sampling backend give a vote something to count.
         name: shown in results (default ``tier1``, ``tier2``...).
         cost_per_token: price of a token, used when completions report no ``usage.cost``.
@@ -178,28 +178,28 @@ class Cascade(BaseBackend):
     latest earlier answer is). A tier whose backends all fail escalates, and so does one whose
     answers ``validate`` all rejects.
 
-    A cascade is a :class:`~genfan.Backend`: :meth:`complete` (and :meth:`stream`, which replays
-    it) returns the chosen completion and raises :class:`~genfan.NoAnswerError` where
-    :meth:`run` raises :class:`~genfan.AllBackendsFailedError`.
+    A cascade is a [`Backend`][genfan.Backend]: `complete` (and `stream`, which replays
+    it) returns the chosen completion and raises [`NoAnswerError`][genfan.NoAnswerError] where
+    `run` raises [`AllBackendsFailedError`][genfan.AllBackendsFailedError].
 
     Args:
-        tiers: :class:`Tier` s, or what a tier takes (a fan-out, backends, a backend).
+        tiers: [`Tier`][genfan.Tier] s, or what a tier takes (a fan-out, backends, a backend).
         selector: picks and gives the confidence (default: the ``auto`` selector, whose
             confidence is the calibrated probability that its answer is right; a plain vote's
             is the share that agrees).
         threshold: the confidence needed to stop: one number, or one per tier but the last.
         stop: instead of the threshold, stop when this stopping rule (a
-            :class:`~genfan.select.StoppingRule`, or the rule and vote counter of a
-            :class:`~genfan.select.Waves`) says the vote over the answers so far is settled,
+            [`StoppingRule`][genfan.select.StoppingRule], or the rule and vote counter of a
+            [`Waves`][genfan.select.Waves]) says the vote over the answers so far is settled,
             given the samples the later tiers could still add (adaptive sampling across tiers;
             best with ``carry=True``).
         carry: also show the selector the candidates of earlier tiers (votes accumulate: 3
             cheap samples, then 6 more, voted over all 9).
         name: the cascade's backend name (default ``"cascade(tier,tier,...)"``, each tier by
             its backend's name, or its fan-out's).
-        validate: what a good answer is (see :data:`~genfan.ValidateLike`): every tier's
+        validate: what a good answer is (see `ValidateLike`): every tier's
             answers are checked, those it rejects become failed candidates (an
-            :class:`~genfan.AnswerRejectedError`), so the selector never sees them, and a tier
+            [`AnswerRejectedError`][genfan.AnswerRejectedError]), so the selector never sees them, and a tier
             left with none escalates. A fan-out given as a tier keeps its own ``validate=``
             too (which makes its ``first`` mode race on to an answer that passes).
 
@@ -293,7 +293,7 @@ class Cascade(BaseBackend):
 
     async def run(self, request: ChatRequest | str) -> CascadeResult:
         """Run the tiers in order until one is confident enough:
-        ``result = await cascade.run("...")`` (from sync code: :meth:`run_sync`).
+        ``result = await cascade.run("...")`` (from sync code: `run_sync`).
 
         Raises:
             AllBackendsFailedError: every backend of every tier failed.
@@ -441,7 +441,7 @@ class Cascade(BaseBackend):
         )
 
     def run_sync(self, request: ChatRequest | str) -> CascadeResult:
-        """:meth:`run` for sync code: ``result = cascade.run_sync("...")``.
+        """`run` for sync code: ``result = cascade.run_sync("...")``.
 
         It blocks until the cascade is decided, in a plain script or inside a running event
         loop (a notebook), whose loop it blocks meanwhile, as a sync HTTP client would: in

@@ -26,8 +26,8 @@ rate_limit_store = "main"          # the quota is shared through this store
 url_env = "GENFAN_REDIS_URL"
 ```
 
-:func:`load_config` validates the file into :class:`GenfanConfig`; a bad file raises
-:class:`~genfan.ConfigurationError` naming the key and what to write instead.
+[`load_config`][genfan.load_config] validates the file into [`GenfanConfig`][genfan.GenfanConfig]; a bad file raises
+[`ConfigurationError`][genfan.ConfigurationError] naming the key and what to write instead.
 """
 
 from __future__ import annotations
@@ -278,7 +278,7 @@ class GenfanConfig(BaseModel):
         guarded on its own, so a pool skips replicas whose breaker is open); a composite gets
         guards of its own only when its table sets ``guards``. A ``[rate_limit_stores.NAME]``
         store its guards name is built once per build (one for every backend of
-        :meth:`build_targets`) and closed with the last backend that uses it.
+        `build_targets`) and closed with the last backend that uses it.
         """
         stores: dict[str, Any] = {} if _stores is None else _stores
         if name in _path:
@@ -387,7 +387,7 @@ class GenfanConfig(BaseModel):
         early_exit: int | None = None,
         judge: str | Mapping[str, Any] | None = None,
     ) -> FanOut:
-        """A :class:`FanOut` as the config describes it (arguments override the file).
+        """A [`FanOut`][genfan.FanOut] as the config describes it (arguments override the file).
 
         ``early_exit=K`` (or ``[fanout] early_exit = K``) stops the fan-out once K answers agree
         under a majority-vote key (the vote selector's ``extract`` when ``select`` is ``vote``)

@@ -1,8 +1,8 @@
 """``create_backend``: a backend from a ``"provider:model"`` spec, inside its guard stack.
 
 Every backend genfan builds for you is guarded the same way, whether it comes from code or from
-a config file: :func:`create_backend` and the TOML config both turn a ``guards`` setting into a
-stack here (:func:`guarded`, through ``GuardsConfig.build``), so the defaults cannot drift
+a config file: [`create_backend`][genfan.create_backend] and the TOML config both turn a ``guards`` setting into a
+stack here (`guarded`, through ``GuardsConfig.build``), so the defaults cannot drift
 apart. ``guards=False`` is the explicit way out.
 
 This module stands on floor 4, beside ``genfan._fanout``: above ``genfan.resilience`` (the
@@ -66,11 +66,11 @@ def guarded(
     stores: Mapping[str, RedisQuota] | None = None,
 ) -> Backend:
     """``backend`` inside the guard stack that ``guards`` describes (the one way genfan guards
-    the backends it builds: :func:`create_backend` and the TOML config both end here).
+    the backends it builds: [`create_backend`][genfan.create_backend] and the TOML config both end here).
 
     Args:
         backend: the provider's backend.
-        guards: see :data:`Guards`.
+        guards: see `Guards`.
         stores: the shared quota stores a ``rate_limit_store`` may name (the TOML config's
             ``[rate_limit_stores.NAME]`` tables).
     """

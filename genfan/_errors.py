@@ -1,6 +1,6 @@
 """The error tree of genfan.
 
-Every error genfan raises derives from :class:`GenfanError`. Misuse (bad configuration, bad
+Every error genfan raises derives from [`GenfanError`][genfan.GenfanError]. Misuse (bad configuration, bad
 arguments) is kept apart from failures that happen while talking to a backend::
 
     GenfanError
@@ -153,7 +153,7 @@ class HTTPStatusError(BackendError):
         status_code: the HTTP status.
         rate_limit: the quota the provider reported in the error response's rate-limit headers
             (OpenAI's ``x-ratelimit-*``, Anthropic's ``anthropic-ratelimit-*``); ``None`` when
-            it sent none. The same :class:`~genfan.RateLimitInfo` a completion carries.
+            it sent none. The same [`RateLimitInfo`][genfan.RateLimitInfo] a completion carries.
     """
 
     def __init__(
@@ -188,7 +188,7 @@ class RateLimitError(HTTPStatusError):
 
     Attributes:
         retry_after: seconds the backend asked us to wait, when it said so.
-        rate_limit: the provider's parsed rate-limit headers (see :class:`HTTPStatusError`).
+        rate_limit: the provider's parsed rate-limit headers (see [`HTTPStatusError`][genfan.HTTPStatusError]).
     """
 
     def __init__(
@@ -215,7 +215,7 @@ class ResponseTooLargeError(MalformedResponseError):
     whole non-streamed body, or one event of a stream. Nothing past the limit was read.
 
     Not retryable (the same server would most likely send the same again), but a fallback moves
-    on to the next backend as for any :class:`BackendError`.
+    on to the next backend as for any [`BackendError`][genfan.BackendError].
 
     Attributes:
         limit: the most bytes allowed.
@@ -238,7 +238,7 @@ class StreamInterruptedError(BackendError):
 
     The pieces passed on cannot be taken back, so no guard retries the stream itself; the answer
     so far is kept here. A stream cut *before* anything was passed on raises the retryable error
-    of the cause instead (:class:`BackendConnectionError`, :class:`MalformedResponseError`), which
+    of the cause instead ([`BackendConnectionError`][genfan.BackendConnectionError], [`MalformedResponseError`][genfan.MalformedResponseError]), which
     retries and fallbacks handle like any other.
 
     Retryable (asking again may well succeed), and counted by circuit breakers.
@@ -257,13 +257,13 @@ class StreamInterruptedError(BackendError):
 
 class AnswerRejectedError(BackendError):
     """The backend answered, but its answer failed a check of what a good answer is (the
-    ``validate=`` of :class:`~genfan.resilience.Fallback`, :class:`~genfan.FanOut` and
-    :class:`~genfan.Cascade`: a schema, a refusal detector, your own function).
+    ``validate=`` of `Fallback`, [`FanOut`][genfan.FanOut] and
+    [`Cascade`][genfan.Cascade]: a schema, a refusal detector, your own function).
 
     A fallback moves on to the next backend, a cascade tier whose answers are all rejected
     escalates, and in a fan-out the answer is a failed candidate (its completion kept, so its
     tokens still count). An answer that is not a valid ``output_type`` raises its subclass
-    :class:`~genfan.OutputValidationError`.
+    [`OutputValidationError`][genfan.OutputValidationError].
 
     Retryable (another sample, or another model, may well answer better); not counted by
     circuit breakers (the backend itself worked).
@@ -341,14 +341,14 @@ class NoAnswerError(BackendError):
     """A composite (``FanOut``, ``Cascade``, ``Synthesis``) called as a backend gave no answer.
 
     ``complete()`` and ``stream()`` raise it where ``run()`` raises
-    :class:`AllBackendsFailedError` (every inner backend failed), and also when the backends
-    answered but the selector chose none. Being a :class:`BackendError`, a composite nested in
+    [`AllBackendsFailedError`][genfan.AllBackendsFailedError] (every inner backend failed), and also when the backends
+    answered but the selector chose none. Being a [`BackendError`][genfan.BackendError], a composite nested in
     another one fails as one typed candidate, and guards around a composite can classify it.
-    The :class:`AllBackendsFailedError`, when there was one, is its ``__cause__``.
+    The [`AllBackendsFailedError`][genfan.AllBackendsFailedError], when there was one, is its ``__cause__``.
 
     Attributes:
         errors: the inner backends' errors (one per failed candidate; nested composites give
-            their own :class:`NoAnswerError`).
+            their own [`NoAnswerError`][genfan.NoAnswerError]).
         explanation: the selector's explanation when answers came back but none was chosen.
         retryable: whether any inner error is retryable.
         counts_as_failure: whether any inner error counts as a circuit-breaker failure (a
@@ -379,7 +379,7 @@ class NoAnswerError(BackendError):
 class AllBackendsFailedError(GenfanError, ExceptionGroup):  # type: ignore[misc,unused-ignore]
     """Every backend of a fan-out failed.
 
-    It is an ``ExceptionGroup`` of the per-backend :class:`BackendError` s, so both
+    It is an ``ExceptionGroup`` of the per-backend [`BackendError`][genfan.BackendError] s, so both
     ``except GenfanError`` and ``except* RateLimitError`` work.
     """
 

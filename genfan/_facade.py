@@ -3,7 +3,7 @@
 Each public package (``genfan``, ``genfan.select``, ``genfan.resilience``, ...) lists its public
 names once, as ``from ._module import Name as Name`` lines under ``if TYPE_CHECKING:``, and ends
 with ``__getattr__, __dir__, __all__ = lazy(__name__, __file__)``. Type checkers read those lines
-(``as`` marks a re-export); :func:`lazy` reads the same lines from the facade's source, derives
+(``as`` marks a re-export); `lazy` reads the same lines from the facade's source, derives
 ``__all__``, and imports each private module on first use, so ``import genfan`` costs almost
 nothing until a name is used. A loaded class or function gets the facade's name as its
 ``__module__`` (httpx and anyio do the same), so reprs, pickles and the docs show the one path

@@ -4,9 +4,9 @@ Concurrency is structured: each backend call runs in a task of one task group, a
 a race (``first``, ``quorum``, agreement, deadline) are cancelled, never left running; a provider
 that is cancelled closes its HTTP stream or aborts its engine request.
 
-A fan-out is itself a :class:`~genfan.Backend`: :meth:`FanOut.complete` and
-:meth:`FanOut.stream` give the chosen answer (and raise :class:`~genfan.NoAnswerError`), so it
-nests in another fan-out, a cascade, a pool, a guard stack or an agent; :meth:`FanOut.run` keeps
+A fan-out is itself a [`Backend`][genfan.Backend]: `FanOut.complete` and
+`FanOut.stream` give the chosen answer (and raise [`NoAnswerError`][genfan.NoAnswerError]), so it
+nests in another fan-out, a cascade, a pool, a guard stack or an agent; `FanOut.run` keeps
 every candidate.
 
 Whoever creates a backend owns it: closing a fan-out closes only what it owns (nothing, unless it
@@ -107,7 +107,7 @@ class FanOutResult(Generic[OutputT]):
     Attributes:
         candidates: one per target, in target order: answers and typed failures (an answer
             that is not a valid ``output_type`` is a failed candidate, with an
-            :class:`~genfan.OutputValidationError` and its completion kept).
+            [`OutputValidationError`][genfan.OutputValidationError] and its completion kept).
         selection: the selector's decision and explanation.
         elapsed: wall seconds for the whole fan-out (selection included).
         deadline_hit: the deadline passed and unfinished calls were cancelled.
@@ -202,12 +202,12 @@ class FanOutResult(Generic[OutputT]):
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class CandidateDelta:
-    """A piece of one candidate's answer, as it streams (see :meth:`FanOut.run_stream`).
+    """A piece of one candidate's answer, as it streams (see `FanOut.run_stream`).
 
     Attributes:
         index: the candidate's index (its target's position in the fan-out).
         backend: the candidate's (target's) name.
-        delta: the piece: a :class:`~genfan.TextDelta` or a :class:`~genfan.ToolCallDelta`.
+        delta: the piece: a [`TextDelta`][genfan.TextDelta] or a [`ToolCallDelta`][genfan.ToolCallDelta].
     """
 
     index: int
@@ -224,7 +224,7 @@ class CandidateDelta:
 @dataclass(frozen=True, kw_only=True, slots=True)
 class CandidateFinished:
     """One candidate ended: it answered (``candidate.ok``), failed (``candidate.error``: a
-    backend error, mid-stream ones included, or an :class:`~genfan.OutputValidationError`), or
+    backend error, mid-stream ones included, or an [`OutputValidationError`][genfan.OutputValidationError]), or
     was cancelled (the fan-out was decided, or its deadline passed)."""
 
     candidate: Candidate
@@ -252,13 +252,13 @@ class AnswerChosen:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class FanOutFinished(Generic[OutputT]):
-    """The last event: the whole :class:`FanOutResult` (``result.output`` when typed)."""
+    """The last event: the whole [`FanOutResult`][genfan.FanOutResult] (``result.output`` when typed)."""
 
     result: FanOutResult[OutputT]
     type: Literal["final"] = "final"
 
 
-#: What :meth:`FanOut.run_stream` yields; ``event.type`` tells them apart.
+#: What `FanOut.run_stream` yields; ``event.type`` tells them apart.
 FanOutEvent: TypeAlias = CandidateDelta | CandidateFinished | AnswerChosen | FanOutFinished[Any]
 #: The events of a stream whose result is a ``FanOutResult[OutputT]``.
 _Event: TypeAlias = CandidateDelta | CandidateFinished | AnswerChosen | FanOutFinished[OutputT]
@@ -267,13 +267,13 @@ _Event: TypeAlias = CandidateDelta | CandidateFinished | AnswerChosen | FanOutFi
 class FanOut(BaseBackend, Generic[OutputT]):
     """Send one request to several backends concurrently and pick one answer.
 
-    A fan-out is a :class:`~genfan.Backend` too: :meth:`complete` returns the chosen
-    completion, so fan-outs nest (in fan-outs, cascades, pools, guards, agents); :meth:`run`
-    returns every candidate; :meth:`run_stream` streams every candidate's tokens, tagged, as
+    A fan-out is a [`Backend`][genfan.Backend] too: `complete` returns the chosen
+    completion, so fan-outs nest (in fan-outs, cascades, pools, guards, agents); `run`
+    returns every candidate; `run_stream` streams every candidate's tokens, tagged, as
     they arrive.
 
     Args:
-        targets: backends (or :class:`Target` s with per-backend overrides).
+        targets: backends (or [`Target`][genfan.Target] s with per-backend overrides).
         mode: ``all`` waits for every backend; ``first`` returns on the first success and cancels
             the rest; ``quorum`` returns once ``quorum`` backends succeeded (or, with ``agree``,
             once ``quorum`` answers agree) and cancels the rest.
@@ -285,7 +285,7 @@ class FanOut(BaseBackend, Generic[OutputT]):
             answer so far is returned. Guards inside spend only what is left of it.
         select: picks the answer (default: the first success; with ``waves``, the ``auto``
             selector).
-        waves: call the targets in waves (a :class:`~genfan.select.Waves`, or a wave size)
+        waves: call the targets in waves (a [`Waves`][genfan.select.Waves], or a wave size)
             and stop once its stopping rule says the leading answer is settled (adaptive
             sampling); the targets never called end as cancelled candidates.
         name: the fan-out's backend name (default ``"fanout(a,b,...)"``).
@@ -298,15 +298,15 @@ class FanOut(BaseBackend, Generic[OutputT]):
             does not validate is a failed candidate, so the selector chooses among valid ones,
             and ``result.output`` is the chosen instance. ``run(..., output_type=)`` overrides
             it per call.
-        validate: what a good answer is, beyond its type (see :data:`~genfan.ValidateLike`: a
+        validate: what a good answer is, beyond its type (see `ValidateLike`: a
             function ``(completion) -> None | reason``, an object with a ``check`` method, a
             per-answer scorer such as ``RefusalDetector()``, a type, or a list of these). An
-            answer it rejects is a failed candidate (an :class:`~genfan.AnswerRejectedError`,
+            answer it rejects is a failed candidate (an [`AnswerRejectedError`][genfan.AnswerRejectedError],
             its completion kept), as an invalid ``output_type`` is: the selector chooses among
             the others, and ``first`` mode races on to the first answer that passes.
         validate_streams: when streaming in ``first`` mode (or one target), decide at the
-            first answer that ends and passes, not at the first token: :meth:`stream` then
-            passes the chosen answer on once it is known (buffered), and :meth:`run_stream`
+            first answer that ends and passes, not at the first token: `stream` then
+            passes the chosen answer on once it is known (buffered), and `run_stream`
             streams every candidate until then. By default the first token wins and its
             answer, passed on live, is checked only at its end (if it fails, the fan-out does).
 
@@ -380,7 +380,7 @@ class FanOut(BaseBackend, Generic[OutputT]):
         """Fan ``request`` out and return the chosen completion (the Backend protocol):
         ``completion = await fan.complete(request)``.
 
-        ``output_type`` (default: the fan-out's) validates the candidates as in :meth:`run`:
+        ``output_type`` (default: the fan-out's) validates the candidates as in `run`:
         the chosen completion is a valid one.
 
         Raises:
@@ -397,12 +397,12 @@ class FanOut(BaseBackend, Generic[OutputT]):
         self, request: ChatRequest, *, output_type: Any = None
     ) -> AsyncIterator[StreamEvent]:
         """Stream the chosen answer: its text, its tool calls, then one ``StreamEnd`` (the
-        Backend protocol; :meth:`run_stream` streams every candidate). ``output_type``
+        Backend protocol; `run_stream` streams every candidate). ``output_type``
         (default: the fan-out's) validates each candidate when its stream ends, as in
-        :meth:`run`.
+        `run`.
 
         Every candidate is streamed, so the mode's early exits and the deadline work as in
-        :meth:`run`. In ``first`` mode (and in a one-target fan-out) the first candidate to
+        `run`. In ``first`` mode (and in a one-target fan-out) the first candidate to
         produce a token wins, the others are cancelled, and its tokens are passed on live. In
         ``all`` and ``quorum`` modes the answer is known only once the selector chose: the
         chosen candidate's pieces are then passed on as they arrived.
@@ -465,11 +465,11 @@ class FanOut(BaseBackend, Generic[OutputT]):
         and backend as they arrive, its end, then the selector's choice and the result.
 
         Use it as ``async with fan.run_stream(request) as events: async for ev in events:``.
-        Events (``ev.type``): :class:`CandidateDelta` (``"delta"``), :class:`CandidateFinished`
-        (``"candidate"``: answered, failed or cancelled), :class:`AnswerChosen` (``"chosen"``)
-        and, last, :class:`FanOutFinished` (``"final"``, with the :class:`FanOutResult`).
+        Events (``ev.type``): [`CandidateDelta`][genfan.CandidateDelta] (``"delta"``), [`CandidateFinished`][genfan.CandidateFinished]
+        (``"candidate"``: answered, failed or cancelled), [`AnswerChosen`][genfan.AnswerChosen] (``"chosen"``)
+        and, last, [`FanOutFinished`][genfan.FanOutFinished] (``"final"``, with the [`FanOutResult`][genfan.FanOutResult]).
 
-        The modes work as in :meth:`run`: ``all`` streams every candidate; ``first`` passes on
+        The modes work as in `run`: ``all`` streams every candidate; ``first`` passes on
         only the first candidate to produce a token, and cancels the others at that token;
         ``quorum`` (with ``agree``) cancels the rest once k answers agree. Cancelled calls have
         their streams closed at once, and end as cancelled candidates. Leaving the block early
@@ -478,7 +478,7 @@ class FanOut(BaseBackend, Generic[OutputT]):
         Args:
             request: a request, or a prompt string.
             deadline: overrides the fan-out's deadline for this call.
-            output_type: as in :meth:`run`; each answer is validated when its stream ends.
+            output_type: as in `run`; each answer is validated when its stream ends.
 
         Raises:
             AllBackendsFailedError: from the iteration, when no candidate answered.
@@ -494,7 +494,7 @@ class FanOut(BaseBackend, Generic[OutputT]):
         limit: float | None,
         emit: Callable[[FanOutEvent], None],
     ) -> FanOutResult[Any]:
-        """:meth:`run` over the targets' streams, every event passed to ``emit``."""
+        """`run` over the targets' streams, every event passed to ``emit``."""
         request_id = os.urandom(8).hex()
         n = len(self.targets)
         slots: list[Candidate | None] = [None] * n
@@ -667,7 +667,7 @@ class FanOut(BaseBackend, Generic[OutputT]):
         output_type: Any = None,
     ) -> FanOutResult[Any]:
         """Fan ``request`` out and return every candidate and the chosen answer:
-        ``result = await fan.run("...")`` (from sync code: :meth:`run_sync`).
+        ``result = await fan.run("...")`` (from sync code: `run_sync`).
 
         Args:
             request: a request, or a prompt string.
@@ -850,7 +850,7 @@ class FanOut(BaseBackend, Generic[OutputT]):
         deadline: float | None = None,
         output_type: Any = None,
     ) -> FanOutResult[Any]:
-        """:meth:`run` for sync code: ``result = fan.run_sync("...")``.
+        """`run` for sync code: ``result = fan.run_sync("...")``.
 
         It blocks until the fan-out is decided. It works in a plain script and inside a running
         event loop (a notebook), whose loop it blocks meanwhile, as a sync HTTP client would: in
@@ -944,7 +944,7 @@ class FanOut(BaseBackend, Generic[OutputT]):
         """Fan out many requests, at most ``max_in_flight`` at a time.
 
         Returns one entry per request, in input order: its result, or the
-        :class:`AllBackendsFailedError` it ended with.
+        [`AllBackendsFailedError`][genfan.AllBackendsFailedError] it ended with.
         """
         if max_in_flight < 1:
             raise ConfigurationError(f"max_in_flight must be >= 1, got {max_in_flight}")
@@ -969,14 +969,14 @@ class FanOut(BaseBackend, Generic[OutputT]):
 
 
 class FanOutStream(Generic[OutputT]):
-    """The events of one streamed fan-out (see :meth:`FanOut.run_stream`).
+    """The events of one streamed fan-out (see `FanOut.run_stream`).
 
     Use it as ``async with fan.run_stream(request) as events: async for event in events:``.
-    A failure (:class:`~genfan.AllBackendsFailedError`) is raised from the iteration; leaving
+    A failure ([`AllBackendsFailedError`][genfan.AllBackendsFailedError]) is raised from the iteration; leaving
     the block early cancels the fan-out.
 
     Attributes:
-        result: the fan-out's result, once :class:`FanOutFinished` has been received.
+        result: the fan-out's result, once [`FanOutFinished`][genfan.FanOutFinished] has been received.
     """
 
     def __init__(
@@ -1086,7 +1086,7 @@ _NO_DEADLINE: AbstractContextManager[None] = nullcontext()
 
 
 def no_answer(exc: AllBackendsFailedError, *, backend: str) -> NoAnswerError:
-    """The :class:`NoAnswerError` a composite's ``complete()`` raises where ``run()`` raised
+    """The [`NoAnswerError`][genfan.NoAnswerError] a composite's ``complete()`` raises where ``run()`` raised
     ``exc`` (raise it ``from exc``)."""
     return NoAnswerError(exc.message, backend=backend, errors=exc.exceptions)
 
@@ -1097,7 +1097,7 @@ def chosen_completion(
     selection: Selection,
     backend: str,
 ) -> Completion:
-    """The chosen candidate's completion, or a :class:`NoAnswerError` saying why there is none."""
+    """The chosen candidate's completion, or a [`NoAnswerError`][genfan.NoAnswerError] saying why there is none."""
     if chosen is not None and chosen.completion is not None:
         return chosen.completion
     raise NoAnswerError(

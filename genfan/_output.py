@@ -2,7 +2,7 @@
 
 ``output_type=`` (on ``FanOut``, ``Agent`` and LLM steps) takes a pydantic model class, or any
 type pydantic's ``TypeAdapter`` takes (``list[City]``, ``Literal["yes", "no"]``, a dataclass,
-a ``TypedDict``, ``int``...). :func:`output_spec` turns it into an :class:`OutputSpec`:
+a ``TypedDict``, ``int``...). `output_spec` turns it into an `OutputSpec`:
 
 * the request's ``response_format``: a JSON schema of the type, made strict-compatible where
   that is possible (every object closed and every property required, as OpenAI's strict
@@ -11,15 +11,15 @@ a ``TypedDict``, ``int``...). :func:`output_spec` turns it into an :class:`Outpu
   ``{"response": ...}``, since providers ask for an object at the root;
 * the validation of each answer: its JSON (the whole text, else a fenced code block, else the
   first ``{...}`` or ``[...]`` that parses), unwrapped, validated by pydantic into an instance;
-  what fails is an :class:`OutputValidationError` naming each wrong field.
+  what fails is an [`OutputValidationError`][genfan.OutputValidationError] naming each wrong field.
 
 ``str`` (or no type at all) asks for nothing and "validates" to the answer's text.
 
 ``validate=`` (on ``Fallback``, ``FanOut`` and ``Cascade``) is the one way to say what a good
-answer is, beyond its type: :class:`AnswerValidator` compiles it once (a function, an object
+answer is, beyond its type: `AnswerValidator` compiles it once (a function, an object
 with a ``check`` method, a per-answer scorer of ``genfan.select``, a type as for
 ``output_type``, or a list of these) and rejects an answer with an
-:class:`~genfan.AnswerRejectedError` (an :class:`OutputValidationError` for a type).
+[`AnswerRejectedError`][genfan.AnswerRejectedError] (an [`OutputValidationError`][genfan.OutputValidationError] for a type).
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ class OutputValidationError(MalformedResponseError, AnswerRejectedError):
     In a fan-out the candidate counts as failed (``status="failed"``, this error, and its
     ``completion`` kept so that its tokens still count); the other candidates are chosen from.
     It is retryable: another sample may well be valid. It is an
-    :class:`~genfan.AnswerRejectedError` too (the type is one way to say what a good answer is),
+    [`AnswerRejectedError`][genfan.AnswerRejectedError] too (the type is one way to say what a good answer is),
     so a ``validate=`` type rejects an answer with it, and ``except AnswerRejectedError`` sees
     both.
 
@@ -207,7 +207,7 @@ def _cached_spec(output_type: Any) -> OutputSpec[Any]:
 
 
 def output_spec(output_type: Any) -> OutputSpec[Any] | None:
-    """The :class:`OutputSpec` of ``output_type`` (``None``: no type, the answer's text).
+    """The `OutputSpec` of ``output_type`` (``None``: no type, the answer's text).
 
     Specs are cached per type (schema generation and validator building happen once).
 
@@ -230,7 +230,7 @@ def output_spec(output_type: Any) -> OutputSpec[Any] | None:
 @runtime_checkable
 class AnswerCheck(Protocol):
     """Checks one answer: ``check(completion)`` returns ``None`` to accept it, or the reason to
-    reject it (it may also raise :class:`~genfan.AnswerRejectedError` or ``ValueError``).
+    reject it (it may also raise [`AnswerRejectedError`][genfan.AnswerRejectedError] or ``ValueError``).
 
     Any object with such a method is a check ``validate=`` takes.
     """
@@ -239,7 +239,7 @@ class AnswerCheck(Protocol):
 
 
 #: What ``validate=`` takes: a function ``(completion) -> None | True | False | reason`` (plain
-#: or ``async``; raising ``ValueError`` rejects too), an :class:`AnswerCheck`, a per-answer
+#: or ``async``; raising ``ValueError`` rejects too), an `AnswerCheck`, a per-answer
 #: scorer of ``genfan.select`` (``SchemaValid()``, ``RefusalDetector()``, ``LengthBounds(...)``,
 #: ``Patterns(...)``, ``Finished()``: it passes when it scores above 0, as a ``Select`` filter),
 #: a type as for ``output_type`` (a pydantic model, ``list[City]``...), or a list of these (all
@@ -333,11 +333,11 @@ def _compile_check(item: Any) -> tuple[str, _CheckFn]:
 
 
 class AnswerValidator:
-    """What a good answer is, compiled once from ``validate=`` (see :data:`ValidateLike`).
+    """What a good answer is, compiled once from ``validate=`` (see `ValidateLike`).
 
     Awaiting ``validator(completion, request=...)`` runs the checks in order; the first that
-    rejects the answer raises :class:`~genfan.AnswerRejectedError` (with the reason, the
-    completion and the check's name; an :class:`OutputValidationError` for a type). An answer
+    rejects the answer raises [`AnswerRejectedError`][genfan.AnswerRejectedError] (with the reason, the
+    completion and the check's name; an [`OutputValidationError`][genfan.OutputValidationError] for a type). An answer
     that asks for tools is not checked: it is not the answer yet.
 
     Attributes:

@@ -1,7 +1,7 @@
 """Process-wide switches, on the bottom floor so that any floor may read them.
 
-Test mode (:func:`genfan.testing.set_testing`) is the one today: retries then wait 0 seconds and
-try at most a capped number of times. Production code reads it through :func:`is_testing` and
+Test mode (`genfan.testing.set_testing`) is the one today: retries then wait 0 seconds and
+try at most a capped number of times. Production code reads it through `is_testing` and
 never imports the test kit.
 """
 
@@ -13,7 +13,7 @@ _testing: dict[str, int | bool | None] = {"on": False, "attempts": None}
 
 
 def set_testing_mode(on: bool, attempts: int | None) -> None:
-    """Set test mode (the public switch is :func:`genfan.testing.set_testing`)."""
+    """Set test mode (the public switch is `genfan.testing.set_testing`)."""
     _testing["on"] = on
     _testing["attempts"] = attempts
 

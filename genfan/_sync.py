@@ -1,6 +1,6 @@
 """Calling genfan from synchronous code, and what sync code sees when it forgets it is not.
 
-:func:`run_sync` is what every ``run_sync()`` / ``complete_sync()`` method calls. It runs the
+`run_sync` is what every ``run_sync()`` / ``complete_sync()`` method calls. It runs the
 coroutine on **one event loop that genfan keeps for the whole process**, in a daemon thread
 (``genfan-sync``), and blocks the calling thread until the answer is there:
 
@@ -21,9 +21,9 @@ waiting cancels the call. Called from genfan's own loop thread (a sync tool run 
 calls ``run_sync`` again), the coroutine runs on a fresh loop in a new thread instead, since
 waiting for its own loop would never end.
 
-The misuse helpers: :func:`not_awaited` turns a coroutine passed where a value belongs into a
-``TypeError`` that says "did you forget 'await'?", :func:`sync_with_error` is the error of
-``with`` on an async context manager, and :func:`clip` shortens text for one-line reprs.
+The misuse helpers: `not_awaited` turns a coroutine passed where a value belongs into a
+``TypeError`` that says "did you forget 'await'?", `sync_with_error` is the error of
+``with`` on an async context manager, and `clip` shortens text for one-line reprs.
 """
 
 from __future__ import annotations

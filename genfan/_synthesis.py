@@ -5,7 +5,7 @@ again with the previous layer's answers as references; finally an aggregator mod
 one answer from the last layer's. The prompt is MoA's "aggregate-and-synthesize" prompt, placed
 in the system message (after any system prompt the request already had).
 
-A synthesis is a :class:`~genfan.Backend` too (:meth:`Synthesis.complete` gives the aggregator's
+A synthesis is a [`Backend`][genfan.Backend] too (`Synthesis.complete` gives the aggregator's
 answer), so it can be a fan-out target or a cascade tier.
 
 Closing a synthesis closes only the proposers' fan-out it built (from a list of backends), which
@@ -95,13 +95,13 @@ class SynthesisResult:
 class Synthesis(BaseBackend):
     """Mixture-of-Agents: proposer layers, then one aggregator call.
 
-    A synthesis is a :class:`~genfan.Backend`: :meth:`complete` (and :meth:`stream`, which
-    replays it) returns the aggregator's completion; where :meth:`run` raises
-    :class:`~genfan.AllBackendsFailedError` it raises :class:`~genfan.NoAnswerError`, and the
+    A synthesis is a [`Backend`][genfan.Backend]: `complete` (and `stream`, which
+    replays it) returns the aggregator's completion; where `run` raises
+    [`AllBackendsFailedError`][genfan.AllBackendsFailedError] it raises [`NoAnswerError`][genfan.NoAnswerError], and the
     aggregator's own error as it is.
 
     Args:
-        proposers: a :class:`FanOut`, or backends/targets (run as ``FanOut(mode="all")``).
+        proposers: a [`FanOut`][genfan.FanOut], or backends/targets (run as ``FanOut(mode="all")``).
         aggregator: the backend that writes the final answer.
         layers: how many proposer layers (1: propose once, then aggregate; 2: propose, propose
             again seeing the first answers, then aggregate...).
@@ -159,7 +159,7 @@ class Synthesis(BaseBackend):
 
     async def run(self, request: ChatRequest | str) -> SynthesisResult:
         """Run the proposer layers and the aggregator: ``result = await moa.run("...")``
-        (from sync code: :meth:`run_sync`).
+        (from sync code: `run_sync`).
 
         Raises:
             AllBackendsFailedError: every proposer of a layer failed.
@@ -181,7 +181,7 @@ class Synthesis(BaseBackend):
         )
 
     def run_sync(self, request: ChatRequest | str) -> SynthesisResult:
-        """:meth:`run` for sync code: ``result = moa.run_sync("...")``.
+        """`run` for sync code: ``result = moa.run_sync("...")``.
 
         It blocks until the aggregator answered, in a plain script or inside a running event
         loop (a notebook), whose loop it blocks meanwhile, as a sync HTTP client would: in

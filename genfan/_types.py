@@ -61,7 +61,7 @@ class ToolCall(BaseModel):
 class Message(BaseModel):
     """One chat message.
 
-    Use the constructors :meth:`system`, :meth:`user`, :meth:`assistant` and :meth:`tool`.
+    Use the constructors `system`, `user`, `assistant` and `tool`.
     """
 
     model_config = _frozen
@@ -140,7 +140,7 @@ class ChatRequest(BaseModel):
 
     ``model`` is optional: a backend has its own default model, and a fan-out target may override
     it. ``timeout`` is the per-call limit in seconds. ``logprobs=True`` asks the backend for the
-    log-probability of every generated token (:attr:`Completion.logprobs`); a backend that
+    log-probability of every generated token (`Completion.logprobs`); a backend that
     cannot report them answers without.
     """
 
@@ -319,7 +319,7 @@ class Completion(BaseModel):
 
     @property
     def logprob_stats(self) -> LogprobStats | None:
-        """Summary statistics of :attr:`logprobs` (``None`` without them)."""
+        """Summary statistics of `logprobs` (``None`` without them)."""
         if not self.logprobs:
             return None
         return LogprobStats.of(t.logprob for t in self.logprobs)

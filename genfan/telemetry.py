@@ -5,9 +5,9 @@ no-ops that cost almost nothing. Install and configure ``opentelemetry-sdk`` (or
 to see them. Span attributes follow the GenAI semantic conventions (``gen_ai.*``).
 
 Log events go through structlog, and only once the application has configured structlog
-(``structlog.configure(...)``, or :func:`configure_logging`), so that a library never prints to
+(``structlog.configure(...)``, or `configure_logging`), so that a library never prints to
 an application's stdout uninvited. ``structlog.testing.capture_logs()`` and
-:func:`genfan.testing.capture_events` both count as configured.
+`genfan.testing.capture_events` both count as configured.
 
 Secrets: nothing in this module logs headers, API keys or request bodies.
 """

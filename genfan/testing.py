@@ -1,9 +1,9 @@
 """A test kit for genfan users (and genfan's own tests).
 
-* :class:`FakeBackend`: scripted replies, latency and failures, with call records;
-* :class:`FunctionBackend`: a backend from a plain (sync or async) function;
-* :func:`capture_events`: collect genfan's structlog events in a list;
-* :func:`set_testing`: turn off retry backoff and jitter so tests run at full speed.
+* `FakeBackend`: scripted replies, latency and failures, with call records;
+* `FunctionBackend`: a backend from a plain (sync or async) function;
+* `capture_events`: collect genfan's structlog events in a list;
+* `set_testing`: turn off retry backoff and jitter so tests run at full speed.
 
 Latency is slept with ``anyio.sleep``, so under trio's ``MockClock(autojump_threshold=0)`` a
 10-second fake backend answers instantly while timing logic still sees 10 seconds.
@@ -53,7 +53,7 @@ def is_testing() -> tuple[bool, int | None]:
 class Reply:
     """One scripted answer.
 
-    ``latency`` is the whole answer's. ``ttft``, when set, shapes :meth:`FakeBackend.stream`: the
+    ``latency`` is the whole answer's. ``ttft``, when set, shapes `FakeBackend.stream`: the
     first word arrives after ``ttft`` and the others are spread evenly over the rest of
     ``latency`` (by default the stream waits the whole latency, then sends every word).
     """
@@ -82,7 +82,7 @@ class FakeBackend(BaseBackend):
 
     Args:
         name: backend name.
-        replies: what to answer, in order (cycled): strings, :class:`Reply` or :class:`Fail`; or
+        replies: what to answer, in order (cycled): strings, `Reply` or `Fail`; or
             a function ``request -> item`` (sync or async) for per-call logic.
         latency: default latency of each call, in seconds.
         model: the model name reported in completions.
@@ -91,7 +91,7 @@ class FakeBackend(BaseBackend):
         calls: every request received (including ones that were cancelled).
         in_flight: calls running now; ``max_in_flight``: the most at once.
         cancelled: how many calls were cancelled while running.
-        closed: whether :meth:`aclose` was called.
+        closed: whether `aclose` was called.
     """
 
     def __init__(
@@ -140,7 +140,7 @@ class FakeBackend(BaseBackend):
             self.in_flight -= 1
 
     async def stream(self, request: ChatRequest) -> AsyncIterator[StreamEvent]:
-        """Streams the scripted reply word by word (paced by :attr:`Reply.ttft`, when set)."""
+        """Streams the scripted reply word by word (paced by `Reply.ttft`, when set)."""
         self._enter(request)
         start = anyio.current_time()
         ended = False
@@ -217,7 +217,7 @@ class FakeBackend(BaseBackend):
 def fake_backend(model: str | None = None, **options: Any) -> FakeBackend:
     """Registry factory for ``"fake:MODEL"`` specs (``type = "fake"`` in a config file).
 
-    Options are :class:`FakeBackend`'s (``name``, ``replies``, ``latency``).
+    Options are `FakeBackend`'s (``name``, ``replies``, ``latency``).
     """
     return FakeBackend(model=model or "fake-model", **options)
 
@@ -257,7 +257,7 @@ def capture_events() -> Iterator[list[MutableMapping[str, Any]]]:
 
     On the way out structlog is left as it was found: the application's configuration is put
     back, and a structlog nobody had configured is unconfigured again (so genfan goes back to
-    logging nothing, as :mod:`genfan.telemetry` promises, instead of printing to stdout).
+    logging nothing, as `genfan.telemetry` promises, instead of printing to stdout).
     """
     capture = structlog.testing.LogCapture()
     was_configured = structlog.is_configured()

@@ -1,6 +1,6 @@
 """A small, fast, fake LLM server for tests and benchmarks: OpenAI- and Anthropic-compatible.
 
-:class:`FakeLLMServer` speaks HTTP/1.1 on 127.0.0.1 (keep-alive, ``Content-Length`` bodies,
+`FakeLLMServer` speaks HTTP/1.1 on 127.0.0.1 (keep-alive, ``Content-Length`` bodies,
 chunked server-sent events) and answers:
 
 * ``POST /v1/chat/completions`` (streaming or not, tool calls, usage in the last chunk),
@@ -87,7 +87,7 @@ class TextReply:
 class ToolCallsReply:
     """Answer with one or several (parallel) tool calls.
 
-    ``calls`` holds :class:`~genfan.ToolCall` s or ``(name, arguments)`` pairs, where
+    ``calls`` holds [`ToolCall`][genfan.ToolCall] s or ``(name, arguments)`` pairs, where
     arguments is a dict or a JSON string; ids are generated when missing.
     """
 
@@ -231,10 +231,10 @@ class FakeLLMServer:
 
     Args:
         host: the address to listen on.
-        port: the port (0: any free port; read :attr:`port` or :attr:`url`).
+        port: the port (0: any free port; read `port` or `url`).
         latency: seconds to wait before every answer.
         chunk_delay: seconds between streamed chunks.
-        record: how many requests to keep in :attr:`requests` (counts are always kept).
+        record: how many requests to keep in `requests` (counts are always kept).
         rate_limit_headers: headers added to every successful answer (e.g. OpenAI's
             ``x-ratelimit-remaining-requests``), to test rate-limit parsing.
         seed: seed of the random draw behind ``set_faults(..., rate=...)``.
@@ -406,7 +406,7 @@ class FakeLLMServer:
         """Inject ``fault`` into a ``rate`` share of requests (``None`` clears it).
 
         Args:
-            fault: a :class:`Fault`, or its header syntax (``"503"``, ``"hang"``...).
+            fault: a `Fault`, or its header syntax (``"503"``, ``"hang"``...).
             rate: the share of requests that fail (drawn from the server's seeded random).
             paths: only requests whose path ends with one of these (default: every API path).
         """

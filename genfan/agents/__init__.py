@@ -1,10 +1,10 @@
 """Agents and chains: tools from typed functions, a tool loop that runs tool calls concurrently,
 and chains whose independent steps run at once (the LLMCompiler idea).
 
-* :class:`Tool` / :func:`tool`: a function the model may call, with a JSON schema derived from
+* `Tool` / `tool`: a function the model may call, with a JSON schema derived from
   its signature and docstring, validated arguments, and its own timeout, retries and bulkhead;
-* :class:`Agent`: the tool loop (``run`` and ``run_stream``);
-* :class:`Chain`: steps wired by their inputs; each runs as soon as its inputs are ready.
+* `Agent`: the tool loop (``run`` and ``run_stream``);
+* `Chain`: steps wired by their inputs; each runs as soon as its inputs are ready.
 """
 
 from typing import TYPE_CHECKING

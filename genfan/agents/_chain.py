@@ -1,4 +1,4 @@
-"""The :class:`Chain` builder: declare inputs and steps, wire them by their inputs, check the graph.
+"""The `Chain` builder: declare inputs and steps, wire them by their inputs, check the graph.
 
 This is the LLMCompiler idea (Kim et al. 2023) without the planner: the dependency graph comes
 from the inputs you wire, and independent steps (LLM calls, fan-outs, tools, plain functions)
@@ -67,8 +67,8 @@ class Chain:
     Args:
         name: the chain's name in spans, logs and errors.
         on_error: ``fail`` (default): the first failing step cancels the running ones and
-            :meth:`run` raises :class:`ChainFailedError`; ``continue``: steps that depend on a
-            failed step are skipped, the rest finish, and :meth:`run` returns partial results.
+            `run` raises `ChainFailedError`; ``continue``: steps that depend on a
+            failed step are skipped, the rest finish, and `run` returns partial results.
 
     Example:
         ```python
@@ -100,13 +100,13 @@ class Chain:
         return list(self._steps)
 
     def input(self, name: str, type: type[T] | None = None, *, default: Any = MISSING) -> Input[T]:
-        """Declare a value the caller passes to :meth:`run`."""
+        """Declare a value the caller passes to `run`."""
         inp: Input[T] = Input(name, type, default=default)
         self._inputs[name] = inp
         return inp
 
     def ref(self, name: str) -> StepRef[Any]:
-        """A reference to a step by name, possibly declared later (checked by :meth:`compile`)."""
+        """A reference to a step by name, possibly declared later (checked by `compile`)."""
         return StepRef(self, name)
 
     # -- declaring steps ---------------------------------------------------------------------
@@ -166,19 +166,19 @@ class Chain:
         thread: bool = False,
         **kw_inputs: Any,
     ) -> StepRef[Any]:
-        """Add a step that calls ``fn`` (async or sync function, :class:`Tool`, agent method).
+        """Add a step that calls ``fn`` (async or sync function, `Tool`, agent method).
 
-        Each keyword names one of ``fn``'s parameters and gives its value: a :class:`StepRef`
-        (the output of that step: a dependency), an :class:`Input`, or a constant.
+        Each keyword names one of ``fn``'s parameters and gives its value: a `StepRef`
+        (the output of that step: a dependency), an `Input`, or a constant.
 
         Args:
             name: unique step name.
-            fn: what to call. A :class:`Tool` runs under its own validation, timeout, retries
+            fn: what to call. A `Tool` runs under its own validation, timeout, retries
                 and bulkhead.
             inputs: the same as keywords, for parameters named like this method's options.
             after: steps that must finish successfully first, without passing their output.
-            timeout: seconds the step may take (each attempt); then :class:`StepTimeoutError`.
-            retry: retry policy for the step (an attempt count or a :class:`~genfan.resilience.RetryPolicy`).
+            timeout: seconds the step may take (each attempt); then `StepTimeoutError`.
+            retry: retry policy for the step (an attempt count or a `RetryPolicy`).
             thread: run a sync ``fn`` in a worker thread (default: inline, for cheap functions).
 
         Returns:
@@ -214,7 +214,7 @@ class Chain:
         thread: bool = False,
         **kw_inputs: Any,
     ) -> _StepDecorator:
-        """Decorator style of :meth:`step`: the decorated function becomes a step (named after
+        """Decorator style of `step`: the decorated function becomes a step (named after
         it unless ``name`` is given), and its name now refers to the step's output.
 
         Example:
@@ -303,9 +303,9 @@ class Chain:
     ) -> StepRef[Any]:
         """Add an LLM step: fill the ``prompt`` template with the inputs and ask ``model``.
 
-        ``model`` may be a backend or a :class:`~genfan.FanOut` (then the fan-out's chosen
+        ``model`` may be a backend or a [`FanOut`][genfan.FanOut] (then the fan-out's chosen
         answer is the output). The output is the answer's text, or a ``response_model``
-        instance. See :class:`LLMCall` and :meth:`step` for the other arguments.
+        instance. See `LLMCall` and `step` for the other arguments.
         """
         call = LLMCall(
             model,
@@ -393,11 +393,11 @@ class Chain:
         order. If one item fails, the step fails (and its other items are cancelled).
 
         Args:
-            items: a step's output (a list), an :class:`Input`, or a constant list.
+            items: a step's output (a list), an `Input`, or a constant list.
             item_param: the parameter that receives each item.
             max_concurrency: at most this many items run at once (default: all).
 
-        See :meth:`step` for the other arguments.
+        See `step` for the other arguments.
         """
         values = self._merge_inputs(name, inputs, kw_inputs)
         if max_concurrency is not None and (
@@ -544,7 +544,7 @@ class Chain:
     def compile(self) -> tuple[str, ...]:
         """Check the graph and return the steps in a dependency order.
 
-        Called by :meth:`run`; call it yourself to fail fast at start-up.
+        Called by `run`; call it yourself to fail fast at start-up.
 
         Raises:
             ConfigurationError: a step depends on a step that does not exist, or the steps
@@ -596,7 +596,7 @@ class Chain:
         **kw_inputs: Any,
     ) -> ChainResult:
         """Run the chain: every step starts as soon as the steps it depends on have finished:
-        ``result = await chain.run(question="...")`` (from sync code: :meth:`run_sync`).
+        ``result = await chain.run(question="...")`` (from sync code: `run_sync`).
 
         Args:
             inputs: the chain's inputs by name (or pass them as keywords).
@@ -629,7 +629,7 @@ class Chain:
         on_error: OnError | None = None,
         **kw_inputs: Any,
     ) -> ChainResult:
-        """:meth:`run` for sync code: ``result = chain.run_sync(question="...")``.
+        """`run` for sync code: ``result = chain.run_sync(question="...")``.
 
         It blocks until the chain has finished. It works in a plain script and inside a running
         event loop (a notebook), whose loop it blocks meanwhile, as a sync HTTP client would: in

@@ -1,8 +1,8 @@
 """The parts a chain's graph is made of, and the checks made when a step is declared.
 
-* :class:`Input`: a value the caller gives to ``Chain.run`` by name;
-* :class:`StepRef`: a step's future output; passing it to another step makes a dependency;
-* :class:`StepSpec`: one declared step (what it calls, its inputs, its guards, its dependencies);
+* `Input`: a value the caller gives to ``Chain.run`` by name;
+* `StepRef`: a step's future output; passing it to another step makes a dependency;
+* `StepSpec`: one declared step (what it calls, its inputs, its guards, its dependencies);
 * the checks on a declaration: the function's signature against the inputs given, the timeout,
   the error policy.
 
@@ -42,11 +42,11 @@ OnError = Literal["fail", "continue"]
 StepKind = Literal["function", "tool", "llm", "join"]
 
 MISSING: Any = object()
-"""The default of an :class:`Input` the caller must pass."""
+"""The default of an `Input` the caller must pass."""
 
 
 class Input(Generic[T]):
-    """A value given to :meth:`Chain.run` by name (``chain.run(query="...")``).
+    """A value given to `Chain.run` by name (``chain.run(query="...")``).
 
     Args:
         name: the keyword the caller passes.
@@ -114,7 +114,7 @@ class StepSpec:
 
 
 def step_kind(fn: Callable[..., Any]) -> StepKind:
-    """``llm`` for an :class:`LLMCall`, ``tool`` for a :class:`Tool`, else ``function``."""
+    """``llm`` for an `LLMCall`, ``tool`` for a `Tool`, else ``function``."""
     if isinstance(fn, LLMCall):
         return "llm"
     return "tool" if isinstance(fn, Tool) else "function"

@@ -1,8 +1,8 @@
-"""What a chain run gives back: a :class:`StepRecord` per step, gathered in a :class:`ChainResult`.
+"""What a chain run gives back: a `StepRecord` per step, gathered in a `ChainResult`.
 
 Each record says how its step went (``ok``, ``failed``, ``skipped`` or ``cancelled``), with its
 output or error and its timing; the result looks outputs up by step reference or name. A run
-that stops on a failure (``on_error="fail"``) raises :class:`ChainFailedError`, which carries
+that stops on a failure (``on_error="fail"``) raises `ChainFailedError`, which carries
 the partial result.
 """
 

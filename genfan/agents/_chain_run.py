@@ -1,10 +1,10 @@
 """Running a chain: every step starts as soon as the steps it depends on have finished.
 
-:class:`ChainRun` is the state of one run. It starts the steps with no dependencies in one task
+`ChainRun` is the state of one run. It starts the steps with no dependencies in one task
 group; each finished step starts the dependants whose inputs are now all ready, and skips those
 that depend on a failed step. Map steps run one task per item (bounded). The error policy
 decides what a failure does: ``fail`` cancels the running steps and raises
-:class:`ChainFailedError`; ``continue`` lets the rest finish. Each step (or map item) is called
+`ChainFailedError`; ``continue`` lets the rest finish. Each step (or map item) is called
 under its own timeout and retries, through genfan's one retry engine.
 Spans: one per chain, one per step, linked to the steps whose outputs it took.
 """

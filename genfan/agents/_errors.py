@@ -12,7 +12,7 @@
     └── ChainFailedError(result=)         a chain with ``on_error="fail"`` failed; also an
                                           ``ExceptionGroup`` of the steps' own errors
 
-A step's error inside :class:`ChainFailedError` is the exception the step raised, with a note
+A step's error inside `ChainFailedError` is the exception the step raised, with a note
 naming the step (``except* ToolError`` works), so nothing is hidden behind a wrapper.
 
 The two errors that carry a result live next to it, so that this module imports nothing of

@@ -1,12 +1,12 @@
 """The LLM step: a prompt template filled with named inputs, sent to a backend, the answer parsed.
 
-:class:`LLMCall` is a plain async callable of keyword inputs, so a chain runs it like any other
+`LLMCall` is a plain async callable of keyword inputs, so a chain runs it like any other
 function step (``Chain.llm`` builds one; ``Chain.map`` can take one). With an ``output_type``
 (or a ``response_model``) it asks the backend for JSON of that type's schema and returns a
 validated instance; otherwise the answer's text.
 
-:func:`ask` is the one typed model call of agents and chains: a plain backend's answer is
-validated; a :class:`~genfan.FanOut` validates every candidate, so its selector chooses among
+`ask` is the one typed model call of agents and chains: a plain backend's answer is
+validated; a [`FanOut`][genfan.FanOut] validates every candidate, so its selector chooses among
 the valid answers only.
 """
 
@@ -40,7 +40,7 @@ async def ask(
     """One model call and its output: the answer validated into ``spec``'s type (``None``, or
     an answer asking for tools: the answer's text, or ``None``).
 
-    ``request`` already asks for the type's JSON. A :class:`~genfan.FanOut` model validates
+    ``request`` already asks for the type's JSON. A [`FanOut`][genfan.FanOut] model validates
     each candidate (streamed or not) and chooses among the valid ones.
 
     Raises:
@@ -88,18 +88,18 @@ class LLMCall:
     """An LLM call as a function of named inputs: the prompt is a ``str.format`` template.
 
     ``LLMCall(model, "Summarise:\\n{text}")`` takes the keyword ``text``. Used by
-    :meth:`Chain.llm`, and usable on its own (for instance with :meth:`Chain.map`).
+    `Chain.llm`, and usable on its own (for instance with `Chain.map`).
 
     Args:
-        model: a :class:`~genfan.Backend` (a :class:`~genfan.FanOut` is one).
+        model: a [`Backend`][genfan.Backend] (a [`FanOut`][genfan.FanOut] is one).
         prompt: the template; its ``{fields}`` are the call's inputs. Or a function of the
-            inputs returning the prompt or a whole :class:`~genfan.ChatRequest`.
+            inputs returning the prompt or a whole [`ChatRequest`][genfan.ChatRequest].
         system: a system prompt.
         output_type: validate the answer into this type (a pydantic model class, or any type
             pydantic's ``TypeAdapter`` takes: ``list[Fact]``, a ``Literal``...) and ask the
             backend for JSON of its schema; the call returns the instance. A
-            :class:`~genfan.FanOut` model validates every candidate and chooses among the
-            valid ones. An invalid answer raises :class:`~genfan.OutputValidationError`.
+            [`FanOut`][genfan.FanOut] model validates every candidate and chooses among the
+            valid ones. An invalid answer raises [`OutputValidationError`][genfan.OutputValidationError].
         response_model: the same, for a pydantic model (the older name).
         temperature: sampling temperature.
         max_tokens: output limit.

@@ -4,7 +4,7 @@ When the model asks for several tools in one turn, they run concurrently in one 
 each under its own timeout, retries and bulkhead. Every call ends as a result or as a typed,
 readable error that goes back to the model; nothing a tool does can crash the loop. Only the
 model call itself can fail the run (with the backend's typed error), or the step limit
-(:class:`AgentStepLimitError`, defined here next to the :class:`AgentResult` it carries).
+(`AgentStepLimitError`, defined here next to the `AgentResult` it carries).
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ class AgentResult(Generic[OutputT]):
     Attributes:
         text: the final answer (on a step limit: the last text the model wrote, often empty).
         messages: the whole conversation, tool calls and tool results included; pass it to the
-            next :meth:`Agent.run` to continue.
+            next `Agent.run` to continue.
         steps: every turn.
         stopped: ``final`` (the model answered) or ``step_limit`` (see ``on_step_limit``).
         elapsed: seconds for the whole run.
@@ -209,14 +209,14 @@ class Agent(Generic[OutputT]):
     """A model with tools, run in a loop until it answers.
 
     Args:
-        backend: the model: a :class:`~genfan.Backend` (any provider returning
-            ``Completion.tool_calls``), or a :class:`~genfan.FanOut` whose chosen answer is used.
-        tools: the tools it may call (:class:`Tool` s or plain functions), or a
-            :class:`ToolRegistry`. Only these ever run.
+        backend: the model: a [`Backend`][genfan.Backend] (any provider returning
+            ``Completion.tool_calls``), or a [`FanOut`][genfan.FanOut] whose chosen answer is used.
+        tools: the tools it may call (`Tool` s or plain functions), or a
+            `ToolRegistry`. Only these ever run.
         system: the system prompt.
         max_steps: the most model calls in one run (>= 1).
         on_step_limit: at ``max_steps`` with tools still requested, ``raise``
-            :class:`AgentStepLimitError` (it carries the partial result) or ``return`` the
+            `AgentStepLimitError` (it carries the partial result) or ``return`` the
             result with ``stopped="step_limit"``.
         max_parallel_tools: at most this many tool calls of one turn run at once (default: all).
         model: the model name to request (default: the backend's).
@@ -230,11 +230,11 @@ class Agent(Generic[OutputT]):
         output_type: the final answer's type (a pydantic model class, or any type pydantic's
             ``TypeAdapter`` takes): every model call asks for its JSON schema, the final answer
             is validated into it, and ``result.output`` is the instance. A
-            :class:`~genfan.FanOut` backend validates every candidate and chooses among the
+            [`FanOut`][genfan.FanOut] backend validates every candidate and chooses among the
             valid ones. ``run(..., output_type=)`` overrides it per run.
         output_retries: how many times an invalid final answer goes back to the model, with
             what was wrong, for another try (each a step); then
-            :class:`~genfan.OutputValidationError` is raised.
+            [`OutputValidationError`][genfan.OutputValidationError] is raised.
         name: the agent's name in spans and logs.
 
     Example:
@@ -333,12 +333,12 @@ class Agent(Generic[OutputT]):
         self, prompt: Prompt, *, on_event: EventHandler | None = None, output_type: Any = None
     ) -> AgentResult[Any]:
         """Run the loop until the model answers without asking for tools:
-        ``result = await agent.run("...")`` (from sync code: :meth:`run_sync`).
+        ``result = await agent.run("...")`` (from sync code: `run_sync`).
 
         Args:
             prompt: a user prompt, a list of messages (e.g. a previous result's ``messages``
-                plus a new user message), or a whole :class:`~genfan.ChatRequest`.
-            on_event: called with every :class:`AgentEvent` (sync or async); model text is
+                plus a new user message), or a whole [`ChatRequest`][genfan.ChatRequest].
+            on_event: called with every `AgentEvent` (sync or async); model text is
                 streamed when it is set.
             output_type: overrides the agent's ``output_type`` for this run.
 
@@ -371,7 +371,7 @@ class Agent(Generic[OutputT]):
     def run_sync(
         self, prompt: Prompt, *, on_event: EventHandler | None = None, output_type: Any = None
     ) -> AgentResult[Any]:
-        """:meth:`run` for sync code: ``result = agent.run_sync("...")``.
+        """`run` for sync code: ``result = agent.run_sync("...")``.
 
         It blocks until the agent answers. It works in a plain script and inside a running
         event loop (a notebook), whose loop it blocks meanwhile, as a sync HTTP client would: in
@@ -389,7 +389,7 @@ class Agent(Generic[OutputT]):
         """Run the loop and stream its events.
 
         Use it as ``async with agent.run_stream(prompt) as events: async for ev in events:``.
-        The last event is :class:`AgentFinished`; a failure is raised from the iteration.
+        The last event is `AgentFinished`; a failure is raised from the iteration.
         Leaving the block early cancels the run (and its running tools). ``output_type``
         overrides the agent's for this run.
         """
@@ -591,10 +591,10 @@ def _text_emitter(
 
 
 class AgentStream:
-    """The events of one agent run (see :meth:`Agent.run_stream`).
+    """The events of one agent run (see `Agent.run_stream`).
 
     Attributes:
-        result: the run's result, once :class:`AgentFinished` has been received.
+        result: the run's result, once `AgentFinished` has been received.
     """
 
     def __init__(

@@ -1,4 +1,4 @@
-"""What agents and chains call: a :class:`~genfan.Backend`.
+"""What agents and chains call: a [`Backend`][genfan.Backend].
 
 A provider, a guard stack, a pool and every composite (``FanOut``, ``Cascade``, ``Synthesis``)
 are all backends, so agents need nothing else: a fan-out's ``complete`` is its chosen answer.

@@ -1,7 +1,7 @@
-"""The tools one agent may run, by name: :class:`ToolRegistry`.
+"""The tools one agent may run, by name: `ToolRegistry`.
 
 Only registered tools ever run: a call naming any other tool comes back to the model as a
-readable :class:`UnknownToolError` record.
+readable `UnknownToolError` record.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ class ToolRegistry:
     """The tools one agent may run, by name. Only registered tools ever run.
 
     Args:
-        tools: tools, or plain functions (wrapped with :meth:`Tool.from_function`).
+        tools: tools, or plain functions (wrapped with `Tool.from_function`).
 
     Raises:
         ConfigurationError: two tools share a name.
@@ -39,7 +39,7 @@ class ToolRegistry:
             self.add(t)
 
     def add(self, item: ToolLike) -> Tool[Any]:
-        """Register a tool (or a function); returns the :class:`Tool`."""
+        """Register a tool (or a function); returns the `Tool`."""
         t = item if isinstance(item, Tool) else Tool.from_function(item)
         if t.name in self._tools:
             raise ConfigurationError(f"two tools are named {t.name!r}; tool names must be unique")
@@ -74,7 +74,7 @@ class ToolRegistry:
         return list(self._tools)
 
     def specs(self) -> tuple[ToolSpec, ...]:
-        """Every tool's :class:`~genfan.ToolSpec`, in registration order."""
+        """Every tool's [`ToolSpec`][genfan.ToolSpec], in registration order."""
         return tuple(t.spec for t in self._tools.values())
 
     async def run(self, call: ToolCall) -> ToolCallRecord:

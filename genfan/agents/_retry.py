@@ -1,9 +1,9 @@
 """How tools and chain steps retry, through genfan's one retry engine.
 
-* :func:`as_retry`: a :class:`~genfan.resilience.RetryPolicy` from a ``retry=`` option (a
+* `as_retry`: a `RetryPolicy` from a ``retry=`` option (a
   policy, or an attempt count);
-* :func:`transient`: which failures may pass on a retry by default;
-* :func:`retrying_for`: a retrier from :class:`~genfan.resilience.Retrier` that never retries
+* `transient`: which failures may pass on a retry by default;
+* `retrying_for`: a retrier from `Retrier` that never retries
   invalid arguments, and logs and counts each retry.
 """
 
@@ -33,7 +33,7 @@ def as_retry(retry: RetryPolicy | int | None, *, what: str) -> RetryPolicy | Non
 
 def transient(exc: BaseException) -> bool:
     """Whether a tool's failure may pass on a retry: timeouts, connection errors (httpx's
-    transport errors too) and :class:`~genfan.BackendError` s marked ``retryable``."""
+    transport errors too) and [`BackendError`][genfan.BackendError] s marked ``retryable``."""
     if isinstance(exc, BackendError):
         return exc.retryable
     if isinstance(exc, TimeoutError | ConnectionError):
@@ -48,7 +48,7 @@ def retrying_for(
     """A tenacity retrier from genfan's one retry engine
     ([`Retrier`][genfan.resilience.Retrier]), following ``policy``.
 
-    With ``retry_on=None`` only transient failures are retried (see :func:`transient`); pass
+    With ``retry_on=None`` only transient failures are retried (see `transient`); pass
     ``retry_on=(Exception,)`` to retry everything. Invalid arguments are never retried. The
     policy's retry budget is a backend's concern and does not apply here.
     """

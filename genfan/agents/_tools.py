@@ -1,12 +1,12 @@
 """Tools: typed Python functions a model may call, with their own timeout, retries and bulkhead.
 
-A :class:`Tool` is built from a function's signature and Google-style docstring: its name, its
+A `Tool` is built from a function's signature and Google-style docstring: its name, its
 description, and a JSON schema of its arguments (through a pydantic model, so defaults, enums,
 ``Literal``, ``Optional``, lists and nested models all work). The model's arguments are
-validated before the function runs; what goes wrong comes back as a :class:`ToolError` whose
+validated before the function runs; what goes wrong comes back as a `ToolError` whose
 message the model can read and act on.
 
-Here: :class:`Tool` and the :func:`tool` decorator, and :class:`ToolCallRecord` (what one call
+Here: `Tool` and the `tool` decorator, and `ToolCallRecord` (what one call
 did). The registry an agent runs tools from is in ``_registry.py``; the retry plumbing shared
 with chain steps in ``_retry.py``; the signature → schema work in ``_schema.py``.
 """
@@ -121,7 +121,7 @@ def _describe_validation(exc: ValidationError) -> str:
 class Tool(Generic[R]):
     """A function the model may call, with its schema and its guards.
 
-    Build one with :meth:`from_function` or the :func:`tool` decorator. The tool stays callable
+    Build one with `from_function` or the `tool` decorator. The tool stays callable
     like the function it wraps (``search("q")``), so it can be unit-tested and used in chains.
 
     Args:
@@ -130,8 +130,8 @@ class Tool(Generic[R]):
             interrupted: on timeout its result is abandoned).
         name: the name the model sees (default: the function's name).
         description: what the model is told the tool does (default: the docstring's text).
-        timeout: seconds one attempt may take; then it fails with :class:`ToolTimeoutError`.
-        retry: a :class:`~genfan.resilience.RetryPolicy`, or an attempt count. By default
+        timeout: seconds one attempt may take; then it fails with `ToolTimeoutError`.
+        retry: a `RetryPolicy`, or an attempt count. By default
             only transient failures are retried (timeouts, connection errors, retryable
             backend errors); the policy's ``retry_on`` widens that. Invalid arguments never.
         max_concurrency: at most this many calls of this tool run at once (a bulkhead shared by
@@ -213,7 +213,7 @@ class Tool(Generic[R]):
         thread: bool = True,
         serializer: Callable[[Any], str] | None = None,
     ) -> Tool[R]:
-        """A tool from ``fn`` (see :class:`Tool` for the options)."""
+        """A tool from ``fn`` (see `Tool` for the options)."""
         return cls(
             fn,
             name=name,
@@ -486,7 +486,7 @@ def tool(
     thread: bool = True,
     serializer: Callable[[Any], str] | None = None,
 ) -> Tool[Any] | _ToolDecorator:
-    """Make a function a :class:`Tool`: ``@tool`` or ``@tool(timeout=5, retry=3)``.
+    """Make a function a `Tool`: ``@tool`` or ``@tool(timeout=5, retry=3)``.
 
     Example:
         ```python

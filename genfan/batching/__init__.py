@@ -1,12 +1,12 @@
 """Batching: a micro-batcher for single calls, and resumable batch jobs over data sets.
 
-* :class:`MicroBatcher` groups single submissions into batches (size, time, or a preferred
+* [`MicroBatcher`][genfan.batching.MicroBatcher] groups single submissions into batches (size, time, or a preferred
   size at once), takes higher priorities first, with backpressure, load shedding (a full queue,
-  a queue timeout), per-item error isolation and statistics; :class:`BatchingEmbedder` and :class:`BatchingBackend` use it for embeddings and
+  a queue timeout), per-item error isolation and statistics; [`BatchingEmbedder`][genfan.batching.BatchingEmbedder] and [`BatchingBackend`][genfan.batching.BatchingBackend] use it for embeddings and
   batch-capable backends.
-* :class:`BatchJob` / :func:`run_batch_job` fan every row of a JSONL file out, write results row
+* [`BatchJob`][genfan.batching.BatchJob] / [`run_batch_job`][genfan.batching.run_batch_job] fan every row of a JSONL file out, write results row
   by row, resume after a kill, and re-run failures; ``executor="ray"`` spreads rows over a Ray
-  cluster. ``on_progress=`` receives a :class:`JobProgress` after every row (the library draws
+  cluster. ``on_progress=`` receives a [`JobProgress`][genfan.batching.JobProgress] after every row (the library draws
   nothing; ``genfan batch run`` draws a progress bar from it).
 """
 

@@ -57,7 +57,7 @@ class BatchCompleter(Protocol):
 class BatchingEmbedder:
     """Turns many single ``embed_one(text)`` calls into few batched ``embed(texts)`` requests.
 
-    Concurrent callers' texts are grouped by a :class:`MicroBatcher`: one HTTP request carries
+    Concurrent callers' texts are grouped by a [`MicroBatcher`][genfan.batching.MicroBatcher]: one HTTP request carries
     up to ``max_size`` texts, sent when full, when the queue holds one of ``preferred_sizes``,
     or after ``max_wait`` seconds. Texts with a higher ``priority`` go first. Use it as an async
     context manager.
@@ -67,15 +67,15 @@ class BatchingEmbedder:
         max_size: the most texts per request.
         max_wait: seconds the first text of a batch may wait for company.
         preferred_sizes: request sizes sent at once, without waiting for ``max_wait`` (the
-            largest that the queue holds); as for :class:`MicroBatcher`.
+            largest that the queue holds); as for [`MicroBatcher`][genfan.batching.MicroBatcher].
         max_queue: texts waiting at most; then ``on_full`` applies.
         on_full: ``"wait"`` (backpressure) or ``"reject"``.
         max_queue_wait: seconds a text may stay queued while every request slot is busy;
-            then it fails with :class:`~genfan.BulkheadFullError` unsent (``None``: no
+            then it fails with [`BulkheadFullError`][genfan.BulkheadFullError] unsent (``None``: no
             limit; must be ``>= max_wait``).
         max_concurrent_batches: requests in flight at once.
         split_on_batch_error: when a whole request fails, retry its texts alone? Default:
-            :func:`split_unless_outage`.
+            [`split_unless_outage`][genfan.batching.split_unless_outage].
         name: for errors, events and statistics.
 
     Example:
@@ -139,7 +139,7 @@ class BatchingEmbedder:
 
         Args:
             text: the text to embed.
-            priority: higher is sent first (see :class:`MicroBatcher`).
+            priority: higher is sent first (see [`MicroBatcher`][genfan.batching.MicroBatcher]).
         """
         return await self._batcher.submit(text, priority=priority)
 
@@ -148,7 +148,7 @@ class BatchingEmbedder:
 
         Args:
             texts: the texts to embed.
-            priority: of every text; higher is sent first (see :class:`MicroBatcher`).
+            priority: of every text; higher is sent first (see [`MicroBatcher`][genfan.batching.MicroBatcher]).
 
         Raises:
             Exception: the first text's error, when any text failed.
@@ -165,30 +165,30 @@ class BatchingEmbedder:
 
 
 class BatchingBackend:
-    """A :class:`~genfan.Backend` whose ``complete`` calls are grouped into ``complete_batch``.
+    """A [`Backend`][genfan.Backend] whose ``complete`` calls are grouped into ``complete_batch``.
 
-    Streaming is not batched: :meth:`stream` goes straight to the wrapped backend when it can
+    Streaming is not batched: `stream` goes straight to the wrapped backend when it can
     stream. Use it as an async context manager (it runs the batcher).
 
-    A request's priority (higher is sent first, see :class:`MicroBatcher`) is the
-    ``priority=`` given to :meth:`complete`, else ``priority_of(request)``, else ``0``.
-    :class:`~genfan.ChatRequest` has no priority field, and a fan-out calls
+    A request's priority (higher is sent first, see [`MicroBatcher`][genfan.batching.MicroBatcher]) is the
+    ``priority=`` given to `complete`, else ``priority_of(request)``, else ``0``.
+    [`ChatRequest`][genfan.ChatRequest] has no priority field, and a fan-out calls
     ``complete(request)``, so ``priority_of`` is the way to set one for a fan-out target, for
     example from the request's ``metadata``.
 
     Args:
-        backend: a backend with ``complete_batch`` (see :class:`BatchCompleter`).
+        backend: a backend with ``complete_batch`` (see [`BatchCompleter`][genfan.batching.BatchCompleter]).
         max_size: the most requests in one batch.
         max_wait: seconds the first request of a batch may wait for company.
         preferred_sizes: batch sizes sent at once, without waiting for ``max_wait`` (the
-            largest that the queue holds); as for :class:`MicroBatcher`.
+            largest that the queue holds); as for [`MicroBatcher`][genfan.batching.MicroBatcher].
         max_queue: requests waiting at most; then ``on_full`` applies.
         on_full: ``"wait"`` (backpressure) or ``"reject"``.
         max_queue_wait: seconds a request may stay queued while every batch slot is busy;
-            then it fails with :class:`~genfan.BulkheadFullError` unsent (``None``: no
+            then it fails with [`BulkheadFullError`][genfan.BulkheadFullError] unsent (``None``: no
             limit; must be ``>= max_wait``).
         max_concurrent_batches: batches in flight at once.
-        split_on_batch_error: as for :class:`MicroBatcher`; default :func:`split_unless_outage`.
+        split_on_batch_error: as for [`MicroBatcher`][genfan.batching.MicroBatcher]; default [`split_unless_outage`][genfan.batching.split_unless_outage].
         priority_of: ``request -> int``, the priority of a request sent without ``priority=``
             (``None``: ``0``).
 

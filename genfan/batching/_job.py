@@ -4,7 +4,7 @@ A row is ``{"id": ..., "prompt": "..."}``, or ``{"id": ..., "template": "...", "
 or just variables for the job's template (``{"id": 7, "city": "Oslo"}`` with
 ``template="Describe {city}."``). A row without ``id`` gets its line number (1-based).
 
-The job is resumable: see :mod:`genfan.batching._output` for the file format and why a kill at
+The job is resumable: see `genfan.batching._output` for the file format and why a kill at
 any moment neither loses nor duplicates a row.
 """
 
@@ -121,7 +121,7 @@ class BatchJob:
     async def run(
         self, *, progress: bool = False, on_progress: OnProgress | None = None
     ) -> JobSummary:
-        """Run the job (see :func:`run_batch_job`)."""
+        """Run the job (see [`run_batch_job`][genfan.batching.run_batch_job])."""
         return await run_batch_job(self, progress=progress, on_progress=on_progress)
 
 
@@ -323,7 +323,7 @@ async def run_batch_job(
         job: what to run.
         progress: print plain progress lines on stderr (rows done, rate, ETA, failures, tokens,
             cost), one every 10 seconds at most. Off by default: a library stays quiet.
-        on_progress: called with a :class:`JobProgress` when the rows start, after each row
+        on_progress: called with a [`JobProgress`][genfan.batching.JobProgress] when the rows start, after each row
             written, and with ``finished=True`` when the run ends (even on an error); it runs
             on the event loop, so keep it quick. Draw any display you like from it (the
             ``genfan batch run`` command draws a progress bar). Not called when no row is to run.

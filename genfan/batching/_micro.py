@@ -38,7 +38,7 @@ OnFull = Literal["wait", "reject"]
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class BatcherStatistics:
-    """A snapshot of a :class:`MicroBatcher`'s work so far.
+    """A snapshot of a [`MicroBatcher`][genfan.batching.MicroBatcher]'s work so far.
 
     Attributes:
         batches: batches handed to the handler (per-item retries after a split not counted).
@@ -134,7 +134,7 @@ class MicroBatcher(Generic[T, R]):
     Priority decides which queued items a batch takes, not when a batch is due: ``max_wait``
     still counts from the oldest item of any priority. While higher-priority items keep the
     batches full, a lower-priority item can wait without bound; ``max_queue_wait`` bounds it
-    (the item then fails with :class:`~genfan.BulkheadFullError`, unsent). Callers
+    (the item then fails with [`BulkheadFullError`][genfan.BulkheadFullError], unsent). Callers
     waiting for room under ``on_full="wait"`` are not ordered by priority.
 
     Use it as an async context manager: it runs its flusher in a task group, and on exit sends
@@ -152,10 +152,10 @@ class MicroBatcher(Generic[T, R]):
             if full batches are wanted. ``()`` (the default): none.
         max_queue: the most items waiting to be sent; then ``on_full`` applies.
         on_full: ``"wait"`` (backpressure: ``submit`` waits for room) or ``"reject"`` (raise
-            :class:`~genfan.BulkheadFullError` at once).
+            [`BulkheadFullError`][genfan.BulkheadFullError] at once).
         max_queue_wait: seconds an item may stay queued (counted from when it entered the
             queue) while every batch slot is busy or higher priorities fill the batches; then
-            it fails with :class:`~genfan.BulkheadFullError` and is never sent.
+            it fails with [`BulkheadFullError`][genfan.BulkheadFullError] and is never sent.
             ``None`` (the default): no limit. Must be ``>= max_wait``. An item already sent in
             a batch is never timed out by this.
         split_on_batch_error: when the handler raises for a batch of several items, retry each

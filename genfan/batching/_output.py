@@ -8,7 +8,7 @@ failure, then a successful re-run), the **last** record of an id wins; at the en
 run the file is compacted, atomically, to exactly one record per id in input order.
 
 An output that cannot be written (a folder, a read-only or full file system, a missing or
-forbidden location) raises :class:`OutputError`, a ``GenfanError`` and an ``OSError`` at once,
+forbidden location) raises `OutputError`, a ``GenfanError`` and an ``OSError`` at once,
 whose one-line message names the file and the fix. A failed write leaves no torn line, and a
 failed compaction no temporary file: the output stays as it was, and the same command resumes.
 """
@@ -113,7 +113,7 @@ class OutputFile:
 
         Raises:
             ConfigurationError: another process holds the file (a job is already writing it).
-            OutputError: the output cannot be created or written (see :func:`output_error`).
+            OutputError: the output cannot be created or written (see `output_error`).
         """
         if self.path.is_dir():
             raise output_error(
@@ -254,7 +254,7 @@ class OutputFile:
         Atomic: a new file is written, fsync'ed and renamed over the old one, so a kill during
         compaction leaves either the old file (still valid, last record wins) or the new one.
         A compaction that fails (a full disk) removes its temporary file and raises
-        :class:`OutputError`; the output is left as it was (valid, only not compacted).
+        `OutputError`; the output is left as it was (valid, only not compacted).
         """
         if self._fh is None:
             raise ConfigurationError(f"{self.path} is not open")

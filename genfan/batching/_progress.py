@@ -1,9 +1,9 @@
 """How far a batch job has got, reported to a plain callback; the library draws nothing.
 
-:func:`~genfan.batching.run_batch_job` calls ``on_progress(JobProgress)`` once when the rows
+[`run_batch_job`][genfan.batching.run_batch_job] calls ``on_progress(JobProgress)`` once when the rows
 start, after every row written, and once more with ``finished=True`` when the run ends (even by
 an error). What to show is the caller's choice: the ``genfan batch run`` command draws a rich
-progress bar from it; ``progress=True`` prints the plain lines of :class:`LogProgress`.
+progress bar from it; ``progress=True`` prints the plain lines of `LogProgress`.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ chunks of rows it is given with genfan's async fan-out, ``max_in_flight`` rows a
 driver streams finished chunks back with ``ray.wait`` and writes them to the same resumable
 output as the local executor, so a killed driver resumes exactly like a local job.
 
-It knows a job only by its :class:`~genfan.batching._rows.ResolvedJob` (the job module imports
+It knows a job only by its `ResolvedJob` (the job module imports
 this one, never the other way round). Ray is imported here only, on first use
 (``pip install 'genfan[ray]'``).
 """

@@ -1,9 +1,9 @@
 """One row of a batch job, as every executor runs it: read, made a request, fanned out, recorded.
 
-The local executor (:mod:`genfan.batching._job`) and the Ray executor
-(:mod:`genfan.batching._ray`) share this module and nothing else: :class:`ResolvedJob` is all an
+The local executor (`genfan.batching._job`) and the Ray executor
+(`genfan.batching._ray`) share this module and nothing else: `ResolvedJob` is all an
 executor needs to know about a job (it is picklable, so Ray actors get it as it is), and
-:func:`process_row` turns one row into one output record, a failure included.
+`process_row` turns one row into one output record, a failure included.
 """
 
 from __future__ import annotations

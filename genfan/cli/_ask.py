@@ -337,7 +337,7 @@ def result_to_json(result: Any) -> dict[str, Any]:
 def _print_table(result: Any) -> None:
     """The candidates side by side, the totals, the choice.
 
-    From :data:`WIDE` columns up the answers are the table's last column; in a narrower
+    From `WIDE` columns up the answers are the table's last column; in a narrower
     terminal (80 columns) the table holds the numbers and each answer follows it at full width.
     """
     from rich import box

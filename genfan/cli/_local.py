@@ -2,7 +2,7 @@
 
 A thin user of ``genfan_providers.vllm`` (the genfan-providers distribution), imported when a
 command runs; without it a command says what to install. Progress is drawn here
-(:class:`~genfan.cli._progress.StepsDisplay`), not in the library.
+(`StepsDisplay`), not in the library.
 """
 
 from __future__ import annotations

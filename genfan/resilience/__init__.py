@@ -1,12 +1,12 @@
 """Guards for every backend: bulkhead, circuit breaker, retries, timeouts, hedging, rate limits,
-fallback chains and load-balanced pools, each a :class:`~genfan.Backend` wrapping a
+fallback chains and load-balanced pools, each a [`Backend`][genfan.Backend] wrapping a
 backend.
 
-:func:`guard` builds a backend's whole stack in one fixed order (:data:`GUARD_ORDER`, outermost
+`guard` builds a backend's whole stack in one fixed order (`GUARD_ORDER`, outermost
 first): hedge → bulkhead → retry → rate limit → breaker → timeout → provider. Every guard waits
 through anyio (works on asyncio and trio, and under a mock clock) and spends only what is left
 of the fan-out's deadline. The bulkhead is a backend's one concurrency cap. Policies hold values
-only; what stacks share is given to :func:`guard` as one object: a retry budget
+only; what stacks share is given to `guard` as one object: a retry budget
 (``retry_budget=RetryBudget(...)``) and a quota kept in Redis for every process and host
 (``rate_limit_store=RedisQuota(...)``).
 """

@@ -6,12 +6,12 @@ new limit; it keeps no clock, starts no task and does no I/O, so it is tested (a
 about) sample by sample. The bulkhead feeds one when a backend's cap is adaptive
 (``BulkheadPolicy(adaptive="aimd" | "gradient" | "vegas")``); see docs/resilience.md.
 
-* :class:`AIMD`: additive increase, multiplicative decrease, driven by drops alone (429s,
+* `AIMD`: additive increase, multiplicative decrease, driven by drops alone (429s,
   503/529 overloads, timeouts). TCP Reno's rule; Netflix concurrency-limits' ``AIMDLimit``.
-* :class:`Gradient2`: driven by latency: the limit follows the ratio of the long-term average
+* `Gradient2`: driven by latency: the limit follows the ratio of the long-term average
   round-trip time to the latest one, plus a small queue allowance; Netflix concurrency-limits'
   ``Gradient2Limit``, with drops cutting the limit as in AIMD.
-* :class:`Vegas`: driven by latency against the lowest latency seen, which estimates the queue
+* `Vegas`: driven by latency against the lowest latency seen, which estimates the queue
   at the backend; TCP Vegas, as concurrency-limits' ``VegasLimit``.
 """
 
@@ -42,8 +42,8 @@ def _ratio(name: str, value: float, *, low: float, high: float, high_open: bool 
 class AdaptiveLimit(ABC):
     """An adaptive concurrency limit, kept between ``min_limit`` and ``max_limit``.
 
-    Feed it one sample per finished call with :meth:`update`; read the limit in force from
-    :attr:`limit`. Not thread-safe (one event loop feeds it).
+    Feed it one sample per finished call with `update`; read the limit in force from
+    `limit`. Not thread-safe (one event loop feeds it).
 
     Args:
         initial: the limit before any sample.
@@ -108,7 +108,7 @@ class AIMD(AdaptiveLimit):
     AIMD needs no model of latency: it suits backends whose answers vary in length, such as LLM
     calls. It finds the concurrency at which the backend starts refusing and stays just below
     it: a server that queues before it refuses is kept queueing (TCP Reno's "bufferbloat"),
-    which the latency-driven :class:`Gradient2` and :class:`Vegas` avoid.
+    which the latency-driven `Gradient2` and `Vegas` avoid.
 
     Netflix concurrency-limits' ``AIMDLimit`` adds a slot per successful call throughout; with
     that, a saturated limit climbs back faster than drops cut it, and the backend refuses a
@@ -165,13 +165,13 @@ class Gradient2(AdaptiveLimit):
     When latency falls back after a long overload (the long RTT more than twice the latest),
     the long RTT decays by 5% a sample so that the limit recovers without waiting for the
     average. A drop (429, 503/529, a timeout) cuts the limit to ``backoff_ratio`` of itself, as
-    :class:`AIMD` does (gradient2 itself ignores drops). The limit does not grow while fewer
+    `AIMD` does (gradient2 itself ignores drops). The limit does not grow while fewer
     than half of it are in use.
 
     Latency is its signal, read against its own long-term average rather than a minimum, so
-    answers of varied lengths disturb it less than :class:`Vegas`; but the average follows a
+    answers of varied lengths disturb it less than `Vegas`; but the average follows a
     queue that lasts, so a server whose queue adds less than the tolerance (1.5x) to a latency
-    that has already risen is filled up to its refusals, as :class:`AIMD` fills it, and a
+    that has already risen is filled up to its refusals, as `AIMD` fills it, and a
     backend whose latency grows with load for other reasons (an inference server batching more
     sequences per step) reads as congested to it.
 

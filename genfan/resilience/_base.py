@@ -34,7 +34,7 @@ NOT_SENT: tuple[type[BackendError], ...] = (
 
 
 #: The replicas the current call has been sent to: a hedge sets a fresh set for its attempts,
-#: and a :class:`Pool` sends each attempt to a replica not in it while a healthy one is left
+#: and a `Pool` sends each attempt to a replica not in it while a healthy one is left
 #: (Envoy's ``previous_hosts``), so that a hedge reaches another replica than the slow one.
 tried_replicas: ContextVar[set[int] | None] = ContextVar("genfan_tried_replicas", default=None)
 
@@ -102,7 +102,7 @@ def set_span_attribute(key: str, value: str | bool | int | float) -> None:
 class Guard(AsyncCloseable):
     """A backend that wraps a backend: ``name`` is the inner backend's, ``aclose`` closes it.
 
-    Subclasses override :meth:`complete` and :meth:`stream`.
+    Subclasses override `complete` and `stream`.
     """
 
     def __init__(self, inner: Backend) -> None:

@@ -94,12 +94,12 @@ class CircuitBreaker(Guard):
     * **closed**: calls go through and are recorded in the rolling window. The circuit opens
       when the window holds ``minimum_throughput`` calls and the failure (or slow-call) ratio
       reaches its threshold, or after ``consecutive_failures`` failures in a row.
-    * **open**: calls are refused with :class:`~genfan.CircuitOpenError` carrying
+    * **open**: calls are refused with [`CircuitOpenError`][genfan.CircuitOpenError] carrying
       ``retry_at`` and ``retry_after`` (exactly the rest of the break); the backend is not called.
     * **half_open**: once the break is over, ``half_open_probes`` calls are let through; if all
       succeed the circuit closes, if one fails it opens again (for a longer break when
       ``break_duration_max`` allows growth). Others are refused meanwhile (``retry_after=0``).
-    * **isolated**: opened by hand with :meth:`isolate` until :meth:`close`.
+    * **isolated**: opened by hand with `isolate` until `close`.
 
     Errors that mean the call never reached the backend (a bulkhead or rate limit refused it)
     are not recorded; errors that do not count (4xx client errors by default) count as successes
@@ -164,13 +164,13 @@ class CircuitBreaker(Guard):
     # -- manual control ----------------------------------------------------------------------
 
     def isolate(self) -> None:
-        """Open the circuit by hand; it stays open until :meth:`close`."""
+        """Open the circuit by hand; it stays open until `close`."""
         self._retry_at = math.inf
         self._transition("isolated")
 
     def disable(self) -> None:
         """Let every call through and record nothing (resilience4j's DISABLED) until
-        :meth:`close`: for a backend whose failures are handled elsewhere, or while debugging."""
+        `close`: for a backend whose failures are handled elsewhere, or while debugging."""
         self._retry_at = math.inf
         self._transition("disabled")
 
@@ -240,7 +240,7 @@ class CircuitBreaker(Guard):
         )
 
     def admit(self) -> bool:
-        """Let a call through or raise :class:`CircuitOpenError`; returns whether it is a probe."""
+        """Let a call through or raise [`CircuitOpenError`][genfan.CircuitOpenError]; returns whether it is a probe."""
         state = self._state
         if state in ("closed", "disabled"):
             return False

@@ -27,8 +27,8 @@ _OVERLOAD_STATUSES = frozenset({503, 529})
 
 
 def is_overload(exc: BaseException) -> bool:
-    """Whether a failed call tells an adaptive cap to shrink: a 429 (:class:`RateLimitError`),
-    a 503 or 529 overload, or a timeout (:class:`BackendTimeoutError`)."""
+    """Whether a failed call tells an adaptive cap to shrink: a 429 ([`RateLimitError`][genfan.RateLimitError]),
+    a 503 or 529 overload, or a timeout ([`BackendTimeoutError`][genfan.BackendTimeoutError])."""
     if isinstance(exc, RateLimitError | BackendTimeoutError):
         return True
     return isinstance(exc, HTTPStatusError) and exc.status_code in _OVERLOAD_STATUSES
@@ -86,14 +86,14 @@ class Bulkhead(Guard):
 
     By default the queue has no length limit and a call waits until it gets a slot or its
     deadline passes (a burst is served, only later). A call fails with
-    :class:`~genfan.BulkheadFullError`, and the backend is not called, when the policy asks for
+    [`BulkheadFullError`][genfan.BulkheadFullError], and the backend is not called, when the policy asks for
     shedding and the queue is full (``max_queued``) or its wait passes ``max_queue_wait``, or
     when no time is left before the deadline to wait at all.
 
     With ``BulkheadPolicy(adaptive=...)`` the cap moves: every call's outcome (its duration, and
-    whether the backend refused it for overload, see :func:`is_overload`) is fed to an
-    :class:`~genfan.resilience.AdaptiveLimit`, and the cap in force is its limit. In a guard
-    stack (:func:`~genfan.resilience.guard`) the samples are each attempt's, taken just outside
+    whether the backend refused it for overload, see `is_overload`) is fed to an
+    `AdaptiveLimit`, and the cap in force is its limit. In a guard
+    stack (`guard`) the samples are each attempt's, taken just outside
     the timeout, so a retried 429 is seen as a 429 and backoff and queueing are not latency.
     A drop cuts the cap once per round trip: drops of calls started before the last cut were
     sent under the old cap and are not counted again (TCP's one cut per window).
@@ -284,7 +284,7 @@ class Bulkhead(Guard):
 
 
 class AttemptSampler(Guard):
-    """Feeds each attempt's outcome to an adaptive bulkhead above it; :func:`guard` puts it just
+    """Feeds each attempt's outcome to an adaptive bulkhead above it; `guard` puts it just
     outside the timeout, so that retries, backoff, quota waits and breaker refusals are not
     samples. Not a guard of its own: it changes no call."""
 

@@ -1,5 +1,5 @@
-"""The TOML config's resilience tables: ``guards`` (:class:`GuardsConfig`, turned into a guard
-stack) and ``[rate_limit_stores.NAME]`` (:class:`RateLimitStoreConfig`, one shared quota store
+"""The TOML config's resilience tables: ``guards`` (`GuardsConfig`, turned into a guard
+stack) and ``[rate_limit_stores.NAME]`` (`RateLimitStoreConfig`, one shared quota store
 that guards name)."""
 
 from __future__ import annotations
@@ -73,13 +73,13 @@ def _make(kind: str, value: GuardSetting) -> Any:
 
 
 class RateLimitStoreConfig(BaseModel):
-    """One ``[rate_limit_stores.NAME]`` table: a shared quota store (:class:`RedisQuota`), built
+    """One ``[rate_limit_stores.NAME]`` table: a shared quota store (`RedisQuota`), built
     once per configuration build and named by the guards of every backend that shares it
     (``rate_limit_store = "NAME"``).
 
     Set ``url_env`` (the environment variable holding the URL: keeps a password out of the
     file) or ``url`` (a URL without a password), not both; the other fields are
-    :class:`RedisQuota`'s.
+    `RedisQuota`'s.
 
     Example:
         ```toml
@@ -138,7 +138,7 @@ class GuardsConfig(BaseModel):
     """The guards of one backend, as written in the TOML config.
 
     Each guard is ``true`` (on, with defaults), ``false`` (off), or a table of its policy's
-    fields; unset guards inherit ``[defaults.guards]`` (see :meth:`merged_over`), and after that
+    fields; unset guards inherit ``[defaults.guards]`` (see `merged_over`), and after that
     the library defaults (bulkhead, breaker, retry and timeout on; hedge and rate limit off).
     ``timeout`` may also be a number of seconds. The bulkhead is the backend's one concurrency
     cap, fixed or adaptive (``bulkhead = { adaptive = "aimd" }``). ``rate_limit_store`` names a ``[rate_limit_stores.NAME]`` table whose shared quota the

@@ -22,7 +22,7 @@ class Fallback(AsyncCloseable):
     """Try backends in order until one answers well; one backend to the caller.
 
     The next backend is tried when the previous one failed with an error ``fallback_on``
-    accepts (any :class:`~genfan.BackendError` by default: another model may well
+    accepts (any [`BackendError`][genfan.BackendError] by default: another model may well
     accept what this one refused), or answered an answer ``validate`` rejects, and some of the
     deadline is left; it inherits what is left of it. When every backend fails, the last error
     is raised with the earlier ones (and every rejection's reason) in its ``__notes__`` (and
@@ -35,11 +35,11 @@ class Fallback(AsyncCloseable):
         owns_backends: closing the chain also closes its backends (for backends made for this
             chain alone, as a config's ``type = "fallback"`` does). By default it closes none:
             whoever creates a backend owns it.
-        validate: what a good answer is (see :data:`~genfan.ValidateLike`: a function
+        validate: what a good answer is (see `ValidateLike`: a function
             ``(completion) -> None | reason``, an object with a ``check`` method, a per-answer
             scorer such as ``SchemaValid()`` or ``RefusalDetector()``, a type as for
             ``output_type``, or a list of these). An answer it rejects raises
-            :class:`~genfan.AnswerRejectedError` inside the chain, which always moves on to the
+            [`AnswerRejectedError`][genfan.AnswerRejectedError] inside the chain, which always moves on to the
             next backend (whatever ``fallback_on`` says). Answers that ask for tools are not
             checked.
         validate_streams: buffer each stream to its end, check its answer, and only then pass

@@ -103,7 +103,7 @@ class Hedge(Guard):
     passes its events on through a memory object stream (a stream may hold a cancel scope or a
     task group across its events, as a fan-out's does, and so cannot change tasks); the losers'
     streams are closed as soon as the race is decided. With
-    ``HedgePolicy(trigger="first_token")``, :meth:`complete` reads the backend's stream and
+    ``HedgePolicy(trigger="first_token")``, `complete` reads the backend's stream and
     hedges both a late first token (at the learned first-token delay) and, once a token has
     come, a late answer (at the answer delay); the first whole answer wins.
 
@@ -462,7 +462,7 @@ class _Pumped:
 
     def __init__(self, events: MemoryObjectReceiveStream[StreamEvent]) -> None:
         self.events = events
-        #: The pump's scope, entered before its stream is read (see :func:`_close_in`).
+        #: The pump's scope, entered before its stream is read (see `_close_in`).
         self.scope = anyio.CancelScope()
         #: What the stream raised (passed on once its events are).
         self.error: Exception | None = None

@@ -1,6 +1,6 @@
 """The policies: frozen, keyword-only, validated value objects in float seconds.
 
-A bad value raises :class:`~genfan.ConfigurationError` at construction, naming the field
+A bad value raises [`ConfigurationError`][genfan.ConfigurationError] at construction, naming the field
 and the allowed range.
 """
 
@@ -70,7 +70,7 @@ def _policy_repr(obj: object) -> str:
 
 
 def default_counts_as_failure(exc: BaseException) -> bool:
-    """The breaker's default: a :class:`BackendError`'s ``counts_as_failure`` (4xx client errors
+    """The breaker's default: a [`BackendError`][genfan.BackendError]'s ``counts_as_failure`` (4xx client errors
     do not count), and any other exception (a backend bug) counts."""
     if isinstance(exc, BackendError):
         return exc.counts_as_failure
@@ -78,7 +78,7 @@ def default_counts_as_failure(exc: BaseException) -> bool:
 
 
 def default_retryable(exc: BaseException) -> bool:
-    """The retry default: only a :class:`BackendError` whose ``retryable`` is true (timeouts,
+    """The retry default: only a [`BackendError`][genfan.BackendError] whose ``retryable`` is true (timeouts,
     429, 5xx, 408/409, connection errors, malformed answers); never 400/401/403/404."""
     return isinstance(exc, BackendError) and exc.retryable
 
@@ -104,7 +104,7 @@ class BulkheadPolicy:
     because a queue is full, so every call of a burst that the backend can serve in time is
     served (as the vendors' SDKs do, only without flooding the backend). Set ``max_queued``
     (or ``max_queue_wait``) to shed load instead: calls beyond it fail at once with
-    :class:`~genfan.BulkheadFullError`, and the backend is not called.
+    [`BulkheadFullError`][genfan.BulkheadFullError], and the backend is not called.
 
     Args:
         max_concurrent: calls allowed to run at once: the backend's one concurrency cap (64:
@@ -116,8 +116,8 @@ class BulkheadPolicy:
         adaptive: ``None`` (default): the cap is ``max_concurrent``, fixed. ``"aimd"``,
             ``"gradient"`` or ``"vegas"``: the cap adapts, between ``min_concurrent`` and
             ``max_concurrent``, to what each attempt meets: 429s, 503/529 overloads and
-            timeouts (:class:`~genfan.resilience.AIMD`), and latency as well
-            (:class:`~genfan.resilience.Gradient2`, :class:`~genfan.resilience.Vegas`).
+            timeouts (`AIMD`), and latency as well
+            (`Gradient2`, `Vegas`).
         min_concurrent: the lowest an adaptive cap goes (only with ``adaptive``).
         initial_concurrent: an adaptive cap's first value (only with ``adaptive``; ``None``:
             16, within ``min_concurrent`` and ``max_concurrent``).
@@ -300,8 +300,8 @@ class RetryPolicy:
             ``BackendError.retryable``: timeouts, 429, 5xx, connection errors; never
             400/401/403/404 or validation errors).
         budget: the values of the backend's retry budget (``None``: unlimited retries, not
-            recommended); :func:`~genfan.resilience.guard` makes one
-            :class:`~genfan.resilience.RetryBudget` from them per stack, unless given one to
+            recommended); `guard` makes one
+            `RetryBudget` from them per stack, unless given one to
             share (``guard(..., retry_budget=budget)``).
     """
 
@@ -422,11 +422,11 @@ class RateLimitPolicy:
         on_store_error: what to do when the stack's shared quota store
             (``guard(..., rate_limit_store=...)``) cannot be used (down, too slow, an error):
             ``"local"`` decides with this process's buckets and logs a warning once per outage;
-            ``"raise"`` refuses the call with :class:`~genfan.BackendConnectionError`. Without
+            ``"raise"`` refuses the call with [`BackendConnectionError`][genfan.BackendConnectionError]. Without
             a store it has no effect.
 
     A policy holds values only: where a shared quota lives is the store's business
-    (:class:`~genfan.resilience.RedisQuota`), given to :func:`~genfan.resilience.guard`.
+    (`RedisQuota`), given to `guard`.
     """
 
     requests_per_minute: float | None = None

@@ -113,7 +113,7 @@ class Pool(AsyncCloseable):
 
     Replicas whose circuit breaker is open are skipped (found through their guard stack).
     If the chosen replica refuses the call without sending it (breaker, bulkhead, rate limit),
-    the next best is tried. When every replica is open, :class:`~genfan.CircuitOpenError`
+    the next best is tried. When every replica is open, [`CircuitOpenError`][genfan.CircuitOpenError]
     is raised with the earliest ``retry_at``.
 
     Args:

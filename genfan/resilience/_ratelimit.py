@@ -1,5 +1,5 @@
 """Rate limits: token buckets for requests and tokens per minute, learning vendor quota; kept in
-this process, or shared by processes and hosts through Redis (:class:`RedisQuota`)."""
+this process, or shared by processes and hosts through Redis (`RedisQuota`)."""
 
 from __future__ import annotations
 
@@ -103,19 +103,19 @@ class RateLimiter(Guard):
 
     In ``wait`` mode a call waits its turn (FIFO) for quota, unless the wait would pass
     ``max_wait`` or the deadline, in which case it fails at once with
-    :class:`~genfan.RateLimitExceededError` (``retry_after`` says when quota is back);
+    [`RateLimitExceededError`][genfan.RateLimitExceededError] (``retry_after`` says when quota is back);
     ``reject`` mode fails at once whenever quota is short.
 
     With ``learn`` on, the limiter adopts the quota the provider reports: ``remaining_*`` in the
-    :class:`~genfan.RateLimitInfo` of a completion or of an error
-    (:class:`~genfan.HTTPStatusError`'s ``rate_limit``, a 429's included) lowers the
+    [`RateLimitInfo`][genfan.RateLimitInfo] of a completion or of an error
+    ([`HTTPStatusError`][genfan.HTTPStatusError]'s ``rate_limit``, a 429's included) lowers the
     buckets (and a zero stops calls until the matching ``reset_*``), and a
-    :class:`~genfan.RateLimitError` with ``retry_after`` stops every call to the backend
+    [`RateLimitError`][genfan.RateLimitError] with ``retry_after`` stops every call to the backend
     for that long (the longer of the two wins). Token use is estimated before the call and
     corrected from the completion's usage afterwards. Quota taken by a call that a guard inside
     refused (it never reached the backend) is given back.
 
-    With a shared quota store (given to :func:`~genfan.resilience.guard` as
+    With a shared quota store (given to `guard` as
     ``rate_limit_store``, the one way to share a quota) the buckets live in Redis, and every
     limiter with the same store and backend name, in any process or on any host, draws from
     them: reservations, waits, give-backs and what is learned from the provider all hold across
@@ -158,8 +158,8 @@ class RateLimiter(Guard):
         self._fallbacks = 0
 
     def _use_store(self, store: RedisQuota, *, hold: bool = False) -> None:
-        """Draw from ``store`` (set by :func:`~genfan.resilience.guard` only). With ``hold``,
-        this limiter is one of the store's holders, and its :meth:`aclose` releases it (the
+        """Draw from ``store`` (set by `guard` only). With ``hold``,
+        this limiter is one of the store's holders, and its `aclose` releases it (the
         last holder closes it); otherwise whoever made the store closes it."""
         self.store = store
         if hold:
@@ -181,7 +181,7 @@ class RateLimiter(Guard):
         """Stop every call through this limiter for ``seconds`` (the provider said so).
 
         This process only; the limiter itself also shares what it learns with a shared store.
-        At most :attr:`max_block` seconds.
+        At most `max_block` seconds.
         """
         if seconds > 0:  # not NaN
             seconds = min(seconds, self.max_block)

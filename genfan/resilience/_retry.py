@@ -35,7 +35,7 @@ class RetryBudget:
     seconds, retries may reach ``min_per_second * ttl + ratio * calls``, so an outage adds at
     most ``ratio`` extra load (plus the small floor) instead of multiplying it by the attempts.
 
-    :func:`~genfan.resilience.guard` makes one per stack from ``RetryPolicy.budget``. To share
+    `guard` makes one per stack from ``RetryPolicy.budget``. To share
     one between stacks (backends behind one provider key, say), make it once and give the same
     object to each: ``guard(backend, retry_budget=budget)``.
 
@@ -105,9 +105,9 @@ class RetryStatistics:
 def server_wait(exc: BaseException | None) -> tuple[float, str] | None:
     """How long a rate-limited backend said to wait before the next call, and how it said it.
 
-    A :class:`~genfan.RateLimitError`'s ``retry_after`` (its ``Retry-After``) comes
+    A [`RateLimitError`][genfan.RateLimitError]'s ``retry_after`` (its ``Retry-After``) comes
     first: ``(seconds, "retry_after")``. Without it, its ``rate_limit``
-    (:class:`~genfan.RateLimitInfo`) tells when an exhausted quota refills: with
+    ([`RateLimitInfo`][genfan.RateLimitInfo]) tells when an exhausted quota refills: with
     ``remaining_requests == 0`` the wait is ``reset_requests``, with ``remaining_tokens == 0``
     it is ``reset_tokens``, and with both spent the later of the two:
     ``(seconds, "rate_limit_reset")``. ``None`` when the backend said neither (any other error,
@@ -138,8 +138,8 @@ def retry_delay(
 ) -> float:
     """Seconds to sleep after ``state``'s attempt (a tenacity ``wait``): when ``policy``
     respects it, what the server said (its ``retry_after``, else the reset of the exhausted
-    quota in its rate-limit headers; see :func:`server_wait`), else the policy's backoff with
-    its jitter; always 0 while ``testing``. Shared by :class:`Retry` and the agents' tool and
+    quota in its rate-limit headers; see `server_wait`), else the policy's backoff with
+    its jitter; always 0 while ``testing``. Shared by `Retry` and the agents' tool and
     step retries.
     """
     exc = state.outcome.exception() if state.outcome is not None else None
@@ -162,9 +162,9 @@ class Retrier:
     """The one retry engine: tenacity underneath, used by the retry guard, tool calls, chain
     steps and scheduled runs alike.
 
-    It follows a :class:`RetryPolicy`: attempts (capped under test mode), backoff with jitter,
+    It follows a `RetryPolicy`: attempts (capped under test mode), backoff with jitter,
     a wait the server asked for (``Retry-After`` or the reset of an exhausted quota, see
-    :func:`server_wait`), a retry budget, and what is left of the fan-out's deadline. Waits go
+    `server_wait`), a retry budget, and what is left of the fan-out's deadline. Waits go
     through ``anyio.sleep`` (trio and mock clocks work). Cancellation and ``BaseException`` s
     are never retried.
 
@@ -174,7 +174,7 @@ class Retrier:
         kind: what ``name`` names: ``"backend"``, ``"tool"``, ``"step"``, ``"schedule"``...
         retry_on: which errors to retry (default: ``policy.retry_on``, else
             ``BackendError.retryable``).
-        budget: a shared :class:`RetryBudget` (default: none; the guard passes one built from
+        budget: a shared `RetryBudget` (default: none; the guard passes one built from
             ``policy.budget``).
         rng: the random source for jitter (tests pass a seeded one).
         first_attempt: the number of the first attempt this engine makes, for work that resumes
@@ -306,15 +306,15 @@ class _Shifted:
 class Retry(Guard):
     """Retry retryable failures with exponential backoff, within a budget and the deadline.
 
-    A guard around the :class:`Retrier` engine. After a 429 it waits what the backend said: its
+    A guard around the `Retrier` engine. After a 429 it waits what the backend said: its
     ``Retry-After``, or, without one, until the exhausted quota its rate-limit headers report
-    resets (:func:`server_wait`). A retry is not started when the retry budget is spent, when
+    resets (`server_wait`). A retry is not started when the retry budget is spent, when
     the backend asked (either way) for more than ``max_retry_after``, or when its wait would not
     fit in what is left of the deadline: the last error is raised at once instead. Under
     [`set_testing`][genfan.testing.set_testing] backoff is zero (and attempts capped).
 
-    The guard has a :class:`RetryBudget` of its own, made from ``policy.budget``; stacks share
-    one when :func:`~genfan.resilience.guard` is given it (``retry_budget=``).
+    The guard has a `RetryBudget` of its own, made from ``policy.budget``; stacks share
+    one when `guard` is given it (``retry_budget=``).
 
     Args:
         inner: the backend to retry.
@@ -346,7 +346,7 @@ class Retry(Guard):
 
     def _share_budget(self, budget: RetryBudget) -> None:
         """Spend ``budget`` instead of this guard's own (set by
-        :func:`~genfan.resilience.guard` only)."""
+        `guard` only)."""
         self.budget = self._engine.budget = budget
 
     def statistics(self) -> RetryStatistics:

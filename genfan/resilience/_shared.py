@@ -1,15 +1,15 @@
 """A quota shared by processes and hosts: token buckets kept in Redis.
 
-:class:`RedisQuota` holds the buckets of :class:`~genfan.resilience.RateLimiter` in Redis, so
+`RedisQuota` holds the buckets of `RateLimiter` in Redis, so
 that every process using one provider key draws from one quota. One Lua script refills and takes
 (or gives back, or learns) in a single atomic step, on Redis's own clock (``TIME``), so hosts
 whose clocks disagree still agree on the quota; the script answers how long the caller must
 wait, and the caller waits on anyio's clock.
 
-It speaks RESP2 over :func:`anyio.connect_tcp` (a few commands: ``EVALSHA``/``EVAL``, ``AUTH``,
+It speaks RESP2 over `anyio.connect_tcp` (a few commands: ``EVALSHA``/``EVAL``, ``AUTH``,
 ``SELECT``, ``PING``, ``DEL``), so it runs on asyncio and trio alike; redis-py's asyncio client
 would not run on trio. Every command has a timeout, a dropped connection is replaced, and a
-Redis that cannot be reached fails fast (:class:`SharedQuotaError`) for ``reconnect_interval``
+Redis that cannot be reached fails fast (`SharedQuotaError`) for ``reconnect_interval``
 seconds before it is tried again. Error messages and reprs never show the URL's password.
 """
 
@@ -40,7 +40,7 @@ class SharedQuotaError(GenfanError):
 
 
 class RespError(str):
-    """An error reply (``-ERR ...``) as a value; :class:`RedisQuota` raises it."""
+    """An error reply (``-ERR ...``) as a value; `RedisQuota` raises it."""
 
     __slots__ = ()
 
@@ -79,8 +79,8 @@ class _Incomplete(Exception):
 
 
 class RespParser:
-    """An incremental (sans-I/O) RESP2 reply parser: :meth:`feed` bytes, then take complete
-    replies with :meth:`next`.
+    """An incremental (sans-I/O) RESP2 reply parser: `feed` bytes, then take complete
+    replies with `next`.
 
     Raises:
         SharedQuotaError: the bytes are not RESP2.
@@ -408,8 +408,8 @@ class RedisQuota:
     quotas vanish.
 
     One instance serves one event loop; it opens connections on first use (at most
-    ``max_connections``) and :meth:`aclose` (or ``async with``) closes them: whoever makes the
-    store closes it. :meth:`from_env` reads the URL from an environment variable, which keeps
+    ``max_connections``) and `aclose` (or ``async with``) closes them: whoever makes the
+    store closes it. `from_env` reads the URL from an environment variable, which keeps
     a password out of code and config files.
 
     Args:
@@ -517,7 +517,7 @@ class RedisQuota:
         await self.aclose()
 
     async def aclose(self) -> None:
-        """Close the connections; later commands fail with :class:`SharedQuotaError`."""
+        """Close the connections; later commands fail with `SharedQuotaError`."""
         self._closed = True
         idle, self._idle = self._idle, []
         for conn in idle:
@@ -534,7 +534,7 @@ class RedisQuota:
             await self.aclose()
 
     async def ping(self) -> None:
-        """Check that Redis answers (raises :class:`SharedQuotaError` if not)."""
+        """Check that Redis answers (raises `SharedQuotaError` if not)."""
         await self._execute("PING")
 
     async def reset(self, name: str) -> None:

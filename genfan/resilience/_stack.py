@@ -35,7 +35,7 @@ _RETRY: Final = RetryPolicy()
 _TIMEOUT: Final = TimeoutPolicy()
 
 #: The order of the guards, outermost first. This tuple is the single source of truth;
-#: :func:`guard` builds stacks in this order and docs/resilience.md explains why.
+#: `guard` builds stacks in this order and docs/resilience.md explains why.
 GUARD_ORDER: Final = ("hedge", "bulkhead", "retry", "rate_limit", "breaker", "timeout")
 
 
@@ -51,7 +51,7 @@ class GuardStatistics:
 
 
 class GuardedBackend(Guard):
-    """A backend inside its guard stack; built by :func:`guard`.
+    """A backend inside its guard stack; built by `guard`.
 
     Attributes:
         provider: the unguarded backend.
@@ -117,7 +117,7 @@ def guard(
     rate_limit_store: RedisQuota | None = None,
     rng: random.Random | None = None,
 ) -> GuardedBackend:
-    """Wrap ``backend`` in its guard stack, in the fixed order :data:`GUARD_ORDER`.
+    """Wrap ``backend`` in its guard stack, in the fixed order `GUARD_ORDER`.
 
     Outermost first: **hedge → bulkhead → retry → rate limit → breaker → timeout** → provider.
     Bulkhead, breaker, retry (with its budget) and timeout are on by default; hedging and rate
@@ -143,9 +143,9 @@ def guard(
         hedge: hedging policy.
         rate_limit: requests/tokens per minute.
         hedge_alternates: backends hedges go to (default: this backend again).
-        retry_budget: a :class:`RetryBudget` to spend instead of one of this stack's own;
+        retry_budget: a `RetryBudget` to spend instead of one of this stack's own;
             pass the same object to several stacks to share it.
-        rate_limit_store: a shared quota store (:class:`RedisQuota`) holding this backend's
+        rate_limit_store: a shared quota store (`RedisQuota`) holding this backend's
             buckets, so that every stack, process and host with the store (and the backend's
             name) draws from one quota; pass the same object to several stacks to share one
             connection pool. Whoever made the store closes it.

@@ -22,7 +22,7 @@ class Timeout(Guard):
     """Limit each call to ``policy.timeout`` seconds (or the request's ``timeout``, if smaller).
 
     A call that runs past it is cancelled and fails with
-    :class:`~genfan.BackendTimeoutError` (which the retry guard may retry). The fan-out's
+    [`BackendTimeoutError`][genfan.BackendTimeoutError] (which the retry guard may retry). The fan-out's
     deadline is separate: when it passes, the whole fan-out is cancelled from outside.
     """
 

@@ -12,8 +12,8 @@ async with Scheduler("sqlite:///schedules.db") as scheduler:
     await scheduler.run_until_stopped()
 ```
 
-Retries are a :class:`genfan.resilience.RetryPolicy` (``SchedulePolicy(retry=...)``), run by
-genfan's one retry engine. :func:`parse_schedules` reads the ``[schedules]`` section of a TOML
+Retries are a `genfan.resilience.RetryPolicy` (``SchedulePolicy(retry=...)``), run by
+genfan's one retry engine. [`parse_schedules`][genfan.schedule.parse_schedules] reads the ``[schedules]`` section of a TOML
 config (what ``genfan schedule run`` runs). See docs/schedule.md for the semantics (misfires,
 coalescing, overlap, leases and fencing tokens, DST, backfill, history limits).
 """

@@ -1,6 +1,6 @@
 """The scheduler's clock: wall-clock datetimes on top of anyio's monotonic clock.
 
-The scheduler never reads the wall clock while it waits. :class:`AnyioClock` reads it once (or
+The scheduler never reads the wall clock while it waits. [`AnyioClock`][genfan.schedule.AnyioClock] reads it once (or
 takes ``start=``) and from then on maps ``anyio.current_time()`` onto wall time, so every wait
 is an ``anyio.sleep_until``: under trio's ``MockClock(autojump_threshold=0)`` months of cron
 schedule run in milliseconds, with exact fire times.
@@ -27,7 +27,7 @@ class Clock(Protocol):
         ...
 
     async def sleep_until(self, when: datetime) -> None:
-        """Return once :meth:`now` has reached ``when``."""
+        """Return once `now` has reached ``when``."""
         ...
 
 
@@ -56,7 +56,7 @@ class AnyioClock:
         return wall0 + timedelta(seconds=anyio.current_time() - mono0)
 
     def monotonic_at(self, when: datetime) -> float:
-        """The ``anyio.current_time()`` value at which :meth:`now` reaches ``when``."""
+        """The ``anyio.current_time()`` value at which `now` reaches ``when``."""
         wall0, mono0 = self._anchored()
         return mono0 + (when - wall0).total_seconds()
 

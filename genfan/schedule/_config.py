@@ -155,7 +155,7 @@ class ScheduleEntry(BaseModel):  # type: ignore[no-redef,unused-ignore]
         )
 
     def job(self, base_dir: Path | None) -> str | ContentJob:
-        """An import path, or the :class:`ContentJob`."""
+        """An import path, or the [`ContentJob`][genfan.schedule.ContentJob]."""
         if self.func is not None:
             return self.func
         assert self.content is not None

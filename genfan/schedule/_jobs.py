@@ -3,7 +3,7 @@
 Jobs are stored as plain JSON, so every replica can run every schedule:
 
 * ``{"kind": "call", "func": "pkg.mod:func", "args": [...], "kwargs": {...}}``
-* ``{"kind": "content", ...}``: a :class:`ContentJob` (prompt template, files collected since the
+* ``{"kind": "content", ...}``: a [`ContentJob`][genfan.schedule.ContentJob] (prompt template, files collected since the
   last successful run, a fan-out and a sink).
 
 A callable that cannot be imported by path (a closure, a lambda) can still be scheduled in the

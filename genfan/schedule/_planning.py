@@ -173,10 +173,10 @@ class ClaimDecision:
     """What a claim does with one due run.
 
     ``start``: run it; ``takeover``: run it again, its replica was lost (lease expired and
-    confirmed, see :func:`plan_expired`); ``failed`` (lost without attempts left), ``missed``,
+    confirmed, see `plan_expired`); ``failed`` (lost without attempts left), ``missed``,
     ``skipped``: end it with that outcome and ``error``, without running it; ``wait``: leave it
     pending until the running one ends; ``cancel_old``: ask the running runs to cancel, and
-    wait; ``buffer_one``: wait, unless an earlier run already waits (see :func:`buffer_one`);
+    wait; ``buffer_one``: wait, unless an earlier run already waits (see `buffer_one`);
     ``suspect``: its lease expired, but its replica may only have been cut off from the store:
     mark when that was first seen, and leave it; ``renew``: the claiming replica holds it
     itself and is still running it: renew its lease.
@@ -203,7 +203,7 @@ def plan_claim(
     or a running one whose lease expired.
 
     Args:
-        run: the run (pending: a running run whose lease expired goes to :func:`plan_expired`).
+        run: the run (pending: a running run whose lease expired goes to `plan_expired`).
         policy: its schedule's policy.
         overlap: the overlap policy that applies (a backfill may override the schedule's).
         now_us: now, in epoch microseconds.
@@ -228,7 +228,7 @@ def plan_claim(
 
 def confirm_us(lease: float) -> int:
     """How long a lease must have been seen expired before its run is taken over: half the
-    lease time, in microseconds (see :func:`plan_expired`)."""
+    lease time, in microseconds (see `plan_expired`)."""
     return int(lease * 500_000)
 
 
@@ -258,7 +258,7 @@ def plan_expired(
         mine: the claiming replica owns the run under the same fencing token and runs it.
         expired_seen: when a claim first saw the lease expired (``None``: not yet).
         lease_now: the store's clock now.
-        confirm: how long the expiry must have been seen (:func:`confirm_us`).
+        confirm: how long the expiry must have been seen (`confirm_us`).
     """
     if mine:
         return ClaimDecision("renew")
@@ -286,7 +286,7 @@ def buffer_one(one_waits: bool) -> ClaimDecision:
 def check_backfill(
     start: datetime, end: datetime, now: datetime, overlap: str | None, max_fires: int
 ) -> None:
-    """Refuse a bad backfill request (see :meth:`Scheduler.backfill`)."""
+    """Refuse a bad backfill request (see `Scheduler.backfill`)."""
     for name, value in (("start", start), ("end", end)):
         if not isinstance(value, datetime):
             raise ConfigurationError(f"backfill {name} must be a datetime, got {value!r}")

@@ -83,8 +83,8 @@ RETRY_DEFAULTS: Mapping[str, Any] = MappingProxyType(
 
 
 def schedule_retry(**fields: Any) -> RetryPolicy:
-    """A schedule's :class:`~genfan.resilience.RetryPolicy` from the stored fields (see
-    :data:`RETRY_DEFAULTS`; unknown keys raise ``TypeError``).
+    """A schedule's `RetryPolicy` from the stored fields (see
+    `RETRY_DEFAULTS`; unknown keys raise ``TypeError``).
 
     What a schedule does not store is the same for every schedule: every ``Exception`` is
     retried (cancellation never is), with no retry budget and no ``Retry-After``. An ``initial``
@@ -105,7 +105,7 @@ def schedule_retry(**fields: Any) -> RetryPolicy:
 
 
 def _check_retry(values: dict[str, Any]) -> None:
-    """The limits of a schedule's retries (beyond :class:`RetryPolicy`'s own)."""
+    """The limits of a schedule's retries (beyond `RetryPolicy`'s own)."""
     attempts = values["attempts"]
     if not isinstance(attempts, int) or isinstance(attempts, bool) or not 1 <= attempts <= 100:
         raise ConfigurationError(
@@ -135,7 +135,7 @@ class SchedulePolicy:
             overlap policies; Kubernetes' Forbid = ``skip``, Allow = ``allow``, Replace =
             ``cancel_old``). Default ``skip``.
         timeout: seconds one attempt may take (``None``: no limit); a timeout is a failure.
-        retry: retries of a failed attempt, a :class:`~genfan.resilience.RetryPolicy`
+        retry: retries of a failed attempt, a `RetryPolicy`
             (default: one attempt, no retry). Attempt ``n`` that fails waits
             ``initial * multiplier ** (n - 1)`` seconds, capped at ``max_delay`` and jittered
             as ``jitter`` says; attempts a replica that died had made count. The schedule
@@ -208,7 +208,7 @@ class SchedulePolicy:
         return self.keep_succeeded is not None or self.keep_failed is not None
 
     def to_dict(self) -> dict[str, Any]:
-        """The JSON-able form the stores keep (see :meth:`from_dict`)."""
+        """The JSON-able form the stores keep (see `from_dict`)."""
         retry = {key: getattr(self.retry, key) for key in RETRY_DEFAULTS}
         data: dict[str, Any] = {
             "misfire_grace_time": self.misfire_grace_time,
@@ -244,7 +244,7 @@ class SchedulePolicy:
 
 
 def _as_schedule_retry(retry: object) -> RetryPolicy:
-    """``SchedulePolicy.retry`` as the schedule keeps it (see :func:`schedule_retry`)."""
+    """``SchedulePolicy.retry`` as the schedule keeps it (see `schedule_retry`)."""
     if isinstance(retry, dict):
         try:
             return schedule_retry(**retry)

@@ -4,7 +4,7 @@ A sync job in a worker thread cannot be stopped: Python has no way to stop a thr
 only abandons it and the function runs on. Here the job runs in a fresh interpreter
 (``python -m genfan.schedule._process``), in a process group of its own: when the attempt times
 out or is cancelled, the group is killed (SIGKILL) and the job stops at once. The child gets the
-job's import path, arguments and :class:`RunContext` as one JSON line on stdin and answers with
+job's import path, arguments and [`RunContext`][genfan.schedule.RunContext] as one JSON line on stdin and answers with
 one JSON line on a descriptor of its own (the job's prints go to stderr). It exits by itself if
 the scheduler dies (its stdin closes), so no job outlives its replica.
 """

@@ -67,12 +67,12 @@ class ScheduleInfo:
 class RunRecord:
     """One (schedule, fire time): its state and, once over, its outcome.
 
-    ``manual``: queued by :meth:`Scheduler.trigger`; ``backfill``: queued by
-    :meth:`Scheduler.backfill` for a past fire time (its ``run_at`` is when it was queued).
+    ``manual``: queued by `Scheduler.trigger`; ``backfill``: queued by
+    `Scheduler.backfill` for a past fire time (its ``run_at`` is when it was queued).
     ``started``: when the job of its first attempt really started, on the replica that ran it
     (until that replica writes it, at its next lease renewal or with the outcome: when the run
     was claimed). ``lease_until``: on the store's clock. ``fencing_token``: the token of the
-    newest claim (see :class:`RunContext`); a claim that takes the run over gets a larger one.
+    newest claim (see [`RunContext`][genfan.schedule.RunContext]); a claim that takes the run over gets a larger one.
     """
 
     schedule_id: str
@@ -104,7 +104,7 @@ class RunRecord:
 
 @dataclass(frozen=True, kw_only=True)
 class BackfillResult:
-    """What :meth:`Scheduler.backfill` did.
+    """What `Scheduler.backfill` did.
 
     Attributes:
         schedule_id: the schedule.
@@ -173,7 +173,7 @@ class Renewal:
 
 @dataclass(frozen=True, slots=True)
 class Outcome:
-    """A run's result, as its replica records it (:meth:`Store.finish_many`).
+    """A run's result, as its replica records it (`Store.finish_many`).
 
     ``token``: the fencing token of the claim it ran under (``None``: not checked); the store
     refuses the result when the run was claimed again since. ``started``: the real start of the

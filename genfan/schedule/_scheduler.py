@@ -5,7 +5,7 @@ due runs (overlap policy, leases on the store's clock, a fencing token per claim
 a task group (timeout, retries), renew leases while they run, record outcomes in batches. Then
 sleep until the next thing is due: a fire time, a jittered start, another replica's lease
 expiry, or (with several replicas) the poll interval. Every wait goes through the
-:class:`~genfan.schedule.Clock`.
+`Clock`.
 
 A replica knows how long its lease surely holds on its own clock: a lease taken or renewed by a
 call sent at ``t`` lasts until at least ``t + lease_time`` (the store read its clock after the
@@ -103,9 +103,9 @@ class Scheduler:
     """Runs schedules from a store; embed it or run it as a process (``genfan schedule run``).
 
     Args:
-        store: a :class:`Store`, a URL (``sqlite:///file.db``, ``postgresql://host/db``) or a path;
+        store: a [`Store`][genfan.schedule.Store], a URL (``sqlite:///file.db``, ``postgresql://host/db``) or a path;
             default ``genfan-schedules.db`` in the working directory.
-        clock: wall time and waiting (default :class:`AnyioClock`).
+        clock: wall time and waiting (default [`AnyioClock`][genfan.schedule.AnyioClock]).
         identity: this replica's name in leases and history (default ``host:pid:random``).
         max_concurrent_runs: runs this scheduler executes at once; due runs beyond it wait.
         lease_time: seconds a claimed run is held without renewal, on the store's clock;
@@ -283,7 +283,7 @@ class Scheduler:
 
         Args:
             func: an async or sync callable, an import path ``"pkg.mod:func"``, or a
-                :class:`ContentJob`. A callable without an import path (a closure) runs only in
+                [`ContentJob`][genfan.schedule.ContentJob]. A callable without an import path (a closure) runs only in
                 this scheduler.
             trigger: when it fires.
             id: the schedule's id (default: the import path, or a random id).

@@ -3,7 +3,7 @@
 Every (schedule, fire time) is one row of the ``runs`` table (its primary key), created once by
 whichever replica processes the schedule first. A replica *claims* a due run inside one
 transaction and holds it with a lease it renews while the run goes on. Leases are on the store's
-clock, read inside the transaction once it holds its locks (:meth:`SQL.lease_now`), so a claim
+clock, read inside the transaction once it holds its locks (`SQL.lease_now`), so a claim
 that waited on a lock still commits a full lease. Each claim gets a fencing token from one
 counter of the store (strictly increasing); renewals and outcomes name it, so a replica whose
 run was taken over can neither renew it nor record its result. A replica that dies stops
@@ -13,7 +13,7 @@ run over and retries it if the schedule's retry policy has attempts left.
 
 The decisions (what is due, what a claim does with each run) are the pure functions of
 ``_planning``; this module reads the rows they need and writes what they decided. A dialect
-(``_sqlite``, ``_postgres``) subclasses :class:`SQL` with its placeholders, row locks and
+(``_sqlite``, ``_postgres``) subclasses `SQL` with its placeholders, row locks and
 schema introspection.
 """
 
@@ -91,7 +91,7 @@ class SQL:
     """The statements and transaction bodies, written once for both dialects.
 
     Each operation takes a DB-API cursor inside a transaction the store opened. Statements are
-    written with ``?`` placeholders and ``{S}``/``{R}`` for the two tables; :meth:`q` turns them
+    written with ``?`` placeholders and ``{S}``/``{R}`` for the two tables; `q` turns them
     into the dialect's.
 
     Args:
@@ -110,7 +110,7 @@ class SQL:
     #: what ``ALTER TABLE ... ADD COLUMN`` takes to be idempotent
     ADD_COLUMN: ClassVar[str] = "ADD COLUMN "
     #: the store's clock in epoch microseconds as an SQL expression (``None``: the dialect has
-    #: no server clock, :meth:`lease_now` is passed as a parameter)
+    #: no server clock, `lease_now` is passed as a parameter)
     LEASE_NOW_SQL: ClassVar[str | None] = None
 
     #: Columns added to ``runs`` after its first release: (name, SQL type and default).
@@ -747,7 +747,7 @@ class SQL:
 
     def heartbeat(self, cur: Any, owner: str, clock: TxClock, lease: float) -> Heartbeat:
         """Renew every lease ``owner`` holds, whatever its token (the store API's simple form;
-        the scheduler renews run by run, see :meth:`renew`)."""
+        the scheduler renews run by run, see `renew`)."""
         until = self.lease_now(cur, clock) + int(lease * 1_000_000)
         cur.execute(
             self.q(

@@ -39,7 +39,7 @@ class SQLiteStore(PooledStore):
     """The default store: one SQLite file, created on first use.
 
     Several processes on one host may share the file; claims are ``BEGIN IMMEDIATE``
-    transactions, and the file runs in WAL mode. Use :class:`PostgresStore` across hosts.
+    transactions, and the file runs in WAL mode. Use [`PostgresStore`][genfan.schedule.PostgresStore] across hosts.
 
     Args:
         path: the database file (``":memory:"`` for a private, in-process store).

@@ -1,6 +1,6 @@
 """The store: where a scheduler keeps schedules and run history, shared by its replicas.
 
-:class:`Store` is the interface the scheduler uses: every operation is one transaction, whose
+[`Store`][genfan.schedule.Store] is the interface the scheduler uses: every operation is one transaction, whose
 body is the dialect's ``SQL`` (``_sql``). ``PooledStore`` is what both SQL stores (``_sqlite``,
 ``_postgres``) share: a few blocking connections (stdlib ``sqlite3``; psycopg 3's sync API,
 which unlike its async API works under trio, through a ``psycopg_pool`` pool that checks each
@@ -58,8 +58,8 @@ class StoreUnavailableError(GenfanError):
 
 
 class Store:
-    """Where a scheduler keeps schedules and run history (async; see :class:`SQLiteStore` and
-    :class:`PostgresStore`).
+    """Where a scheduler keeps schedules and run history (async; see [`SQLiteStore`][genfan.schedule.SQLiteStore] and
+    [`PostgresStore`][genfan.schedule.PostgresStore]).
 
     Several schedulers (replicas) may share one store; they coordinate through it alone. Leases
     are measured on the store's clock, read inside each transaction once it holds its locks:
@@ -69,7 +69,7 @@ class Store:
 
     _sql: SQL
     #: the blocking calls run in worker threads, so a transaction's time follows the real time
-    #: it waited (see :class:`TxClock`)
+    #: it waited (see `TxClock`)
     _follow: bool = True
 
     async def setup(self) -> None:
@@ -149,7 +149,7 @@ class Store:
         max_fires: int = 1000,
     ) -> BackfillResult:
         """Queue a run for each fire time of schedule ``id`` in ``[start, end)`` that is not in
-        the history yet (see :meth:`Scheduler.backfill`)."""
+        the history yet (see `Scheduler.backfill`)."""
         check_backfill(start, end, now, overlap, max_fires)
         return await self._tx(
             lambda c: self._sql.backfill(c, id, start, end, now, overlap, max_fires)
@@ -185,7 +185,7 @@ class Store:
         *,
         mine: Mapping[RunKey, int] | None = None,
     ) -> tuple[DueResult, ClaimResult, datetime | None]:
-        """:meth:`process_due`, :meth:`claim` and :meth:`next_wakeup` in one transaction."""
+        """`process_due`, `claim` and `next_wakeup` in one transaction."""
         clock = self._clock(now)
         return await self._tx(lambda c: self._sql.cycle(c, owner, clock, lease, limit, batch, mine))
 
@@ -212,7 +212,7 @@ class Store:
         owner: str,
         items: Sequence[Outcome | tuple[RunKey, RunStatus, datetime, str | None, int]],
     ) -> list[bool]:
-        """:meth:`finish` for several runs in one transaction."""
+        """`finish` for several runs in one transaction."""
         outcomes = [i if isinstance(i, Outcome) else Outcome(*i) for i in items]
         return await self._tx(lambda c: self._sql.finish_many(c, owner, outcomes))
 
@@ -312,7 +312,7 @@ class PooledStore(Store):
 
     def _create(self, cur: Any) -> None:
         """Create the tables, or add what an earlier version's lack (in the one transaction
-        :meth:`setup` runs)."""
+        `setup` runs)."""
         for stmt in self._sql.ddl():
             cur.execute(stmt)
         self._sql.migrate(cur)
@@ -343,7 +343,7 @@ class PooledStore(Store):
 
     async def _retried(self, fn: Callable[[Any], T], write: bool, *, retry: bool = True) -> T:
         """Run the transaction ``fn``; a connection that failed is retried with a fresh one
-        (three tries), then :class:`StoreUnavailableError`."""
+        (three tries), then [`StoreUnavailableError`][genfan.schedule.StoreUnavailableError]."""
 
         async def once() -> T:
             try:

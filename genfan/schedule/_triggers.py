@@ -5,7 +5,7 @@ A trigger is a frozen value object. ``next_after(t)`` returns the first fire tim
 read a clock, so the same trigger gives the same fire times on every replica and in every test.
 
 Triggers that depend on "now" (an interval without a start, a delay) are *bound* when the schedule
-is added: :meth:`Trigger.bind` fixes them to the scheduler's clock, and the bound form is what the
+is added: `Trigger.bind` fixes them to the scheduler's clock, and the bound form is what the
 store keeps. Re-adding the same schedule (a restarted process loading its config) keeps the stored
 binding, so its fire times do not move.
 """
@@ -47,7 +47,7 @@ class Trigger(Protocol):
         ...
 
     def first_fire(self, now: datetime) -> datetime | None:
-        """The first fire time of a schedule added at ``now`` (after :meth:`bind`)."""
+        """The first fire time of a schedule added at ``now`` (after `bind`)."""
         ...
 
     def bind(self, now: datetime) -> Trigger:
@@ -55,7 +55,7 @@ class Trigger(Protocol):
         ...
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-able form for the store (see :func:`trigger_from_dict`)."""
+        """A JSON-able form for the store (see `trigger_from_dict`)."""
         ...
 
 
@@ -224,7 +224,7 @@ class DateTrigger:
             and ``delay``.
 
     Attributes:
-        bound_delay: on the bound form of a ``delay`` trigger (``at`` fixed by :meth:`bind`),
+        bound_delay: on the bound form of a ``delay`` trigger (``at`` fixed by `bind`),
             the delay it was bound from; ``None`` otherwise. The store uses it to recognise a
             re-added delay trigger and keep its fire time across restarts.
     """
@@ -430,7 +430,7 @@ def _human(seconds: float) -> str:
 
 
 def trigger_from_dict(data: dict[str, Any]) -> Trigger:
-    """Rebuild a trigger from :meth:`Trigger.to_dict` output."""
+    """Rebuild a trigger from `Trigger.to_dict` output."""
     kind = data.get("kind")
     if kind == "interval":
         return IntervalTrigger(
@@ -464,5 +464,5 @@ def to_us(value: datetime) -> int:
 
 
 def from_us(value: int) -> datetime:
-    """The aware UTC datetime for :func:`to_us` output."""
+    """The aware UTC datetime for `to_us` output."""
     return _EPOCH + timedelta(microseconds=value)

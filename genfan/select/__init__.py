@@ -1,9 +1,9 @@
 """Selection: score the candidates of a fan-out and pick the best.
 
-The fan-out hands every candidate (answers and typed failures) to a :class:`Selector`.
-:class:`Select` combines weighted :class:`Scorer` s (vote, consensus, judge, schema,
+The fan-out hands every candidate (answers and typed failures) to a [`Selector`][genfan.select.Selector].
+[`Select`][genfan.select.Select] combines weighted [`Scorer`][genfan.select.Scorer] s (vote, consensus, judge, schema,
 heuristics, any function), hard filters and a tie-break, and explains its pick.
-:class:`Synthesis` (Mixture-of-Agents) and :class:`Cascade` (FrugalGPT) are modes built on them.
+[`Synthesis`][genfan.Synthesis] (Mixture-of-Agents) and [`Cascade`][genfan.Cascade] (FrugalGPT) are modes built on them.
 
 Everything beyond the core types loads on first use.
 """

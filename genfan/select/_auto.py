@@ -1,7 +1,7 @@
 """The ``auto`` selector: read the answer the question asks for, vote, weigh by confidence.
 
 No knob needs setting for the task at hand. For each request it infers the form of the answer
-(:func:`~genfan.select.infer_form`: a number, a choice letter, JSON, a short phrase or name, or
+([`infer_form`][genfan.select.infer_form]: a number, a choice letter, JSON, a short phrase or name, or
 free text), reads that answer out of every reply (echoes of the question cast no vote), and
 votes among the answers that are comparable, each vote weighted by the model's confidence in the
 tokens of its answer where the replies carry log-probabilities. Free text, or replies with
@@ -9,8 +9,8 @@ nothing readable, fall back to consensus (the reply most similar to the others).
 
 ``Selection.confidence`` is the calibrated probability that the chosen answer is right, from the
 vote share, the margin over the runner-up and the model's confidence in the answer, mapped by a
-:class:`~genfan.select.Calibration` (by default the one fitted on the selection benchmark's dev
-split; fit your own with :meth:`Calibration.fit` on labelled selections of your model). For free
+[`Calibration`][genfan.select.Calibration] (by default the one fitted on the selection benchmark's dev
+split; fit your own with `Calibration.fit` on labelled selections of your model). For free
 text it is the consensus score: there is no vote to calibrate.
 """
 
@@ -75,7 +75,7 @@ class AutoSelect:
         keep: the share of replies kept for the vote, the most confident first (by mean token
             log-probability; 1.0 keeps all): filters out low-confidence samples.
         calibration: maps the vote's evidence to ``P(right)`` (default
-            :data:`DEFAULT_CALIBRATION`).
+            `DEFAULT_CALIBRATION`).
         tie_break: among equally strong answers: ``first_finished`` (default), ``fastest``,
             ``cheapest``, ``index`` or a key function.
         name: the selector's name in selections and explanations.
@@ -208,8 +208,8 @@ class AutoSelect:
         return [a.group_weight[k] for k in a.groups]
 
     def confidence(self, request: ChatRequest, candidates: Sequence[Candidate]) -> float:
-        """The calibrated probability that the answer :meth:`select` would choose is right
-        (for free text, or nothing readable, what :meth:`select` would say: see there)."""
+        """The calibrated probability that the answer `select` would choose is right
+        (for free text, or nothing readable, what `select` would say: see there)."""
         a = self._analyse(request, candidates)
         if not a.ok:
             return 0.0
@@ -218,7 +218,7 @@ class AutoSelect:
         return self.calibration.probability(self.features(a, next(iter(a.groups), None)))
 
     def score(self, request: ChatRequest, candidates: Sequence[Candidate]) -> dict[int, Score]:
-        """As a scorer (inside :class:`~genfan.select.Select`): each answer's weighted vote
+        """As a scorer (inside [`Select`][genfan.select.Select]): each answer's weighted vote
         share; answers with nothing readable, and free text, score 0."""
         a = self._analyse(request, candidates)
         out = {c.index: Score(0.0, "no answer to count") for c in a.ok}
@@ -248,11 +248,11 @@ class AutoSelect:
         return out
 
     def evidence(self, request: ChatRequest, candidates: Sequence[Candidate]) -> dict[str, float]:
-        """The evidence behind the answer :meth:`select` would choose: its vote ``share``, its
+        """The evidence behind the answer `select` would choose: its vote ``share``, its
         ``margin`` over the runner-up (a share), its ``votes``, ``log_n`` (the log of the
         answers counted), ``choice`` (1 for multiple choice) and, where log-probabilities exist,
         ``answer_conf`` (the model's mean confidence in the answer's tokens): what
-        :meth:`Calibration.fit` learns from, paired with whether the answer was right."""
+        `Calibration.fit` learns from, paired with whether the answer was right."""
         a = self._analyse(request, candidates)
         return self.features(a, next(iter(a.groups), None))
 
@@ -360,7 +360,7 @@ class AutoSelect:
 
 
 class AutoAgreementKey:
-    """The ``agree=`` key of a quorum fan-out from an :class:`AutoSelect` (bound per request)."""
+    """The ``agree=`` key of a quorum fan-out from an [`AutoSelect`][genfan.select.AutoSelect] (bound per request)."""
 
     def __init__(self, auto: AutoSelect, request: ChatRequest | None = None) -> None:
         self._auto = auto

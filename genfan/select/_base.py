@@ -112,7 +112,7 @@ class Selector(Protocol):
 
 
 #: A selector, a selector's name (``"auto"``, ``"vote"``... see
-#: :func:`~genfan.select.selector_from_name`), or a plain function
+#: [`selector_from_name`][genfan.select.selector_from_name]), or a plain function
 #: ``(request, candidates) -> Candidate | int | None`` (sync or async).
 SelectorLike: TypeAlias = (
     Selector
@@ -170,7 +170,7 @@ class _FunctionSelector:
 
 def as_selector(select: SelectorLike | None) -> Selector:
     """Turn ``None`` (first success), a selector, a selector's name (``"auto"``...), or a
-    function into a :class:`Selector`."""
+    function into a [`Selector`][genfan.select.Selector]."""
     if select is None:
         return FirstSuccess()
     if isinstance(select, Selector):

@@ -1,13 +1,13 @@
 """Model confidence and calibration: how sure the model was of an answer, and how often a
 selection with a given confidence is right.
 
-* :func:`answer_confidence` reads the token log-probabilities of exactly the tokens that spell
+* [`answer_confidence`][genfan.select.answer_confidence] reads the token log-probabilities of exactly the tokens that spell
   the extracted answer (``Paris`` in ``The capital of France is Paris.``): the geometric-mean
-  probability of those tokens. :func:`sequence_confidence` does the same over the whole reply.
-* :class:`Calibration` maps a selection's evidence (the vote share, the margin over the runner-up,
+  probability of those tokens. [`sequence_confidence`][genfan.select.sequence_confidence] does the same over the whole reply.
+* [`Calibration`][genfan.select.Calibration] maps a selection's evidence (the vote share, the margin over the runner-up,
   the model's confidence in the answer) to the probability that the answer is right, with a
-  logistic model fitted on labelled selections (:meth:`Calibration.fit`).
-* :func:`reliability_table` and :func:`expected_calibration_error` measure how well a
+  logistic model fitted on labelled selections (`Calibration.fit`).
+* [`reliability_table`][genfan.select.reliability_table] and [`expected_calibration_error`][genfan.select.expected_calibration_error] measure how well a
   confidence is calibrated: in each confidence bin, the mean confidence against the share right.
 """
 

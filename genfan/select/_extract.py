@@ -157,7 +157,7 @@ def _question(request: ChatRequest | None) -> str:
 
 
 class Normalized:
-    """The whole answer, normalised (:func:`normalize_text`); empty answers give ``None``."""
+    """The whole answer, normalised (`normalize_text`); empty answers give ``None``."""
 
     def __call__(self, text: str, request: ChatRequest | None = None, /) -> str | None:
         key = normalize_text(text)
@@ -176,7 +176,7 @@ class FinalNumber:
             correct answer equal to a number of the question is not counted either.
         first: take the first number instead of the last.
         words: also read numbers written in words (``"twelve"``, ``"twenty-one"``); see
-            :func:`numbers_in`.
+            `numbers_in`.
     """
 
     def __init__(
@@ -286,8 +286,8 @@ def as_extractor(spec: ExtractorLike) -> Extractor:
 
     Names: ``"normalize"`` (whole answer, normalised), ``"number"`` (the final number, echoes of
     the question ignored), ``"number_words"`` (the same, numbers written in words read too),
-    ``"words"`` (:class:`NovelWords`). A string starting with ``re:`` or a compiled pattern
-    becomes a :class:`RegexExtract`.
+    ``"words"`` ([`NovelWords`][genfan.select.NovelWords]). A string starting with ``re:`` or a compiled pattern
+    becomes a [`RegexExtract`][genfan.select.RegexExtract].
     """
     if isinstance(spec, Normalized | FinalNumber | RegexExtract | NovelWords | _Function):
         return spec

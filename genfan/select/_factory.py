@@ -33,7 +33,7 @@ def selector_from_name(name: str, /, **options: Any) -> Selector:
     Names and their options (plus ``tie_break=`` for every name but ``first``):
 
     * ``auto`` (the default): infers the answer's form from the request, votes on the answers
-      read for it, weighted by model confidence; consensus for free text (:class:`AutoSelect`);
+      read for it, weighted by model confidence; consensus for free text ([`AutoSelect`][genfan.select.AutoSelect]);
       ``weight=`` ``"answer"`` | ``"sequence"`` | ``"none"``, ``keep=`` (0..1];
     * ``first``: the first answer to arrive;
     * ``vote``: majority vote; ``extract=`` ``"normalize"`` | ``"number"`` | ``"words"`` |

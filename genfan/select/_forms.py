@@ -1,8 +1,8 @@
 """What form the answer to a request takes, and how to read that answer out of a reply.
 
-:func:`infer_form` reads the request (its response format, the options it lists, its wording)
+[`infer_form`][genfan.select.infer_form] reads the request (its response format, the options it lists, its wording)
 and says whether the answer is a number, a choice (lettered options, or yes/no), JSON, a short
-phrase or name, or free text, and why. :func:`extract_answer` then reads the answer of that form
+phrase or name, or free text, and why. [`extract_answer`][genfan.select.extract_answer] then reads the answer of that form
 out of a reply, with its position in the text (so that the model's confidence in exactly those
 tokens can be read):
 

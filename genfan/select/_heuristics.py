@@ -1,7 +1,7 @@
 """Cheap pass/fail checks on one answer: length, patterns, refusals, a clean finish.
 
 Each scores 1 (passes) or 0 (fails, with the reason), so they work as scorers and as hard
-filters of :class:`~genfan.select.Select`.
+filters of [`Select`][genfan.select.Select].
 """
 
 from __future__ import annotations

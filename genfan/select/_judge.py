@@ -3,8 +3,8 @@
 The prompts follow MT-Bench (Zheng et al. 2023): a 1-10 rating as ``Rating: [[N]]``, or a verdict
 ``[[A]]`` / ``[[B]]`` / ``[[C]]`` (tie). Pairwise comparisons are asked twice with the answers'
 positions swapped, so a judge that prefers the first position cancels itself out. A judge that
-answers off-format, or fails, is counted in :meth:`LLMJudge.statistics` and never crashes the
-selection: its verdict is simply missing (:attr:`LLMJudge.last_error` says why the last failed
+answers off-format, or fails, is counted in `LLMJudge.statistics` and never crashes the
+selection: its verdict is simply missing (`LLMJudge.last_error` says why the last failed
 call failed).
 """
 
@@ -200,7 +200,7 @@ class LLMJudge:
         )
 
     async def _ask(self, request: ChatRequest) -> str | None:
-        """The judge's answer, or ``None`` when the call failed (:attr:`last_error` says why)."""
+        """The judge's answer, or ``None`` when the call failed (`last_error` says why)."""
         self._stats["calls"] += 1
         try:
             completion = await self.judge.complete(request)

@@ -55,7 +55,7 @@ def _short(text: str, limit: int = 80) -> str:
 class SchemaValid(CandidateScorer):
     """1 when the answer's JSON validates, else 0 with the first validation error.
 
-    The JSON is found by :func:`extract_json` (code fences and surrounding prose are fine).
+    The JSON is found by `extract_json` (code fences and surrounding prose are fine).
 
     Args:
         schema: a pydantic model class, or a JSON schema (dict; validated with ``jsonschema``,

@@ -1,9 +1,9 @@
 """The scorer protocol: a score in 0..1 and a short reason for each answered candidate.
 
 A scorer sees the request and every candidate of a fan-out (failed and cancelled ones too, so
-it can tell how many answered) and returns a :class:`Score` per successful candidate, keyed by
-:attr:`Candidate.index`. ``score`` may be a plain or an ``async`` method. The selector
-(:class:`~genfan.select.Select`) combines scorers with weights.
+it can tell how many answered) and returns a [`Score`][genfan.select.Score] per successful candidate, keyed by
+`Candidate.index`. ``score`` may be a plain or an ``async`` method. The selector
+([`Select`][genfan.select.Select]) combines scorers with weights.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ ScoreMap: TypeAlias = Mapping[int, Score]
 class Scorer(Protocol):
     """Scores the candidates of a fan-out.
 
-    ``score`` returns a :class:`Score` per successful candidate, keyed by ``Candidate.index``;
+    ``score`` returns a [`Score`][genfan.select.Score] per successful candidate, keyed by ``Candidate.index``;
     a successful candidate it leaves out counts as 0. It may be ``async``.
     """
 
@@ -78,7 +78,7 @@ ScoreLike: TypeAlias = Score | float | bool | tuple[float, str]
 #: A function scoring one candidate: ``(request, candidate) -> ScoreLike``, plain or ``async``.
 CandidateFn: TypeAlias = Callable[[ChatRequest, Candidate], ScoreLike | Awaitable[ScoreLike]]
 
-#: A scorer, or a per-candidate function (see :func:`scorer`).
+#: A scorer, or a per-candidate function (see [`scorer`][genfan.select.scorer]).
 ScorerLike: TypeAlias = Scorer | CandidateFn
 
 
@@ -101,7 +101,7 @@ def _to_score(value: object, who: str) -> Score:
 class CandidateScorer:
     """Base class for scorers that judge each successful candidate on its own.
 
-    Subclasses implement :meth:`score_one`.
+    Subclasses implement `score_one`.
     """
 
     name: str = "scorer"
@@ -119,7 +119,7 @@ class CandidateScorer:
 class FunctionScorer:
     """A scorer from a per-candidate function (plain or ``async``).
 
-    The function gets ``(request, candidate)`` and returns a :class:`Score`, a bool (pass 1 /
+    The function gets ``(request, candidate)`` and returns a [`Score`][genfan.select.Score], a bool (pass 1 /
     fail 0), a number in [0, 1], or ``(number, reason)``.
     """
 
@@ -164,7 +164,7 @@ def scorer(
 
 
 def as_scorer(obj: ScorerLike) -> Scorer:
-    """A :class:`Scorer` as is; a function wrapped in :class:`FunctionScorer`."""
+    """A [`Scorer`][genfan.select.Scorer] as is; a function wrapped in `FunctionScorer`."""
     if isinstance(obj, Scorer):
         return obj
     if callable(obj):

@@ -7,9 +7,9 @@ change the winner: with the Beta criterion, when the posterior probability that 
 answer is the most likely one exceeds a threshold (0.95). It cut the samples up to 7.9x for
 under 0.1 points of accuracy.
 
-A :class:`StoppingRule` reads the vote counts (largest first) and how many samples are still in
-the budget; :class:`AdaptiveConsistency` is the Beta criterion, plus the certainty that the
-leader cannot be caught any more. :class:`Waves` is the schedule a fan-out follows (wave sizes
+A [`StoppingRule`][genfan.select.StoppingRule] reads the vote counts (largest first) and how many samples are still in
+the budget; [`AdaptiveConsistency`][genfan.select.AdaptiveConsistency] is the Beta criterion, plus the certainty that the
+leader cannot be caught any more. [`Waves`][genfan.select.Waves] is the schedule a fan-out follows (wave sizes
 and the rule) and counts the votes with a vote counter (by default the ``auto`` selector's
 answer extraction, weighted by model confidence where the answers carry it).
 """
@@ -134,7 +134,7 @@ class AdaptiveConsistency:
 
     Stop when ``P(leader more likely than runner-up) >= threshold`` under a Beta posterior on
     the two largest vote counts, or when the leader can no longer be caught
-    (:class:`CannotLose`), and at least ``min_votes`` votes were cast.
+    ([`CannotLose`][genfan.select.CannotLose]), and at least ``min_votes`` votes were cast.
 
     Args:
         threshold: the posterior probability needed (the paper's 0.95).
@@ -168,9 +168,9 @@ class Waves:
     Args:
         size: targets per wave after the first.
         first: targets in the first wave (default ``size``).
-        stop: the stopping rule (default :class:`AdaptiveConsistency`).
+        stop: the stopping rule (default [`AdaptiveConsistency`][genfan.select.AdaptiveConsistency]).
         counter: counts the votes after each wave (default: the ``auto`` selector's answer
-            extraction and confidence weighting, :class:`~genfan.select.AutoSelect`).
+            extraction and confidence weighting, [`AutoSelect`][genfan.select.AutoSelect]).
         confident: also stop once the counter's calibrated probability that its current pick
             is right reaches this (the counter must estimate it, as ``AutoSelect`` does); a
             question the model is sure of need not wait for the Beta criterion.

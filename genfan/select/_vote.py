@@ -1,8 +1,8 @@
 """Majority vote (self-consistency): group answers by an extracted key; a group's share scores.
 
 Wang et al. (2022) sample several answers and keep the most frequent final answer; on GSM8K it
-gained 17.9 points over one greedy answer. :class:`MajorityVote` is that scorer, with the key
-taken by an extractor (see :mod:`genfan.select._extract`), and the same key available to the
+gained 17.9 points over one greedy answer. [`MajorityVote`][genfan.select.MajorityVote] is that scorer, with the key
+taken by an extractor (see `genfan.select._extract`), and the same key available to the
 fan-out for early exit (stop as soon as k answers agree).
 """
 
@@ -27,7 +27,7 @@ __all__ = ["AgreementKey", "MajorityVote"]
 class AgreementKey:
     """The ``agree=`` function of a quorum fan-out, built from a vote's extractor.
 
-    The fan-out binds it to each request (:meth:`for_request`), so echoes of the question are
+    The fan-out binds it to each request (`for_request`), so echoes of the question are
     ignored exactly as the vote ignores them.
     """
 
@@ -125,7 +125,7 @@ class MajorityVote:
         }
 
     def selector(self, **options: Any) -> Select:
-        """A :class:`~genfan.select.Select` using this vote alone (options go to ``Select``)."""
+        """A [`Select`][genfan.select.Select] using this vote alone (options go to ``Select``)."""
         from ._select import Select
 
         return Select(scorers=[self], **options)

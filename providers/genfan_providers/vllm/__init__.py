@@ -1,13 +1,13 @@
 """The local vLLM engine, all of it: the in-process backend, the embedded model, and its server.
 
-* :class:`VLLMBackend` serves a model inside this process (registry prefix ``vllm:``);
-* :func:`prepare_default_model` converts the embedded default model (SmolLM2-135M-Instruct) once
+* `VLLMBackend` serves a model inside this process (registry prefix ``vllm:``);
+* `prepare_default_model` converts the embedded default model (SmolLM2-135M-Instruct) once
   into a folder (``genfan local prepare``);
-* :func:`serve_local` runs vLLM's OpenAI-compatible server for a local model
+* `serve_local` runs vLLM's OpenAI-compatible server for a local model
   (``genfan local serve``).
 
 Importing this package loads neither vLLM nor torch nor transformers: each is imported where it
-is used. Long steps report through ``progress=`` (see :class:`ProgressEvent`); the library draws
+is used. Long steps report through ``progress=`` (see `ProgressEvent`); the library draws
 nothing itself.
 """
 

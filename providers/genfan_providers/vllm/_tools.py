@@ -6,7 +6,7 @@
   parsers (``ToolParserManager``) reads the calls out of the generated text;
 * ``tool_choice="none"``: the tools are not shown to the model and nothing is parsed.
 
-:class:`~genfan_providers.vllm.VLLMBackend` decides a request's :class:`_ToolPlan` and applies
+`VLLMBackend` decides a request's `_ToolPlan` and applies
 it; the pieces here know nothing of the engine.
 """
 
@@ -117,7 +117,7 @@ def _parse_forced_tool_calls(
     """Read the answer to a ``required`` or named ``tool_choice`` as tool calls.
 
     Raises:
-        ValueError: the text is not what :func:`_tool_call_schema` asks for (e.g. cut short),
+        ValueError: the text is not what `_tool_call_schema` asks for (e.g. cut short),
             or it calls a tool not in ``names``.
     """
     value = json.loads(text)
