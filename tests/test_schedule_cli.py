@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -368,3 +369,18 @@ def test_run_reports_an_unreachable_store_in_one_line_and_exits_2(
     (line,) = proc.stderr.strip().splitlines()
     for part in [*expected, f"check `store` in [schedules] of {cfg}"]:
         assert part in line, line
+
+
+def test_list_and_history_read_whole_at_80_columns(
+    ran: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Timestamps were cut to "2026-12-…" at 80 columns: they must stay whole.
+    monkeypatch.setenv("COLUMNS", "80")
+    runner = CliRunner()
+    cfg = ["--config", str(ran)]
+    for command in (["schedule", "list"], ["schedule", "history"]):
+        out = runner.invoke(app, [*command, *cfg])
+        assert out.exit_code == 0, out.output
+        assert re.search(r"\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}", out.output), out.output
+        assert "…" not in out.output
+        assert max(len(line) for line in out.output.splitlines()) <= 80

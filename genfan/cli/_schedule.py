@@ -12,7 +12,7 @@ import json
 import signal
 import sys
 from collections.abc import Awaitable, Callable
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -138,7 +138,16 @@ def _leaves(group: BaseExceptionGroup[Any]) -> list[BaseException]:
 
 
 def _ts(value: datetime | None) -> str:
-    return "-" if value is None else value.isoformat(timespec="seconds")
+    """A time in UTC, whole and short enough for an 80-column table: 2026-12-06 07:20:10."""
+    if value is None:
+        return "-"
+    if value.tzinfo is not None:
+        value = value.astimezone(UTC)
+    return value.strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}s" if value < 100 else f"{value:.0f}s"
 
 
 @schedule_app.command("run")
@@ -247,15 +256,28 @@ def list_(config: ConfigOpt = None, store: StoreOpt = None, as_json: JsonOpt = F
             )
         )
         return
+    from rich import box
     from rich.console import Console
     from rich.table import Table
 
-    table = Table("id", "trigger", "job", "state", "next fire", "last fire")
+    # Times never wrap (they are what one reads the table for); the other columns wrap. Under
+    # 100 columns the last fire is left out (`genfan schedule history` shows it).
+    console = Console()
+    wide = console.width >= 100
+    table = Table(box=box.SIMPLE_HEAD, caption="times in UTC")
+    table.add_column("id")
+    table.add_column("trigger")
+    table.add_column("job")
+    table.add_column("state", no_wrap=True)
+    table.add_column("next fire", no_wrap=True)
+    if wide:
+        table.add_column("last fire", no_wrap=True)
     for i in items:
         job = i.job.get("func") or ("content job" if i.job.get("kind") == "content" else "local")
         state = "paused" if i.paused else ("done" if i.next_fire is None else "active")
-        table.add_row(i.id, str(i.trigger), str(job), state, _ts(i.next_fire), _ts(i.last_fire))
-    Console().print(table)
+        row = [i.id, str(i.trigger), str(job), state, _ts(i.next_fire)]
+        table.add_row(*row, *([_ts(i.last_fire)] if wide else []))
+    console.print(table)
 
 
 @schedule_app.command("history")
@@ -291,21 +313,41 @@ def history(
             )
         )
         return
+    from rich import box
     from rich.console import Console
     from rich.table import Table
 
-    table = Table("schedule", "fire time", "started", "ended", "outcome", "attempts", "error")
+    # Fit 80 columns: the fire time whole, the start as its delay after the fire time, the run's
+    # length, and each error in full on its own line under the table.
+    table = Table(
+        box=box.SIMPLE_HEAD, caption="fire times in UTC; start: delay after the fire time"
+    )
+    table.add_column("schedule", overflow="fold")
+    table.add_column("fire time", no_wrap=True)
+    table.add_column("start", justify="right", no_wrap=True)
+    table.add_column("took", justify="right", no_wrap=True)
+    table.add_column("outcome", no_wrap=True)
+    table.add_column("tries", justify="right", no_wrap=True)
+    errors: list[str] = []
     for r in runs:
+        delay = None if r.started is None else (r.started - r.fire_time).total_seconds()
+        took = (
+            None if r.started is None or r.ended is None else (r.ended - r.started).total_seconds()
+        )
         table.add_row(
             r.schedule_id + (" (manual)" if r.manual else " (backfill)" if r.backfill else ""),
             _ts(r.fire_time),
-            _ts(r.started),
-            _ts(r.ended),
+            "-" if delay is None else f"+{_seconds(max(0.0, delay))}",
+            _seconds(took),
             r.status,
             str(r.attempts),
-            (r.error or "")[:80],
         )
-    Console().print(table)
+        if r.error:
+            errors.append(f"{r.schedule_id} {_ts(r.fire_time)}: {r.error}")
+    console = Console()
+    console.print(table)
+    for line in errors:
+        console.print(line, markup=False, highlight=False)
 
 
 def _simple(action: str, schedule_id: str, config: Path | None, store: str | None) -> None:
