@@ -35,6 +35,20 @@
   event is, and rate-limit header parsing, with every wait a server asks for (``Retry-After``,
   quota resets) cut to ``max_server_wait``.
 
+* HTTP/2 where the server speaks it (``http2=True``, the ``http2`` extra: httpx's ``h2``), so
+  many calls share one connection, and a call cancelled before its answer (a fan-out's loser)
+  resets its stream (``RST_STREAM``: the server stops, the connection stays) instead of closing
+  a connection, as HTTP/1.1 must. httpcore leaves a cancelled stream open
+  (encode/httpcore#1022): the server is never told, the connection's flow-control window is
+  never given back, and its stream count drifts; the backend's HTTP/2 pools reset it
+  (:func:`_reset_cancelled_streams`).
+* on asyncio, aiohttp under the backend (``transport="aiohttp"``, the ``aiohttp`` extra): its
+  calls go to one ``aiohttp.ClientSession`` (its own pool, no shards) and come back as
+  ``httpx.Response`` objects, read as any other (:class:`_Aiohttp`); ``backend.client`` is
+  httpx over the same session (``httpx-aiohttp``, as the ``openai`` SDK uses). trio keeps
+  httpx's transport: ``"aiohttp"`` there is a :class:`~genfan.ConfigurationError`, ``"auto"``
+  picks aiohttp on asyncio and httpx elsewhere.
+
 Timeouts: the backend's ``timeout`` is httpx's (connect, pool, write, and each read: a
 stream that keeps sending is never cut). A request's own ``ChatRequest.timeout`` is a limit on
 the whole call, enforced with an anyio cancel scope and reported as
@@ -43,21 +57,27 @@ the whole call, enforced with an anyio cancel scope and reported as
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import datetime
 import email.utils
 import enum
 import functools
+import importlib.util
 import json
 import math
 import os
 import re
+import ssl
+import sys
 import time
 from collections.abc import AsyncGenerator, Iterable, Mapping, Sized
 from contextlib import aclosing
 from dataclasses import dataclass
-from typing import Any, ClassVar, Final, NoReturn
+from typing import TYPE_CHECKING, Any, ClassVar, Final, Literal, NoReturn
 
 import anyio
+import httpcore
 import httpx
 from pydantic import SecretStr
 
@@ -85,6 +105,7 @@ __all__ = [
     "HTTPBackend",
     "SSEParser",
     "StreamProgress",
+    "Transport",
     "parse_duration",
     "parse_retry_after",
 ]
@@ -119,6 +140,13 @@ _URL_USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*://)([^/?#]*)@")
 
 #: The most connections one ``httpx`` client (one httpcore pool) of a backend holds.
 SHARD_SIZE = 4
+#: The slot of a request sent through aiohttp's transport (see :meth:`HTTPBackend._acquire`).
+_AIOHTTP_SLOT = -2
+
+
+def _json_bytes(body: Any) -> bytes:
+    """``body`` as httpx's ``json=`` encodes it."""
+    return json.dumps(body, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
 
 
 class _ProviderKey(enum.Enum):
@@ -135,10 +163,205 @@ class _ProviderKey(enum.Enum):
 PROVIDER_KEY: Final = _ProviderKey.PROVIDER_KEY
 
 
+#: ``transport``'s values: httpx's own transport, aiohttp's (asyncio only), or aiohttp on
+#: asyncio and httpx elsewhere.
+Transport = Literal["httpx", "aiohttp", "auto"]
+_TRANSPORTS: tuple[str, ...] = ("httpx", "aiohttp", "auto")
+
+if TYPE_CHECKING:
+    import aiohttp
+
+
 @functools.cache
-def _ssl_context() -> Any:
-    """One SSL context for every client (building one reads the CA bundle: ~20 ms)."""
+def _ssl_context(http2: bool = False) -> ssl.SSLContext:
+    """One SSL context for every client that speaks HTTP/1.1 only, one for every HTTP/2 client
+    (building one reads the CA bundle: ~20 ms). Two, because httpcore sets the protocols a
+    context offers (ALPN) on it before each connection: a context shared by both kinds would
+    offer each the other's."""
     return httpx.create_ssl_context()
+
+
+def _context_for(verify: bool | str | ssl.SSLContext, http2: bool) -> ssl.SSLContext:
+    """The SSL context for ``verify`` (see :class:`HTTPBackend`)."""
+    if verify is True:
+        return _ssl_context(http2)
+    if verify is False:
+        return httpx.create_ssl_context(verify=False)
+    if isinstance(verify, str):
+        if os.path.isdir(verify):
+            return ssl.create_default_context(capath=verify)
+        return ssl.create_default_context(cafile=verify)
+    return verify
+
+
+def _installed(module: str) -> bool:
+    """Whether ``module`` can be imported (without importing it)."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _async_library() -> str | None:
+    """The async library running this task: ``"asyncio"``, ``"trio"``, or ``None`` (none)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        pass
+    else:
+        return "asyncio"
+    trio = sys.modules.get("trio")
+    if trio is not None:
+        try:
+            trio.lowlevel.current_trio_token()
+        except RuntimeError:
+            pass
+        else:
+            return "trio"
+    return None
+
+
+def _from_aiohttp(exc: BaseException) -> BaseException | None:
+    """The aiohttp exception behind ``exc`` (``exc`` itself, or the cause httpx-aiohttp mapped
+    it from), if there is one."""
+    for candidate in (exc, exc.__cause__):
+        if candidate is not None and type(candidate).__module__.startswith("aiohttp"):
+            return candidate
+    return None
+
+
+# -- HTTP/2: a cancelled stream is reset, its connection kept ----------------------------------
+
+#: How long closing a cancelled HTTP/2 stream waits to send its RST_STREAM (the frame is tiny:
+#: only another task's write can hold it up).
+_RESET_FLUSH_SECONDS = 1.0
+
+
+@functools.cache
+def _resetting_pool_class() -> type[httpcore.AsyncConnectionPool]:
+    """httpcore's connection pool, whose HTTP/2 connections reset a stream closed before its
+    end, and count their streams so that a request cancelled while its connection opens leaves
+    the count right (see :func:`_reset_cancelled_streams`). Built on first use: it needs
+    ``h2``."""
+    import h2.errors
+    import h2.exceptions
+
+    # Writing the RST_STREAM frame needs a request for its write timeout only.
+    flush = httpcore.Request(
+        "POST", "https://genfan.invalid/", extensions={"timeout": {"write": _RESET_FLUSH_SECONDS}}
+    )
+
+    class StreamPermits:
+        """httpcore's count of the streams a connection may open, taking a free permit
+        without a checkpoint. httpcore takes all but one of its permits in a loop of awaits
+        when a connection opens (the rest come when the server's settings arrive): a request
+        cancelled inside that loop (a fan-out's loser, first on its connection) left too many
+        permits, then "semaphore released too many times" broke the connection when the
+        settings came. Taking a free permit here never yields, so that loop cannot be
+        interrupted; a request that has to wait for one waits in turn."""
+
+        def __init__(self, bound: int) -> None:
+            self._bound = bound
+            self._free = bound
+            self._waiters: collections.deque[anyio.Event] = collections.deque()
+
+        async def acquire(self) -> None:
+            if self._free and not self._waiters:
+                self._free -= 1
+                return
+            granted = anyio.Event()
+            self._waiters.append(granted)
+            try:
+                await granted.wait()
+            except BaseException:
+                if granted.is_set():  # handed a permit as it was cancelled: pass it on
+                    self._release()
+                else:
+                    self._waiters.remove(granted)
+                raise
+
+        async def release(self) -> None:
+            self._release()
+
+        def _release(self) -> None:
+            if self._waiters:
+                self._waiters.popleft().set()  # the permit goes to the first waiter
+            elif self._free >= self._bound:
+                raise ValueError("semaphore released too many times")
+            else:
+                self._free += 1
+
+    class ResettingHTTP2Connection(httpcore.AsyncHTTP2Connection):
+        def __setattr__(self, name: str, value: Any) -> None:
+            if name == "_max_streams_semaphore" and not isinstance(value, StreamPermits):
+                value = StreamPermits(self._h2_state.local_settings.max_concurrent_streams)
+            super().__setattr__(name, value)
+
+        async def _response_closed(self, stream_id: int) -> None:
+            # Called (shielded) when a response is closed, read to its end or not, and when a
+            # request fails or is cancelled before its response began.
+            stream = self._h2_state.streams.get(stream_id)
+            reset = False
+            if stream is not None and not stream.closed:
+                try:
+                    self._h2_state.reset_stream(stream_id, error_code=h2.errors.ErrorCodes.CANCEL)
+                    reset = True
+                except h2.exceptions.ProtocolError:
+                    pass
+            await super()._response_closed(stream_id)
+            if reset and not self.is_closed():
+                # Send it now (the server stops the answer at once), not with the next request;
+                # only another task's write can hold it up.
+                with anyio.move_on_after(_RESET_FLUSH_SECONDS, shield=True) as scope:
+                    try:
+                        await super()._write_outgoing_data(flush)
+                    except Exception:  # the connection marked itself broken: the pool drops it
+                        pass
+                if scope.cancelled_caught:  # frames may be half sent: let the pool drop it
+                    self._connection_error = True
+
+        async def _write_outgoing_data(self, request: httpcore.Request) -> None:
+            # Frames taken out of h2's buffer must reach the socket whole, or the connection
+            # is corrupt for every stream on it (a frame lost, or half a TLS record); httpcore
+            # lets a cancelled request abandon its write (a fan-out's loser, cancelled as it
+            # sends). Cancellation waits for the write, which httpcore's write timeout bounds.
+            with anyio.CancelScope(shield=True):
+                await super()._write_outgoing_data(request)
+
+    class ResettingConnection(httpcore.AsyncHTTPConnection):
+        def __setattr__(self, name: str, value: Any) -> None:
+            # httpcore makes the HTTP/2 connection once ALPN chose h2; swap in the subclass
+            # (same layout, one method more) before any stream uses it.
+            if name == "_connection" and type(value) is httpcore.AsyncHTTP2Connection:
+                value.__class__ = ResettingHTTP2Connection
+            super().__setattr__(name, value)
+
+    class ResettingPool(httpcore.AsyncConnectionPool):
+        def create_connection(self, origin: httpcore.Origin) -> httpcore.AsyncConnectionInterface:
+            connection = super().create_connection(origin)
+            if type(connection) is httpcore.AsyncHTTPConnection:  # not through a proxy
+                connection.__class__ = ResettingConnection
+            return connection
+
+    return ResettingPool
+
+
+def _reset_cancelled_streams(transport: httpx.AsyncHTTPTransport) -> bool:
+    """Make ``transport``'s HTTP/2 connections reset a stream whose response is closed before
+    its end (or whose request is cancelled before the answer), and send the reset at once.
+
+    httpcore (1.0) only forgets such a stream (encode/httpcore#1022): no ``RST_STREAM`` goes
+    out, so the server goes on producing an answer nobody reads (an LLM's tokens), the
+    connection's flow-control window shrinks by every byte of it until the connection stalls,
+    and h2's count of open streams drifts until new ones are refused. Resetting it, as HTTP/2
+    intends (RFC 9113, 8.7), keeps the connection and tells the server to stop: what closing
+    the connection does under HTTP/1.1. Returns whether the pool could be changed (a future
+    httpx with another pool is left as it is)."""
+    pool = getattr(transport, "_pool", None)
+    if type(pool) is not httpcore.AsyncConnectionPool:
+        return False
+    pool.__class__ = _resetting_pool_class()
+    return True
 
 
 @dataclass(slots=True)
@@ -155,6 +378,162 @@ class StreamProgress:
     def passed(self) -> bool:
         """Whether any piece was passed on."""
         return bool(self.text) or bool(self.pieces)
+
+
+# -- aiohttp: genfan's own calls go to aiohttp directly ----------------------------------------
+
+
+class _AioBody(httpx.AsyncByteStream):
+    """An aiohttp response's body as httpx's stream type: read as it comes, already decoded
+    (aiohttp undoes ``Content-Encoding``), closed by ``httpx.Response.aclose()``: the
+    connection goes back to aiohttp's pool when the body was read to its end, else it is
+    closed (as httpx does with a response closed early)."""
+
+    __slots__ = ("_response",)
+
+    def __init__(self, response: aiohttp.ClientResponse) -> None:
+        self._response = response
+
+    async def __aiter__(self) -> AsyncGenerator[bytes, None]:
+        content = self._response.content
+        while chunk := await content.readany():
+            yield chunk
+
+    async def aclose(self) -> None:
+        response = self._response
+        if response.content.at_eof():
+            response.release()
+        else:
+            response.close()
+
+
+def _decoded_chunks(response: httpx.Response) -> AsyncGenerator[bytes, None]:
+    """The pieces of ``response``'s body, decoded, as they come (close it when done)."""
+    stream = response.stream
+    if type(stream) is _AioBody:
+        return stream.__aiter__()  # aiohttp decoded it; httpx's decoders would again
+    return response.aiter_bytes()  # type: ignore[return-value]
+
+
+class _Aiohttp:
+    """A backend's calls over aiohttp, without httpx's request model in the way.
+
+    httpx-aiohttp's transport alone measured 1.5x raw aiohttp's CPU per call (an
+    ``httpx.Request`` per call, the URL, headers and timeouts converted for aiohttp, the body
+    read through httpx's layers), before any of genfan's own work; so the backend's own calls
+    go to one ``aiohttp.ClientSession`` here, and come back as an ``httpx.Response`` (the
+    status and headers; the body read from aiohttp as it comes) that the request paths read
+    as any other. The session's pool grows with the requests in flight (``max_concurrency``,
+    if set, caps it) and keeps idle connections 5 s, as httpx does. The proxy for
+    ``base_url`` in the environment (``HTTPS_PROXY``, ``NO_PROXY``...), if any, is read once
+    here, as httpx reads it (aiohttp's ``trust_env`` reads it, and ``~/.netrc``, in a worker
+    thread on every request). Timeouts: ``timeout`` (or a request's limit) for connecting
+    (and waiting for a pooled connection) and for each read, as httpx's.
+    """
+
+    def __init__(self, backend: HTTPBackend) -> None:
+        import aiohttp
+        import yarl
+        from aiohttp.helpers import get_env_proxy_for_url
+
+        self._aiohttp = aiohttp
+        self._yarl = yarl
+        self.error: type[Exception] = aiohttp.ClientError
+        self.context = _context_for(backend.verify, False)
+        self._limit = backend.max_concurrency or 0  # aiohttp's 0: no limit
+        self._headers = {**backend._headers, "content-type": "application/json"}
+        self._timeout = self._timeout_of(backend.timeout)
+        self._extra: dict[str, Any] = {}
+        try:
+            proxy, proxy_auth = get_env_proxy_for_url(yarl.URL(backend.base_url))
+        except LookupError:
+            pass
+        else:
+            self._extra = {"proxy": proxy, "proxy_auth": proxy_auth}
+        self._session: aiohttp.ClientSession | None = None
+        self._urls: dict[str, yarl.URL] = {}
+
+    def _timeout_of(self, seconds: float) -> aiohttp.ClientTimeout:
+        return self._aiohttp.ClientTimeout(
+            total=None, connect=seconds, sock_connect=seconds, sock_read=seconds
+        )
+
+    def session(self) -> aiohttp.ClientSession:
+        """The session (made on first use: it must be, in the event loop)."""
+        if self._session is None or self._session.closed:
+            aiohttp = self._aiohttp
+            connector = aiohttp.TCPConnector(
+                limit=self._limit, ssl=self.context, keepalive_timeout=5.0
+            )
+            self._session = aiohttp.ClientSession(connector=connector)
+        return self._session
+
+    async def post(self, url: str, body: dict[str, Any], limit: float | None) -> httpx.Response:
+        """POST ``body`` as JSON; the response comes back with its body not read yet."""
+        target = self._urls.get(url)
+        if target is None:
+            if len(self._urls) >= 64:
+                self._urls.clear()
+            target = self._urls[url] = self._yarl.URL(url)
+        response = await self.session().request(
+            "POST",
+            target,
+            data=_json_bytes(body),
+            headers=self._headers,
+            timeout=self._timeout if limit is None else self._timeout_of(limit),
+            allow_redirects=False,
+            **self._extra,
+        )
+        return httpx.Response(
+            response.status, headers=response.raw_headers, stream=_AioBody(response)
+        )
+
+    async def aclose(self) -> None:
+        session, self._session = self._session, None
+        if session is not None:
+            await session.close()
+
+
+def _check_transport(
+    http2: object, transport: object, verify: object, client: httpx.AsyncClient | None
+) -> None:
+    """Check ``http2``, ``transport`` and ``verify`` (see :class:`HTTPBackend`).
+
+    Raises:
+        ConfigurationError: a bad value, an extra that is not installed, or a combination
+            that cannot work.
+    """
+    if not isinstance(http2, bool):
+        raise ConfigurationError(f"http2 must be true or false, got {http2!r}")
+    if transport not in _TRANSPORTS:
+        raise ConfigurationError(
+            f"transport must be one of {', '.join(map(repr, _TRANSPORTS))}, got {transport!r}"
+        )
+    if not isinstance(verify, bool | str | ssl.SSLContext):
+        raise ConfigurationError(
+            "verify must be true, false, the path of a CA bundle or folder, or an "
+            f"ssl.SSLContext, got {verify!r}"
+        )
+    if isinstance(verify, str) and not os.path.exists(verify):
+        raise ConfigurationError(f"verify={verify!r}: no such CA bundle file or folder")
+    if client is not None and (http2 or transport != "httpx" or verify is not True):
+        raise ConfigurationError(
+            "http2, transport and verify configure genfan's own HTTP clients; with client= "
+            "set them on your httpx.AsyncClient instead"
+        )
+    if http2 and transport == "aiohttp":
+        raise ConfigurationError(
+            "transport='aiohttp' speaks HTTP/1.1 only; drop http2=True or use "
+            "transport='httpx' (or 'auto', which picks httpx when http2 is on)"
+        )
+    if http2 and not _installed("h2"):
+        raise ConfigurationError(
+            "http2=True needs the h2 package: pip install 'genfan-providers[http2]'"
+        )
+    if transport == "aiohttp" and not _installed("httpx_aiohttp"):
+        raise ConfigurationError(
+            "transport='aiohttp' needs httpx-aiohttp: pip install 'genfan-providers[aiohttp]'"
+        )
 
 
 class HTTPBackend(BaseBackend):
@@ -191,11 +570,28 @@ class HTTPBackend(BaseBackend):
             quota reset (``RateLimitError.retry_after``, ``RateLimitInfo.reset_*``) is believed;
             a longer one (an HTTP-date in 2099, ``1e308``) is cut to it, so no server can stop
             a backend's rate limiter for longer.
+        http2: offer HTTP/2 (needs the ``http2`` extra, httpx's ``h2``). A server that takes
+            it (over TLS, chosen by ALPN; a plain ``http://`` server gets HTTP/1.1) carries
+            many calls on one connection, and a call cancelled before its answer (a fan-out's
+            loser, a deadline) resets its stream and keeps the connection, where HTTP/1.1
+            drops it (against a hosted API, a new TLS handshake for the next call).
+        transport: what carries the requests: ``"httpx"`` (default), ``"aiohttp"`` (asyncio
+            only; needs the ``aiohttp`` extra, ``httpx-aiohttp``; less client CPU per call,
+            one aiohttp connection pool; HTTP/1.1 only), or ``"auto"`` (aiohttp on asyncio
+            when it is installed and ``http2`` is off, httpx otherwise). Chosen at the first
+            call; ``"aiohttp"`` called on trio raises :class:`~genfan.ConfigurationError`.
+        verify: how servers' certificates are checked: ``True`` (default: the certifi bundle,
+            or ``$SSL_CERT_FILE`` / ``$SSL_CERT_DIR`` as httpx reads them), the path of a CA
+            bundle (a file) or of a folder of CA certificates (a private gateway, a local
+            server with its own CA), an ``ssl.SSLContext``, or ``False`` (no check: testing
+            only).
 
     Raises:
         ConfigurationError: a bad argument; a ``base_url`` with credentials in it
             (``user:password@``: pass the key as ``api_key=``); the provider's own host and no
-            key (naming the variable to set); an ``api_key_env`` that is not set.
+            key (naming the variable to set); an ``api_key_env`` that is not set; ``http2``
+            or ``transport="aiohttp"`` without their extra installed, or together; either,
+            or ``verify``, with a ``client`` of your own (configure that client instead).
     """
 
     provider = "http"
@@ -223,7 +619,11 @@ class HTTPBackend(BaseBackend):
         client: httpx.AsyncClient | None = None,
         max_response_bytes: int | None = DEFAULT_MAX_RESPONSE_BYTES,
         max_server_wait: float = DEFAULT_MAX_SERVER_WAIT,
+        http2: bool = False,
+        transport: Transport = "httpx",
+        verify: bool | str | ssl.SSLContext = True,
     ) -> None:
+        _check_transport(http2, transport, verify, client)
         base_url, url_from_env = self._resolve_base_url(base_url)
         where = f" (from ${self._base_url_env})" if url_from_env else ""
         if not isinstance(base_url, str) or not base_url.startswith(("http://", "https://")):
@@ -280,6 +680,17 @@ class HTTPBackend(BaseBackend):
         self.price = (float(price[0]), float(price[1])) if price is not None else None
         self.max_response_bytes = max_response_bytes
         self.max_server_wait = float(max_server_wait)
+        self.http2 = http2
+        self.transport: Transport = transport
+        self.verify = verify
+        #: aiohttp, once chosen (``None``: httpx, or not chosen yet).
+        self._aio: _Aiohttp | None = None
+        #: ``None``: the transport is chosen at the first call ("aiohttp", "auto").
+        self._chosen: str | None = "httpx" if transport == "httpx" or client is not None else None
+        #: What a failed send or read raises (aiohttp's own errors too, once it is chosen).
+        self._transport_errors: tuple[type[BaseException], ...] = (httpx.HTTPError, TimeoutError)
+        #: Parsed URLs (httpx parses a URL string again for every request: ~0.1 ms).
+        self._urls: dict[str, httpx.URL] = {}
         self._headers: dict[str, str] = self._default_headers()
         if headers:
             self._headers.update(headers)
@@ -313,6 +724,8 @@ class HTTPBackend(BaseBackend):
             self._shards = [None] * count
             self._slots = [i for i in reversed(range(count)) for _ in range(self._slot_count(i))]
         self._closed = False
+        self._ssl: ssl.SSLContext | None = None
+        self._aio_client: httpx.AsyncClient | None = None
 
     def _slot_count(self, i: int) -> int:
         """How many connections shard ``i`` holds (the last of a capped backend: what is left)."""
@@ -420,24 +833,87 @@ class HTTPBackend(BaseBackend):
             )
         return hint
 
+    def _ssl_for_clients(self) -> ssl.SSLContext:
+        if self._ssl is None:
+            self._ssl = _context_for(self.verify, self.http2)
+        return self._ssl
+
     def _new_shard(self, i: int) -> httpx.AsyncClient:
         if self._closed:
             raise ConfigurationError(f"backend {self.name!r} is closed; create a new one")
         size = self._slot_count(i)
+        limits = httpx.Limits(max_connections=size, max_keepalive_connections=size)
+        context = self._ssl_for_clients()
+        transport = None
+        if self.http2:
+            transport = httpx.AsyncHTTPTransport(verify=context, http2=True, limits=limits)
+            _reset_cancelled_streams(transport)
         client = httpx.AsyncClient(
             headers=self._headers,
             timeout=httpx.Timeout(self.timeout),
-            limits=httpx.Limits(max_connections=size, max_keepalive_connections=size),
-            verify=_ssl_context(),
+            limits=limits,
+            verify=context,
+            http2=self.http2,
+            transport=transport,
         )
         self._shards[i] = client
         return client
 
+    def _choose_transport(self) -> None:
+        """Choose the transport (``"aiohttp"``, ``"auto"``): at the first call, on the async
+        library that makes it.
+
+        Raises:
+            ConfigurationError: ``transport="aiohttp"`` on trio.
+        """
+        library = _async_library()
+        if self.transport == "aiohttp":
+            if library == "trio":
+                raise ConfigurationError(
+                    f"backend {self.name!r}: transport='aiohttp' runs on asyncio only, and this "
+                    "call runs on trio; use transport='auto' (aiohttp on asyncio, httpx "
+                    "elsewhere) or 'httpx'"
+                )
+            use_aiohttp = True
+        else:  # "auto"
+            use_aiohttp = library != "trio" and not self.http2 and _installed("httpx_aiohttp")
+        if use_aiohttp:
+            self._build_aiohttp()
+        self._chosen = "aiohttp" if use_aiohttp else "httpx"
+        telemetry.event(
+            "backend_transport_chosen",
+            level="debug",
+            backend=self.name,
+            transport=self._chosen,
+            asked=self.transport,
+        )
+
+    def _build_aiohttp(self) -> None:
+        """Get aiohttp ready (its session is made at the first request, in the event loop)."""
+        self._aio = _Aiohttp(self)
+        # For callers of .client: httpx over aiohttp (httpx-aiohttp), on the same session.
+        from httpx_aiohttp import AiohttpTransport
+
+        self._aio_client = httpx.AsyncClient(
+            transport=AiohttpTransport(verify=self._aio.context, client=self._aio.session),
+            headers=self._headers,
+            timeout=httpx.Timeout(self.timeout),
+            trust_env=False,
+        )
+        self._transport_errors = (httpx.HTTPError, TimeoutError, self._aio.error)
+
     @property
     def client(self) -> httpx.AsyncClient:
-        """The caller's ``httpx.AsyncClient``, or the first of the backend's own."""
+        """The caller's ``httpx.AsyncClient``, or the first of the backend's own (with
+        ``transport="aiohttp"``, one over aiohttp's transport)."""
         if self._client is not None:
             return self._client
+        if self._closed:
+            raise ConfigurationError(f"backend {self.name!r} is closed; create a new one")
+        if self._chosen is None:
+            self._choose_transport()
+        if self._aio_client is not None:
+            return self._aio_client
         if not self._shards:
             self._add_shard()
         return self._shards[0] or self._new_shard(0)
@@ -454,7 +930,8 @@ class HTTPBackend(BaseBackend):
         :data:`SHARD_SIZE` requests in flight at once)."""
         if self._client is not None:
             return [self._client]
-        return [c for c in self._shards if c is not None]
+        own = [c for c in self._shards if c is not None]
+        return own if self._aio_client is None else [self._aio_client, *own]
 
     @property
     def has_api_key(self) -> bool:
@@ -472,9 +949,12 @@ class HTTPBackend(BaseBackend):
         """Close the connection pools (a client passed in by the caller is left open)."""
         self._closed = True
         shards, self._shards = self._shards, [None] * len(self._shards)
-        for client in shards:
+        aio_client, self._aio_client = self._aio_client, None
+        for client in [aio_client, *shards]:
             if client is not None:
                 await client.aclose()
+        if self._aio is not None:
+            await self._aio.aclose()
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(base_url={self.base_url!r}, model={self.model!r})"
@@ -482,9 +962,16 @@ class HTTPBackend(BaseBackend):
     # -- the request paths ---------------------------------------------------------------------
 
     async def _acquire(self) -> int:
-        """Wait for a slot; return the index of its shard (-1: the caller's client)."""
+        """Wait for a slot; return the index of its shard (-1: the caller's client, -2:
+        aiohttp's transport).
+
+        Raises:
+            ConfigurationError: the backend is closed; ``transport="aiohttp"`` on trio.
+        """
         if self._closed:
             raise ConfigurationError(f"backend {self.name!r} is closed; create a new one")
+        if self._chosen is None:
+            self._choose_transport()
         if self._sem is not None:
             try:
                 self._sem.acquire_nowait()
@@ -492,6 +979,8 @@ class HTTPBackend(BaseBackend):
                 await self._sem.acquire()
         if self._client is not None:
             return -1
+        if self._aio is not None:
+            return _AIOHTTP_SLOT
         # A capped backend's semaphore admits at most as many requests as there are slots.
         if not self._slots:
             self._add_shard()
@@ -514,6 +1003,31 @@ class HTTPBackend(BaseBackend):
             return self._client
         return self._shards[slot] or self._new_shard(slot)
 
+    async def _send(
+        self, slot: int, url: str, body: dict[str, Any], limit: float | None
+    ) -> httpx.Response:
+        """POST ``body`` as JSON to ``url`` through ``slot``'s client or transport; the response
+        comes back with its body not read yet (close it)."""
+        target = self._urls.get(url)
+        if target is None:
+            if len(self._urls) >= 64:
+                self._urls.clear()
+            target = self._urls[url] = httpx.URL(url)
+        aio = self._aio
+        if slot == _AIOHTTP_SLOT and aio is not None:
+            if self._closed:
+                raise ConfigurationError(f"backend {self.name!r} is closed; create a new one")
+            return await aio.post(url, body, limit)
+        client = self._client_for(slot)
+        request = client.build_request(
+            "POST",
+            target,
+            json=body,
+            headers=self._request_headers,
+            timeout=httpx.USE_CLIENT_DEFAULT if limit is None else limit,
+        )
+        return await client.send(request, stream=True)
+
     async def _post_json(
         self, url: str, body: dict[str, Any], limit: float | None
     ) -> tuple[Any, httpx.Response]:
@@ -524,21 +1038,13 @@ class HTTPBackend(BaseBackend):
         """
         slot = await self._acquire()
         try:
-            client = self._client_for(slot)
             try:
-                request = client.build_request(
-                    "POST",
-                    url,
-                    json=body,
-                    headers=self._request_headers,
-                    timeout=httpx.USE_CLIENT_DEFAULT if limit is None else limit,
-                )
                 if limit is None:
-                    response = await self._send_and_read(client, request, url)
+                    response = await self._send_and_read(slot, url, body, limit)
                 else:
                     with anyio.fail_after(limit):
-                        response = await self._send_and_read(client, request, url)
-            except (httpx.HTTPError, TimeoutError) as exc:
+                        response = await self._send_and_read(slot, url, body, limit)
+            except self._transport_errors as exc:
                 self._raise_transport(exc, url, limit)
         finally:
             self._release(slot)
@@ -554,11 +1060,11 @@ class HTTPBackend(BaseBackend):
             ) from exc
 
     async def _send_and_read(
-        self, client: httpx.AsyncClient, request: httpx.Request, url: str
+        self, slot: int, url: str, body: dict[str, Any], limit: float | None
     ) -> httpx.Response:
-        """Send ``request`` and read its body (at most ``max_response_bytes`` of it; of an error
+        """POST ``body`` and read the answer (at most ``max_response_bytes`` of it; of an error
         status, at most 64 KiB): the response comes back closed, its ``content`` read."""
-        response = await client.send(request, stream=True)
+        response = await self._send(slot, url, body, limit)
         try:
             if response.status_code >= 400:
                 content = await self._read_body(response, url, _ERROR_BODY_BYTES, cut=True)
@@ -590,7 +1096,7 @@ class HTTPBackend(BaseBackend):
                 raise self._too_large(url, limit, int(announced), "the answer")
         parts: list[bytes] = []
         size = 0
-        async with aclosing(response.aiter_bytes()) as pieces:  # type: ignore[type-var]
+        async with aclosing(_decoded_chunks(response)) as pieces:
             async for part in pieces:
                 size += len(part)
                 if limit is not None and size > limit:
@@ -633,33 +1139,26 @@ class HTTPBackend(BaseBackend):
         deadline = None if limit is None else anyio.current_time() + limit
         slot = await self._acquire()
         try:
-            client = self._client_for(slot)
-            request = client.build_request(
-                "POST",
-                url,
-                json=body,
-                headers=self._request_headers,
-                timeout=limit or httpx.USE_CLIENT_DEFAULT,
-            )
+            errors = self._transport_errors
             try:
                 if deadline is None:
-                    response = await client.send(request, stream=True)
+                    response = await self._send(slot, url, body, limit)
                 else:
                     with anyio.fail_after(max(deadline - anyio.current_time(), 0.0)):
-                        response = await client.send(request, stream=True)
-            except (httpx.HTTPError, TimeoutError) as exc:
+                        response = await self._send(slot, url, body, limit)
+            except errors as exc:
                 self._raise_transport(exc, url, limit)
             try:
                 if response.status_code >= 400:
                     try:
                         content = await self._read_body(response, url, _ERROR_BODY_BYTES, cut=True)
-                    except httpx.HTTPError:
+                    except errors:
                         content = b""
                     self._raise_status(response, content, url)
                 max_event = self.max_response_bytes
                 parser = SSEParser(max_event_bytes=max_event)
                 # Decoded bytes: a gzip'd (or brotli'd...) stream parses like a plain one.
-                chunks = response.aiter_bytes().__aiter__()
+                chunks = _decoded_chunks(response)
                 while True:
                     try:
                         if deadline is None:
@@ -669,7 +1168,7 @@ class HTTPBackend(BaseBackend):
                                 chunk = await chunks.__anext__()
                     except StopAsyncIteration:
                         break
-                    except (httpx.HTTPError, TimeoutError) as exc:
+                    except errors as exc:
                         if progress is not None and progress.ended:
                             break  # the answer is whole; only the body's end is missing
                         self._raise_transport(exc, url, limit, progress=progress)
@@ -706,7 +1205,7 @@ class HTTPBackend(BaseBackend):
 
     def _raise_transport(
         self,
-        exc: httpx.HTTPError | TimeoutError,
+        exc: BaseException,
         url: str,
         timeout: float | None,
         *,
@@ -714,24 +1213,41 @@ class HTTPBackend(BaseBackend):
     ) -> NoReturn:
         """Raise the typed error for a transport failure (``from exc``); a connection that
         broke after pieces of a stream were passed on (see :meth:`_stream_sse`) raises
-        :class:`~genfan.StreamInterruptedError`."""
+        :class:`~genfan.StreamInterruptedError`.
+
+        aiohttp's errors are judged by what they are, not by what httpx-aiohttp maps them to
+        (it maps every ``ClientConnectionError``, a server that hung up included, to
+        ``httpx.ConnectTimeout``): an aiohttp timeout is a timeout, any other aiohttp error a
+        connection error, as the same failure is through httpx's transport."""
         err: BackendError
-        if isinstance(exc, httpx.TimeoutException | TimeoutError):
+        origin = _from_aiohttp(exc)
+        if origin is not None:
+            timed_out = isinstance(origin, TimeoutError)
+        else:
+            timed_out = isinstance(exc, httpx.TimeoutException | TimeoutError)
+        if timed_out:
             limit = timeout if timeout is not None else self.timeout
-            what = type(exc).__name__ if isinstance(exc, httpx.TimeoutException) else "call"
+            what = (
+                type(exc).__name__
+                if isinstance(exc, httpx.TimeoutException) and origin is None
+                else "call"
+            )
             err = BackendTimeoutError(
                 f"{what} to {url} timed out after {limit:g}s; raise the timeout or check the server",
                 backend=self.name,
             )
-        elif isinstance(exc, httpx.DecodingError):
+        elif isinstance(exc, httpx.DecodingError) or (
+            origin is not None and "content-encoding" in str(origin).lower()
+        ):  # aiohttp: ClientPayloadError("Can not decode content-encoding: gzip")
             err = MalformedResponseError(
-                f"could not decode the answer from {url}: {self._redact(str(exc))}",
+                f"could not decode the answer from {url}: {self._redact(str(origin or exc))}",
                 backend=self.name,
             )
         else:
-            detail = self._redact(str(exc)) or type(exc).__name__
+            shown = exc if origin is None else origin
+            detail = self._redact(str(shown)) or type(shown).__name__
             err = BackendConnectionError(
-                f"{type(exc).__name__} talking to {url}: {detail}; is the server up and the "
+                f"{type(shown).__name__} talking to {url}: {detail}; is the server up and the "
                 "base_url right?",
                 backend=self.name,
             )

@@ -23,6 +23,7 @@ async with AnthropicBackend("claude-sonnet-4-5") as claude:     # key from $ANTH
 from __future__ import annotations
 
 import json
+import ssl
 import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import aclosing
@@ -54,6 +55,7 @@ from ._http import (
     PROVIDER_KEY,
     HTTPBackend,
     StreamProgress,
+    Transport,
     _ProviderKey,
     parse_int,
     prefixed_headers,
@@ -126,6 +128,13 @@ class AnthropicBackend(HTTPBackend):
             :class:`~genfan.ResponseTooLargeError`. ``None``: no limit.
         max_server_wait: the longest wait (seconds, default 3600) believed from a server's
             ``Retry-After`` or quota reset; longer ones are cut to it.
+        http2: offer HTTP/2 (the ``http2`` extra); a server that takes it carries many calls
+            on one connection, and a cancelled call resets its stream instead of dropping the
+            connection (see :class:`~genfan_providers._http.HTTPBackend`).
+        transport: ``"httpx"`` (default), ``"aiohttp"`` (asyncio only, the ``aiohttp`` extra:
+            less client CPU per call) or ``"auto"`` (aiohttp on asyncio, httpx elsewhere).
+        verify: ``True`` (default), a CA bundle file or folder, an ``ssl.SSLContext``, or
+            ``False`` (no certificate check: testing only).
         max_tokens: sent when a request sets none (the API requires a value).
         anthropic_version: the ``anthropic-version`` header.
 
@@ -160,6 +169,9 @@ class AnthropicBackend(HTTPBackend):
         client: httpx.AsyncClient | None = None,
         max_response_bytes: int | None = DEFAULT_MAX_RESPONSE_BYTES,
         max_server_wait: float = DEFAULT_MAX_SERVER_WAIT,
+        http2: bool = False,
+        transport: Transport = "httpx",
+        verify: bool | str | ssl.SSLContext = True,
         max_tokens: int = 1024,
         anthropic_version: str = ANTHROPIC_VERSION,
     ) -> None:
@@ -182,6 +194,9 @@ class AnthropicBackend(HTTPBackend):
             client=client,
             max_response_bytes=max_response_bytes,
             max_server_wait=max_server_wait,
+            http2=http2,
+            transport=transport,
+            verify=verify,
         )
         self._messages_url = self.base_url + "/messages"
 
