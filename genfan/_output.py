@@ -165,7 +165,7 @@ class OutputSpec(Generic[T]):
             return cast(T, text)
         who = backend or completion.backend or "?"
         try:
-            value = _find_json(text)
+            value = find_json(text)
         except ValueError as exc:
             start = text.strip()[:60]
             reason = f"{exc}" + (f" (it starts {start!r})" if start else "")
@@ -439,20 +439,20 @@ def describe_errors(errors: Sequence[Mapping[str, Any]], *, limit: int = 5) -> s
     return "; ".join(parts)
 
 
-_FENCE = re.compile(r"```(?:json|JSON)?\s*\n?(.*?)```", re.DOTALL)
+_FENCE = re.compile(r"```[ \t]*(?:json|JSON|json5)?[ \t]*\n?(.*?)```", re.DOTALL)
 _decoder = json.JSONDecoder()
 
 
-def _find_json(text: str) -> JsonValue:
+def find_json(text: str, *, empty: str = "the answer is empty") -> JsonValue:
     """The JSON value in ``text``: the whole text, else a fenced code block, else the first
-    ``{...}`` or ``[...]`` that parses.
+    ``{...}`` or ``[...]`` that parses (typed outputs and ``genfan.select.extract_json`` alike).
 
     Raises:
-        ValueError: no JSON found.
+        ValueError: no JSON found (``empty`` is the message for a blank text).
     """
     stripped = text.strip()
     if not stripped:
-        raise ValueError("the answer is empty")
+        raise ValueError(empty)
     try:
         return json.loads(stripped)
     except json.JSONDecodeError:

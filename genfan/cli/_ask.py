@@ -228,17 +228,17 @@ def _backends_in(root: Any) -> list[Any]:
     fallbacks' members, fan-outs' targets."""
     found: list[Any] = []
     seen: set[int] = set()
-    stack = [root]
-    while stack:
-        b = stack.pop()
+    queue = [root]  # breadth first, so targets come in the config's order
+    while queue:
+        b = queue.pop(0)
         if b is None or id(b) in seen:
             continue
         seen.add(id(b))
         found.append(b)
-        stack += [getattr(b, "provider", None), getattr(b, "inner", None)]
+        queue += [getattr(b, "provider", None), getattr(b, "inner", None)]
         for attr in ("replicas", "backends"):
-            stack += list(getattr(b, attr, None) or ())
-        stack += [t.backend for t in getattr(b, "targets", None) or ()]
+            queue += list(getattr(b, attr, None) or ())
+        queue += [t.backend for t in getattr(b, "targets", None) or ()]
     return found
 
 
@@ -258,11 +258,16 @@ async def _warm(fan: Any) -> tuple[float, str]:
             )
         seconds[backend.name] = time.perf_counter() - start
 
+    # The first backend warms alone: backends that share an engine (several sampling settings
+    # of one local model) join the one it starts, and it is the one whose progress the config
+    # usually asks to see; the others then warm at once.
     start = time.perf_counter()
+    backends = [b for b in _backends_in(fan) if b is not fan and callable(getattr(b, "warm", None))]
+    if backends:
+        await one(backends[0])
     async with anyio.create_task_group() as tg:
-        for b in _backends_in(fan):
-            if b is not fan and callable(getattr(b, "warm", None)):
-                tg.start_soon(one, b)
+        for b in backends[1:]:
+            tg.start_soon(one, b)
     slowest = max(seconds, key=lambda name: seconds[name]) if seconds else "-"
     return time.perf_counter() - start, slowest
 

@@ -3,21 +3,18 @@
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Mapping
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
 from .._errors import ConfigurationError, MissingExtraError
+from .._output import find_json
 from .._types import ChatRequest, JsonValue
 from ._base import Candidate
 from ._scorer import CandidateScorer, Score
 
 __all__ = ["SchemaValid", "extract_json"]
-
-_FENCE = re.compile(r"```[ \t]*(?:json|JSON|json5)?[ \t]*\n?(.*?)```", re.DOTALL)
-_decoder = json.JSONDecoder()
 
 
 def extract_json(text: str) -> JsonValue:
@@ -27,25 +24,7 @@ def extract_json(text: str) -> JsonValue:
     Raises:
         ValueError: no JSON found.
     """
-    stripped = text.strip()
-    if not stripped:
-        raise ValueError("empty answer")
-    try:
-        return json.loads(stripped)
-    except json.JSONDecodeError:
-        pass
-    for block in _FENCE.findall(text):
-        try:
-            return json.loads(block.strip())
-        except json.JSONDecodeError:
-            continue
-    for m in re.finditer(r"[\[{]", text):
-        try:
-            value, _ = _decoder.raw_decode(text, m.start())
-        except json.JSONDecodeError:
-            continue
-        return value
-    raise ValueError("no JSON found in the answer")
+    return find_json(text, empty="empty answer")
 
 
 def _short(text: str, limit: int = 80) -> str:
