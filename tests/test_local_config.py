@@ -68,3 +68,5 @@ def test_genfan_ask_with_the_demo_config_shows_candidates_and_the_answer() -> No
     assert "Paris" in result["candidates"][0]["text"]  # the greedy one
     assert result["chosen"] in {c["backend"] for c in result["candidates"]}
     assert "starting the local vLLM engine" in out.stderr
+    # torch's and vLLM's own warnings stay hidden without --verbose
+    assert "Triton" not in out.stderr and "WARNING" not in out.stderr, out.stderr

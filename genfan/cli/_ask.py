@@ -189,6 +189,8 @@ def _engine_output(verbose: bool) -> Iterator[None]:
             "VLLM_LOGGING_LEVEL": "ERROR",
             "TRANSFORMERS_VERBOSITY": "error",
             "TORCH_CPP_LOG_LEVEL": "ERROR",
+            # torch's own Python loggers ("Triton not available" in the engine's processes)
+            "TORCH_LOGS": "-torch",
         }
     )
     added = [key for key in wanted if key not in os.environ]
