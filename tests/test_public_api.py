@@ -104,6 +104,7 @@ FACADES = (
     "genfan.agents",
     "genfan.batching",
     "genfan.schedule",
+    "genfan.cost",
     "genfan.testing",
     "genfan.testserver",
     "genfan.telemetry",
