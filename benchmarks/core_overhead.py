@@ -390,7 +390,10 @@ def part_c(times: int = 7) -> dict[str, Any]:
 def _burst_label(r: dict[str, Any]) -> str:
     kind, mc = r["kind"], r["max_concurrency"]
     if kind == "guarded":
-        cap = "default guards (bulkhead 64)" if not mc else f"bulkhead {mc}"
+        from genfan.resilience import BulkheadPolicy
+
+        default = BulkheadPolicy().max_concurrent
+        cap = f"default guards (bulkhead {default})" if not mc else f"bulkhead {mc}"
         return f"genfan {r['transport']}, {cap}"
     if kind == "genfan":
         return f"genfan httpx bare, max_conc={mc}"

@@ -83,7 +83,7 @@ def create_backend(spec: str, /, *, guards: Guards = True, **options: Any) -> Ba
     ``create_backend("openai:gpt-4o-mini")``.
 
     The backend is wrapped in the default guard stack, the same one a config file's backends
-    get: bulkhead (64 calls at once, the rest queue), circuit breaker, retries with a budget, a
+    get: bulkhead (1,000 calls at once, the rest queue), circuit breaker, retries with a budget, a
     60 s timeout per attempt (see ``genfan.resilience.guard``). A 503 is retried; a burst
     queues.
 

@@ -245,7 +245,7 @@ def test_property_the_limit_grows_while_rtt_is_flat_and_the_limit_is_used(
 
 def test_policy_defaults_and_validation() -> None:
     assert BulkheadPolicy().adaptive is None
-    assert BulkheadPolicy().start_concurrent == 64
+    assert BulkheadPolicy().start_concurrent == 1000
     assert BulkheadPolicy(adaptive="aimd").start_concurrent == 16
     assert BulkheadPolicy(adaptive="vegas", max_concurrent=8).start_concurrent == 8
     assert BulkheadPolicy(adaptive="gradient", min_concurrent=20).start_concurrent == 20

@@ -42,9 +42,9 @@ async def burst(stacks: list[GuardedBackend], calls: int = CALLS) -> tuple[int, 
     return answers, failures
 
 
-def test_the_default_bulkhead_caps_at_64_and_queues_without_limit() -> None:
+def test_the_default_bulkhead_caps_at_1000_and_queues_without_limit() -> None:
     policy = BulkheadPolicy()
-    assert (policy.max_concurrent, policy.max_queued, policy.max_queue_wait) == (64, None, None)
+    assert (policy.max_concurrent, policy.max_queued, policy.max_queue_wait) == (1000, None, None)
 
 
 @pytest.mark.anyio
@@ -55,7 +55,7 @@ async def test_5000_calls_at_once_through_the_default_guards_all_succeed() -> No
     assert failures == []
     assert answers == CALLS
     for fake, stack in zip(fakes, stacks, strict=True):
-        assert fake.max_in_flight == 64  # one cap per backend, reached and never passed
+        assert fake.max_in_flight == 1000  # one cap per backend, reached and never passed
         assert stack.bulkhead is not None
         stats = stack.bulkhead.statistics()
         assert (stats.running, stats.queued, stats.rejected) == (0, 0, 0)
@@ -92,7 +92,7 @@ async def test_max_queued_sheds_the_rest_at_once() -> None:
 @pytest.mark.parametrize("anyio_backend", [MOCK_TRIO])
 async def test_a_queued_call_waits_until_its_deadline_not_for_a_queue_length() -> None:
     fake = FakeBackend("b", latency=1.0)
-    stack = guard(fake)
+    stack = guard(fake, bulkhead=BulkheadPolicy(max_concurrent=64))
     outcomes: list[str] = []
 
     async def call() -> None:

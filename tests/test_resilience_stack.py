@@ -201,5 +201,5 @@ async def test_guards_share_one_rate_limit_store() -> None:
 def test_the_bulkhead_is_the_one_concurrency_cap_by_default() -> None:
     g = guard(FakeBackend("b"))
     assert g.bulkhead is not None and g.bulkhead.policy == BulkheadPolicy()
-    assert g.bulkhead.statistics().max_concurrent == 64
+    assert g.bulkhead.statistics().max_concurrent == 1000
     assert GuardsConfig().build(FakeBackend("b")).bulkhead is not None

@@ -107,8 +107,9 @@ class BulkheadPolicy:
     [`BulkheadFullError`][genfan.BulkheadFullError], and the backend is not called.
 
     Args:
-        max_concurrent: calls allowed to run at once: the backend's one concurrency cap (64:
-            enough for a local vLLM server to batch, see docs/resilience.md).
+        max_concurrent: calls allowed to run at once: the backend's one concurrency cap (1,000:
+            the openai SDK's connection limit; a guard against runaway concurrency, not a
+            quota, see docs/resilience.md).
         max_queued: calls allowed to wait for a slot; more are shed at once (0: no queue).
             ``None`` (default): no limit, the queue holds every waiting call.
         max_queue_wait: seconds a call may wait for a slot before it is shed (``None``,
@@ -123,7 +124,7 @@ class BulkheadPolicy:
             16, within ``min_concurrent`` and ``max_concurrent``).
     """
 
-    max_concurrent: int = 64
+    max_concurrent: int = 1000
     max_queued: int | None = None
     max_queue_wait: float | None = None
     adaptive: Literal["aimd", "gradient", "vegas"] | None = None

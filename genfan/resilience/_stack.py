@@ -10,6 +10,7 @@ from typing import Final
 from .._backend import Backend
 from .._errors import ConfigurationError
 from .._types import ChatRequest, Completion, StreamEvent
+from ..cost import Budget, BudgetedBackend
 from ._base import Guard
 from ._breaker import BreakerStatistics, CircuitBreaker
 from ._bulkhead import AttemptSampler, Bulkhead, BulkheadStatistics
@@ -69,6 +70,7 @@ class GuardedBackend(Guard):
         breaker: CircuitBreaker | None,
         timeout: Timeout | None,
         outer: Backend,
+        budget: BudgetedBackend | None = None,
     ) -> None:
         super().__init__(outer)
         self.provider = provider
@@ -78,6 +80,7 @@ class GuardedBackend(Guard):
         self.rate_limiter = rate_limiter
         self.breaker = breaker
         self.timeout = timeout
+        self.budget = budget
 
     @property
     def name(self) -> str:
@@ -116,6 +119,8 @@ def guard(
     retry_budget: RetryBudget | None = None,
     rate_limit_store: RedisQuota | None = None,
     rng: random.Random | None = None,
+    budget: Budget | None = None,
+    budget_scope: str = "default",
 ) -> GuardedBackend:
     """Wrap ``backend`` in its guard stack, in the fixed order `GUARD_ORDER`.
 
@@ -124,7 +129,7 @@ def guard(
     limits are off until given a policy (they cost extra requests or need the provider's quota).
     Pass ``None`` to turn a guard off.
 
-    The bulkhead is the backend's one concurrency cap (64 running by default; the others
+    The bulkhead is the backend's one concurrency cap (1,000 running by default; the others
     queue, however many, until their deadline): providers do not cap concurrency themselves
     unless told to. ``BulkheadPolicy(max_queued=N)`` sheds what does not fit in the queue;
     ``BulkheadPolicy(adaptive="aimd")`` (or ``"gradient"``, ``"vegas"``) lets the cap adapt to
@@ -150,6 +155,11 @@ def guard(
             name) draws from one quota; pass the same object to several stacks to share one
             connection pool. Whoever made the store closes it.
         rng: the random source for retry jitter.
+        budget: a spend [`Budget`][genfan.cost.Budget] charged for every call, outside the
+            whole stack (a call reserves once, however many attempts and hedges it makes);
+            a call that does not fit raises [`BudgetExceededError`][genfan.BudgetExceededError]
+            unsent.
+        budget_scope: the budget's scope this backend's calls are charged to.
 
     Returns:
         The guarded backend; its guards are reachable as attributes.
@@ -209,6 +219,14 @@ def guard(
     node = bh or node
     h = Hedge(node, hedge, alternates=hedge_alternates) if hedge is not None else None
     node = h or node
+    spend: BudgetedBackend | None = None
+    if budget is not None:
+        if not isinstance(budget, Budget):
+            raise ConfigurationError(
+                "guard(budget=...) takes a genfan.cost.Budget(limit, period=..., store=...),"
+                f" not a {type(budget).__name__}"
+            )
+        node = spend = BudgetedBackend(node, budget, scope=budget_scope)
     return GuardedBackend(
         backend,
         hedge=h,
@@ -218,4 +236,5 @@ def guard(
         breaker=b,
         timeout=t,
         outer=node,
+        budget=spend,
     )
