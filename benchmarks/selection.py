@@ -5,18 +5,25 @@ The benchmark (``benchmarks/data/selection_bench.jsonl``, written by
 number facts, number sequences, capitals, word facts, multiple choice), every third item of each
 family in the ``dev`` split (every setting was tuned on it), the rest in ``test``.
 
-Two phases, so that the engine runs once:
+Phases, so that the engine runs once:
 
 1. ``generate``: end to end through :class:`~genfan.FanOut` on the local model (SmolLM2-135M in
    the in-process vLLM engine): per question one greedy answer (temperature 0) and 9 samples at
    temperature 0.7 drawn by :class:`~genfan.Sampling` as one engine request with ``n=9``, all
    with token log-probabilities; cached in ``benchmarks/results/selection-samples.jsonl``
-   (questions already there are skipped).
-2. ``evaluate`` (offline, seconds): every selector over the cached samples; adaptive sampling
-   replayed wave by wave on them (waves of 3 drawn from the 9: the samples are independent, so a
-   prefix is a draw of that size); Wilson intervals for accuracies, paired bootstrap intervals
-   for differences; the reliability table and expected calibration error of
-   ``Selection.confidence``.
+   (questions already there are skipped; a second run resumes), then written, compressed, to
+   ``benchmarks/data/selection_samples.jsonl.gz`` (committed: the samples the figures in
+   docs/benchmarks.md were measured on). ``--draw 2`` draws another independent set.
+2. ``evaluate`` (offline, about 40 s, no engine): every selector over the committed samples (or
+   ``--samples PATH``); adaptive sampling replayed wave by wave on them (the samples are
+   independent, so the first 3 are a draw of 3), tokens counted as spent: the drawn samples'
+   output tokens plus each request's prompt; Wilson intervals for accuracies, paired bootstrap
+   intervals for differences; the reliability table (10 equal-width bins) and expected
+   calibration error of ``Selection.confidence``, with a bootstrap interval and the ECE a
+   perfectly calibrated confidence would show on as many selections.
+3. ``fit`` (offline, about 50 s): chooses the calibration's features by cross-validation on the
+   dev splits of the committed draws, pooled, and fits ``DEFAULT_CALIBRATION`` on all of them;
+   the test splits are not read.
 
 ``waves`` measures, on the engine, one request with ``n`` samples against ``n`` separate
 requests, and the real adaptive :class:`~genfan.Sampling` end to end.
@@ -24,8 +31,9 @@ requests, and the real adaptive :class:`~genfan.Sampling` end to end.
 A question counts as right when the chosen answer, read for the question's known form, is one of
 the expected answers (see :func:`is_right`); the selectors never see the form.
 
-    .venv/bin/python -m benchmarks.selection generate            # ~15-30 min on 2 CPU cores
-    .venv/bin/python -m benchmarks.selection evaluate
+    .venv/bin/python -m benchmarks.selection generate            # ~7-30 min on 2 CPU cores
+    .venv/bin/python -m benchmarks.selection evaluate                # --draw 2: the other draw
+    .venv/bin/python -m benchmarks.selection fit                     # DEFAULT_CALIBRATION, on dev
     .venv/bin/python -m benchmarks.selection waves --limit 60
     .venv/bin/python -m benchmarks.selection evaluate --fake     # the pipeline, no engine
 """
@@ -35,6 +43,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime as dt
+import gzip
 import json
 import math
 import os
@@ -67,6 +76,7 @@ from genfan.select import (
     Consensus,
     FinalNumber,
     FirstSuccess,
+    Majority,
     MajorityVote,
     Select,
     Selection,
@@ -79,10 +89,14 @@ from genfan.select import (
 HERE = Path(__file__).resolve().parent
 BENCH = HERE / "data" / "selection_bench.jsonl"
 RESULTS = HERE / "results"
-SAMPLES = RESULTS / "selection-samples.jsonl"  # temperature 0.7; others: -t<T>.jsonl
+SAMPLES = RESULTS / "selection-samples.jsonl"  # generate's working cache; others: -t<T>.jsonl
+#: The samples the figures in docs/benchmarks.md were measured on (temperature 0.7), committed:
+#: ``evaluate`` reads them, so the evaluation reproduces without the engine.
+FROZEN = HERE / "data" / "selection_samples.jsonl.gz"
 MAX_TOKENS = 40
 TEMPERATURE = 0.7
 K = 9
+DRAW = 1  # generate --draw N: another independent set of K samples per question
 IN_FLIGHT = 48  # engine sequences in flight
 
 
@@ -132,23 +146,48 @@ def completion_of(row: dict[str, Any] | None) -> Completion | None:
     )
 
 
-def samples_path(temperature: float | None = None) -> Path:
+def samples_path(temperature: float | None = None, draw: int | None = None) -> Path:
     t = TEMPERATURE if temperature is None else temperature
-    return SAMPLES if t == 0.7 else SAMPLES.with_name(f"selection-samples-t{t:g}.jsonl")
+    d = DRAW if draw is None else draw
+    name = "selection-samples" + ("" if t == 0.7 else f"-t{t:g}") + ("" if d == 1 else f"-d{d}")
+    return SAMPLES.with_name(name + ".jsonl")
 
 
-def load_cache(temperature: float | None = None) -> dict[str, dict[str, Any]]:
-    path = samples_path(temperature)
+def read_samples(path: Path) -> dict[str, dict[str, Any]]:
+    """Cached samples by question id (a ``.jsonl`` or ``.jsonl.gz`` file; ``{}`` if absent)."""
     if not path.exists():
         return {}
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    rows = [json.loads(line) for line in raw.decode().splitlines() if line.strip()]
     return {r["id"]: r for r in rows}
+
+
+def load_cache(
+    temperature: float | None = None, draw: int | None = None
+) -> dict[str, dict[str, Any]]:
+    """generate's working cache (resumed by a second run)."""
+    return read_samples(samples_path(temperature, draw))
+
+
+def frozen_path(draw: int | None = None) -> Path:
+    """The committed samples of draw ``draw`` (1: the one the tuning was done on)."""
+    d = DRAW if draw is None else draw
+    return FROZEN if d == 1 else FROZEN.with_name(f"selection_samples_d{d}.jsonl.gz")
+
+
+def freeze(cache: dict[str, dict[str, Any]], path: Path | None = None) -> None:
+    """Write the samples of every benchmark question, in benchmark order, compressed."""
+    lines = [json.dumps(cache[i["id"]], separators=(",", ":")) for i in load_items()]
+    (path or frozen_path()).write_bytes(
+        gzip.compress(("\n".join(lines) + "\n").encode(), 9, mtime=0)
+    )
 
 
 async def generate(backend: Backend, items: Sequence[dict[str, Any]], chunk: int = 48) -> None:
     """Greedy + ``K`` samples per question, through FanOut / Sampling, appended to the cache."""
     cached = load_cache()
-    greedy_done = load_cache(0.7)  # greedy answers do not depend on the sampling temperature
+    # greedy answers depend on neither the sampling temperature nor the draw
+    greedy_done = load_cache(0.7, 1)
     todo = [i for i in items if i["id"] not in cached]
     print(f"{len(items) - len(todo)} cached, {len(todo)} to generate")
     greedy = FanOut([Target(backend=backend, name="greedy", temperature=0.0)])
@@ -161,7 +200,7 @@ async def generate(backend: Backend, items: Sequence[dict[str, Any]], chunk: int
         part = todo[lo : lo + chunk]
         requests = [request_for(i) for i in part]
         t0 = time.perf_counter()
-        reuse = all(i["id"] in greedy_done for i in part) and TEMPERATURE != 0.7
+        reuse = all(i["id"] in greedy_done for i in part) and (TEMPERATURE != 0.7 or DRAW != 1)
         g: list[Any] = (
             [greedy_done[i["id"]]["greedy"] for i in part]
             if reuse
@@ -213,6 +252,10 @@ async def run_generate(split: str, limit: int | None) -> None:
         await generate(backend, items)
     finally:
         await backend.aclose()
+    cache = load_cache()
+    if TEMPERATURE == 0.7 and all(i["id"] in cache for i in load_items()):
+        freeze(cache)
+        print(f"wrote {frozen_path().relative_to(HERE.parent)} (what evaluate reads)")
 
 
 # -- grading ---------------------------------------------------------------------------------
@@ -314,6 +357,34 @@ def mean_ci(
     return (sum(values) / n, means[int(0.025 * rounds)], means[int(0.975 * rounds) - 1])
 
 
+def ece_ci(
+    pairs: Sequence[tuple[float, bool]], rounds: int = 2000, seed: int = 16, bins: int = 10
+) -> tuple[float, float, float]:
+    """The expected calibration error with a 95% bootstrap interval (questions resampled)."""
+    n = len(pairs)
+    rng = random.Random(seed)
+    stats = sorted(
+        expected_calibration_error([pairs[rng.randrange(n)] for _ in range(n)], bins)
+        for _ in range(rounds)
+    )
+    point = expected_calibration_error(pairs, bins)
+    return (point, stats[int(0.025 * rounds)], stats[int(0.975 * rounds) - 1])
+
+
+def ece_if_calibrated(
+    pairs: Sequence[tuple[float, bool]], rounds: int = 2000, seed: int = 16, bins: int = 10
+) -> tuple[float, float]:
+    """The ECE a perfectly calibrated confidence shows on this many selections at these
+    confidences (each outcome drawn right with its confidence): the mean and the 95th
+    percentile, the noise floor of the measured ECE."""
+    rng = random.Random(seed)
+    stats = sorted(
+        expected_calibration_error([(c, rng.random() < c) for c, _ in pairs], bins)
+        for _ in range(rounds)
+    )
+    return (sum(stats) / rounds, stats[int(0.95 * rounds) - 1])
+
+
 # -- evaluation ------------------------------------------------------------------------------
 
 
@@ -377,9 +448,31 @@ async def adaptive(
     return q.right(text), wave_tokens(q, drawn, n_waves), drawn, sel
 
 
-SCHEDULES = {"3+3+3": Waves(size=3), "2+2+...": Waves(size=2), "3+2+2+2": Waves(first=3, size=2)}
-THRESHOLDS = (0.8, 0.9, 0.95, 0.99)
-CONFIDENT = (0.5, 0.6, 0.7, 0.8)
+SCHEDULES = {"3+3+3": Waves(size=3), "3+6": Waves(first=3, size=6), "2+2+...": Waves(size=2)}
+THRESHOLDS = (0.8, 0.95)
+CONFIDENT = (0.5, 0.7)
+#: The rule chosen on dev (fewest tokens at auto@9's dev accuracy): waves of 3 then 6, stop
+#: once 2 or more unweighted votes of at least half agree.
+CHOSEN_RULE = "adaptive 3+6, Majority(2, 0.5), unweighted votes"
+
+
+def adaptive_rules() -> list[tuple[str, Waves]]:
+    """Every schedule and stopping rule the benchmark replays."""
+    unweighted = AutoSelect(weight="none", keep=1.0)
+    rules: list[tuple[str, dict[str, Any]]] = [
+        *((f"Beta {t:g}", {"stop": AdaptiveConsistency(t)}) for t in THRESHOLDS),
+        *(
+            (f"Beta 0.95 or P(right) >= {c:g}", {"stop": AdaptiveConsistency(0.95), "confident": c})
+            for c in CONFIDENT
+        ),
+        ("Majority(2, 0.5)", {"stop": Majority()}),
+        ("Majority(2, 0.5), unweighted votes", {"stop": Majority(), "counter": unweighted}),
+    ]
+    return [
+        (f"adaptive {sched}, {rule}", dataclasses.replace(waves, **fields))
+        for sched, waves in SCHEDULES.items()
+        for rule, fields in rules
+    ]
 
 
 async def evaluate_split(qs: Sequence[Question]) -> dict[str, Any]:
@@ -390,9 +483,9 @@ async def evaluate_split(qs: Sequence[Question]) -> dict[str, Any]:
         "vote@9 (number)": Select(MajorityVote(extract="number")),
         "consensus@9": Select(Consensus()),
         "auto@9": auto,
-        "auto@9, unweighted": AutoSelect(weight="none"),
+        "auto@9, all replies vote (keep=1)": AutoSelect(keep=1.0),
+        "auto@9, unweighted, all vote": AutoSelect(weight="none", keep=1.0),
         "auto@9, sequence-weighted": AutoSelect(weight="sequence"),
-        "auto@9, keep 75% most confident": AutoSelect(keep=0.75),
         "auto@9, keep 50% most confident": AutoSelect(keep=0.5),
     }
     hits: dict[str, list[bool]] = {"greedy": [], "one sample": []}
@@ -403,6 +496,7 @@ async def evaluate_split(qs: Sequence[Question]) -> dict[str, Any]:
         hits[f"auto@{k}"], tokens[f"auto@{k}"] = [], []
     hits["oracle@9"], tokens["oracle@9"] = [], []
     calibration: list[tuple[float, bool]] = []
+    by_samples: dict[int, list[tuple[float, bool]]] = {k: [] for k in (1, 3, 5, 7)}
     forms: dict[str, int] = {}
     agreement: dict[str, dict[int, int]] = {"3": {}, "9": {}}
     for q in qs:
@@ -426,7 +520,8 @@ async def evaluate_split(qs: Sequence[Question]) -> dict[str, Any]:
                 calibration.append((sel.confidence or 0.0, q.right(text)))
                 forms[sel.method] = forms.get(sel.method, 0) + 1
         for k in (1, 3, 5, 7):
-            text, _ = await choose(auto, q, q.candidates(k))
+            text, sel = await choose(auto, q, q.candidates(k))
+            by_samples[k].append((sel.confidence or 0.0, q.right(text)))
             hits[f"auto@{k}"].append(q.right(text))
             tokens[f"auto@{k}"].append(wave_tokens(q, k, 1))
         hits["oracle@9"].append(any(q.right(c.text) for c in q.samples))
@@ -447,39 +542,43 @@ async def evaluate_split(qs: Sequence[Question]) -> dict[str, Any]:
     adaptive_rows: dict[str, dict[str, Any]] = {}
     adaptive_hits: dict[str, list[bool]] = {}
     adaptive_calibration: dict[str, list[tuple[float, bool]]] = {}
-    rules = [(f"Beta {t:g}", {"stop": AdaptiveConsistency(t)}) for t in THRESHOLDS] + [
-        (f"Beta 0.95 or P(right) >= {c:g}", {"stop": AdaptiveConsistency(0.95), "confident": c})
-        for c in CONFIDENT
-    ]
-    for sched, waves in SCHEDULES.items():
-        for rule, fields in rules:
-            w = dataclasses.replace(waves, **fields)
-            name = f"adaptive {sched}, {rule}"
-            rs, ts, os_, ds, cal = [], [], [], [], []
-            for q in qs:
-                right, tok, drawn, sel = await adaptive(q, auto, w)
-                rs.append(right)
-                ts.append(tok)
-                os_.append(wave_tokens(q, drawn, 1))
-                ds.append(drawn)
-                cal.append((sel.confidence or 0.0, right))
-            lo, hi = wilson(sum(rs), n)
-            t_mean, t_lo, t_hi = mean_ci([float(t) for t in ts])
-            adaptive_rows[name] = {
-                "accuracy": sum(rs) / n,
-                "right": sum(rs),
-                "ci95": [lo, hi],
-                "tokens_per_question": t_mean,
-                "tokens_ci95": [t_lo, t_hi],
-                "tokens_vs_auto9": t_mean / table["auto@9"]["tokens_per_question"],
-                "prompt_once_tokens_per_question": sum(os_) / n,
-                "prompt_once_vs_auto9": sum(os_) / n / table["auto@9"]["tokens_per_question"],
-                "vs_auto9_as_9_requests": t_mean / separate,
-                "samples_per_question": sum(ds) / n,
-                "ece": expected_calibration_error(cal),
-            }
-            adaptive_hits[name] = rs
-            adaptive_calibration[name] = cal
+    for name, w in adaptive_rules():
+        rs, ts, os_, ds, cal = [], [], [], [], []
+        for q in qs:
+            right, tok, drawn, sel = await adaptive(q, auto, w)
+            rs.append(right)
+            ts.append(tok)
+            os_.append(wave_tokens(q, drawn, 1))
+            ds.append(drawn)
+            cal.append((sel.confidence or 0.0, right))
+        lo, hi = wilson(sum(rs), n)
+        t_mean, t_lo, t_hi = mean_ci([float(t) for t in ts])
+        adaptive_rows[name] = {
+            "accuracy": sum(rs) / n,
+            "right": sum(rs),
+            "ci95": [lo, hi],
+            "tokens_per_question": t_mean,
+            "tokens_ci95": [t_lo, t_hi],
+            "tokens_vs_auto9": t_mean / table["auto@9"]["tokens_per_question"],
+            "prompt_once_tokens_per_question": sum(os_) / n,
+            "prompt_once_vs_auto9": sum(os_) / n / table["auto@9"]["tokens_per_question"],
+            "vs_auto9_as_9_requests": t_mean / separate,
+            "samples_per_question": sum(ds) / n,
+            "ece": expected_calibration_error(cal),
+        }
+        adaptive_hits[name] = rs
+        adaptive_calibration[name] = cal
+    # Where more samples help: questions by how their first 3 answers agree (unweighted votes),
+    # with auto@3's and auto@9's right answers.
+    unweighted = AutoSelect(weight="none", keep=1.0)
+    by_first3: dict[str, dict[str, int]] = {}
+    for q, r3, r9 in zip(qs, hits["auto@3"], hits["auto@9"], strict=True):
+        votes = unweighted.vote_counts(q.request, q.candidates(3))
+        pattern = "-".join(str(round(v)) for v in votes) or "no answer"
+        row = by_first3.setdefault(pattern, {"questions": 0, "auto@3": 0, "auto@9": 0})
+        row["questions"] += 1
+        row["auto@3"] += r3
+        row["auto@9"] += r9
     auto9 = hits["auto@9"]
     diffs = {
         "auto@9 - greedy": paired_bootstrap(auto9, hits["greedy"]),
@@ -508,6 +607,8 @@ async def evaluate_split(qs: Sequence[Question]) -> dict[str, Any]:
                 )
             }
             by_family[fam]["questions"] = len(idx)
+    ece, ece_lo, ece_hi = ece_ci(calibration)
+    floor_mean, floor_p95 = ece_if_calibrated(calibration)
     return {
         "questions": n,
         "methods": table,
@@ -516,8 +617,16 @@ async def evaluate_split(qs: Sequence[Question]) -> dict[str, Any]:
         "by_family": by_family,
         "forms_inferred": forms,
         "top_votes": {k: dict(sorted(v.items())) for k, v in agreement.items()},
+        "by_first3": dict(sorted(by_first3.items(), key=lambda kv: -kv[1]["questions"])),
         "calibration": {
-            "ece": expected_calibration_error(calibration),
+            "bins": 10,
+            "ece": ece,
+            "ece_ci95": [ece_lo, ece_hi],
+            "ece_if_calibrated": {"mean": floor_mean, "p95": floor_p95},
+            "mean_confidence": sum(c for c, _ in calibration) / n,
+            "ece_by_samples": {
+                f"auto@{k}": expected_calibration_error(v) for k, v in by_samples.items()
+            },
             "reliability": [dataclasses.asdict(b) for b in reliability_table(calibration)],
             "adaptive_ece": {
                 k: expected_calibration_error(v) for k, v in adaptive_calibration.items()
@@ -526,22 +635,112 @@ async def evaluate_split(qs: Sequence[Question]) -> dict[str, Any]:
     }
 
 
-async def fit_calibration(qs: Sequence[Question]) -> Calibration:
-    """Fit the auto selector's calibration on selections over 1, 3, 5, 7 and 9 samples."""
+#: The evidence DEFAULT_CALIBRATION reads (chosen on dev by cross-validation, see ``fit``).
+CAL_FEATURES = ("share", "margin", "votes", "log_n", "answer_conf", "choice", "short")
+CAL_SAMPLES = (1, 3, 5, 7, 9)  # selections over this many samples are fitted
+CAL_DRAWS = (1, 2)  # the committed draws whose dev splits are pooled for the fit
+
+
+async def calibration_rows(
+    qs: Sequence[Question],
+) -> list[tuple[dict[str, float], bool, int, str]]:
+    """``(evidence, right, samples, question id)`` of the default ``AutoSelect()`` over 1, 3, 5,
+    7 and 9 samples of each question (disjoint slices of its 9: 9 selections over 1, 3 over 3,
+    one over 5, 7 and 9)."""
     auto = AutoSelect()
-    rows: list[tuple[dict[str, float], bool]] = []
+    rows: list[tuple[dict[str, float], bool, int, str]] = []
     for q in qs:
-        for k in (1, 3, 5, 7, 9):
-            for start in range(0, K - k + 1, max(k, 1)):
+        for k in CAL_SAMPLES:
+            for start in range(0, K - k + 1, k):
                 cands = q.candidates(k, start)
                 text, _ = await choose(auto, q, cands)
-                rows.append((auto.evidence(q.request, cands), q.right(text)))
+                rows.append((auto.evidence(q.request, cands), q.right(text), k, q.item["id"]))
+    return rows
+
+
+def fit_rows(
+    rows: Sequence[tuple[dict[str, float], bool, int, str]],
+    features: Sequence[str] = CAL_FEATURES,
+    balance: bool = True,
+) -> Calibration:
+    """The logistic calibration of ``rows``; ``balance``: the selections over each number of
+    samples weigh the same in total (else the 9 one-sample selections a question dominate)."""
+    per_k: dict[int, int] = {}
+    for _, _, k, _ in rows:
+        per_k[k] = per_k.get(k, 0) + 1
+    weights = [len(rows) / len(per_k) / per_k[k] if balance else 1.0 for _, _, k, _ in rows]
+    with_conf = [f["answer_conf"] for f, _, _, _ in rows if "answer_conf" in f]
     return Calibration.fit(
-        rows,
-        features=["share", "margin", "votes", "log_n", "answer_conf"],
-        defaults={"answer_conf": sum(f.get("answer_conf", 0.0) for f, _ in rows) / len(rows)},
-        source="benchmarks/selection.py fit on the dev split",
+        [(f, y) for f, y, _, _ in rows],
+        features=list(features),
+        defaults={"answer_conf": round(sum(with_conf) / max(1, len(with_conf)), 3)},
+        row_weights=weights,
+        source="benchmarks/selection.py fit on the pooled dev splits of draws 1 and 2",
     )
+
+
+def cross_validate(
+    rows: Sequence[tuple[dict[str, float], bool, int, str]],
+    features: Sequence[str],
+    balance: bool,
+    folds: int = 5,
+    repeats: int = 10,
+) -> dict[str, float]:
+    """Out-of-fold ECE and log loss of the selections over 9 samples (folds by question, so a
+    question's two draws stay together), averaged over ``repeats`` shuffles."""
+    ids = sorted({r[3] for r in rows})
+    eces, losses = [], []
+    for rep in range(repeats):
+        order = ids[:]
+        random.Random(rep).shuffle(order)
+        pairs: list[tuple[float, bool]] = []
+        for f in range(folds):
+            held = set(order[f::folds])
+            cal = fit_rows([r for r in rows if r[3] not in held], features, balance)
+            pairs += [(cal.probability(x), y) for x, y, k, i in rows if i in held and k == K]
+        eces.append(expected_calibration_error(pairs))
+        losses.append(-sum(math.log(p if y else 1 - p) for p, y in pairs) / len(pairs))
+    return {"ece9": sum(eces) / repeats, "log_loss9": sum(losses) / repeats}
+
+
+#: The feature sets ``fit`` compares on dev.
+CANDIDATE_FEATURES: dict[str, tuple[str, ...]] = {
+    "share, margin, votes, log n, answer conf (before)": CAL_FEATURES[:5],
+    "share, answer conf": ("share", "answer_conf"),
+    "share, log n, answer conf": ("share", "log_n", "answer_conf"),
+    "the five + multiple choice": (*CAL_FEATURES[:5], "choice"),
+    "the five + answer form (choice, short)": CAL_FEATURES,
+}
+
+
+async def run_fit() -> dict[str, Any]:
+    """Choose and fit the calibration on the dev splits of the committed draws, pooled (the
+    test splits are not read): each candidate feature set, with and without balancing the
+    number of samples, by cross-validated ECE at 9 samples; then the chosen one on all of dev."""
+    rows: list[tuple[dict[str, float], bool, int, str]] = []
+    for draw in CAL_DRAWS:
+        cache = read_samples(frozen_path(draw))
+        if not cache:
+            raise SystemExit(f"no samples in {frozen_path(draw)}")
+        rows += await calibration_rows(questions(load_items("dev"), cache))
+    out: dict[str, Any] = {"rows": len(rows), "draws": list(CAL_DRAWS), "candidates": {}}
+    print(f"{len(rows)} dev selections (draws {CAL_DRAWS}); 5-fold CV by question, 10 shuffles")
+    print(f"{'features':<48}{'balanced':>9}{'ECE@9':>8}{'log loss@9':>12}")
+    for name, feats in CANDIDATE_FEATURES.items():
+        for balance in (False, True):
+            cv = cross_validate(rows, feats, balance)
+            out["candidates"][f"{name}, balanced={balance}"] = cv
+            print(f"{name:<48}{balance!s:>9}{cv['ece9']:>8.3f}{cv['log_loss9']:>12.3f}")
+    cal = fit_rows(rows)
+    out["chosen"] = {
+        "features": list(CAL_FEATURES),
+        "balanced": True,
+        "weights": {k: round(v, 3) for k, v in cal.weights.items()},
+        "intercept": round(cal.intercept, 3),
+        "defaults": dict(cal.defaults),
+    }
+    print("\nfitted on all of dev (DEFAULT_CALIBRATION):", json.dumps(out["chosen"]))
+    return out
 
 
 def print_split(name: str, r: dict[str, Any]) -> None:
@@ -563,6 +762,12 @@ def print_split(name: str, r: dict[str, Any]) -> None:
             f"{row['tokens_vs_auto9']:>9.1%}{row['prompt_once_vs_auto9']:>11.1%}"
             f"{row['samples_per_question']:>8.2f}"
         )
+    chosen = r["adaptive"].get(CHOSEN_RULE)
+    if chosen is not None:
+        print(
+            f"chosen on dev ({CHOSEN_RULE}, Sampling's default): {chosen['accuracy']:.1%} "
+            f"with {chosen['tokens_vs_auto9']:.0%} of auto@9's tokens"
+        )
     print("\ndifferences (paired bootstrap, 95%):")
     for m, d in r["differences"].items():
         lo, hi = d["ci95"]
@@ -570,8 +775,22 @@ def print_split(name: str, r: dict[str, Any]) -> None:
     print("\nby family:", json.dumps(r["by_family"], indent=None))
     print("forms inferred:", r["forms_inferred"])
     print("questions by the leading answer's votes, of 3 and of 9 samples:", r["top_votes"])
+    print("by how the first 3 answers agree (questions, auto@3 right, auto@9 right):")
+    for pattern, row in r["by_first3"].items():
+        print(f"  {pattern:<10}{row['questions']:>5}{row['auto@3']:>6}{row['auto@9']:>6}")
     cal = r["calibration"]
-    print(f"auto@9 Selection.confidence: ECE {cal['ece']:.3f}")
+    lo, hi = cal["ece_ci95"]
+    floor = cal["ece_if_calibrated"]
+    print(
+        f"auto@9 Selection.confidence ({cal['bins']} equal-width bins): ECE {cal['ece']:.3f} "
+        f"[{lo:.3f}, {hi:.3f}] (bootstrap 95%); a perfectly calibrated confidence would show "
+        f"{floor['mean']:.3f} (95th percentile {floor['p95']:.3f}) on these selections; "
+        f"mean confidence {cal['mean_confidence']:.3f}"
+    )
+    print(
+        "  ECE over fewer samples:",
+        ", ".join(f"{k} {v:.3f}" for k, v in cal["ece_by_samples"].items()),
+    )
     for b in cal["reliability"]:
         if b["count"]:
             print(
@@ -617,24 +836,24 @@ def fake_cache(items: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     }
 
 
-async def run_evaluate(fit: bool, fake: bool = False) -> dict[str, Any]:
-    cache = fake_cache(load_items()) if fake else load_cache()
+async def run_evaluate(fake: bool = False, samples: Path | None = None) -> dict[str, Any]:
+    if fake:
+        cache = fake_cache(load_items())
+    elif samples is not None:
+        cache = read_samples(samples)
+    else:
+        cache = read_samples(frozen_path()) if TEMPERATURE == 0.7 else load_cache()
+    if not cache:
+        raise SystemExit(f"no samples in {samples or frozen_path()}: run `generate` first")
     report: dict[str, Any] = {
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, shared",
         "temperature": TEMPERATURE,
         "max_tokens": MAX_TOKENS,
         "samples": K,
+        "draw": DRAW,
     }
     dev = questions(load_items("dev"), cache)
-    if fit:
-        cal = await fit_calibration(dev)
-        print("calibration fitted on dev:", cal)
-        report["fitted_calibration"] = {
-            "weights": dict(cal.weights),
-            "intercept": cal.intercept,
-            "defaults": dict(cal.defaults),
-        }
     for split in ("dev", "test"):
         qs = dev if split == "dev" else questions(load_items("test"), cache)
         if not qs:
@@ -701,34 +920,46 @@ async def run_waves(limit: int) -> dict[str, Any]:
 
 
 def cli(argv: Sequence[str] | None = None) -> None:
-    global TEMPERATURE
+    global TEMPERATURE, DRAW
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     sub = parser.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="draw greedy + 9 samples per question (engine)")
     g.add_argument("--split", default="all", choices=["dev", "test", "all"])
     g.add_argument("--limit", type=int, default=None)
     g.add_argument("--temperature", type=float, default=TEMPERATURE)
+    g.add_argument("--draw", type=int, default=1, help="a further independent draw (2, 3...)")
     e = sub.add_parser("evaluate", help="every selector over the cached samples (offline)")
-    e.add_argument("--fit", action="store_true", help="fit the calibration on dev and print it")
     e.add_argument("--temperature", type=float, default=TEMPERATURE)
     e.add_argument("--fake", action="store_true", help="scripted answers instead of the cache")
+    e.add_argument("--draw", type=int, default=1, help="evaluate another draw's samples")
+    e.add_argument(
+        "--samples",
+        type=Path,
+        default=None,
+        help=f"samples to read (default {FROZEN.relative_to(HERE.parent)}, the committed ones)",
+    )
+    sub.add_parser("fit", help="choose and fit the calibration on the pooled dev splits (offline)")
     w = sub.add_parser("waves", help="n samples in one request vs n requests (engine)")
     w.add_argument("--limit", type=int, default=60)
     args = parser.parse_args(argv)
     TEMPERATURE = getattr(args, "temperature", TEMPERATURE)
+    DRAW = getattr(args, "draw", DRAW)
     RESULTS.mkdir(exist_ok=True)
     if args.command == "generate":
         anyio.run(run_generate, args.split, args.limit, backend="asyncio")
         return
     if args.command == "evaluate":
-        report = anyio.run(run_evaluate, args.fit, args.fake)
+        report = anyio.run(run_evaluate, args.fake, args.samples)
         path = RESULTS / (
             "selection-fake.json"
             if args.fake
-            else "selection.json"
+            else ("selection.json" if DRAW == 1 else f"selection-d{DRAW}.json")
             if TEMPERATURE == 0.7
             else f"selection-t{TEMPERATURE:g}.json"
         )
+    elif args.command == "fit":
+        report = anyio.run(run_fit)
+        path = RESULTS / "selection-fit.json"
     else:
         report = anyio.run(run_waves, args.limit, backend="asyncio")
         path = RESULTS / "selection-waves.json"

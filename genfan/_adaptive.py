@@ -22,12 +22,21 @@ from ._backend import Backend
 from ._errors import BackendError, ConfigurationError
 from ._fanout import FanOut, Target
 from ._types import ChatRequest, Completion
-from .select import Candidate, SelectorLike, Waves
+from .select import AutoSelect, Candidate, Majority, SelectorLike, Waves
 
 if TYPE_CHECKING:
     from ._fanout import _RaceState
 
 __all__ = ["MultiSampleBackend", "Sampling"]
+
+#: `Sampling`'s default schedule: 3 samples, then 6 at a time while no answer holds a majority
+#: of at least 2 unweighted votes (see docs/benchmarks.md, selection).
+DEFAULT_WAVES = Waves(
+    first=3,
+    size=6,
+    stop=Majority(),
+    counter=AutoSelect(weight="none", keep=1.0, name="auto-votes"),
+)
 
 
 @runtime_checkable
@@ -44,7 +53,12 @@ class Sampling(FanOut):
         backend: the model to sample.
         samples: the most samples to draw.
         waves: the wave schedule and stopping rule (a [`Waves`][genfan.select.Waves], or a wave
-            size); ``None``: every sample at once (one request where the backend can).
+            size); ``None``: every sample at once (one request where the backend can). The
+            default draws 3, then 6 at a time while no answer holds a majority of at least 2
+            votes ([`Majority`][genfan.select.Majority] on unweighted votes): chosen on the
+            selection benchmark, where it kept the accuracy of all 9 samples with about 7 of
+            them, where waves of 3 with the Beta criterion drew 8.8 and, each wave paying the
+            prompt again, cost 40% more tokens than one request with all 9.
         temperature: the sampling temperature (default: the request's, else the backend's).
         max_tokens: per sample (default: the request's).
         logprobs: ask for token log-probabilities, so that the selector and the stopping rule
@@ -55,8 +69,8 @@ class Sampling(FanOut):
 
     Example:
         ```python
-        sampler = Sampling(local, samples=9, waves=Waves(size=3), temperature=0.7)
-        result = await sampler.run("What is 17 * 3?")
+        sampler = Sampling(local, samples=9, temperature=0.7)
+        result = await sampler.run("What is 17 * 3?")  # 3 samples, 6 more if they split
         print(result.text, len(result.successes), result.selection.confidence)
         ```
     """
@@ -66,7 +80,7 @@ class Sampling(FanOut):
         backend: Backend,
         samples: int = 9,
         *,
-        waves: Waves | int | None = 3,
+        waves: Waves | int | None = DEFAULT_WAVES,
         temperature: float | None = None,
         max_tokens: int | None = None,
         logprobs: bool = True,
@@ -77,8 +91,6 @@ class Sampling(FanOut):
         if samples < 1:
             raise ConfigurationError(f"samples must be >= 1, got {samples!r}")
         if select is None:
-            from .select import AutoSelect
-
             select = AutoSelect()
         self.backend = backend
         overrides = {"logprobs": True} if logprobs else {}

@@ -26,6 +26,7 @@ from genfan.select import (
     AdaptiveConsistency,
     AutoSelect,
     CannotLose,
+    Majority,
     MajorityVote,
     StoppingRule,
     Waves,
@@ -171,6 +172,18 @@ async def test_sampling_draws_each_wave_as_one_request() -> None:
     assert result.selection.method == "auto:number"
 
 
+async def test_sampling_by_default_draws_3_then_6_unless_a_majority_agrees() -> None:
+    agreed = MultiSample([["42", "41", "42"], ["never"] * 6])
+    result = await Sampling(agreed, 9).run(Q)
+    assert [n for _, n in agreed.sample_calls] == [3]  # 2 of 3 agree: settled
+    assert result.text == "42"
+    split = MultiSample([["41", "42", "43"], ["42", "44", "42", "45", "46", "47"]])
+    result = await Sampling(split, 9).run(Q)
+    assert [n for _, n in split.sample_calls] == [3, 6]  # all 3 differ: one more wave
+    assert result.text == "42"
+    assert len(result.successes) == 9
+
+
 async def test_sampling_all_at_once_is_one_request() -> None:
     model = MultiSample([["1", "2", "3", "4"]])
     result = await Sampling(model, 4, waves=None).run("How many legs does a cat have?")
@@ -268,3 +281,33 @@ async def test_waves_can_also_stop_on_calibrated_confidence() -> None:
     assert len(plain.successes) == 9
     with pytest.raises(ConfigurationError):
         Waves(confident=0.0)
+
+
+def test_majority_stops_once_the_leader_holds_half_the_votes() -> None:
+    rule = Majority()
+    assert isinstance(rule, StoppingRule)
+    assert rule.settled([2, 1], remaining=6)  # two of three agree
+    assert not rule.settled([1, 1, 1], remaining=6)  # all differ: keep drawing
+    assert not rule.settled([1], remaining=8)  # one vote is not a majority of anything
+    assert not rule.settled([2, 1, 1, 1], remaining=4)  # 2 of 5: under half
+    assert Majority(votes=3).settled([3, 2], remaining=4)
+    assert not Majority(votes=3).settled([2, 1], remaining=6)
+    assert Majority().settled([4, 0], remaining=3)  # cannot be caught
+    with pytest.raises(ConfigurationError):
+        Majority(votes=0)
+    with pytest.raises(ConfigurationError):
+        Majority(share=1.5)
+
+
+async def test_a_fan_out_stops_on_a_majority_of_the_first_wave() -> None:
+    answers = ["42", "41", "42", "43", "44", "45", "46", "47", "48"]
+    backends = [counting(f"m{i}", [a]) for i, a in enumerate(answers)]
+    waves = Waves(first=3, size=6, stop=Majority(), counter=AutoSelect(weight="none"))
+    result = await FanOut(backends, waves=waves).run(Q)
+    assert [c.status for c in result.candidates] == ["ok"] * 3 + ["cancelled"] * 6
+    assert result.text == "42"
+    split = ["41", "42", "43", "42", "42", "44", "45", "46", "47"]
+    backends = [counting(f"m{i}", [a]) for i, a in enumerate(split)]
+    result = await FanOut(backends, waves=waves).run(Q)
+    assert all(c.ok for c in result.candidates)  # 1-1-1: the second wave was drawn
+    assert result.text == "42"

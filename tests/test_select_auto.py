@@ -21,6 +21,7 @@ from genfan.select import (
     AutoSelect,
     Calibration,
     Candidate,
+    FirstSuccess,
     Select,
     extract_answer,
     infer_form,
@@ -295,8 +296,50 @@ def test_evidence_is_what_calibration_reads() -> None:
     ev = AutoSelect().evidence(request, [ok(0, "36"), ok(1, "36"), ok(2, "35"), ok(3, "x")])
     assert ev["share"] == pytest.approx(0.5)
     assert ev["margin"] == pytest.approx(0.25)
-    assert ev["choice"] == 0.0
+    assert ev["choice"] == 0.0 and ev["short"] == 0.0
     assert "answer_conf" not in ev  # no log-probabilities
+    short = AutoSelect().evidence(ask("What is the capital of Peru?"), [ok(0, "Lima.")])
+    assert short["short"] == 1.0 and short["choice"] == 0.0
+    choice = AutoSelect().evidence(ask("Which is a fruit?\nA) car\nB) apple"), [ok(0, "B")])
+    assert choice["choice"] == 1.0 and choice["short"] == 0.0
+
+
+def _split(n: int, votes: int, runner_up: bool) -> list[Candidate]:
+    """``n`` replies without log-probabilities: ``votes`` say 36, the rest a runner-up 35
+    (``runner_up``) or each a different wrong number."""
+    rest = [("35" if runner_up else str(100 + i)) for i in range(n - votes)]
+    return [ok(i, t) for i, t in enumerate(["36"] * votes + rest)]
+
+
+@pytest.mark.parametrize("runner_up", [False, True])
+async def test_default_confidence_rises_with_the_vote_share_and_stays_a_probability(
+    runner_up: bool,
+) -> None:
+    request = ask("What is 22 + 14?")
+    auto = AutoSelect()
+    for n in (1, 2, 3, 5, 7, 9, 15):
+        # a strict majority, so that 36 stays the winner as its votes grow
+        confidences = []
+        for votes in range(n // 2 + 1, n + 1):
+            cands = _split(n, votes, runner_up)
+            sel = await auto.select(request, cands)
+            assert sel.chosen is not None and cands[sel.chosen].text == "36"
+            assert sel.confidence is not None and 0.0 <= sel.confidence <= 1.0
+            confidences.append(sel.confidence)
+        assert confidences == sorted(confidences), (n, confidences)
+        assert len(set(confidences)) == len(confidences)  # strictly: each vote counts
+
+
+async def test_default_confidence_rises_with_the_models_confidence_in_the_answer() -> None:
+    request = ask("What is 6 * 7?")
+    auto = AutoSelect()
+    seen = []
+    for p in (0.05, 0.3, 0.6, 0.9, 0.99):
+        cands = [with_logprobs(i, "It is 42", [0.9, 0.9, p]) for i in range(3)]
+        sel = await auto.select(request, cands)
+        assert sel.confidence is not None and 0.0 <= sel.confidence <= 1.0
+        seen.append(sel.confidence)
+    assert seen == sorted(seen) and seen[0] < seen[-1]
 
 
 def test_auto_by_name() -> None:
@@ -341,3 +384,88 @@ async def test_logprobs_reach_the_selector_through_a_fan_out() -> None:
 
 def test_answer_form_is_a_value() -> None:
     assert AnswerForm("number", "x") == AnswerForm("number", "x")
+
+
+# -- the default selector --------------------------------------------------------------------
+
+
+async def test_a_fan_out_that_compares_answers_defaults_to_auto() -> None:
+    # The first to answer is the odd one out: a first-success default would return it.
+    backends = [
+        FakeBackend("a", ["The answer is 41."]),
+        FakeBackend("b", ["It is 42."]),
+        FakeBackend("c", ["42"]),
+    ]
+    for fan in (FanOut(backends), FanOut(backends, mode="quorum", quorum=3)):
+        result = await fan.run("What is 6 * 7?")
+        assert isinstance(fan.selector, AutoSelect)
+        assert result.selection.method == "auto:number"
+        assert "42" in result.text
+        assert "number answer inferred" in result.selection.explanation
+
+
+async def test_a_race_and_a_single_target_keep_the_first_answer() -> None:
+    backends = [FakeBackend("a", ["The answer is 41."]), FakeBackend("b", ["42"])]
+    for fan in (
+        FanOut(backends, mode="first"),
+        FanOut(backends, mode="quorum", quorum=1),
+        FanOut(backends[:1]),
+    ):
+        result = await fan.run("What is 6 * 7?")
+        assert result.selection.method == "first", fan
+        assert isinstance(fan.selector, FirstSuccess)
+        first = min(result.successes, key=lambda c: c.finished_order or 0)
+        assert result.text == first.text  # the first to finish, whatever it says
+
+
+async def test_a_named_selector_still_wins_over_the_default() -> None:
+    backends = [FakeBackend("a", ["The answer is 41."]), FakeBackend("b", ["42"])]
+    fan = FanOut(backends, select="first")
+    result = await fan.run("What is 6 * 7?")
+    assert isinstance(fan.selector, FirstSuccess)
+    assert result.selection.method == "first"
+    first = min(result.successes, key=lambda c: c.finished_order or 0)
+    assert result.text == first.text
+
+
+async def test_by_default_the_least_confident_quarter_does_not_vote() -> None:
+    request = ask("What is 6 * 7?")
+    cands = [
+        with_logprobs(0, "41", [0.05]),
+        with_logprobs(1, "42", [0.9]),
+        with_logprobs(2, "41", [0.06]),
+        with_logprobs(3, "42", [0.8]),
+    ]
+    sel = await AutoSelect(weight="none").select(request, cands)
+    assert "(the 3 most confident of 4)" in sel.explanation
+    assert "least confident" in sel.reasons[0]
+    assert cands[sel.chosen or 0].text == "42"
+    # Three replies or fewer: all vote.
+    few = await AutoSelect(weight="none").select(request, cands[:3])
+    assert "most confident" not in few.explanation
+
+
+async def test_replies_without_logprobs_are_never_filtered_out() -> None:
+    request = ask("What is 6 * 7?")
+    cands = [
+        ok(0, "41"),
+        ok(1, "41"),
+        with_logprobs(2, "42", [0.9]),
+        with_logprobs(3, "42", [0.8]),
+    ]
+    sel = await AutoSelect(weight="none", keep=0.5).select(request, cands)
+    assert "most confident" not in sel.explanation
+    assert all("least confident" not in r for r in sel.reasons.values())
+
+
+async def test_long_free_text_is_compared_on_its_opening() -> None:
+    request = ask("Write a story about the sea.")
+    shared = "The sea was calm and grey that morning. " * 60  # past the compared opening
+    cands = [
+        ok(0, "Once upon a time a dragon flew over the hills. " * 3 + shared),
+        ok(1, "The sea was calm and grey that morning. " * 100),
+        ok(2, "The sea was calm and grey that morning. " * 90 + "The end."),
+    ]
+    sel = await AutoSelect().select(request, cands)
+    assert sel.method == "auto:text"
+    assert sel.chosen in (1, 2)

@@ -169,3 +169,59 @@ async def test_the_openai_backend_asks_for_and_parses_logprobs() -> None:
     )
     assert asked.logprob_stats is not None and asked.logprob_stats.tokens == 2
     assert plain.logprobs is None
+
+
+def test_calibration_fit_row_weights_count_a_row_that_many_times() -> None:
+    rng = random.Random(1)
+    rows = []
+    for _ in range(400):
+        share = rng.random()
+        rows.append(({"share": share}, rng.random() < share))
+    doubled = Calibration.fit(rows + rows[:100])
+    weighted = Calibration.fit(rows, row_weights=[2.0] * 100 + [1.0] * 300)
+    assert weighted.intercept == pytest.approx(doubled.intercept, abs=1e-6)
+    assert weighted.weights["share"] == pytest.approx(doubled.weights["share"], abs=1e-6)
+    plain = Calibration.fit(rows)
+    assert weighted.intercept != pytest.approx(plain.intercept, abs=1e-3)
+    # a weight of 0 leaves a row out
+    dropped = Calibration.fit(rows, row_weights=[0.0] * 100 + [1.0] * 300)
+    assert dropped.intercept == pytest.approx(Calibration.fit(rows[100:]).intercept, abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("row_weights", "message"),
+    [
+        ([1.0], "one weight per row"),
+        ([1.0, -1.0, 1.0], "finite and >= 0"),
+        ([1.0, float("nan"), 1.0], "finite and >= 0"),
+        ([0.0, 0.0, 0.0], "not all 0"),
+        ([1.0, 0.0, 1.0], "both right and wrong"),  # the one wrong row weighs nothing
+    ],
+)
+def test_calibration_fit_refuses_bad_row_weights(row_weights: list[float], message: str) -> None:
+    rows = [({"share": 1.0}, True), ({"share": 0.2}, False), ({"share": 0.9}, True)]
+    with pytest.raises(ConfigurationError, match=message):
+        Calibration.fit(rows, row_weights=row_weights)
+
+
+def test_the_default_calibration_is_the_benchmarks_fit_on_its_dev_splits() -> None:
+    """What a user gets by default is what docs/benchmarks.md measured: the calibration the
+    benchmark fits on the pooled dev splits of the committed samples (never on test)."""
+    import anyio
+
+    from benchmarks import selection as bench
+    from genfan.select import DEFAULT_CALIBRATION
+
+    async def rows() -> list[tuple[dict[str, float], bool, int, str]]:
+        out = []
+        for draw in bench.CAL_DRAWS:
+            cache = bench.read_samples(bench.frozen_path(draw))
+            out += await bench.calibration_rows(bench.questions(bench.load_items("dev"), cache))
+        return out
+
+    fitted = bench.fit_rows(anyio.run(rows))
+    assert set(DEFAULT_CALIBRATION.weights) == set(bench.CAL_FEATURES) == set(fitted.weights)
+    for name, weight in fitted.weights.items():
+        assert DEFAULT_CALIBRATION.weights[name] == pytest.approx(weight, abs=1e-3), name
+    assert DEFAULT_CALIBRATION.intercept == pytest.approx(fitted.intercept, abs=1e-3)
+    assert DEFAULT_CALIBRATION.defaults == fitted.defaults

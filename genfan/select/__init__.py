@@ -74,6 +74,7 @@ if TYPE_CHECKING:
     from ._stopping import AdaptiveConsistency as AdaptiveConsistency
     from ._stopping import CannotLose as CannotLose
     from ._stopping import ConfidenceEstimator as ConfidenceEstimator
+    from ._stopping import Majority as Majority
     from ._stopping import StoppingRule as StoppingRule
     from ._stopping import VoteCounter as VoteCounter
     from ._stopping import Waves as Waves

@@ -8,10 +8,11 @@ tokens of its answer where the replies carry log-probabilities. Free text, or re
 nothing readable, fall back to consensus (the reply most similar to the others).
 
 ``Selection.confidence`` is the calibrated probability that the chosen answer is right, from the
-vote share, the margin over the runner-up and the model's confidence in the answer, mapped by a
-[`Calibration`][genfan.select.Calibration] (by default the one fitted on the selection benchmark's dev
-split; fit your own with `Calibration.fit` on labelled selections of your model). For free
-text it is the consensus score: there is no vote to calibrate.
+vote share, the margin over the runner-up, the model's confidence in the answer and the answer
+form, mapped by a [`Calibration`][genfan.select.Calibration] (by default `DEFAULT_CALIBRATION`,
+fitted on the selection benchmark's dev splits; fit your own with `Calibration.fit` on labelled
+selections of your model). For free text it is the consensus score: there is no vote to
+calibrate.
 """
 
 from __future__ import annotations
@@ -36,19 +37,24 @@ __all__ = ["DEFAULT_CALIBRATION", "AutoAgreementKey", "AutoSelect", "Weighting"]
 #: in the whole reply (``sequence``), or not at all (``none``).
 Weighting = Literal["answer", "sequence", "none"]
 
-#: Fitted on the dev split of ``benchmarks/data/selection_bench.jsonl`` (SmolLM2-135M-Instruct,
-#: temperature 0.7, selections over 1, 3, 5, 7 and 9 samples); see docs/benchmarks.md.
+#: Fitted on the dev splits of ``benchmarks/data/selection_bench.jsonl`` in both committed draws
+#: of samples, pooled (SmolLM2-135M-Instruct, temperature 0.7; 262 question-draws), on the
+#: selections over 1, 3, 5, 7 and 9 samples by the default ``AutoSelect()``, each number of
+#: samples weighing the same; the features, the answer form among them, were chosen on dev by
+#: cross-validation (``python -m benchmarks.selection fit``); see docs/benchmarks.md.
 DEFAULT_CALIBRATION = Calibration(
     weights={
-        "share": 7.820,
-        "margin": -3.431,
-        "votes": 0.189,
-        "log_n": 0.846,
-        "answer_conf": 2.580,
+        "share": 6.67,
+        "margin": -2.993,
+        "votes": 0.167,
+        "log_n": 0.685,
+        "answer_conf": 3.916,
+        "choice": 0.72,
+        "short": 2.154,
     },
-    intercept=-6.514,
-    defaults={"answer_conf": 0.449},
-    source="selection benchmark, dev split, SmolLM2-135M-Instruct at temperature 0.7",
+    intercept=-7.493,
+    defaults={"answer_conf": 0.479},
+    source="selection benchmark, dev splits of two draws, SmolLM2-135M-Instruct at temperature 0.7",
 )
 
 
@@ -73,7 +79,9 @@ class AutoSelect:
             default), in its whole reply (``sequence``) or not (``none``); replies without
             log-probabilities weigh 1.
         keep: the share of replies kept for the vote, the most confident first (by mean token
-            log-probability; 1.0 keeps all): filters out low-confidence samples.
+            log-probability), rounded up: filters out low-confidence samples. The default 0.75
+            leaves out the least confident quarter (none of 3 or fewer replies); 1.0 keeps all.
+            Applies only when every reply carries log-probabilities.
         calibration: maps the vote's evidence to ``P(right)`` (default
             `DEFAULT_CALIBRATION`).
         tie_break: among equally strong answers: ``first_finished`` (default), ``fastest``,
@@ -92,7 +100,7 @@ class AutoSelect:
         self,
         *,
         weight: Weighting = "answer",
-        keep: float = 1.0,
+        keep: float = 0.75,
         calibration: Calibration | None = None,
         tie_break: TieBreak = "first_finished",
         name: str = "auto",
@@ -140,7 +148,7 @@ class AutoSelect:
         kept = ok
         if self.keep < 1.0 and len(ok) > 1:
             seq = {c.index: sequence_confidence(c.completion) for c in ok if c.completion}
-            if any(v is not None for v in seq.values()):
+            if all(v is not None for v in seq.values()):
                 n_keep = max(1, math.ceil(self.keep * len(ok) - 1e-9))
                 ranked = sorted(ok, key=lambda c: -(seq.get(c.index) or 0.0))
                 chosen = {c.index for c in ranked[:n_keep]}
@@ -240,6 +248,7 @@ class AutoSelect:
             "votes": float(votes),
             "log_n": math.log(n),
             "choice": 1.0 if analysis.form.kind == "choice" else 0.0,
+            "short": 1.0 if analysis.form.kind == "short" else 0.0,
         }
         members = analysis.groups.get(winner_key, []) if winner_key is not None else []
         confs = [analysis.confidence[i] for i in members if i in analysis.confidence]
@@ -250,7 +259,8 @@ class AutoSelect:
     def evidence(self, request: ChatRequest, candidates: Sequence[Candidate]) -> dict[str, float]:
         """The evidence behind the answer `select` would choose: its vote ``share``, its
         ``margin`` over the runner-up (a share), its ``votes``, ``log_n`` (the log of the
-        answers counted), ``choice`` (1 for multiple choice) and, where log-probabilities exist,
+        answers counted), the answer form (``choice``: 1 for multiple choice; ``short``: 1 for a
+        word, name or phrase; both 0 for a number or JSON) and, where log-probabilities exist,
         ``answer_conf`` (the model's mean confidence in the answer's tokens): what
         `Calibration.fit` learns from, paired with whether the answer was right."""
         a = self._analyse(request, candidates)
@@ -338,7 +348,7 @@ class AutoSelect:
         from ._consensus import Consensus
 
         pool = a.kept
-        scores = await Consensus().score(request, pool)
+        scores = await Consensus(similarity=_clipped_rouge_l).score(request, pool)
         best = max(s.value for s in scores.values())
         tied = [c for c in pool if scores[c.index].value >= best - 1e-9]
         winner = min(tied, key=self._tie_key)
@@ -375,6 +385,17 @@ class AutoAgreementKey:
 
     def __repr__(self) -> str:
         return f"AutoAgreementKey({self._auto!r})"
+
+
+#: Free text is compared on its first characters: ROUGE-L is quadratic in the words, and the
+#: default selector of every fan-out must stay cheap on long replies.
+_CONSENSUS_CHARS = 2000
+
+
+def _clipped_rouge_l(a: str, b: str) -> float:
+    from ._consensus import rouge_l
+
+    return rouge_l(a[:_CONSENSUS_CHARS], b[:_CONSENSUS_CHARS])
 
 
 def _show(key: str) -> str:

@@ -118,17 +118,40 @@ class Calibration:
         l2: float = 1e-2,
         defaults: Mapping[str, float] | None = None,
         source: str = "",
+        row_weights: Sequence[float] | None = None,
     ) -> Calibration:
         """Fit the logistic map to labelled selections ``(features, was_right)`` (Newton's
         method, a small L2 penalty on the weights).
 
+        Args:
+            rows: ``(features, was_right)`` per labelled selection.
+            features: the feature names to fit (default: every name in ``rows``).
+            l2: the penalty on the weights (not on the intercept).
+            defaults: the value of a feature a row lacks (kept in the fitted map).
+            source: where the numbers come from.
+            row_weights: how much each row counts (default 1 each): e.g. so that the
+                selections over each number of samples weigh the same in total, when the
+                fit set holds many more selections over few samples than over many.
+
         Raises:
-            ConfigurationError: no rows, or every row has the same label.
+            ConfigurationError: no rows, every row has the same label, or ``row_weights``
+                does not give one non-negative weight per row.
         """
         if not rows:
             raise ConfigurationError("Calibration.fit needs labelled selections")
         labels = [bool(y) for _, y in rows]
-        if all(labels) or not any(labels):
+        if row_weights is None:
+            rw = [1.0] * len(rows)
+        else:
+            rw = [float(w) for w in row_weights]
+            if len(rw) != len(rows):
+                raise ConfigurationError(
+                    f"row_weights needs one weight per row: {len(rw)} weights, {len(rows)} rows"
+                )
+            if not all(math.isfinite(w) and w >= 0.0 for w in rw) or not any(rw):
+                raise ConfigurationError("row_weights must be finite and >= 0, and not all 0")
+        counted = [y for y, r in zip(labels, rw, strict=True) if r > 0]
+        if all(counted) or not any(counted):
             raise ConfigurationError("Calibration.fit needs both right and wrong selections")
         names = list(features) if features is not None else sorted({k for f, _ in rows for k in f})
         fill = dict(defaults or {})
@@ -139,11 +162,11 @@ class Calibration:
         for _ in range(50):
             grad = [0.0] * d
             hess = [[0.0] * d for _ in range(d)]
-            for x, y in zip(xs, ys, strict=True):
+            for x, y, r in zip(xs, ys, rw, strict=True):
                 p = _sigmoid(sum(b * v for b, v in zip(beta, x, strict=True)))
-                w = p * (1 - p)
+                w = r * p * (1 - p)
                 for i in range(d):
-                    grad[i] += (p - y) * x[i]
+                    grad[i] += r * (p - y) * x[i]
                     for j in range(d):
                         hess[i][j] += w * x[i] * x[j]
             for i in range(1, d):

@@ -9,7 +9,8 @@ under 0.1 points of accuracy.
 
 A [`StoppingRule`][genfan.select.StoppingRule] reads the vote counts (largest first) and how many samples are still in
 the budget; [`AdaptiveConsistency`][genfan.select.AdaptiveConsistency] is the Beta criterion, plus the certainty that the
-leader cannot be caught any more. [`Waves`][genfan.select.Waves] is the schedule a fan-out follows (wave sizes
+leader cannot be caught any more; [`Majority`][genfan.select.Majority] is a laxer rule (the leader
+holds half the votes). [`Waves`][genfan.select.Waves] is the schedule a fan-out follows (wave sizes
 and the rule) and counts the votes with a vote counter (by default the ``auto`` selector's
 answer extraction, weighted by model confidence where the answers carry it).
 """
@@ -29,6 +30,7 @@ __all__ = [
     "AdaptiveConsistency",
     "CannotLose",
     "ConfidenceEstimator",
+    "Majority",
     "StoppingRule",
     "VoteCounter",
     "Waves",
@@ -159,6 +161,38 @@ class AdaptiveConsistency:
             return False
         second = counts[1] if len(counts) > 1 else 0.0
         return beta_leader_probability(counts[0], second, self.prior) >= self.threshold
+
+
+@dataclass(frozen=True)
+class Majority:
+    """Stop once the leading answer holds a majority: at least ``share`` of the votes cast and
+    at least ``votes`` votes (or once it cannot be caught, [`CannotLose`][genfan.select.CannotLose]).
+
+    Laxer than the Beta criterion: two agreeing answers out of three settle it. On a small model
+    whose first answers rarely all agree, most of what more samples add is on the questions
+    where they all differ, and this rule keeps drawing there while it stops where two agree
+    (see the selection benchmark in docs/benchmarks.md).
+
+    Args:
+        votes: the fewest votes the leader needs (weighted votes where the counter weighs them).
+        share: the smallest share of the votes cast it needs (0.5: at least half).
+    """
+
+    votes: float = 2.0
+    share: float = 0.5
+
+    def __post_init__(self) -> None:
+        if not self.votes > 0:
+            raise ConfigurationError(f"votes must be > 0, got {self.votes!r}")
+        if not 0.0 < self.share <= 1.0:
+            raise ConfigurationError(f"share must be in (0, 1], got {self.share!r}")
+
+    def settled(self, counts: Sequence[float], remaining: int) -> bool:
+        if CannotLose().settled(counts, remaining):
+            return True
+        if not counts:
+            return False
+        return counts[0] >= self.votes and counts[0] >= self.share * math.fsum(counts)
 
 
 @dataclass(frozen=True)
