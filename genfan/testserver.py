@@ -6,6 +6,8 @@ chunked server-sent events) and answers:
 * ``POST /v1/chat/completions`` (streaming or not, tool calls, usage in the last chunk),
 * ``POST /v1/embeddings`` (deterministic vectors),
 * ``POST /v1/messages`` (the Anthropic Messages API, streaming or not, tool use),
+* the batch APIs: OpenAI's ``/v1/files`` and ``/v1/batches``, Anthropic's
+  ``/v1/messages/batches`` (``server.batches``: see `genfan._testserver_batches`),
 * ``GET /health``.
 
 By default it echoes the prompt (``"echo: <last user message>"``; a JSON object when the request
@@ -238,6 +240,13 @@ class FakeLLMServer:
         rate_limit_headers: headers added to every successful answer (e.g. OpenAI's
             ``x-ratelimit-remaining-requests``), to test rate-limit parsing.
         seed: seed of the random draw behind ``set_faults(..., rate=...)``.
+        cache_ttl: seconds a prompt prefix stays cached on the Anthropic endpoint after its
+            last use (a ``cache_control`` with ``"ttl": "1h"``: an hour). A prefix marked with
+            ``cache_control`` is written on first sight (billed as
+            ``cache_creation_input_tokens``) and read by later requests once the writing
+            request's answer has started (``cache_read_input_tokens``); requests that arrive
+            while it is still being written write it too, as at Anthropic. Tokens are words.
+            The totals are in ``cache_write_tokens`` and ``cache_read_tokens``.
     """
 
     def __init__(
@@ -250,6 +259,7 @@ class FakeLLMServer:
         record: int = 10_000,
         rate_limit_headers: Mapping[str, str] | None = None,
         seed: int = 0,
+        cache_ttl: float = 300.0,
     ) -> None:
         self.host = host
         self.port = port
@@ -279,6 +289,16 @@ class FakeLLMServer:
         self._thread: threading.Thread | None = None
         self._conns: set[_Connection] = set()
         self._t0 = time.monotonic()
+        self.cache_ttl = cache_ttl
+        #: prompt-cache entries: prefix key -> (readable from, expires at), monotonic seconds.
+        self._prompt_cache: dict[str, tuple[float, float]] = {}
+        self.cache_write_tokens = 0
+        self.cache_read_tokens = 0
+        from ._testserver_batches import BatchEmulator
+
+        #: The batch APIs (OpenAI Files + Batches, Anthropic Message Batches): see
+        #: `genfan._testserver_batches`; ``batches.complete_after(s)``, ``batches.creates``...
+        self.batches = BatchEmulator(self)
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -435,6 +455,8 @@ class FakeLLMServer:
         self.handler = None
         self.requests.clear()
         self.counts.clear()
+        self._prompt_cache.clear()
+        self.cache_write_tokens = self.cache_read_tokens = 0
 
     # -- inspection ----------------------------------------------------------------------------
 
@@ -504,6 +526,25 @@ class FakeLLMServer:
                     if queue:
                         return queue.popleft()
         return None
+
+    def _cache_usage(self, body: Mapping[str, Any], latency: float) -> tuple[int, int]:
+        """``(read, written)`` prompt-cache tokens of an Anthropic request answered after
+        ``latency`` seconds (see ``cache_ttl``)."""
+        prefix = _cache_prefix(body)
+        if prefix is None:
+            return 0, 0
+        key, tokens, ttl = prefix
+        ttl = ttl if ttl is not None else self.cache_ttl
+        now = time.monotonic()
+        entry = self._prompt_cache.get(key)
+        if entry is not None and entry[0] <= now < entry[1]:
+            self._prompt_cache[key] = (entry[0], now + ttl)  # a read refreshes it
+            self.cache_read_tokens += tokens
+            return tokens, 0
+        if entry is None or entry[1] <= now:
+            self._prompt_cache[key] = (now + latency, now + latency + ttl)
+        self.cache_write_tokens += tokens
+        return 0, tokens
 
     def _latency_for(self, body: dict[str, Any], headers: Mapping[str, str]) -> float:
         header = headers.get("x-fake-latency")
@@ -630,6 +671,9 @@ class _Connection(asyncio.Protocol):
         if method == "GET" and path.endswith("/health"):
             self._json(200, {"status": "ok"}, close)
             return
+        if srv.batches.handles(path):
+            await self._batch_api(method, path, headers, raw, close)
+            return
         if method != "POST":
             self._json(404, {"error": {"message": f"no route {method} {path}"}}, close)
             return
@@ -673,6 +717,11 @@ class _Connection(asyncio.Protocol):
         latency = srv._latency_for(body, headers)
         if isinstance(reply, TextReply | ToolCallsReply) and reply.latency is not None:
             latency = reply.latency
+        cache = (
+            srv._cache_usage(body, latency)
+            if kind == "anthropic" and fault is None and not isinstance(reply, RawReply)
+            else (0, 0)
+        )
         if latency > 0:
             await asyncio.sleep(latency)
         if fault is not None:
@@ -710,10 +759,39 @@ class _Connection(asyncio.Protocol):
                 completion = _openai_completion(rid, body, reply)
                 self._json(200, completion, close, srv.rate_limit_headers, shape=shape)
         elif stream:
-            await self._stream(_anthropic_events(rid, body, reply), close, shape=shape)
+            await self._stream(_anthropic_events(rid, body, reply, cache), close, shape=shape)
         else:
-            message = _anthropic_message(rid, body, reply)
+            message = _anthropic_message(rid, body, reply, cache)
             self._json(200, message, close, srv.rate_limit_headers, shape=shape)
+
+    async def _batch_api(
+        self, method: str, path: str, headers: dict[str, str], raw: bytes, close: bool
+    ) -> None:
+        srv = self.srv
+        fault = headers.get("x-fake-fault") or (
+            srv._fault_paths is not None and path.endswith(srv._fault_paths)
+        )
+        if fault:  # only asked for, by header or by set_faults(paths=...): not every fault
+            picked = srv._pick_fault(path, headers)
+            if picked is not None:
+                await self._fault(
+                    picked, "anthropic" if "/messages/" in path else "openai", False, close, headers
+                )
+                return
+        delay = srv.batches.latency_for(method, path)
+        if delay > 0:
+            await asyncio.sleep(delay)
+        status, obj, ctype = srv.batches.handle(method, path, headers, raw)
+        creating = method == "POST" and path.rstrip("/").endswith(
+            ("/v1/batches", "/messages/batches")
+        )
+        if creating and status == 200 and srv.batches.lose_this_create():
+            self.abort()  # accepted, but the client never hears of it
+            return
+        if isinstance(obj, bytes):
+            self._write(_head(status, ctype, len(obj), {}, close) + obj)
+        else:
+            self._json(status, obj, close)
 
     def _json(
         self,
@@ -1051,8 +1129,57 @@ def _openai_events(
 _STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use"}
 
 
+def _anthropic_usage(inp: int, cache: tuple[int, int]) -> dict[str, int]:
+    """Anthropic's input counts: ``input_tokens`` leaves out the cached ones."""
+    read, written = cache
+    if not read and not written:
+        return {"input_tokens": inp}
+    return {
+        "input_tokens": max(inp - read - written, 0),
+        "cache_creation_input_tokens": written,
+        "cache_read_input_tokens": read,
+    }
+
+
+def _cache_prefix(body: Mapping[str, Any]) -> tuple[str, int, float | None] | None:
+    """The prompt prefix an Anthropic request marks for caching (tools, then system, then
+    messages, up to the last block with ``cache_control``): its key, its tokens (words) and
+    its TTL in seconds (``None``: the server's); ``None`` when nothing is marked."""
+    parts: list[str] = [str(body.get("model"))]
+    words = 0
+    found: tuple[int, int, float | None] | None = None
+
+    def add(key: Any, text: str, block: Any) -> None:
+        nonlocal words, found
+        parts.append(json.dumps(key, sort_keys=True, default=str))
+        words += len(text.split())
+        control = block.get("cache_control") if isinstance(block, dict) else None
+        if isinstance(control, dict):
+            found = (len(parts), words, 3600.0 if control.get("ttl") == "1h" else None)
+
+    for tool in body.get("tools") or []:
+        add(tool, "", tool)
+    system = body.get("system")
+    for block in system if isinstance(system, list) else [system] if system else []:
+        add(block, _text_of([block] if isinstance(block, dict) else block), block)
+    for m in body.get("messages") or []:
+        content = m.get("content") if isinstance(m, dict) else None
+        role = m.get("role") if isinstance(m, dict) else None
+        for block in content if isinstance(content, list) else [content]:
+            text = _text_of([block] if isinstance(block, dict) else block)
+            add({"role": role, "block": block}, text, block)
+    if found is None:
+        return None
+    n, tokens, ttl = found
+    key = hashlib.sha256("\0".join(parts[:n]).encode()).hexdigest()
+    return key, tokens, ttl
+
+
 def _anthropic_message(
-    rid: int, body: Mapping[str, Any], reply: TextReply | ToolCallsReply
+    rid: int,
+    body: Mapping[str, Any],
+    reply: TextReply | ToolCallsReply,
+    cache: tuple[int, int] = (0, 0),
 ) -> dict[str, Any]:
     inp, out = _usage(body, reply)
     content: list[dict[str, Any]] = []
@@ -1075,12 +1202,15 @@ def _anthropic_message(
         "content": content,
         "stop_reason": stop,
         "stop_sequence": None,
-        "usage": {"input_tokens": inp, "output_tokens": out},
+        "usage": {**_anthropic_usage(inp, cache), "output_tokens": out},
     }
 
 
 def _anthropic_events(
-    rid: int, body: Mapping[str, Any], reply: TextReply | ToolCallsReply
+    rid: int,
+    body: Mapping[str, Any],
+    reply: TextReply | ToolCallsReply,
+    cache: tuple[int, int] = (0, 0),
 ) -> list[bytes]:
     inp, out = _usage(body, reply)
     model = body.get("model") or "fake-model"
@@ -1096,7 +1226,7 @@ def _anthropic_events(
                     "content": [],
                     "stop_reason": None,
                     "stop_sequence": None,
-                    "usage": {"input_tokens": inp, "output_tokens": 1},
+                    "usage": {**_anthropic_usage(inp, cache), "output_tokens": 1},
                 },
             },
             "message_start",

@@ -764,6 +764,9 @@ def run_genfan(block: Block, words: list[str], tmp_path: Path, server: bool) -> 
     if words[1:3] == ["schedule", "run"]:
         argv = [sys.executable, str(RUNNER), str(_spec_file(tmp_path, spec))]
         return _run_until_ready(block, argv, tmp_path, r"running \d+ configured schedule")
+    if words[1:2] == ["serve"]:  # the gateway runs until stopped, like the scheduler
+        argv = [sys.executable, str(RUNNER), str(_spec_file(tmp_path, spec))]
+        return _run_until_ready(block, argv, tmp_path, r"listening on http://")
     out = _runner(tmp_path, spec)
     assert out.returncode == 0, _explain(block, out)
     assert (out.stdout + out.stderr).strip(), f"{block.id}: {shlex.join(words)} said nothing"
@@ -918,7 +921,36 @@ def _output_previous(block: Block, tmp_path: Path) -> None:
     assert stdout_of(program, tmp_path).strip() == block.code.strip()
 
 
+def _output_batch_api_summary(block: Block, tmp_path: Path) -> None:
+    """batch-api.md: the summary of a run through the batch API, line by line, numbers aside."""
+    from genfan.batching import BatchAPISettings, BatchJob, run_batch_job
+    from genfan.testserver import FakeLLMServer
+
+    def shape(line: str) -> str:
+        return re.sub(r"\d+(\.\d+)?", "#", line.split(" -> ")[0])
+
+    with FakeLLMServer() as srv:
+        config = tmp_path / "genfan.toml"
+        config.write_text(
+            f'[backends.gpt]\ntype = "openai"\nmodel = "m"\nbase_url = "{srv.url}"\n'
+            "price = [0.15, 0.6]\n"
+        )
+        rows = tmp_path / "in.jsonl"
+        rows.write_text("".join(f'{{"id": {i}, "prompt": "q{i}"}}\n' for i in range(3)))
+        job = BatchJob(
+            input=rows,
+            output=tmp_path / "out.jsonl",
+            config=config,
+            via="batch-api",
+            batch_api=BatchAPISettings(poll_initial=0.01),
+        )
+        summary = anyio.run(run_batch_job, job)
+    shown = [shape(line) for line in block.code.strip().splitlines()]
+    assert [shape(line) for line in summary.lines()] == shown
+
+
 OUTPUTS: dict[str, Callable[[Block, Path], None]] = {
+    "batch-api-summary": _output_batch_api_summary,
     "previous": _output_previous,
     "config-error": _output_config_error,
     "ask-usage": _output_ask_usage,

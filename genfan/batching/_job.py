@@ -13,7 +13,8 @@ from __future__ import annotations
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
@@ -22,6 +23,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream
 
 from .. import telemetry
 from .._errors import ConfigurationError
+from ._batch_settings import BatchAPISettings, Via, parse_deadline
 from ._output import OutputFile, Record
 from ._progress import LogProgress, OnProgress, Tally
 from ._ray import prepare_ray
@@ -36,6 +38,7 @@ from ._rows import (
     process_row,
     scan_input,
 )
+from ._summary import BatchAPISummary, JobSummary
 
 __all__ = [
     "BatchJob",
@@ -72,6 +75,13 @@ class BatchJob:
         workers: Ray workers (actors); default: the cluster's CPUs.
         chunk_size: rows per Ray task.
         compact: rewrite the output to one record per id, in input order, when a run finishes.
+        via: (default: the config's ``[batch] via``, else ``realtime``) ``realtime`` (a call
+            per row), ``batch-api`` (the provider's batch endpoint, half
+            price: see docs/batch-api.md) or ``offline`` (every row at once to the unguarded
+            backend: the local engine's full batching).
+        deadline: with ``batch-api``, rows not done by then run in real time: seconds, a
+            duration (``"2h"``), a time of day (``"06:00"``) or a date and time.
+        batch_api: how ``batch-api`` splits, polls and waits (a ``BatchAPISettings``).
     """
 
     input: Path
@@ -87,6 +97,9 @@ class BatchJob:
     workers: int | None = None
     chunk_size: int = 32
     compact: bool = True
+    via: Via | None = None
+    deadline: float | str | datetime | None = None
+    batch_api: BatchAPISettings | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "input", Path(self.input))
@@ -117,88 +130,24 @@ class BatchJob:
             raise ConfigurationError(f"chunk_size must be >= 1, got {self.chunk_size}")
         if self.input.resolve() == self.output.resolve():
             raise ConfigurationError("input and output must be different files")
+        if self.via not in (None, "realtime", "batch-api", "offline"):
+            raise ConfigurationError(
+                f"via must be 'realtime', 'batch-api' or 'offline', got {self.via!r}"
+            )
+        if self.via not in (None, "realtime") and self.executor != "local":
+            raise ConfigurationError(f"via={self.via!r} runs with executor='local' only")
+        if self.deadline is not None:
+            if self.via not in (None, "batch-api"):
+                raise ConfigurationError(
+                    "deadline= is for via='batch-api' (the rows not done by then go real-time)"
+                )
+            parse_deadline(self.deadline)  # a bad value fails here, not after the upload
 
     async def run(
         self, *, progress: bool = False, on_progress: OnProgress | None = None
     ) -> JobSummary:
         """Run the job (see [`run_batch_job`][genfan.batching.run_batch_job])."""
         return await run_batch_job(self, progress=progress, on_progress=on_progress)
-
-
-@dataclass(frozen=True, kw_only=True)
-class JobSummary:
-    """What a run did.
-
-    Attributes:
-        rows: rows in the input.
-        skipped: rows not run (already done, or not selected by ``rerun``).
-        ran: rows run now; ``ok`` and ``failed`` split them.
-        failures_by_type: failed rows of this run by error type.
-        input_tokens, output_tokens: over every candidate of this run.
-        cost: USD, when the backends know their prices (else ``None``).
-        wall: seconds for the run; ``throughput``: rows run per second.
-        done_ok, done_failed, missing: the whole output after the run, per input row.
-        repaired: bytes of a torn last line cut off at start (a killed earlier run).
-    """
-
-    rows: int
-    skipped: int
-    ran: int
-    ok: int
-    failed: int
-    failures_by_type: Mapping[str, int] = field(default_factory=dict)
-    input_tokens: int = 0
-    output_tokens: int = 0
-    cost: float | None = None
-    wall: float = 0.0
-    throughput: float = 0.0
-    done_ok: int = 0
-    done_failed: int = 0
-    missing: int = 0
-    repaired: int = 0
-    output: Path | None = None
-
-    def lines(self) -> list[str]:
-        """The summary as short lines of text."""
-        out = [
-            f"rows: {self.rows} in input, {self.ran} run, {self.skipped} skipped",
-            f"result: {self.ok} ok, {self.failed} failed"
-            + (
-                " ("
-                + ", ".join(f"{k}: {v}" for k, v in sorted(self.failures_by_type.items()))
-                + ")"
-                if self.failures_by_type
-                else ""
-            ),
-            f"tokens: {self.input_tokens} in, {self.output_tokens} out"
-            + (f"; cost ${self.cost:.4f}" if self.cost is not None else ""),
-            f"wall: {self.wall:.2f} s; throughput {self.throughput:.1f} rows/s",
-            f"output: {self.done_ok} ok, {self.done_failed} failed, {self.missing} missing"
-            + (f" -> {self.output}" if self.output else ""),
-        ]
-        if self.done_failed:
-            out.append("re-run the failures with --only-failed (rerun='failed')")
-        return out
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "rows": self.rows,
-            "skipped": self.skipped,
-            "ran": self.ran,
-            "ok": self.ok,
-            "failed": self.failed,
-            "failures_by_type": dict(self.failures_by_type),
-            "input_tokens": self.input_tokens,
-            "output_tokens": self.output_tokens,
-            "cost": self.cost,
-            "wall": self.wall,
-            "throughput": self.throughput,
-            "done_ok": self.done_ok,
-            "done_failed": self.done_failed,
-            "missing": self.missing,
-            "repaired": self.repaired,
-            "output": str(self.output) if self.output else None,
-        }
 
 
 # -- settings ---------------------------------------------------------------------------------
@@ -211,11 +160,11 @@ def resolve(job: BatchJob) -> ResolvedJob:
         from .._config import load_config
 
         table = load_config(job.config).batch
-        unknown = set(table) - {"template", "system", "max_in_flight"}
+        unknown = set(table) - {"template", "system", "max_in_flight", *_BATCH_API_KEYS}
         if unknown:
             raise ConfigurationError(
                 f"{job.config}: unknown key(s) in [batch]: {sorted(unknown)}; "
-                "allowed: template, system, max_in_flight"
+                "allowed: template, system, max_in_flight, via, deadline, batch_api"
             )
     max_in_flight = job.max_in_flight or table.get("max_in_flight", 16)
     if not isinstance(max_in_flight, int) or max_in_flight < 1:
@@ -228,6 +177,66 @@ def resolve(job: BatchJob) -> ResolvedJob:
         template=job.template if job.template is not None else table.get("template"),
         system=job.system if job.system is not None else table.get("system"),
         max_in_flight=max_in_flight,
+    )
+
+
+_BATCH_API_KEYS = ("via", "deadline", "batch_api")
+
+
+def resolve_via(job: BatchJob) -> BatchJob:
+    """The job with ``via``, ``deadline`` and ``batch_api`` filled from the config's ``[batch]``
+    table where the job leaves them unset (``via``: ``realtime`` when neither sets it)."""
+    table: Mapping[str, Any] = {}
+    if job.config is not None and (
+        job.via is None or job.deadline is None or job.batch_api is None
+    ):
+        from .._config import load_config
+
+        table = load_config(job.config).batch
+    api = job.batch_api
+    if api is None and "batch_api" in table:
+        raw = table["batch_api"]
+        if not isinstance(raw, Mapping):
+            raise ConfigurationError(f"{job.config}: [batch.batch_api] must be a table")
+        try:
+            api = BatchAPISettings(**raw)
+        except TypeError as exc:
+            raise ConfigurationError(f"{job.config}: [batch.batch_api]: {exc}") from None
+    try:
+        return replace(
+            job,
+            via=job.via or table.get("via") or "realtime",
+            deadline=job.deadline if job.deadline is not None else table.get("deadline"),
+            batch_api=api,
+        )
+    except ConfigurationError as exc:
+        raise ConfigurationError(f"{job.config}: [batch]: {exc}") from None
+
+
+async def run_via(
+    job: BatchJob, *, mode: Literal["all", "submit", "collect"], progress: bool = False
+) -> BatchAPISummary:
+    """Run ``job`` through its provider's batch API, or ``offline`` (``genfan.batching._batch_api``);
+    its real-time parts (rows past the deadline, the offline path) through `run_batch_job`."""
+    from ._batch_api import run_batch_api
+
+    job = resolve_via(job)
+    settings = resolve(job)
+
+    async def realtime(fanout: FanOutFactory, max_in_flight: int | None) -> JobSummary:
+        late = replace(
+            job,
+            via="realtime",
+            config=None,
+            fanout=fanout,
+            rerun="missing",
+            deadline=None,
+            max_in_flight=max_in_flight or settings.max_in_flight,
+        )
+        return await run_batch_job(late, progress=progress)
+
+    return await run_batch_api(
+        job, mode=mode, template=settings.template, system=settings.system, realtime=realtime
     )
 
 
@@ -337,6 +346,9 @@ async def run_batch_job(
             left, and running the job again resumes.
         MissingExtraError: ``executor="ray"`` without Ray installed.
     """
+    job = resolve_via(job)
+    if job.via != "realtime":
+        return await run_via(job, mode="all", progress=progress)
     settings = resolve(job)
     keys = scan_input(job.input)
     output = OutputFile(job.output)

@@ -10,10 +10,10 @@ from typing import TYPE_CHECKING, Annotated
 import anyio
 import typer
 
-from .. import GenfanError
+from .. import ConfigurationError, GenfanError
 
 if TYPE_CHECKING:
-    from ..batching import JobProgress
+    from ..batching import BatchJob, JobProgress, JobSummary
 
 batch_app = typer.Typer(
     name="batch",
@@ -65,14 +65,49 @@ def run(
         ),
     ] = True,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+    via: Annotated[
+        str | None,
+        typer.Option(
+            help="realtime (a call per row) | batch-api (the provider's batch endpoint, half "
+            "price) | offline (every row at once: the local engine). Default: the config's batch table (via = ...), else realtime."
+        ),
+    ] = None,
+    deadline: Annotated[
+        str | None,
+        typer.Option(
+            help="With --via batch-api: rows not done by then run real-time ('2h', '06:00', "
+            "'2026-12-07T06:00', seconds)."
+        ),
+    ] = None,
+    backend: Annotated[
+        str | None, typer.Option(help="With --via batch-api/offline: the config's backend to use.")
+    ] = None,
+    max_requests: Annotated[
+        int | None,
+        typer.Option(
+            help="With --via batch-api: rows per batch (default: the provider's limit).", min=1
+        ),
+    ] = None,
+    poll_interval: Annotated[
+        float | None,
+        typer.Option(help="With --via batch-api: seconds before the first poll (it grows).", min=0),
+    ] = None,
+    wait: Annotated[
+        bool,
+        typer.Option(
+            "--wait/--no-wait",
+            help="With --via batch-api: wait for the batches (--no-wait: submit, collect what "
+            "has ended, and return; run again to collect the rest).",
+        ),
+    ] = True,
 ) -> None:
     """Fan every row of INPUT out and write one record per row to OUTPUT.
 
-    A job that is stopped (even killed) and run again skips the rows already in OUTPUT.
+    A job that is stopped (even killed) and run again skips the rows already in OUTPUT; with --via batch-api it resumes polling the batches already submitted, never submitting twice.
 
-    Exit status: 0 every row ok, 1 some rows failed (see --only-failed), 2 a usage error.
-    """
-    from ..batching import BatchJob, run_batch_job
+    Exit status: 0 every row ok (or still in a batch, with --no-wait), 1 some rows failed (see --only-failed), 2 a usage error.
+    """  # noqa: E501 (typer keeps a docstring's line breaks: one line per paragraph reflows)
+    from ..batching import BatchAPISettings, BatchJob, run_batch_job
 
     if only_failed and retry_failed:
         typer.echo("error: use --only-failed or --retry-failed, not both", err=True)
@@ -81,6 +116,13 @@ def run(
     if fanout is None and config is None:
         config = DEFAULT_CONFIG
     try:
+        api_options: dict[str, object] = {}
+        if backend is not None:
+            api_options["backend"] = backend
+        if max_requests is not None:
+            api_options["max_requests"] = max_requests
+        if poll_interval is not None:
+            api_options["poll_initial"] = poll_interval
         job = BatchJob(
             input=input,
             output=output,
@@ -93,7 +135,14 @@ def run(
             executor=executor,  # type: ignore[arg-type]
             address=address,
             workers=workers,
+            via=via,  # type: ignore[arg-type]
+            deadline=deadline,
+            batch_api=BatchAPISettings(**api_options) if api_options else None,  # type: ignore[arg-type]
         )
+        if not wait:
+            summary = anyio.run(lambda: _no_wait(job))
+            _report(summary, as_json)
+            return
         bar = _make_progress(progress)
         try:
             # A bar on a terminal; elsewhere the library's plain log lines.
@@ -110,13 +159,71 @@ def run(
         where = f" ({exc.filename})" if exc.filename else ""
         typer.echo(f"error: {exc.strerror or exc}{where}", err=True)
         raise typer.Exit(2) from None
+    _report(summary, as_json)
+
+
+def _report(summary: JobSummary, as_json: bool) -> None:
     if as_json:
         print(json.dumps(summary.to_dict(), indent=2))
     else:
         for line in summary.lines():
             typer.echo(line, err=True)
-    if summary.done_failed or summary.missing:
+    # Rows still in a provider's batch (--no-wait) are not a failure: a later run collects them.
+    pending = getattr(summary, "batches_pending", 0)
+    if summary.done_failed or (summary.missing and not pending):
         raise typer.Exit(1)
+
+
+async def _no_wait(job: BatchJob) -> JobSummary:
+    from ..batching import run_via_batch_api
+
+    if job.via not in (None, "batch-api"):
+        raise ConfigurationError(
+            "--no-wait is for --via batch-api: drop it, or add --via batch-api"
+        )
+    await run_via_batch_api(job, mode="submit")
+    return await run_via_batch_api(job, mode="collect")
+
+
+@batch_app.command("cancel")
+def cancel(
+    output: Annotated[
+        Path,
+        typer.Option(
+            "--output", "-o", help="The job's JSONL output (its batches are listed next to it)."
+        ),
+    ],
+    input: Annotated[Path, typer.Option("--input", "-i", help="The job's JSONL input.")],
+    config: Annotated[
+        Path | None,
+        typer.Option("--config", "-c", help="TOML config file (default ./genfan.toml)."),
+    ] = None,
+    backend: Annotated[
+        str | None, typer.Option(help="The config's backend the batches went to.")
+    ] = None,
+) -> None:
+    """Cancel the provider batches of the --via batch-api job writing OUTPUT.
+
+    Run the job again to collect what the batches finished; the rest is recorded as failed
+    (--only-failed sends them again).
+    """
+    from ..batching import BatchAPISettings, BatchJob, cancel_batch_job
+
+    try:
+        job = BatchJob(
+            input=input,
+            output=output,
+            config=config or DEFAULT_CONFIG,
+            via="batch-api",
+            batch_api=BatchAPISettings(backend=backend),
+        )
+        n = anyio.run(lambda: cancel_batch_job(job))
+    except GenfanError as exc:
+        typer.echo(f"error: {' '.join(str(exc).split())}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(
+        f"cancelled {n} batch(es); run the job again to collect what they finished", err=True
+    )
 
 
 class RichProgress:
