@@ -23,10 +23,11 @@ from dataclasses import dataclass
 from . import telemetry
 from ._backend import Backend, BaseBackend, aclose_all
 from ._errors import AllBackendsFailedError, AnswerRejectedError, ConfigurationError
-from ._fanout import FanOut, FanOutResult, Target, chosen_completion, no_answer
+from ._fanout import Cut, FanOut, FanOutResult, Target, check_max_cost, chosen_completion, no_answer
 from ._output import AnswerValidator, ValidateLike, answer_validator
 from ._sync import clip, not_awaited, run_sync
 from ._types import ChatRequest, Completion
+from .cost import MaxCostError
 from .select import Candidate, Selection, SelectorLike, StoppingRule, Waves, as_selector
 
 __all__ = ["Cascade", "CascadeResult", "Tier", "TierOutcome"]
@@ -97,6 +98,10 @@ class CascadeResult:
         cost: what the tiers that ran spent.
         cost_all_tiers: spent plus the estimated cost of the skipped tiers.
         threshold: the confidence thresholds between tiers.
+        cut: what the cascade's ``max_cost`` cut: the tiers it did not run (a `Cut` with
+            the tier's index and name), then the candidates cut inside the tiers that ran
+            (backends prefixed ``tier/``).
+        max_cost: the cap in USD (``None``: none).
     """
 
     request: ChatRequest
@@ -106,6 +111,8 @@ class CascadeResult:
     cost: float
     cost_all_tiers: float
     threshold: tuple[float, ...]
+    cut: tuple[Cut, ...] = ()
+    max_cost: float | None = None
 
     @property
     def tiers_used(self) -> list[str]:
@@ -202,6 +209,10 @@ class Cascade(BaseBackend):
             [`AnswerRejectedError`][genfan.AnswerRejectedError]), so the selector never sees them, and a tier
             left with none escalates. A fan-out given as a tier keeps its own ``validate=``
             too (which makes its ``first`` mode race on to an answer that passes).
+        max_cost: a cap in USD on a run: each tier runs under what is left of it (its
+            fan-out skips the calls whose estimate does not fit, see `FanOut`'s
+            ``max_cost``), and once nothing is left the tiers still to come are not run
+            (`CascadeResult.cut` says which). Every backend needs a known price.
 
     Example:
         ```python
@@ -227,8 +238,11 @@ class Cascade(BaseBackend):
         name: str | None = None,
         stop: StoppingRule | Waves | None = None,
         validate: ValidateLike | None = None,
+        max_cost: float | None = None,
     ) -> None:
         not_awaited(tiers, "Cascade()")
+        check_max_cost(max_cost)
+        self.max_cost = max_cost
         if not tiers:
             raise ConfigurationError("Cascade needs at least one tier")
         normal: list[Tier] = []
@@ -305,6 +319,8 @@ class Cascade(BaseBackend):
         pool: list[Candidate] = []
         decided: tuple[Selection, tuple[Candidate, ...]] | None = None
         calls, tokens_seen = 0, 0
+        usd = 0.0  # what the tiers spent, in USD (for max_cost)
+        cut: list[Cut] = []
         stopped = False
         last = len(self.tiers) - 1
         with telemetry.span("genfan.cascade", **{"genfan.cascade.tiers": len(self.tiers)}) as span:
@@ -316,12 +332,44 @@ class Cascade(BaseBackend):
                         TierOutcome(name=name, ran=False, cost=self._estimate(tier, fan, per_call))
                     )
                     continue
+                left = None if self.max_cost is None else self.max_cost - usd
+                if left is not None and left <= 0 and self.max_cost is not None:
+                    estimate = fan.estimate_cost(req)
+                    skipped = MaxCostError(
+                        f"tier {name!r} not run: max_cost=${self.max_cost:g} is spent",
+                        backend=name,
+                        action="skipped",
+                        max_cost=self.max_cost,
+                        spent=usd,
+                        estimate=estimate,
+                    )
+                    errors.append(AllBackendsFailedError(str(skipped), [skipped]))
+                    cut.append(Cut(index=i, backend=name, action="skipped", estimate=estimate))
+                    outcomes.append(TierOutcome(name=name, ran=False, cost=0.0))
+                    telemetry.event("cascade_tier_cut", tier=name, max_cost=self.max_cost)
+                    continue
                 try:
-                    result = await fan.run(req)
+                    if left is None:
+                        result = await fan.run(req)
+                    else:
+                        own = fan.max_cost
+                        result = await fan.run(
+                            req, max_cost=left if own is None else min(left, own)
+                        )
+                    cut.extend(
+                        dataclasses.replace(c, backend=f"{name}/{c.backend}") for c in result.cut
+                    )
+                    usd += result.cost or 0.0
                     if self.validator is not None:
                         result = await self._rejecting(name, result, req, self.validator)
                 except AllBackendsFailedError as exc:
                     errors.append(exc)
+                    if all(isinstance(e, MaxCostError) for e in exc.exceptions):
+                        # max_cost left no room for any of its calls: a tier not run
+                        cut.append(Cut(index=i, backend=name, action="skipped", estimate=None))
+                        outcomes.append(TierOutcome(name=name, ran=False, cost=0.0))
+                        telemetry.event("cascade_tier_cut", tier=name, max_cost=self.max_cost)
+                        continue
                     outcomes.append(TierOutcome(name=name, ran=True, cost=0.0, error=exc))
                     telemetry.event("cascade_tier_failed", level="info", tier=name)
                     continue
@@ -392,6 +440,8 @@ class Cascade(BaseBackend):
                 cost=spent,
                 cost_all_tiers=total,
                 threshold=self.threshold,
+                cut=tuple(cut),
+                max_cost=self.max_cost,
             )
             span.set_attribute("genfan.cascade.tiers_used", len(final.tiers_used))
             span.set_attribute("genfan.cascade.cost", spent)

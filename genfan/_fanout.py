@@ -20,8 +20,16 @@ import math
 import os
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Hashable, Iterable, Mapping, Sequence
-from contextlib import AbstractContextManager, aclosing, nullcontext
+from collections.abc import (
+    AsyncIterator,
+    Callable,
+    Hashable,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
+from contextlib import AbstractContextManager, aclosing, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Generic, Literal, TypeAlias, cast, overload
@@ -46,22 +54,27 @@ from ._errors import (
 from ._output import AnswerValidator, OutputSpec, ValidateLike, answer_validator, output_spec
 from ._sync import clip, not_awaited, run_sync
 from ._types import ChatRequest, Completion, StreamEnd, StreamEvent, TextDelta, ToolCallDelta, Usage
+from .cost import MaxCostError, Price, backend_price, estimate_cost, estimate_input_tokens
 from .select import Candidate, Selection, SelectorLike, Waves, as_selector
 
 __all__ = [
     "AnswerChosen",
     "CandidateDelta",
     "CandidateFinished",
+    "Cut",
     "FanOut",
     "FanOutEvent",
     "FanOutFinished",
     "FanOutResult",
     "FanOutStream",
     "Mode",
+    "PromptCache",
     "Target",
 ]
 
 Mode = Literal["all", "first", "quorum"]
+#: How a fan-out uses providers' prompt caches (see `FanOut`'s ``prompt_cache``).
+PromptCache = Literal["warm-first"]
 
 #: The type of a fan-out's typed output (``str``, the chosen text, when none is asked for).
 OutputT = TypeVar("OutputT", default=str)
@@ -100,6 +113,26 @@ class Target:
         return request
 
 
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Cut:
+    """A candidate a fan-out cut to stay within its ``max_cost``.
+
+    Attributes:
+        index: the target's position.
+        backend: the target's name.
+        action: ``"skipped"`` (never started: its estimate would have passed the cap) or
+            ``"cancelled"`` (stopped while running, once the spend passed the cap).
+        reason: why: ``"max_cost"``.
+        estimate: the call's estimated cost in USD before it started.
+    """
+
+    index: int
+    backend: str
+    action: Literal["skipped", "cancelled"]
+    reason: Literal["max_cost"] = "max_cost"
+    estimate: float | None = None
+
+
 @dataclass(frozen=True, kw_only=True)
 class FanOutResult(Generic[OutputT]):
     """Everything a fan-out produced.
@@ -115,6 +148,10 @@ class FanOutResult(Generic[OutputT]):
         output_type: the type the answers were validated into (``None``: none, text).
         outputs: each candidate's validated output by index (answers that asked for tools
             have none).
+        cut: the candidates cut to stay within ``max_cost`` (skipped before they started, or
+            cancelled while running), in target order; each is also a cancelled candidate
+            whose error is a [`MaxCostError`][genfan.cost.MaxCostError].
+        max_cost: the fan-out's cap in USD (``None``: none).
     """
 
     request: ChatRequest
@@ -127,6 +164,8 @@ class FanOutResult(Generic[OutputT]):
     request_id: str = ""
     output_type: Any = None
     outputs: Mapping[int, Any] = field(default_factory=dict)
+    cut: tuple[Cut, ...] = ()
+    max_cost: float | None = None
 
     @property
     def chosen(self) -> Candidate | None:
@@ -188,6 +227,12 @@ class FanOutResult(Generic[OutputT]):
             if c.completion is not None:
                 total = total + c.completion.usage
         return total
+
+    @property
+    def cost(self) -> float | None:
+        """USD over every candidate that answered (``None``: no answer had a known price);
+        each candidate's own is ``candidate.completion.usage.cost``."""
+        return self.usage.cost
 
     def __repr__(self) -> str:
         chosen = self.chosen
@@ -283,8 +328,10 @@ class FanOut(BaseBackend, Generic[OutputT]):
             (``MajorityVote(...).agreement_key`` is one).
         deadline: seconds for the whole fan-out; unfinished calls are then cancelled and the best
             answer so far is returned. Guards inside spend only what is left of it.
-        select: picks the answer (default: the first success; with ``waves``, the ``auto``
-            selector).
+        select: picks the answer. Default: the ``auto`` selector wherever the fan-out compares
+            several answers (``all`` mode or a ``quorum`` of 2 or more, over 2 or more targets;
+            and with ``waves``); the first success in a race (``first`` mode, ``quorum=1``) and
+            with one target, where there is nothing to compare.
         waves: call the targets in waves (a [`Waves`][genfan.select.Waves], or a wave size)
             and stop once its stopping rule says the leading answer is settled (adaptive
             sampling); the targets never called end as cancelled candidates.
@@ -309,6 +356,22 @@ class FanOut(BaseBackend, Generic[OutputT]):
             passes the chosen answer on once it is known (buffered), and `run_stream`
             streams every candidate until then. By default the first token wins and its
             answer, passed on live, is checked only at its end (if it fails, the fan-out does).
+        max_cost: a cap in USD on what one run may spend. Before a call starts, its cost is
+            estimated (prompt tokens x input price + ``max_tokens`` x output price, see
+            [`estimate_cost`][genfan.cost.estimate_cost]); a call that would take the spend
+            and the calls running past the cap is not started. While calls run, the spend is
+            tracked (answers' usage; streams' tokens as they arrive); once it passes the cap,
+            the calls still running are cancelled (all of them when an answer is in, else all
+            but the one furthest along). `FanOutResult.cut` lists what was cut. Every backend
+            needs a known price (the genai-prices table, or ``price=``), else `run` raises
+            [`ConfigurationError`][genfan.ConfigurationError]. ``run(..., max_cost=)``
+            overrides it per call.
+        prompt_cache: ``"warm-first"``: targets that share a provider's prompt cache (the same
+            backend and model) do not all start at once: the first goes alone and writes the
+            cache, the others start when its answer (its first token, when streaming) is in,
+            and read the cached prefix at a tenth of the input price instead of each paying
+            the cache write. Worth it for a long shared prefix (a system prompt, documents)
+            marked with ``Message(cache_control=...)``; it adds the first call's latency.
 
     Example:
         ```python
@@ -336,6 +399,8 @@ class FanOut(BaseBackend, Generic[OutputT]):
         output_type: type[OutputT] | None = None,
         validate: ValidateLike | None = None,
         validate_streams: bool = False,
+        max_cost: float | None = None,
+        prompt_cache: PromptCache | None = None,
     ) -> None:
         not_awaited(targets, "FanOut()")
         if not targets:
@@ -354,13 +419,20 @@ class FanOut(BaseBackend, Generic[OutputT]):
             raise ConfigurationError(
                 f"deadline must be a positive number of seconds, got {deadline!r}"
             )
+        check_max_cost(max_cost)
+        if prompt_cache not in (None, "warm-first"):
+            raise ConfigurationError(
+                f"prompt_cache must be None or 'warm-first', got {prompt_cache!r}"
+            )
         self.targets: tuple[Target, ...] = _name_targets(targets)
+        self.max_cost = max_cost
+        self.prompt_cache: PromptCache | None = prompt_cache
         self.mode: Mode = mode
         self.quorum = 1 if mode == "first" else (quorum or len(self.targets))
         self.agree = agree
         self.deadline = deadline
         self.waves = Waves(size=waves) if isinstance(waves, int) else waves
-        if select is None and self.waves is not None:
+        if select is None and (self.waves is not None or self.quorum > 1):
             from .select import AutoSelect
 
             select = AutoSelect()
@@ -521,7 +593,7 @@ class FanOut(BaseBackend, Generic[OutputT]):
                 start = 0
                 for size in plan:
                     async with anyio.create_task_group() as tg:
-                        for i in range(start, start + size):
+                        for i in self._launch(range(start, start + size), slots, state, emit):
                             tg.start_soon(
                                 self._stream_one, i, req, slots, started_at, state, race, t0, emit
                             )
@@ -571,35 +643,61 @@ class FanOut(BaseBackend, Generic[OutputT]):
         target = self.targets[i]
         name = target.name or target.backend.name
         prepared = target.prepare(request)
-        start = time.perf_counter()
-        started_at[i] = start - t0
+        spend = state.spend
         scope = race.scopes[i] = anyio.CancelScope()
-        if race.decided:  # decided before this call even started: it ends cancelled
-            scope.cancel()
+        if spend is not None:
+            spend.scopes[i] = scope
         try:
-            with scope, _chat_span(name, prepared) as call_span:
-                try:
-                    completion = await self._read(i, name, target.backend, prepared, race, emit)
-                    await state.validate(i, completion, name)
-                except BackendError as exc:
-                    error: BackendError = exc
-                except Exception as exc:  # a backend bug must still end as one typed error
-                    error = _unexpected(exc, name)
-                else:
-                    slot = _succeeded(i, name, completion, started_at[i], start, state, call_span)
-                    slots[i] = slot
-                    emit(CandidateFinished(candidate=slot))
-                    if state.success(completion):
-                        race.decide(keep=i)
+            with scope:
+                if state.cache_keys is not None:
+                    gate = state.cache_gates.get(i)
+                    if gate is not None:  # prompt_cache: the first call writes the cache
+                        await gate.wait()
+                start = time.perf_counter()
+                started_at[i] = start - t0
+                if race.decided:
+                    scope.cancel()  # decided before this call even started: it ends cancelled
+                with _chat_span(name, prepared) as call_span:
+                    try:
+                        completion = await self._read(
+                            i, name, target.backend, prepared, race, emit, state
+                        )
+                        await state.validate(i, completion, name)
+                    except BackendError as exc:
+                        error: BackendError = exc
+                    except Exception as exc:  # a backend bug must still end as one typed error
+                        error = _unexpected(exc, name)
+                    else:
+                        slot = _succeeded(
+                            i, name, completion, started_at[i], start, state, call_span
+                        )
+                        slots[i] = slot
+                        emit(CandidateFinished(candidate=slot))
+                        decided = state.success(completion)
+                        if spend is not None:
+                            spend.settle(i, completion, answered=True)
+                        if decided:
+                            race.decide(keep=i)
+                        return
+                    failed = _failed(i, name, error, started_at[i], start, state, call_span)
+                    slots[i] = failed
+                    emit(CandidateFinished(candidate=failed))
+                    if spend is not None:
+                        spend.settle(i, getattr(error, "completion", None), answered=False)
                     return
-                failed = _failed(i, name, error, started_at[i], start, state, call_span)
-                slots[i] = failed
-                emit(CandidateFinished(candidate=failed))
-                return
         finally:
             race.scopes.pop(i, None)
-        # Only reached when ``scope`` caught its cancellation: the fan-out was decided.
-        cancelled = self._cancelled(i, started_at[i], time.perf_counter() - t0, None)
+            if spend is not None:
+                spend.scopes.pop(i, None)
+            written = state.cache_written.pop(i, None)
+            if written is not None:
+                written.set()
+        # Only reached when ``scope`` caught its cancellation: the fan-out was decided, or the
+        # spend passed max_cost.
+        if spend is not None:
+            spend.settle(i, None, answered=False)
+        cut = spend.cuts.get(i) if spend is not None else None
+        cancelled = self._cancelled(i, started_at[i], time.perf_counter() - t0, None, cut)
         slots[i] = cancelled
         emit(CandidateFinished(candidate=cancelled))
 
@@ -611,11 +709,14 @@ class FanOut(BaseBackend, Generic[OutputT]):
         request: ChatRequest,
         race: _StreamRace,
         emit: Callable[[FanOutEvent], None],
+        state: _RaceState,
     ) -> Completion:
         """Read one backend's stream to its end, passing its pieces on (in ``first`` mode, only
         the winner's: the first candidate to produce one)."""
         start = time.perf_counter()
         ttft: float | None = None
+        spend = state.spend
+        chars = 0
         events: Any = backend.stream(request)
         async with aclosing(events) if hasattr(events, "aclose") else nullcontext():
             async for event in events:
@@ -628,6 +729,12 @@ class FanOut(BaseBackend, Generic[OutputT]):
                     )
                 if ttft is None:
                     ttft = time.perf_counter() - start
+                    written = state.cache_written.pop(i, None)
+                    if written is not None:  # the prompt is processed: its cache is written
+                        written.set()
+                if spend is not None:
+                    chars += len(event.text if isinstance(event, TextDelta) else event.arguments)
+                    spend.progress(i, chars)
                 if race.first:
                     if race.winner is None and not race.decided:
                         race.winner = i
@@ -650,14 +757,25 @@ class FanOut(BaseBackend, Generic[OutputT]):
         *,
         deadline: float | None = None,
         output_type: None = None,
+        max_cost: float | None = None,
     ) -> FanOutResult[OutputT]: ...
     @overload
     async def run(
-        self, request: ChatRequest | str, *, deadline: float | None = None, output_type: type[T]
+        self,
+        request: ChatRequest | str,
+        *,
+        deadline: float | None = None,
+        output_type: type[T],
+        max_cost: float | None = None,
     ) -> FanOutResult[T]: ...
     @overload
     async def run(
-        self, request: ChatRequest | str, *, deadline: float | None = None, output_type: Any
+        self,
+        request: ChatRequest | str,
+        *,
+        deadline: float | None = None,
+        output_type: Any,
+        max_cost: float | None = None,
     ) -> FanOutResult[Any]: ...
     async def run(
         self,
@@ -665,6 +783,7 @@ class FanOut(BaseBackend, Generic[OutputT]):
         *,
         deadline: float | None = None,
         output_type: Any = None,
+        max_cost: float | None = None,
     ) -> FanOutResult[Any]:
         """Fan ``request`` out and return every candidate and the chosen answer:
         ``result = await fan.run("...")`` (from sync code: `run_sync`).
@@ -675,18 +794,22 @@ class FanOut(BaseBackend, Generic[OutputT]):
             output_type: overrides the fan-out's ``output_type`` for this call: every answer is
                 validated into it (the invalid ones become failed candidates) and
                 ``result.output`` is the chosen instance.
+            max_cost: overrides the fan-out's ``max_cost`` (USD) for this call.
 
         Raises:
             AllBackendsFailedError: no backend answered (an ``ExceptionGroup`` of their errors;
-                every answer failing validation is one way).
+                every answer failing validation is one way; so is every call cut by
+                ``max_cost``, with a [`MaxCostError`][genfan.cost.MaxCostError] each).
+            ConfigurationError: a ``max_cost`` and a backend whose price is unknown.
         """
         not_awaited(request, "FanOut.run()")
+        check_max_cost(max_cost)
         req, spec, limit = self._prepare(request, deadline, output_type)
         request_id = os.urandom(8).hex()
         n = len(self.targets)
         slots: list[Candidate | None] = [None] * n
         started_at = [0.0] * n
-        state = self._race_state(req, spec)
+        state = self._race_state(req, spec, max_cost)
         t0 = time.perf_counter()
 
         with (
@@ -707,18 +830,19 @@ class FanOut(BaseBackend, Generic[OutputT]):
                 if n == 1:
                     # One call needs no task group: it runs in this task, under the same
                     # deadline and cancellation (~40 µs less per fan-out).
-                    await self._call_one(
-                        0, self.targets[0], req, slots, started_at, state, None, t0
-                    )
+                    if self._launch(range(1), slots, state):
+                        await self._call_one(
+                            0, self.targets[0], req, slots, started_at, state, None, t0
+                        )
                 elif self.waves is not None:
                     await self._run_waves(self.waves, req, slots, started_at, state, t0)
                 else:
                     async with anyio.create_task_group() as tg:
-                        for i, target in enumerate(self.targets):
+                        for i in self._launch(range(n), slots, state):
                             tg.start_soon(
                                 self._call_one,
                                 i,
-                                target,
+                                self.targets[i],
                                 req,
                                 slots,
                                 started_at,
@@ -742,14 +866,74 @@ class FanOut(BaseBackend, Generic[OutputT]):
             req = spec.prepare(req)
         return req, spec, deadline if deadline is not None else self.deadline
 
-    def _race_state(self, request: ChatRequest, spec: OutputSpec[Any] | None) -> _RaceState:
+    def _race_state(
+        self, request: ChatRequest, spec: OutputSpec[Any] | None, max_cost: float | None = None
+    ) -> _RaceState:
         agree = self.agree
         bind = getattr(agree, "for_request", None)
         if callable(bind):  # a key that needs the question (e.g. a vote ignoring echoes)
             agree = bind(request)
         n = len(self.targets)
         k = self.quorum if self.mode != "all" else n + 1
-        return _RaceState(k, agree, spec, self.validator, request)
+        state = _RaceState(k, agree, spec, self.validator, request)
+        cap = max_cost if max_cost is not None else self.max_cost
+        if cap is not None or self.prompt_cache is not None:
+            prepared = [t.prepare(request) for t in self.targets]
+            if cap is not None:
+                state.spend = _Spend(cap, self.targets, self.names, prepared)
+            if self.prompt_cache is not None:
+                state.cache_keys = [
+                    _cache_key(t.backend, r) for t, r in zip(self.targets, prepared, strict=True)
+                ]
+        return state
+
+    def _launch(
+        self,
+        indices: Iterable[int],
+        slots: list[Candidate | None],
+        state: _RaceState,
+        emit: Callable[[FanOutEvent], None] | None = None,
+    ) -> list[int]:
+        """The targets of ``indices`` to call now: those ``max_cost`` admits (the others end
+        as skipped candidates); with ``prompt_cache``, those sharing a cache wait for the
+        first of them (its gate)."""
+        spend = state.spend
+        keys = state.cache_keys
+        if spend is None and keys is None:
+            return list(indices)
+        launched: list[int] = []
+        for i in indices:
+            if spend is not None:
+                cut = spend.admit(i)
+                if cut is not None:
+                    slots[i] = skipped = Candidate(
+                        index=i, backend=self.names[i], status="cancelled", error=cut
+                    )
+                    if emit is not None:
+                        emit(CandidateFinished(candidate=skipped))
+                    continue
+            launched.append(i)
+        if keys is not None:
+            writers: dict[Hashable, int] = {}
+            for i in launched:
+                writer = writers.setdefault(keys[i], i)
+                if writer != i:
+                    gate = state.cache_written.setdefault(writer, anyio.Event())
+                    state.cache_gates[i] = gate
+        return launched
+
+    def estimate_cost(self, request: ChatRequest) -> float | None:
+        """The most this fan-out may spend on ``request``: the sum of its targets' estimates
+        (see [`estimate_cost`][genfan.cost.estimate_cost]; its ``max_cost`` when lower);
+        ``None`` when a target's price is unknown. A fan-out nested in another (or in a
+        cascade) is priced with it."""
+        total = 0.0
+        for target in self.targets:
+            one = estimate_cost(target.backend, target.prepare(request))
+            if one is None:
+                return None
+            total += one
+        return total if self.max_cost is None else min(total, self.max_cost)
 
     async def _conclude(
         self,
@@ -772,6 +956,21 @@ class FanOut(BaseBackend, Generic[OutputT]):
             if slot is None:
                 slot = self._cancelled(i, started_at[i], now - t0, limit if deadline_hit else None)
             candidates.append(await state.settle(slot))
+        spend = state.spend
+        cut: tuple[Cut, ...] = ()
+        if spend is not None and spend.cuts:
+            cut = tuple(
+                Cut(index=i, backend=self.names[i], action=e.action, estimate=e.estimate)
+                for i, e in sorted(spend.cuts.items())
+            )
+            fan_span.set_attribute("genfan.fanout.cut", len(cut))
+            telemetry.event(
+                "fanout_cost_cut",
+                max_cost=spend.cap,
+                spent=round(spend.spent, 6),
+                skipped=[c.backend for c in cut if c.action == "skipped"],
+                cancelled=[c.backend for c in cut if c.action == "cancelled"],
+            )
         if not any(c.ok for c in candidates):
             errors = [c.error for c in candidates if c.error is not None]
             fan_span.set_attribute("genfan.fanout.outcome", "all_failed")
@@ -807,14 +1006,25 @@ class FanOut(BaseBackend, Generic[OutputT]):
             request_id=request_id,
             output_type=None if state.spec is None else state.spec.type,
             outputs=dict(state.outputs),
+            cut=cut,
+            max_cost=None if spend is None else spend.cap,
         )
 
-    def _cancelled(self, i: int, started: float, now: float, deadline: float | None) -> Candidate:
+    def _cancelled(
+        self,
+        i: int,
+        started: float,
+        now: float,
+        deadline: float | None,
+        error: BackendError | None = None,
+    ) -> Candidate:
         """Target ``i``'s candidate when its call was cancelled: by the deadline (``deadline``
-        seconds), or because the fan-out was decided (``None``)."""
+        seconds), because the fan-out was decided (``None``), or for ``error`` (``max_cost``)."""
         name = self.targets[i].name or self.targets[i].backend.name
         err: BackendError = (
-            BackendTimeoutError(f"cancelled: deadline reached after {deadline}s", backend=name)
+            error
+            if error is not None
+            else BackendTimeoutError(f"cancelled: deadline reached after {deadline}s", backend=name)
             if deadline is not None
             else CallCancelledError("cancelled: fan-out already decided", backend=name)
         )
@@ -892,7 +1102,7 @@ class FanOut(BaseBackend, Generic[OutputT]):
     ) -> None:
         """Call the targets ``indices`` together (one wave)."""
         async with anyio.create_task_group() as tg:
-            for i in indices:
+            for i in self._launch(indices, slots, state):
                 tg.start_soon(
                     self._call_one,
                     i,
@@ -918,22 +1128,81 @@ class FanOut(BaseBackend, Generic[OutputT]):
     ) -> None:
         name = target.name or target.backend.name
         prepared = target.prepare(request)
+        spend = state.spend
+        try:
+            if spend is None:
+                await self._start_one(
+                    i, name, target, prepared, slots, started_at, state, group, t0
+                )
+                return
+            with spend.running(i) as scope:  # the cap cancels the call (or its wait) by it
+                await self._start_one(
+                    i, name, target, prepared, slots, started_at, state, group, t0
+                )
+            if scope.cancelled_caught:  # max_cost: the spend passed the cap
+                now = time.perf_counter() - t0
+                slots[i] = self._cancelled(i, started_at[i], now, None, spend.cuts.get(i))
+        finally:
+            written = state.cache_written.pop(i, None)
+            if written is not None:
+                written.set()
+
+    async def _start_one(
+        self,
+        i: int,
+        name: str,
+        target: Target,
+        prepared: ChatRequest,
+        slots: list[Candidate | None],
+        started_at: list[float],
+        state: _RaceState,
+        group: anyio.CancelScope | None,
+        t0: float,
+    ) -> None:
+        """Call target ``i`` once its prompt-cache gate is open (``prompt_cache``)."""
+        if state.cache_keys is not None:
+            gate = state.cache_gates.get(i)
+            if gate is not None:  # the first call sharing the cache writes it
+                await gate.wait()
         start = time.perf_counter()
         started_at[i] = start - t0
+        await self._complete_one(
+            i, name, target.backend, prepared, slots, started_at[i], start, state, group
+        )
+
+    async def _complete_one(
+        self,
+        i: int,
+        name: str,
+        backend: Backend,
+        prepared: ChatRequest,
+        slots: list[Candidate | None],
+        started: float,
+        start: float,
+        state: _RaceState,
+        group: anyio.CancelScope | None,
+    ) -> None:
+        """One ``complete()`` call of ``run``, its candidate put in ``slots[i]`` (``started``:
+        seconds from the fan-out's start; ``start``: the clock at the call's)."""
         with _chat_span(name, prepared) as call_span:
             try:
-                completion = await target.backend.complete(prepared)
+                completion = await backend.complete(prepared)
                 await state.validate(i, completion, name)
             except BackendError as exc:
                 error: BackendError = exc
             except Exception as exc:  # a backend bug must still end as one typed error
                 error = _unexpected(exc, name)
             else:
-                slots[i] = _succeeded(i, name, completion, started_at[i], start, state, call_span)
-                if state.success(completion) and group is not None:
+                slots[i] = _succeeded(i, name, completion, started, start, state, call_span)
+                decided = state.success(completion)
+                if state.spend is not None:
+                    state.spend.settle(i, completion, answered=True)
+                if decided and group is not None:
                     group.cancel()
                 return
-            slots[i] = _failed(i, name, error, started_at[i], start, state, call_span)
+            slots[i] = _failed(i, name, error, started, start, state, call_span)
+            if state.spend is not None:
+                state.spend.settle(i, getattr(error, "completion", None), answered=False)
 
     async def map(
         self,
@@ -1144,6 +1413,8 @@ def _succeeded(
     usage = completion.usage
     call_span.set_attribute("gen_ai.usage.input_tokens", usage.input_tokens)
     call_span.set_attribute("gen_ai.usage.output_tokens", usage.output_tokens)
+    if usage.cost is not None:
+        call_span.set_attribute("genfan.usage.cost", usage.cost)
     call_span.set_attribute("gen_ai.response.finish_reasons", (completion.finish_reason,))
     if completion.model:
         call_span.set_attribute("gen_ai.response.model", completion.model)
@@ -1205,11 +1476,15 @@ class _RaceState:
         "_k",
         "_order",
         "_successes",
+        "cache_gates",
+        "cache_keys",
+        "cache_written",
         "checked",
         "met",
         "outputs",
         "request",
         "spec",
+        "spend",
         "validator",
     )
 
@@ -1232,6 +1507,13 @@ class _RaceState:
         self.request = request
         self.outputs: dict[int, Any] = {}
         self.checked: set[int] = set()
+        #: ``max_cost``: the spend of this run (``None``: no cap).
+        self.spend: _Spend | None = None
+        #: ``prompt_cache``: each target's cache key (``None``: off), the gate each waiting
+        #: call waits on, and the event each writing call sets once its prompt is processed.
+        self.cache_keys: list[Hashable] | None = None
+        self.cache_gates: dict[int, anyio.Event] = {}
+        self.cache_written: dict[int, anyio.Event] = {}
 
     async def validate(self, i: int, completion: Completion, backend: str) -> None:
         """Validate candidate ``i``'s answer into the output type, then check it with
@@ -1282,6 +1564,158 @@ class _RaceState:
         if reached:
             self.met = True
         return reached
+
+
+class _Spend:
+    """What one run of a fan-out spends against its ``max_cost``: the estimates of the calls
+    admitted, the cost of those that ended, the live spend of streams, and what was cut."""
+
+    __slots__ = (
+        "answered",
+        "cap",
+        "cuts",
+        "estimates",
+        "input_cost",
+        "live",
+        "names",
+        "output_price",
+        "reserved",
+        "scopes",
+        "spent",
+    )
+
+    def __init__(
+        self,
+        cap: float,
+        targets: Sequence[Target],
+        names: Sequence[str],
+        prepared: Sequence[ChatRequest],
+    ) -> None:
+        self.cap = cap
+        self.names = names
+        self.spent = 0.0
+        self.answered = False
+        self.reserved: dict[int, float] = {}
+        self.live: dict[int, float] = {}
+        self.scopes: dict[int, anyio.CancelScope] = {}
+        self.cuts: dict[int, MaxCostError] = {}
+        self.estimates: list[float] = []
+        self.input_cost: list[float] = []
+        self.output_price: list[float] = []
+        for target, name, request in zip(targets, names, prepared, strict=True):
+            estimate = estimate_cost(target.backend, request)
+            if estimate is None:
+                raise ConfigurationError(
+                    f"max_cost needs the price of every backend, and {name!r} has none (its "
+                    "model is not in the genai-prices table): give it price=(input, output) "
+                    "in USD per 1M tokens (price=(0, 0) for a free one), or drop max_cost"
+                )
+            price: Price | None = backend_price(target.backend, request)
+            self.estimates.append(estimate)
+            self.input_cost.append(
+                0.0 if price is None else price.estimate(estimate_input_tokens(request), 0)
+            )
+            self.output_price.append(0.0 if price is None else price.output / 1_000_000)
+
+    def committed(self) -> float:
+        """Spent, plus the estimates of the calls running."""
+        return self.spent + sum(self.reserved.values())
+
+    def admit(self, i: int) -> MaxCostError | None:
+        """Admit call ``i`` (reserving its estimate), or say why not."""
+        estimate = self.estimates[i]
+        committed = self.committed()
+        if committed + estimate > self.cap:
+            self.cuts[i] = cut = MaxCostError(
+                f"skipped: its estimated ${estimate:.6f} would take the spend "
+                f"(${committed:.6f} spent or committed) past max_cost=${self.cap:g}",
+                backend=self.names[i],
+                action="skipped",
+                max_cost=self.cap,
+                spent=committed,
+                estimate=estimate,
+            )
+            return cut
+        self.reserved[i] = estimate
+        return None
+
+    @contextmanager
+    def running(self, i: int) -> Iterator[anyio.CancelScope]:
+        """The cancel scope of call ``i``, by which the cap cancels it."""
+        with anyio.CancelScope() as scope:
+            self.scopes[i] = scope
+            try:
+                yield scope
+            finally:
+                self.scopes.pop(i, None)
+        if scope.cancelled_caught:
+            self.settle(i, None, answered=False)
+
+    def progress(self, i: int, chars: int) -> None:
+        """Stream ``i`` has produced ``chars`` characters: its live spend, checked."""
+        self.live[i] = self.input_cost[i] + -(-chars // 4) * self.output_price[i]
+        self._check()
+
+    def settle(self, i: int, completion: Completion | None, *, answered: bool) -> None:
+        """Call ``i`` ended: its cost (its answer's, else its live spend) counts as spent."""
+        self.scopes.pop(i, None)
+        if i not in self.reserved:
+            return  # settled already
+        estimate = self.reserved.pop(i)
+        live = self.live.pop(i, 0.0)
+        if completion is not None:
+            cost = completion.usage.cost
+            self.spent += estimate if cost is None else cost
+        else:
+            self.spent += live
+        if answered:
+            self.answered = True
+        self._check()
+
+    def _check(self) -> None:
+        """Past the cap: cancel the calls running (all of them once an answer is in, else
+        all but the one furthest along, which runs on to give an answer)."""
+        total = self.spent + sum(self.live.values())
+        if total <= self.cap or not self.scopes:
+            return
+        running = list(self.scopes)
+        if not self.answered:
+            leader = max(running, key=lambda j: self.live.get(j, 0.0))
+            running.remove(leader)
+        for j in running:
+            if j in self.cuts:
+                continue
+            self.cuts[j] = MaxCostError(
+                f"cancelled: the spend (${total:.6f}) passed max_cost=${self.cap:g}",
+                backend=self.names[j],
+                action="cancelled",
+                max_cost=self.cap,
+                spent=total,
+                estimate=self.estimates[j],
+            )
+            self.scopes[j].cancel()
+
+
+def _cache_key(backend: Backend, request: ChatRequest) -> Hashable:
+    """What identifies a provider's prompt cache: the innermost backend (through guards and
+    wrappers) and the model."""
+    node: Any = backend
+    for _ in range(32):
+        inner = getattr(node, "provider", None) or getattr(node, "inner", None)
+        if inner is None:
+            break
+        node = inner
+    return (id(node), request.model or getattr(node, "model", None))
+
+
+def check_max_cost(max_cost: float | None) -> None:
+    if max_cost is not None and not (
+        isinstance(max_cost, int | float)
+        and not isinstance(max_cost, bool)
+        and max_cost >= 0
+        and math.isfinite(max_cost)
+    ):
+        raise ConfigurationError(f"max_cost must be a finite number of USD >= 0, got {max_cost!r}")
 
 
 def _name_targets(targets: Sequence[Backend | Target]) -> tuple[Target, ...]:

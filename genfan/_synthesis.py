@@ -20,9 +20,10 @@ from dataclasses import dataclass
 
 from ._backend import Backend, BaseBackend, aclose_all
 from ._errors import AllBackendsFailedError, ConfigurationError
-from ._fanout import FanOut, FanOutResult, Target, no_answer
+from ._fanout import Cut, FanOut, FanOutResult, Target, check_max_cost, no_answer
 from ._sync import clip, not_awaited, run_sync
 from ._types import ChatRequest, Completion, Message, Usage
+from .cost import MaxCostError, estimate_cost
 from .select import Candidate
 
 __all__ = ["AGGREGATE_PROMPT", "Synthesis", "SynthesisResult", "aggregate_request"]
@@ -81,6 +82,16 @@ class SynthesisResult:
             total = total + layer.usage
         return total
 
+    @property
+    def cost(self) -> float | None:
+        """USD of every proposer call and the aggregator's (``None``: no price known)."""
+        return self.usage.cost
+
+    @property
+    def cut(self) -> tuple[Cut, ...]:
+        """The proposer calls ``max_cost`` cut, layer after layer."""
+        return tuple(c for layer in self.layers for c in layer.cut)
+
     def __repr__(self) -> str:
         answered = sum(len(layer.successes) for layer in self.layers)
         asked = sum(len(layer.candidates) for layer in self.layers)
@@ -108,6 +119,12 @@ class Synthesis(BaseBackend):
         prompt: the aggregate-and-synthesize instruction (references are appended to it).
         max_references: use at most this many answers (in the order the proposers finished).
         name: the synthesis's backend name (default ``"synthesis(a,b,...->aggregator)"``).
+        max_cost: a cap in USD on a run. The aggregator's call is reserved first (its
+            estimate on the request without references); each proposer layer runs under what
+            is left (its fan-out skips the calls that do not fit, see `FanOut`'s
+            ``max_cost``); the aggregator is called only if its estimate, references
+            included, still fits, else `run` raises [`MaxCostError`][genfan.cost.MaxCostError].
+            Every backend needs a known price.
 
     Example:
         ```python
@@ -126,8 +143,11 @@ class Synthesis(BaseBackend):
         prompt: str = AGGREGATE_PROMPT,
         max_references: int | None = None,
         name: str | None = None,
+        max_cost: float | None = None,
     ) -> None:
         not_awaited(proposers, "Synthesis()")
+        check_max_cost(max_cost)
+        self.max_cost = max_cost
         not_awaited(aggregator, "Synthesis()")
         if not isinstance(layers, int) or layers < 1:
             raise ConfigurationError(f"layers must be an integer >= 1, got {layers!r}")
@@ -162,23 +182,58 @@ class Synthesis(BaseBackend):
         (from sync code: `run_sync`).
 
         Raises:
-            AllBackendsFailedError: every proposer of a layer failed.
-            BackendError: the aggregator failed.
+            AllBackendsFailedError: every proposer of a layer failed (or ``max_cost`` cut
+                them all).
+            BackendError: the aggregator failed; a `MaxCostError` when ``max_cost`` left no
+                room for it.
+            ConfigurationError: ``max_cost`` and a backend whose price is unknown.
         """
         not_awaited(request, "Synthesis.run()")
         req = ChatRequest.from_prompt(request) if isinstance(request, str) else request
         results: list[FanOutResult] = []
         layer_request = req
+        cap = self.max_cost
+        spent = 0.0
+        reserve = 0.0
+        if cap is not None:
+            reserve = self._aggregator_estimate(aggregate_request(req, [], prompt=self.prompt))
         for _ in range(self.layers):
-            result = await self.fanout.run(layer_request)
+            if cap is None:
+                result = await self.fanout.run(layer_request)
+            else:
+                result = await self.fanout.run(
+                    layer_request, max_cost=max(cap - spent - reserve, 0.0)
+                )
+                spent += result.cost or 0.0
             results.append(result)
             layer_request = aggregate_request(
                 req, self.references(result.candidates), prompt=self.prompt
             )
+        if cap is not None:
+            estimate = self._aggregator_estimate(layer_request)
+            if spent + estimate > cap:
+                raise MaxCostError(
+                    f"the aggregator was not called: its estimated ${estimate:.6f} on top of "
+                    f"the ${spent:.6f} the proposers spent would pass max_cost=${cap:g}",
+                    backend=self.aggregator.name,
+                    action="skipped",
+                    max_cost=cap,
+                    spent=spent,
+                    estimate=estimate,
+                )
         completion = await self.aggregator.complete(layer_request)
         return SynthesisResult(
             completion=completion, layers=tuple(results), aggregate_request=layer_request
         )
+
+    def _aggregator_estimate(self, request: ChatRequest) -> float:
+        estimate = estimate_cost(self.aggregator, request)
+        if estimate is None:
+            raise ConfigurationError(
+                f"max_cost needs the aggregator's price, and {self.aggregator.name!r} has "
+                "none: give it price=(input, output) in USD per 1M tokens, or drop max_cost"
+            )
+        return estimate
 
     def run_sync(self, request: ChatRequest | str) -> SynthesisResult:
         """`run` for sync code: ``result = moa.run_sync("...")``.

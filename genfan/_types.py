@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal, TypeAlias
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 __all__ = [
+    "CacheTTL",
     "ChatRequest",
     "Completion",
     "FinishReason",
@@ -36,6 +37,8 @@ __all__ = [
 
 JsonValue: TypeAlias = Any
 Role = Literal["system", "user", "assistant", "tool"]
+#: How long a provider keeps a cached prompt prefix (Anthropic's ``cache_control`` TTLs).
+CacheTTL = Literal["5m", "1h"]
 FinishReason = Literal["stop", "length", "tool_calls", "content_filter", "error", "unknown"]
 
 _frozen = ConfigDict(frozen=True, extra="forbid", defer_build=True)
@@ -62,6 +65,12 @@ class Message(BaseModel):
     """One chat message.
 
     Use the constructors `system`, `user`, `assistant` and `tool`.
+
+    ``cache_control`` marks the end of a prompt prefix the provider should cache (everything
+    up to and including this message), for ``"5m"`` or ``"1h"``: Anthropic's ``cache_control``
+    breakpoint (at most 4 per request). Later requests that start with the same prefix read it
+    at about a tenth of the input price; writing it costs 1.25x (2x for an hour). Providers
+    that cache on their own (OpenAI caches prefixes of 1,024 tokens and more) ignore it.
     """
 
     model_config = _frozen
@@ -71,14 +80,15 @@ class Message(BaseModel):
     tool_calls: tuple[ToolCall, ...] = ()
     tool_call_id: str | None = None
     name: str | None = None
+    cache_control: CacheTTL | None = None
 
     @classmethod
-    def system(cls, content: str) -> Message:
-        return cls(role="system", content=content)
+    def system(cls, content: str, *, cache_control: CacheTTL | None = None) -> Message:
+        return cls(role="system", content=content, cache_control=cache_control)
 
     @classmethod
-    def user(cls, content: str) -> Message:
-        return cls(role="user", content=content)
+    def user(cls, content: str, *, cache_control: CacheTTL | None = None) -> Message:
+        return cls(role="user", content=content, cache_control=cache_control)
 
     @classmethod
     def assistant(cls, content: str | None = None, tool_calls: Sequence[ToolCall] = ()) -> Message:
@@ -197,13 +207,29 @@ class ChatRequest(BaseModel):
 
 
 class Usage(BaseModel):
-    """Token counts (and cost in USD when the backend's price is known)."""
+    """Token counts, and their cost in USD when the backend's price is known.
+
+    Attributes:
+        input_tokens: every prompt token, the cached ones included (as OpenAI counts them;
+            Anthropic's three counts are added up).
+        output_tokens: every generated token, reasoning tokens included.
+        cache_read_tokens: the part of ``input_tokens`` read from the provider's prompt cache
+            (billed at its cache-read price, about a tenth of the input price).
+        cache_write_tokens: the part of ``input_tokens`` written to the prompt cache (billed
+            at its cache-write price: 1.25x the input price at Anthropic).
+        reasoning_tokens: the part of ``output_tokens`` spent thinking (not in the text).
+        cost: USD, from the ``genai-prices`` table or the backend's ``price=``; ``None``:
+            unknown (a model the table does not know, with no ``price=``).
+    """
 
     model_config = _frozen
 
     input_tokens: int = 0
     output_tokens: int = 0
     cost: float | None = None
+    cache_read_tokens: int = 0
+    cache_write_tokens: int = 0
+    reasoning_tokens: int = 0
 
     @property
     def total_tokens(self) -> int:
@@ -219,6 +245,9 @@ class Usage(BaseModel):
             input_tokens=self.input_tokens + other.input_tokens,
             output_tokens=self.output_tokens + other.output_tokens,
             cost=cost,
+            cache_read_tokens=self.cache_read_tokens + other.cache_read_tokens,
+            cache_write_tokens=self.cache_write_tokens + other.cache_write_tokens,
+            reasoning_tokens=self.reasoning_tokens + other.reasoning_tokens,
         )
 
 

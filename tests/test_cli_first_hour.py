@@ -217,7 +217,8 @@ def test_token_and_cost_columns_fit_80_columns(tmp_path: Path) -> None:
 def test_price_is_a_backend_key(tmp_path: Path) -> None:
     base = '[backends.g]\ntype = "openai"\nmodel = "m"\nbase_url = "http://127.0.0.1:9/v1"\n'
     fan = load_config(write(tmp_path, base + "price = [0.15, 0.6]\n")).build_fanout()
-    assert fan.targets[0].backend.provider.price == (0.15, 0.6)  # type: ignore[attr-defined]
+    price = fan.targets[0].backend.provider.price  # type: ignore[attr-defined]
+    assert (price.input, price.output) == (0.15, 0.6)
     with pytest.raises(ConfigurationError, match=r"genfan.toml:5: backends.g.price.0"):
         load_config(write(tmp_path, base + "price = [-1, 0.6]\n"))
     with pytest.raises(ConfigurationError, match="price is set twice"):

@@ -78,6 +78,13 @@ def ask(
     ] = None,
     system: Annotated[str | None, typer.Option(help="System prompt for every backend.")] = None,
     max_tokens: Annotated[int | None, typer.Option(help="Max tokens per answer.")] = None,
+    max_cost: Annotated[
+        float | None,
+        typer.Option(
+            help="USD cap on the fan-out: calls whose estimated cost would pass it are not "
+            "started, and running ones are cancelled once the spend passes it."
+        ),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
 ) -> None:
     """Fan PROMPT out to the configured backends and show the candidates and the chosen answer.
@@ -86,9 +93,17 @@ def ask(
     configuration error or every backend failed.
     """
     verbose = bool(ctx.meta.get(VERBOSE_KEY))
-    _check_flags(quorum=quorum, deadline=deadline, early_exit=early_exit, max_tokens=max_tokens)
+    _check_flags(
+        quorum=quorum,
+        deadline=deadline,
+        early_exit=early_exit,
+        max_tokens=max_tokens,
+        max_cost=max_cost,
+    )
     try:
-        fan = _build(config, backend or [], mode, quorum, deadline, select, early_exit, judge)
+        fan = _build(
+            config, backend or [], mode, quorum, deadline, select, early_exit, judge, max_cost
+        )
         with _engine_output(verbose):
             result, ready = anyio.run(_run, fan, prompt, system, max_tokens, verbose)
     except AllBackendsFailedError as exc:
@@ -124,6 +139,7 @@ def _check_flags(**flags: float | None) -> None:
         "early_exit": (lambda v: v >= 1, "at least 1 (answers that agree)"),
         "max_tokens": (lambda v: v >= 1, "at least 1"),
         "deadline": (lambda v: v > 0 and math.isfinite(v), "a positive number of seconds"),
+        "max_cost": (lambda v: v >= 0 and math.isfinite(v), "a number of USD >= 0"),
     }
     for name, value in flags.items():
         ok, what = rules[name]
@@ -142,6 +158,7 @@ def _build(
     select: str | None,
     early_exit: int | None = None,
     judge: str | None = None,
+    max_cost: float | None = None,
 ) -> Any:
     from .._config import GenfanConfig, load_config
     from .._errors import ConfigurationError
@@ -173,6 +190,7 @@ def _build(
         deadline=deadline,
         early_exit=early_exit,
         judge=judge,
+        max_cost=max_cost,
     )
 
 
@@ -319,8 +337,17 @@ def result_to_json(result: Any) -> dict[str, Any]:
         "usage": {
             "input_tokens": result.usage.input_tokens,
             "output_tokens": result.usage.output_tokens,
+            "cache_read_tokens": result.usage.cache_read_tokens,
+            "cache_write_tokens": result.usage.cache_write_tokens,
+            "reasoning_tokens": result.usage.reasoning_tokens,
             "cost": result.usage.cost,
         },
+        "max_cost": getattr(result, "max_cost", None),
+        # the candidates max_cost cut: skipped before they started, or cancelled
+        "cut": [
+            {"backend": c.backend, "action": c.action, "reason": c.reason, "estimate": c.estimate}
+            for c in getattr(result, "cut", ())
+        ],
         "candidates": [
             {
                 "backend": c.backend,
@@ -412,6 +439,13 @@ def _print_table(result: Any) -> None:
         totals += f", {_cost(total.cost)}"
     totals += f", {result.elapsed:.2f}s" + (" (deadline hit)" if result.deadline_hit else "")
     console.print(totals, highlight=False)
+    cut = getattr(result, "cut", ())
+    if cut:
+        console.print(
+            f"cut by max_cost (${result.max_cost:g}): "
+            + ", ".join(f"{escape(c.backend)} ({c.action})" for c in cut),
+            highlight=False,
+        )
     if selection.chosen is not None:
         console.print(
             f"[bold]chosen[/]: {escape(result.candidates[selection.chosen].backend)} — "

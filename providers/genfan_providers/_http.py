@@ -86,6 +86,7 @@ from genfan import (
     BackendError,
     BackendTimeoutError,
     BaseBackend,
+    ChatRequest,
     ConfigurationError,
     HTTPStatusError,
     MalformedResponseError,
@@ -96,6 +97,7 @@ from genfan import (
     Usage,
     telemetry,
 )
+from genfan.cost import Price, PriceLike, lookup_price
 
 __all__ = [
     "DEFAULT_MAX_RESPONSE_BYTES",
@@ -559,7 +561,11 @@ class HTTPBackend(BaseBackend):
             its connection pools); more wait their turn in genfan, not in httpx. ``None``
             (default): no cap here, the guard stack's bulkhead is the one cap, and the pools
             grow to the most requests in flight at once.
-        price: USD per million input and output tokens, to fill ``Usage.cost``.
+        price: what the model costs, to fill ``Usage.cost``: ``(input, output)`` USD per
+            million tokens, or a :class:`~genfan.cost.Price` (with cache and reasoning
+            prices). ``None`` (default): the price of the model in the genai-prices table
+            (found by ``base_url``, else by provider), cached input and reasoning tokens
+            included; a model the table does not know costs ``None`` (unknown).
         client: an ``httpx.AsyncClient`` to use instead of creating one (it is not closed by
             :meth:`aclose`; its own pool limits apply).
         max_response_bytes: the most bytes of one answer held in memory: a whole JSON body, or
@@ -615,7 +621,7 @@ class HTTPBackend(BaseBackend):
         headers: Mapping[str, str] | None = None,
         timeout: float = 60.0,
         max_concurrency: int | None = None,
-        price: tuple[float, float] | None = None,
+        price: PriceLike | None = None,
         client: httpx.AsyncClient | None = None,
         max_response_bytes: int | None = DEFAULT_MAX_RESPONSE_BYTES,
         max_server_wait: float = DEFAULT_MAX_SERVER_WAIT,
@@ -666,18 +672,16 @@ class HTTPBackend(BaseBackend):
             raise ConfigurationError(
                 f"max_concurrency must be None or an integer >= 1, got {max_concurrency!r}"
             )
-        if price is not None:
-            if len(price) != 2 or not all(isinstance(p, int | float) and p >= 0 for p in price):
-                raise ConfigurationError(
-                    "price must be (USD per 1M input tokens, USD per 1M output tokens), "
-                    f"both >= 0, got {price!r}"
-                )
+        own_price = Price.of(price) if price is not None else None
         super().__init__(name or (f"{self.provider}:{model}" if model else self.provider))
         self.model = model
         self.base_url = base_url.rstrip("/")
         self.timeout = float(timeout)
         self.max_concurrency = max_concurrency
-        self.price = (float(price[0]), float(price[1])) if price is not None else None
+        #: the price given with ``price=`` (``None``: the genai-prices table's, see `price_for`).
+        self.price: Price | None = own_price
+        #: the table's price of the default model (looked up at the first call).
+        self._table_price: Price | bool | None = False
         self.max_response_bytes = max_response_bytes
         self.max_server_wait = float(max_server_wait)
         self.http2 = http2
@@ -919,10 +923,13 @@ class HTTPBackend(BaseBackend):
         return self._shards[0] or self._new_shard(0)
 
     async def warm(self) -> None:
-        """Build the first HTTP client (its connection pool and TLS context) before any call, so
-        the ~0.1 s this costs counts against neither a deadline nor a latency."""
+        """Build the first HTTP client (its connection pool and TLS context) and look the
+        model's price up (loading the genai-prices table: ~0.5 s once per process, in a worker
+        thread) before any call, so that neither counts against a deadline or a latency."""
         if not self._closed:
             _ = self.client
+        if self.price is None and self._table_price is False and self.model:
+            await anyio.to_thread.run_sync(self._price_of, self.model)
 
     @property
     def clients(self) -> list[httpx.AsyncClient]:
@@ -1387,14 +1394,63 @@ class HTTPBackend(BaseBackend):
 
     # -- shared helpers ------------------------------------------------------------------------
 
-    def _usage(self, input_tokens: int, output_tokens: int) -> Usage:
-        price = self.price
-        cost = (
-            None
+    def price_for(self, request: ChatRequest) -> Price | None:
+        """What ``request`` is billed at: ``price=``, else the genai-prices table's price of
+        its model (``request.model`` or the backend's); ``None``: unknown."""
+        if self.price is not None:
+            return self.price
+        model = request.model or self.model
+        if model is None:
+            return None
+        return self._price_of(model)
+
+    def _price_of(self, model: str | None) -> Price | None:
+        """The price of ``model`` (a completion's): ``price=``, else the table's."""
+        if self.price is not None:
+            return self.price
+        if not model:
+            return None
+        if model == self.model:
+            found = self._table_price
+            if found is False:
+                found = self._table_price = lookup_price(
+                    model, provider=self.provider, base_url=self.base_url
+                )
+            return found if isinstance(found, Price) else None
+        return lookup_price(model, provider=self.provider, base_url=self.base_url)
+
+    def _usage(
+        self,
+        input_tokens: int,
+        output_tokens: int,
+        *,
+        model: str | None = None,
+        cache_read: int = 0,
+        cache_write: int = 0,
+        reasoning: int = 0,
+    ) -> Usage:
+        """Usage priced at ``model``'s price (``None``: the backend's model); counts that
+        contradict each other (more cached than input tokens) are clipped."""
+        cache_read = min(cache_read, input_tokens)
+        cache_write = min(cache_write, input_tokens - cache_read)
+        reasoning = min(reasoning, output_tokens)
+        price = self._price_of(model or self.model)
+        return Usage(
+            input_tokens=input_tokens,
+            output_tokens=output_tokens,
+            cache_read_tokens=cache_read,
+            cache_write_tokens=cache_write,
+            reasoning_tokens=reasoning,
+            cost=None
             if price is None
-            else (input_tokens * price[0] + output_tokens * price[1]) / 1_000_000
+            else price.cost_of(
+                input_tokens,
+                output_tokens,
+                cache_read_tokens=cache_read,
+                cache_write_tokens=cache_write,
+                reasoning_tokens=reasoning,
+            ),
         )
-        return Usage(input_tokens=input_tokens, output_tokens=output_tokens, cost=cost)
 
 
 # -- credentials -------------------------------------------------------------------------------

@@ -46,8 +46,10 @@ from genfan import (
     TextDelta,
     ToolCall,
     ToolCallDelta,
+    Usage,
     merge_tool_call_deltas,
 )
+from genfan.cost import PriceLike
 
 from ._http import (
     DEFAULT_MAX_RESPONSE_BYTES,
@@ -121,7 +123,9 @@ class AnthropicBackend(HTTPBackend):
             ``timeout`` limits the whole call.
         max_concurrency: requests in flight at once (and pool size); more wait in genfan.
             ``None`` (default): no cap of its own; the guard stack's bulkhead is the cap.
-        price: USD per million input and output tokens, to fill ``Usage.cost``.
+        price: the model's price, to fill ``Usage.cost``: ``(input, output)`` USD per
+            million tokens or a :class:`~genfan.cost.Price`; ``None`` (default): the
+            genai-prices table's (see :class:`~genfan_providers._http.HTTPBackend`).
         client: use this ``httpx.AsyncClient`` (left open by :meth:`aclose`).
         max_response_bytes: the most bytes of one answer held in memory (a JSON body, or one
             event of a stream; default 16 MiB); a larger one fails with
@@ -165,7 +169,7 @@ class AnthropicBackend(HTTPBackend):
         headers: Mapping[str, str] | None = None,
         timeout: float = 60.0,
         max_concurrency: int | None = None,
-        price: tuple[float, float] | None = None,
+        price: PriceLike | None = None,
         client: httpx.AsyncClient | None = None,
         max_response_bytes: int | None = DEFAULT_MAX_RESPONSE_BYTES,
         max_server_wait: float = DEFAULT_MAX_SERVER_WAIT,
@@ -213,13 +217,22 @@ class AnthropicBackend(HTTPBackend):
     def build_body(self, request: ChatRequest, *, stream: bool = False) -> dict[str, Any]:
         """The JSON body sent for ``request`` (public so that tests and tools can inspect it)."""
         system: list[str] = []
+        #: system block index -> its cache_control (a message marked to be cached).
+        cached_system: dict[int, dict[str, str]] = {}
         turns: list[dict[str, Any]] = []
         for m in request.messages:
             if m.role == "system":
                 if m.content:
+                    if m.cache_control is not None:
+                        cached_system[len(system)] = _cache_control(m.cache_control)
                     system.append(m.content)
                 continue
             role, blocks = _blocks(m)
+            if m.cache_control is not None:
+                if isinstance(blocks, str):
+                    blocks = [{"type": "text", "text": blocks}]
+                if blocks:
+                    blocks[-1] = {**blocks[-1], "cache_control": _cache_control(m.cache_control)}
             if turns and turns[-1]["role"] == role:
                 last = turns[-1]
                 if isinstance(last["content"], str):
@@ -257,7 +270,14 @@ class AnthropicBackend(HTTPBackend):
             )
         elif fmt is not None and fmt.type == "json_object":
             system.append(_JSON_OBJECT_INSTRUCTION)
-        if system:
+        if cached_system:
+            # Blocks, so that the cache breakpoint sits where the message marked it.
+            body["system"] = [
+                {"type": "text", "text": text}
+                | ({"cache_control": cached_system[i]} if i in cached_system else {})
+                for i, text in enumerate(system)
+            ]
+        elif system:
             body["system"] = "\n\n".join(system)
         if tools:
             body["tools"] = tools
@@ -320,6 +340,7 @@ class AnthropicBackend(HTTPBackend):
                             )
                         )
             usage = usage_field(data, "usage", _USAGE_COUNTS)
+            priced = self._anthropic_usage(usage, token_count(usage, "output_tokens"), body)
             stop = text_field(data, "stop_reason")
             finish: FinishReason = (
                 "stop"
@@ -330,7 +351,7 @@ class AnthropicBackend(HTTPBackend):
                 text="".join(texts),
                 tool_calls=tuple(calls),
                 finish_reason=finish,
-                usage=self._usage(_tokens_in(usage), token_count(usage, "output_tokens")),
+                usage=priced,
                 model=text_field(data, "model") or body.get("model") or "",
                 backend=self.name,
                 latency=latency,
@@ -356,7 +377,8 @@ class AnthropicBackend(HTTPBackend):
         deltas: list[ToolCallDelta] = []
         tool_index: dict[int, int] = {}  # content block index -> tool call index
         json_blocks: set[int] = set()
-        input_tokens = output_tokens = 0
+        output_tokens = 0
+        usage_in: Mapping[str, Any] = {}
         stop: str | None = None
         model = ""
         stopped = False
@@ -409,16 +431,15 @@ class AnthropicBackend(HTTPBackend):
                     elif kind == "message_start":
                         message = ev["message"]
                         model = text_field(message, "model") or model
-                        usage = usage_field(message, "usage", _USAGE_COUNTS)
-                        input_tokens = _tokens_in(usage)
-                        output_tokens = token_count(usage, "output_tokens")
+                        usage_in = usage_field(message, "usage", _USAGE_COUNTS)
+                        output_tokens = token_count(usage_in, "output_tokens")
                     elif kind == "message_delta":
                         stop = text_field(ev.get("delta") or {}, "stop_reason") or stop
                         usage = usage_field(ev, "usage", _USAGE_COUNTS)
                         if usage.get("output_tokens") is not None:
                             output_tokens = token_count(usage, "output_tokens")
                         if usage.get("input_tokens"):
-                            input_tokens = _tokens_in(usage)
+                            usage_in = usage
                     elif kind == "message_stop":
                         stopped = progress.ended = True
                     elif kind == "error":
@@ -440,13 +461,31 @@ class AnthropicBackend(HTTPBackend):
                 text="".join(parts),
                 tool_calls=calls,
                 finish_reason=finish,
-                usage=self._usage(input_tokens, output_tokens),
+                usage=self._anthropic_usage(usage_in, output_tokens, body),
                 model=model or body.get("model") or "",
                 backend=self.name,
                 latency=time.perf_counter() - start,
                 ttft=ttft,
                 rate_limit=None if response is None else self._rate_limit_info(response.headers),
             )
+        )
+
+    def _anthropic_usage(
+        self, usage: Mapping[str, Any], output_tokens: int, body: Mapping[str, Any]
+    ) -> Usage:
+        """``Usage`` from Anthropic's counts: its ``input_tokens`` (uncached),
+        ``cache_creation_input_tokens`` and ``cache_read_input_tokens`` add up to the input;
+        priced at the request's model.
+
+        Raises:
+            TypeError, ValueError: a count that is no count.
+        """
+        return self._usage(
+            _tokens_in(usage),
+            output_tokens,
+            model=body.get("model"),
+            cache_read=token_count(usage, "cache_read_input_tokens"),
+            cache_write=token_count(usage, "cache_creation_input_tokens"),
         )
 
     def _raise_event_error(self, ev: Mapping[str, Any], url: str, response: httpx.Response) -> None:
@@ -500,6 +539,11 @@ def _tokens_in(usage: Mapping[str, Any]) -> int:
         + token_count(usage, "cache_creation_input_tokens")
         + token_count(usage, "cache_read_input_tokens")
     )
+
+
+def _cache_control(ttl: str) -> dict[str, str]:
+    """Anthropic's ``cache_control`` for a TTL (``"5m"`` is its default, left unsaid)."""
+    return {"type": "ephemeral"} if ttl == "5m" else {"type": "ephemeral", "ttl": ttl}
 
 
 def _blocks(m: Message) -> tuple[str, str | list[dict[str, Any]]]:

@@ -45,9 +45,11 @@ from genfan import (
     TokenLogprob,
     ToolCall,
     ToolCallDelta,
+    Usage,
     merge_tool_call_deltas,
     telemetry,
 )
+from genfan.cost import PriceLike
 
 from ._http import (
     DEFAULT_MAX_RESPONSE_BYTES,
@@ -61,6 +63,7 @@ from ._http import (
     parse_int,
     prefixed_headers,
     text_field,
+    token_count,
     usage_field,
 )
 
@@ -114,7 +117,9 @@ class OpenAIBackend(HTTPBackend):
             ``timeout`` limits the whole call.
         max_concurrency: requests in flight at once (and pool size); more wait in genfan.
             ``None`` (default): no cap of its own; the guard stack's bulkhead is the cap.
-        price: USD per million input and output tokens, to fill ``Usage.cost``.
+        price: the model's price, to fill ``Usage.cost``: ``(input, output)`` USD per
+            million tokens or a :class:`~genfan.cost.Price`; ``None`` (default): the
+            genai-prices table's (see :class:`~genfan_providers._http.HTTPBackend`).
         client: use this ``httpx.AsyncClient`` (left open by :meth:`aclose`).
         max_response_bytes: the most bytes of one answer held in memory (a JSON body, or one
             event of a stream; default 16 MiB); a larger one fails with
@@ -166,7 +171,7 @@ class OpenAIBackend(HTTPBackend):
         headers: Mapping[str, str] | None = None,
         timeout: float = 60.0,
         max_concurrency: int | None = None,
-        price: tuple[float, float] | None = None,
+        price: PriceLike | None = None,
         client: httpx.AsyncClient | None = None,
         max_response_bytes: int | None = DEFAULT_MAX_RESPONSE_BYTES,
         max_server_wait: float = DEFAULT_MAX_SERVER_WAIT,
@@ -200,6 +205,24 @@ class OpenAIBackend(HTTPBackend):
         self._chat_url = self.base_url + "/chat/completions"
         self._embed_url = self.base_url + "/embeddings"
         self._is_openai = httpx.URL(self.base_url).host == "api.openai.com"
+
+    def _openai_usage(self, usage: Mapping[str, Any], model: str | None) -> Usage:
+        """``Usage`` from an OpenAI usage object: cached prompt tokens
+        (``prompt_tokens_details.cached_tokens``) and reasoning tokens
+        (``completion_tokens_details.reasoning_tokens``) included, priced.
+
+        Raises:
+            TypeError, ValueError: a count that is no count.
+        """
+        prompt = usage_field(usage, "prompt_tokens_details", ("cached_tokens",))
+        completion = usage_field(usage, "completion_tokens_details", ("reasoning_tokens",))
+        return self._usage(
+            token_count(usage, "prompt_tokens"),
+            token_count(usage, "completion_tokens"),
+            model=model,
+            cache_read=token_count(prompt, "cached_tokens"),
+            reasoning=token_count(completion, "reasoning_tokens"),
+        )
 
     def _max_tokens_key(self, model: str | None) -> str:
         """The body field for ``max_tokens`` when calling ``model``."""
@@ -330,9 +353,7 @@ class OpenAIBackend(HTTPBackend):
             message = choice["message"]
             content = message.get("content")
             raw_calls = message.get("tool_calls")
-            usage = data.get("usage") or _NO_USAGE
-            input_tokens = usage.get("prompt_tokens") or 0
-            output_tokens = usage.get("completion_tokens") or 0
+            usage = usage_field(data, "usage", _USAGE_COUNTS)
             text = content if isinstance(content, str) else _join_parts(content)
             calls = _tool_calls(raw_calls) if raw_calls else ()
             finish = _FINISH.get(choice.get("finish_reason"), "unknown")
@@ -340,7 +361,7 @@ class OpenAIBackend(HTTPBackend):
                 text=text,
                 tool_calls=calls,
                 finish_reason=finish,
-                usage=self._usage(input_tokens, output_tokens),
+                usage=self._openai_usage(usage, body.get("model")),
                 model=data.get("model") or body.get("model") or "",
                 backend=self.name,
                 latency=latency,
@@ -430,7 +451,7 @@ class OpenAIBackend(HTTPBackend):
                 text="".join(parts),
                 tool_calls=merge_tool_call_deltas(deltas),
                 finish_reason=_FINISH.get(finish, "unknown"),
-                usage=self._usage(u.get("prompt_tokens") or 0, u.get("completion_tokens") or 0),
+                usage=self._openai_usage(u, body.get("model")),
                 model=model or body.get("model") or "",
                 backend=self.name,
                 latency=time.perf_counter() - start,

@@ -63,6 +63,7 @@ from genfan import (
     Usage,
     telemetry,
 )
+from genfan.cost import Price, PriceLike
 
 from ._env import apply_engine_env, cpu_dtype, engine_reason, env_lock, new_log_file
 from ._errors import (
@@ -175,6 +176,9 @@ def shutdown_engines() -> None:
 atexit.register(shutdown_engines)
 
 
+_FREE: Final = Price(input=0.0, output=0.0)
+
+
 class VLLMBackend(BaseBackend):
     """A local model served by vLLM inside this process.
 
@@ -209,6 +213,10 @@ class VLLMBackend(BaseBackend):
         progress: report the engine start: ``True`` writes a line to standard error as it
             starts and when it is ready, a callable gets those lines as
             `ProgressEvent` s (see `prepare_default_model`).
+        price: what a token costs, to fill ``Usage.cost`` (``(input, output)`` USD per
+            million tokens, or a :class:`~genfan.cost.Price`); ``None`` (default): nothing,
+            ``cost=0.0`` (your own hardware: price it to count it against budgets and
+            ``max_cost``).
         engine_options: further ``vllm.AsyncEngineArgs`` fields (engine options from a config
             file may also be given as keyword arguments).
 
@@ -240,6 +248,7 @@ class VLLMBackend(BaseBackend):
         timeout: float | None = None,
         tool_parser: str | None = None,
         progress: ProgressLike = False,
+        price: PriceLike | None = None,
         engine_options: Mapping[str, Any] | None = None,
         **engine_kwargs: Any,
     ) -> None:
@@ -292,10 +301,16 @@ class VLLMBackend(BaseBackend):
         self.tool_parser = tool_parser
         self._tool_parser_cls = None if tool_parser is None else _tool_parser_class(tool_parser)
         self._progress = progress
+        #: what a token costs (default: nothing).
+        self.price: Price = Price.of(price) if price is not None else _FREE
         self._shared: _Engine | None = None
 
     def __repr__(self) -> str:
         return f"VLLMBackend(name={self.name!r}, model={self.model_name!r})"
+
+    def price_for(self, request: ChatRequest) -> Price:
+        """What a request costs per token: ``price=``, else nothing."""
+        return self.price
 
     # -- the shared engine -----------------------------------------------------------------
 
@@ -689,7 +704,9 @@ class VLLMBackend(BaseBackend):
             text=text,
             tool_calls=calls,
             finish_reason=reason,
-            usage=Usage(input_tokens=prompt_len, output_tokens=len(choice.token_ids)),
+            usage=self.price.priced(
+                Usage(input_tokens=prompt_len, output_tokens=len(choice.token_ids))
+            ),
             model=self.model_name,
             backend=self.name,
             latency=time.perf_counter() - start,
@@ -844,7 +861,7 @@ class VLLMBackend(BaseBackend):
                 text=answer,
                 tool_calls=calls,
                 finish_reason=reason,
-                usage=Usage(input_tokens=prompt_len, output_tokens=tokens),
+                usage=self.price.priced(Usage(input_tokens=prompt_len, output_tokens=tokens)),
                 model=self.model_name,
                 backend=self.name,
                 latency=time.perf_counter() - start,
