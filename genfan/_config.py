@@ -4,6 +4,7 @@
 [fanout]
 mode = "all"            # all | first | quorum
 deadline = 30           # seconds for the whole fan-out
+max_cost = 0.05         # USD cap per run: calls that would pass it are not started
 select = "auto"         # a selector name (see genfan.select), or a table {name = "vote", ...}
 
 [backends.gpt]
@@ -12,7 +13,7 @@ model = "gpt-4o-mini"
 api_key_env = "OPENAI_API_KEY"   # the key is read from this variable, never from the file
 temperature = 0.2       # per-backend overrides of the request
 system = "Answer briefly."
-price = [0.15, 0.6]     # USD per million input, output tokens: each answer's cost
+price = [0.15, 0.6]     # USD per 1M input, output tokens (default: the genai-prices table's)
 
 [backends.gpt.options]  # passed to the backend's constructor (typos are named, with the valid
 max_concurrency = 8     # options)
@@ -47,6 +48,7 @@ from ._backend import Backend, backend_options, build_backend, unknown_option_me
 from ._create import guarded
 from ._errors import ConfigurationError
 from ._fanout import FanOut, Target
+from .cost import BudgetedBackend, CachedBackend
 
 if TYPE_CHECKING:
     from ._types import ChatRequest
@@ -78,6 +80,10 @@ class BackendConfig(BaseModel):
     system: str | None = None
     options: dict[str, Any] = Field(default_factory=dict)
     guards: dict[str, Any] | None = None
+    #: a ``[budgets.NAME]`` every call of this backend is charged to (see docs/budgets.md)
+    budget: str | None = None
+    #: a ``[caches.NAME]`` that answers this backend's repeated requests (docs/caching.md)
+    cache: str | None = None
     enabled: bool = True
     members: list[str] | None = None
     strategy: str | None = None
@@ -134,6 +140,8 @@ class FanOutConfig(BaseModel):
     select: str | SelectConfig = "auto"
     backends: list[str] | None = None
     early_exit: Annotated[int, Field(ge=1)] | None = None
+    max_cost: Annotated[float, Field(ge=0, allow_inf_nan=False)] | None = None
+    prompt_cache: Literal["warm-first"] | None = None
 
     @model_validator(mode="after")
     def _early_exit_alone(self) -> FanOutConfig:
@@ -163,9 +171,18 @@ class GenfanConfig(BaseModel):
     defaults: _Defaults = Field(default_factory=lambda: _Defaults())
     schedules: dict[str, Any] = Field(default_factory=dict)
     batch: dict[str, Any] = Field(default_factory=dict)
+    #: ``[serve]``: the gateway's table (``genfan.serve.ServeSettings``), validated by
+    #: ``genfan serve``.
+    serve: dict[str, Any] = Field(default_factory=dict)
     #: ``[rate_limit_stores.NAME]``: shared quota stores (``RateLimitStoreConfig``), named by
     #: ``rate_limit_store = "NAME"`` in guards tables.
     rate_limit_stores: dict[str, Any] = Field(default_factory=dict)
+    #: ``[budgets.NAME]``: spend budgets (``genfan.cost.BudgetConfig``), named by
+    #: ``budget = "NAME"`` in backend tables.
+    budgets: dict[str, Any] = Field(default_factory=dict)
+    #: ``[caches.NAME]``: response caches (``genfan.cost.CacheConfig``), named by
+    #: ``cache = "NAME"`` in backend tables.
+    caches: dict[str, Any] = Field(default_factory=dict)
     source: Path | None = Field(default=None, exclude=True)
 
     @model_validator(mode="before")
@@ -193,6 +210,49 @@ class GenfanConfig(BaseModel):
                 )
                 raise ValueError(f"rate_limit_stores.{name}: {problems}") from None
         return {**data, "rate_limit_stores": stores}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _cost_tables(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        from .cost import BudgetConfig, CacheConfig  # pydantic models: built when a file has them
+
+        out = dict(data)
+        for key, model in (("budgets", BudgetConfig), ("caches", CacheConfig)):
+            tables = data.get(key)
+            if not tables:
+                continue
+            if not isinstance(tables, dict):
+                raise ValueError(f"{key} must hold [{key}.NAME] tables")
+            built: dict[str, Any] = {}
+            for name, table in tables.items():
+                if isinstance(table, model):
+                    built[name] = table
+                    continue
+                try:
+                    built[name] = model.model_validate(table)
+                except ValidationError as exc:
+                    problems = "; ".join(
+                        f"{'.'.join(str(p) for p in e['loc']) or 'the table'}:"
+                        f" {e['msg'].removeprefix('Value error, ')}"
+                        for e in exc.errors()
+                    )
+                    raise ValueError(f"{key}.{name}: {problems}") from None
+            out[key] = built
+        return out
+
+    @model_validator(mode="after")
+    def _check_cost_names(self) -> GenfanConfig:
+        for name, b in self.backends.items():
+            for key, tables in (("budget", self.budgets), ("cache", self.caches)):
+                wanted = getattr(b, key)
+                if wanted is not None and wanted not in tables:
+                    raise ValueError(
+                        f"backends.{name}.{key} names {wanted!r}, which has no [{key}s.{wanted}]"
+                        f" table; defined: {sorted(tables)}"
+                    )
+        return self
 
     @model_validator(mode="after")
     def _check_names(self) -> GenfanConfig:
@@ -304,9 +364,36 @@ class GenfanConfig(BaseModel):
             else:
                 composite = Fallback(members, name=name, owns_backends=True)
             if cfg.guards is None:
-                return composite
-            return self._apply_guards(composite, None, cfg.guards, stores)
-        return self._build_leaf(name, cfg, stores, f"backends.{name}")
+                return self._with_cost(cfg, composite, stores)
+            guarded_composite = self._apply_guards(composite, None, cfg.guards, stores)
+            return self._with_cost(cfg, guarded_composite, stores)
+        return self._with_cost(cfg, self._build_leaf(name, cfg, stores, f"backends.{name}"), stores)
+
+    def _with_cost(self, cfg: BackendConfig, backend: Backend, stores: dict[str, Any]) -> Backend:
+        """``backend`` charged to its budget and answered from its cache (the cache outermost:
+        a hit spends nothing). Each budget and cache is built once per build, shared by the
+        backends that name it, and closed with the last of them."""
+        node = backend
+        if cfg.budget is not None:
+            budget_cfg = self.budgets[cfg.budget]
+            budget = stores.get(f"\x00budget:{cfg.budget}")
+            if budget is None:
+                try:
+                    budget = stores[f"\x00budget:{cfg.budget}"] = budget_cfg.build()
+                except ConfigurationError as exc:
+                    raise ConfigurationError(f"budgets.{cfg.budget}: {exc}") from None
+            budget._hold()
+            node = _OwnedBudgeted(node, budget, scope=budget_cfg.scope or cfg.budget)
+        if cfg.cache is not None:
+            cache = stores.get(f"\x00cache:{cfg.cache}")
+            if cache is None:
+                try:
+                    cache = stores[f"\x00cache:{cfg.cache}"] = self.caches[cfg.cache].build()
+                except ConfigurationError as exc:
+                    raise ConfigurationError(f"caches.{cfg.cache}: {exc}") from None
+            cache._holders += 1
+            node = _OwnedCached(node, cache)
+        return node
 
     def _build_leaf(
         self, name: str, cfg: BackendConfig, stores: dict[str, Any], where: str
@@ -386,6 +473,7 @@ class GenfanConfig(BaseModel):
         deadline: float | None = None,
         early_exit: int | None = None,
         judge: str | Mapping[str, Any] | None = None,
+        max_cost: float | None = None,
     ) -> FanOut:
         """A [`FanOut`][genfan.FanOut] as the config describes it (arguments override the file).
 
@@ -432,6 +520,8 @@ class GenfanConfig(BaseModel):
             "deadline": deadline if deadline is not None else fan.deadline,
             "select": selector,
             "owns_backends": True,
+            "max_cost": max_cost if max_cost is not None else fan.max_cost,
+            "prompt_cache": fan.prompt_cache,
         }
         if owned:
             return _ConfigFanOut(targets, judges=owned, **settings)
@@ -467,6 +557,31 @@ class GenfanConfig(BaseModel):
             backend = self._build_leaf(name, table, stores, "fanout.select.judge")
         owned.append(backend)
         return backend
+
+
+class _OwnedBudgeted(BudgetedBackend):
+    """A config-built backend's budget: closing it closes the backend, and the budget with the
+    last backend that holds it."""
+
+    async def aclose(self) -> None:
+        try:
+            await self.inner.aclose()
+        finally:
+            await self.budget._release()
+
+
+class _OwnedCached(CachedBackend):
+    """A config-built backend's cache: closing it closes the backend, and the cache with the
+    last backend that holds it."""
+
+    async def aclose(self) -> None:
+        try:
+            await self.inner.aclose()
+        finally:
+            cache: Any = self.cache
+            cache._holders -= 1
+            if cache._holders <= 0:
+                await cache.aclose()
 
 
 class _ConfigFanOut(FanOut):

@@ -18,6 +18,7 @@ arguments) is kept apart from failures that happen while talking to a backend::
     │   ├── CircuitOpenError(retry_at, retry_after)   the breaker is open: not called
     │   ├── BulkheadFullError         too many calls in flight or queued: not called
     │   ├── RateLimitExceededError(retry_after)  a local rate limit refused the call
+    │   ├── BudgetExceededError(scope, limit, spent)  a spend budget refused the call: not called
     │   ├── CallCancelledError        the call was cancelled (a race was won elsewhere)
     │   └── NoAnswerError(errors, explanation)   a composite called as a backend chose nothing
     └── AllBackendsFailedError        every backend failed; also an ``ExceptionGroup``
@@ -46,6 +47,7 @@ __all__ = [
     "BackendConnectionError",
     "BackendError",
     "BackendTimeoutError",
+    "BudgetExceededError",
     "BulkheadFullError",
     "CallCancelledError",
     "CircuitOpenError",
@@ -329,6 +331,59 @@ class RateLimitExceededError(BackendError):
     def __init__(self, message: str, *, backend: str = "?", retry_after: float) -> None:
         super().__init__(message, backend=backend)
         self.retry_after = retry_after
+
+
+class BudgetExceededError(BackendError):
+    """A spend budget (``genfan.cost.Budget``) refused the call: what its scope has spent in
+    the current period, plus the calls in flight, plus this call's reserve, would pass the
+    limit. The call was not sent.
+
+    Not retryable before the period resets (``resets_at``), and not counted by circuit breakers
+    (the backend is fine). A fallback moves on to its next backend, which may have a budget of
+    its own.
+
+    Attributes:
+        scope: the budget's scope (an application, a key, a schedule).
+        limit: the limit in USD for the period.
+        spent: USD recorded in the current period.
+        reserved: USD reserved by calls in flight.
+        requested: USD this call wanted to reserve.
+        period: the budget's period (``"day"``, ``"month"``, ``"total"``, or seconds as text).
+        resets_at: the Unix time the next period starts (``None`` for a total budget).
+    """
+
+    _counts = False
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        backend: str = "?",
+        scope: str,
+        limit: float,
+        spent: float,
+        reserved: float,
+        requested: float,
+        period: str,
+        resets_at: float | None,
+    ) -> None:
+        super().__init__(message, backend=backend)
+        self.scope = scope
+        self.limit = limit
+        self.spent = spent
+        self.reserved = reserved
+        self.requested = requested
+        self.period = period
+        self.resets_at = resets_at
+
+    @property
+    def retry_after(self) -> float | None:
+        """Seconds from now until the period resets (``None`` for a total budget)."""
+        if self.resets_at is None:
+            return None
+        import time
+
+        return max(0.0, self.resets_at - time.time())
 
 
 class CallCancelledError(BackendError):
