@@ -142,6 +142,14 @@ from ._schedule import schedule_app  # noqa: E402
 
 app.add_typer(schedule_app, name="schedule")
 
+from ._serve import serve  # noqa: E402
+
+app.command()(serve)
+
+from ._keys import keys_app  # noqa: E402
+
+app.add_typer(keys_app, name="keys")
+
 
 def main() -> None:
     """Entry point of the ``genfan`` script."""
