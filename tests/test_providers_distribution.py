@@ -147,9 +147,20 @@ async def test_the_guards_bulkhead_is_the_http_backends_one_cap() -> None:
             assert len(backend.clients) == 80 // 4
         assert srv.connections_opened <= 80
 
+        # The default bulkhead (1,000 at once) is the one cap: 96 calls are all in flight.
+        srv.max_in_flight = 0
+        backend = OpenAIBackend("m", base_url=srv.url, api_key="k")
+        async with guard(backend, retry=None) as guarded:
+            async with anyio.create_task_group() as tg:
+                for i in range(96):
+                    tg.start_soon(guarded.complete, ChatRequest.from_prompt(f"d{i}"))
+        assert srv.max_in_flight == 96
+
+        # A bulkhead of 64: the pools hold what it lets through, never more.
         opened, srv.max_in_flight = srv.connections_opened, 0
         backend = OpenAIBackend("m", base_url=srv.url, api_key="k")
-        async with guard(backend, retry=None) as guarded:  # the default bulkhead: 64 at once
+        narrow = BulkheadPolicy(max_concurrent=64)
+        async with guard(backend, bulkhead=narrow, retry=None) as guarded:
             async with anyio.create_task_group() as tg:
                 for i in range(96):
                     tg.start_soon(guarded.complete, ChatRequest.from_prompt(f"q{i}"))

@@ -204,6 +204,7 @@ def _local_backend(outputs: list[Any]) -> Any:
     vllm.BaseBackend.__init__(backend, "vllm:test")
     backend.model_name = "test"
     backend._timeout = None
+    backend.price = vllm._FREE
 
     async def generate(request: ChatRequest, *, stream: bool, n: int = 1) -> Any:
         for out in outputs:
