@@ -39,7 +39,7 @@ import re
 import tomllib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator, with_config
 from typing_extensions import TypedDict  # pydantic reads typing.TypedDict on 3.12+ only
@@ -52,6 +52,7 @@ from .cost import BudgetedBackend, CachedBackend
 
 if TYPE_CHECKING:
     from ._types import ChatRequest
+    from .cost import Budget
     from .select import Candidate, MajorityVote, Selection, Selector
 
 __all__ = ["BackendConfig", "FanOutConfig", "GenfanConfig", "load_config", "parse_config"]
@@ -523,8 +524,9 @@ class GenfanConfig(BaseModel):
             "max_cost": max_cost if max_cost is not None else fan.max_cost,
             "prompt_cache": fan.prompt_cache,
         }
-        if owned:
-            return _ConfigFanOut(targets, judges=owned, **settings)
+        budgets = [b for k, b in stores.items() if k.startswith("\x00budget:")]
+        if owned or budgets:
+            return _ConfigFanOut(targets, judges=owned, budgets=budgets, **settings)
         return FanOut(targets, **settings)
 
     def _selector(
@@ -560,14 +562,32 @@ class GenfanConfig(BaseModel):
 
 
 class _OwnedBudgeted(BudgetedBackend):
-    """A config-built backend's budget: closing it closes the backend, and the budget with the
-    last backend that holds it."""
+    """A config-built backend's budget: opening the backend (``async with``) starts the
+    budget's leases (once for all the backends sharing it), closing it stops them, closes the
+    backend, and the budget with the last backend that holds it."""
+
+    _opened = False
+    _closed = False
+
+    async def __aenter__(self) -> Self:
+        if not self._opened and not self._closed:
+            await self.budget._start_leasing()
+            self._opened = True
+        return self
 
     async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
         try:
             await self.inner.aclose()
         finally:
-            await self.budget._release()
+            try:
+                if self._opened:
+                    self._opened = False
+                    await self.budget._stop_leasing()
+            finally:
+                await self.budget._release()
 
 
 class _OwnedCached(CachedBackend):
@@ -585,18 +605,43 @@ class _OwnedCached(CachedBackend):
 
 
 class _ConfigFanOut(FanOut):
-    """A fan-out built from a config with a judge it built: closing it closes the judge too."""
+    """A fan-out built from a config with a judge or budgets it built: closing it closes the
+    judge too; opening it (``async with``) starts the budgets' leases, closing it stops them."""
 
-    def __init__(self, targets: Sequence[Target], *, judges: Sequence[Backend], **kw: Any) -> None:
+    def __init__(
+        self,
+        targets: Sequence[Target],
+        *,
+        judges: Sequence[Backend],
+        budgets: Sequence[Budget] = (),
+        **kw: Any,
+    ) -> None:
         super().__init__(targets, **kw)
         self._judges = tuple(judges)
+        self._budgets = tuple(budgets)
+        self._leasing: list[Budget] = []
+
+    async def __aenter__(self) -> Self:
+        if not self._leasing:
+            for budget in self._budgets:
+                await budget._start_leasing()
+                self._leasing.append(budget)
+        return self
 
     async def aclose(self) -> None:
+        failure: Exception | None = None
+        while self._leasing:  # in reverse: each started a flusher in this task
+            try:
+                await self._leasing.pop()._stop_leasing()
+            except Exception as exc:  # the others stop all the same; the first failure is raised
+                failure = failure or exc
         try:
             await super().aclose()
         finally:
             for judge in self._judges:
                 await judge.aclose()
+        if failure is not None:
+            raise failure
 
     def __repr__(self) -> str:
         return f"FanOut(name={self.name!r})"

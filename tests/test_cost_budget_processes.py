@@ -54,6 +54,9 @@ WORKER = textwrap.dedent(
             ) as provider:
                 backend = budgeted(provider, budget, scope=SCOPE)
                 done = []
+                # open (store connected, client ready): wait for the others, start together
+                print("ready", flush=True)
+                await anyio.to_thread.run_sync(sys.stdin.readline)
 
                 async def loop():
                     while True:
@@ -68,8 +71,6 @@ WORKER = textwrap.dedent(
                         tg.start_soon(loop)
         print(json.dumps({"costs": done}), flush=True)
 
-    print("ready", flush=True)
-    sys.stdin.readline()
     anyio.run(main, backend=BACKEND)
     """
 )
@@ -134,7 +135,7 @@ def test_three_processes_never_overspend_by_more_than_the_calls_in_flight(
         for backend in ("asyncio", "trio", "asyncio")
     ]
     try:
-        for p in procs:  # every process imported and ready: start together
+        for p in procs:  # every process open (store, client) and ready: start together
             assert p.stdout is not None and p.stdout.readline().strip() == "ready", p.stderr
         for p in procs:
             assert p.stdin is not None

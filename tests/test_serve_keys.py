@@ -6,6 +6,7 @@ import sqlite3
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -107,3 +108,81 @@ async def test_an_unreachable_store_is_a_keystoreerror_without_its_password() ->
     assert "s3cret" not in repr(store)
     with pytest.raises(ConfigurationError, match="sqlite:///"):
         KeyStore("mysql://host/db")
+
+
+# -- the gateway's per-key budgets ----------------------------------------------------------------
+
+
+async def test_the_gateway_leases_key_budgets_and_records_them_on_shutdown(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import httpx
+
+    import genfan.cost
+    from genfan import parse_config
+    from genfan.cost import Budget, Ledger, SQLiteBudgetStore
+    from genfan.serve import ServeSettings, create_app
+    from genfan.testserver import FakeLLMServer, TextReply
+
+    steps = {"reserve": 0, "settle": 0, "lease": 0}
+
+    class Counting(SQLiteBudgetStore):
+        async def reserve(self, scope: str, window: str, **kw: Any) -> Ledger:
+            steps["reserve"] += 1
+            return await super().reserve(scope, window, **kw)
+
+        async def settle(self, scope: str, window: str, **kw: Any) -> None:
+            steps["settle"] += 1
+            await super().settle(scope, window, **kw)
+
+        async def lease(self, scope: str, window: str, **kw: Any) -> Ledger:
+            steps["lease"] += 1
+            return await super().lease(scope, window, **kw)
+
+    db = tmp_path / "budgets.db"
+    monkeypatch.setattr(genfan.cost, "budget_store_from_url", lambda url: Counting(db))
+    monkeypatch.setenv("GF_TEST_KEY", "sk-local")
+    cost = (10 * 1.0 + 5 * 2.0) / 1e6  # each answer: 10 tokens in, 5 out at $1/$2 per million
+    with FakeLLMServer() as srv:
+        srv.script("m-a", [TextReply("x", usage=(10, 5))] * 8)
+        cfg = parse_config(
+            {
+                "backends": {
+                    "a": {
+                        "type": "openai",
+                        "model": "m-a",
+                        "base_url": srv.url,
+                        "api_key_env": "GF_TEST_KEY",
+                        "price": [1.0, 2.0],
+                    }
+                }
+            }
+        )
+        keys = KeyStore(tmp_path / "keys.db")
+        async with create_app(cfg, ServeSettings(), keys=keys) as app:
+            secret, key = await keys.create("alice", budget_usd=1.0)
+            async with httpx.AsyncClient(
+                transport=httpx.ASGITransport(app), base_url="http://g"
+            ) as c:
+                for _ in range(8):
+                    r = await c.post(
+                        "/v1/chat/completions",
+                        json={
+                            "model": "a",
+                            "messages": [{"role": "user", "content": "hi"}],
+                            "max_tokens": 100,
+                        },
+                        headers={"authorization": f"Bearer {secret}"},
+                    )
+                    assert r.status_code == 200, r.text
+            # 8 requests, each within its reserve: leases of 2, 4, 8 reserves, no per-call step
+            assert steps["reserve"] == steps["settle"] == 0
+            assert 1 <= steps["lease"] <= 5
+        # closed: the costs settled in memory reached the store, and the lease was returned
+        store = SQLiteBudgetStore(db)
+        try:
+            status = await Budget(1.0, store=store, lease=None).status(f"key:{key.id}")
+        finally:
+            await store.aclose()
+        assert status.spent == pytest.approx(8 * cost)
+        assert status.reserved == 0.0

@@ -467,7 +467,8 @@ class Budget:
             async with lease.lock:
                 idle = give_back or window != current or (lease.calls == 0 and lease.in_flight <= 0)
                 stale = self.clock() - lease.renewed >= self.lease_ttl / 3
-                if lease.unflushed or stale or (idle and lease.held > 0):
+                # (a lease that never got room, its first step refused or failed: nothing)
+                if lease.unflushed or (stale and not lease.idle) or (idle and lease.held > 0):
                     want = 0.0 if idle else max(0.0, lease.free)
                     keep = resets_at if window == current else None
                     await self._step(lease, scope, window, keep, want, None)

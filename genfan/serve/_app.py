@@ -103,6 +103,7 @@ class Gateway:
     """
 
     _ledger_idle: anyio.Event
+    _budgets_done: anyio.Event
     _watchers: anyio.abc.TaskGroup
 
     def __init__(
@@ -130,6 +131,7 @@ class Gateway:
         self._key_cache: dict[str, tuple[VirtualKey, float]] = {}
         self._limiters: dict[str, Any] = {}
         self._budgets: dict[str, Any] = {}
+        self._budget_holders: anyio.abc.TaskGroup | None = None
         self._ledger_in: anyio.abc.ObjectSendStream[LedgerEntry] | None = None
         self._ledger_pending = 0
         self._budget_store: Any = None
@@ -171,6 +173,11 @@ class Gateway:
                     self.settings.budget_store or self.keys.location
                 )
                 stack.push_async_callback(self._budget_store.aclose)
+                # each key's budget is held open (leases) by a task here; at exit, before the
+                # store closes, they all send their costs and return their leases
+                self._budget_holders = await stack.enter_async_context(anyio.create_task_group())
+                self._budgets_done = anyio.Event()
+                stack.callback(self._close_budgets)
                 writer = await stack.enter_async_context(anyio.create_task_group())
                 self._ledger_in, entries = anyio.create_memory_object_stream[LedgerEntry](10_000)
                 self._ledger_idle = anyio.Event()
@@ -488,6 +495,9 @@ class Gateway:
                 key.budget_usd, period=cast("Period", key.budget_period), store=self._budget_store
             )
             self._budgets[key.id] = budget
+            if self._budget_holders is not None:
+                with anyio.CancelScope(shield=True):  # no I/O: the holder enters it and waits
+                    await self._budget_holders.start(self._hold_budget, budget, key.id)
         from ..cost import CostStoreError
 
         try:
@@ -514,6 +524,29 @@ class Gateway:
                 code="insufficient_quota",
                 retry_after=None if reset is None else max(1.0, reset - time.time()),
             ) from None
+
+    def _close_budgets(self) -> None:
+        """Let the tasks holding the keys' budgets close them (the gateway is closing)."""
+        self._budget_holders = None
+        self._budgets_done.set()
+
+    async def _hold_budget(
+        self,
+        budget: Any,
+        key_id: str,
+        *,
+        task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Keep a key's budget open (it leases) until the gateway closes; then its costs
+        settled in memory reach the store and its leases are returned."""
+        from ..cost import CostStoreError
+
+        try:
+            async with budget:
+                task_status.started()
+                await self._budgets_done.wait()
+        except CostStoreError as exc:  # the leases expire in the store after `lease_ttl`
+            telemetry.event("budget_flush_failed", level="error", key=key_id, error=str(exc))
 
     async def _settle(
         self, key: VirtualKey | None, hold: Any, cost: float | None, *, unknown: bool = False
