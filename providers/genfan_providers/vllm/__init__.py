@@ -1,6 +1,7 @@
 """The local vLLM engine, all of it: the in-process backend, the embedded model, and its server.
 
 * `VLLMBackend` serves a model inside this process (registry prefix ``vllm:``);
+* `VLLMEmbedder` embeds texts with a local model on vLLM's pooling runner (its own engine);
 * `prepare_default_model` converts the embedded default model (SmolLM2-135M-Instruct) once
   into a folder (``genfan local prepare``);
 * `serve_local` runs vLLM's OpenAI-compatible server for a local model
@@ -14,6 +15,7 @@ nothing itself.
 import types as _types
 
 from ._backend import EngineStats, VLLMBackend, shutdown_engines
+from ._embed import VLLMEmbedder
 from ._env import apply_engine_env, cpu_dtype
 from ._errors import (
     ContextLengthExceededError,
@@ -46,6 +48,7 @@ __all__ = [
     "ProgressEvent",
     "ProgressLike",
     "VLLMBackend",
+    "VLLMEmbedder",
     "apply_engine_env",
     "cache_dir",
     "cpu_dtype",

