@@ -63,14 +63,17 @@ docs: $(DEV_STAMP)
 test: $(LOCAL_STAMP) $(NODE_STAMP)
 	$(MAKE) lint typecheck unit engine docs
 
-# Every benchmark, one after another (each prints its table and writes benchmarks/results/*.json).
+# Every benchmark, one after another (each prints its table and writes benchmarks/results/*.json);
+# the selection benchmark evaluates its committed samples (`generate` draws new ones on the engine).
 BENCHMARKS := core_overhead http2_connections resilience_overhead resilience_hedge resilience_outage resilience_p2c \
 	resilience_adaptive schedule_faults \
-	agents_parallel batching_embed batching_job schedule_drift schedule_replicas local_engine selection
+	agents_parallel batching_embed batching_job schedule_drift schedule_replicas local_engine selection \
+	cost_prompt_cache cost_overhead cost_cache semantic_cache batch_api gateway
 bench: $(LOCAL_STAMP)
 	$(BIN)/python -m pip install -q -e '.[bench]'
 	$(BIN)/genfan local prepare
-	set -e; for b in $(BENCHMARKS); do echo "== $$b"; $(BIN)/python -m benchmarks.$$b; done
+	set -e; for b in $(BENCHMARKS); do echo "== $$b"; \
+		$(BIN)/python -m benchmarks.$$b $$(test $$b = selection && echo evaluate); done
 
 clean:
 	rm -rf $(VENV) site .pytest_cache .mypy_cache .ruff_cache tests/node/node_modules

@@ -7,7 +7,8 @@ cannot be reached fails fast for ``reconnect_interval`` seconds before it is tri
 Errors are raised as the caller's error type, and messages and reprs never show the URL's
 password.
 
-(``genfan.resilience``'s shared quota store speaks the same protocol with a copy of its own.)
+genfan's Redis stores all speak through it: the budget and cache stores (``genfan.cost``) and
+the shared quota store (``genfan.resilience``).
 """
 
 from __future__ import annotations
@@ -24,7 +25,17 @@ import anyio.abc
 
 from ._errors import ConfigurationError
 
-__all__ = ["RedisClient", "RespError", "RespValue", "parse_redis_url", "redact_redis_url"]
+__all__ = [
+    "RedisClient",
+    "RespError",
+    "RespParser",
+    "RespProtocolError",
+    "RespValue",
+    "encode_command",
+    "parse_redis_url",
+    "redact_redis_url",
+    "script_sha",
+]
 
 
 class RespError(str):
@@ -36,7 +47,7 @@ class RespError(str):
 #: A decoded RESP2 reply: simple string (str), error, integer, bulk string (bytes), array, nil.
 RespValue: TypeAlias = "str | RespError | int | bytes | list[RespValue] | None"
 
-_MAX_BULK = 64 * 1024 * 1024
+_MAX_BULK = 64 * 1024 * 1024  # a bigger length means a wrong peer
 _MAX_LINE = 64 * 1024
 
 
@@ -66,12 +77,24 @@ class _Incomplete(Exception):
     pass
 
 
-class _ProtocolError(Exception):
-    pass
+class RespProtocolError(Exception):
+    """The bytes are not RESP2 (the peer is not Redis); `RedisClient` raises its error type."""
+
+    def __init__(self, what: str) -> None:
+        super().__init__(f"the server sent {what}: is it Redis (RESP2)?")
+
+
+class _Refused(Exception):
+    """Redis refused a connection's setup (``AUTH``, ``SELECT``): the reason."""
 
 
 class RespParser:
-    """An incremental (sans-I/O) RESP2 reply parser."""
+    """An incremental (sans-I/O) RESP2 reply parser: `feed` bytes, then take complete replies
+    with `next`.
+
+    Raises:
+        RespProtocolError: the bytes are not RESP2.
+    """
 
     def __init__(self) -> None:
         self._buf = bytearray()
@@ -80,7 +103,8 @@ class RespParser:
         self._buf += data
 
     def next(self) -> tuple[RespValue] | None:
-        """The next complete reply as a 1-tuple, or ``None`` when more bytes are needed."""
+        """The next complete reply as a 1-tuple (a reply may be ``None``), or ``None`` when more
+        bytes are needed."""
         try:
             value, end = self._parse(0)
         except _Incomplete:
@@ -92,7 +116,7 @@ class RespParser:
         end = self._buf.find(b"\r\n", pos)
         if end < 0:
             if len(self._buf) - pos > _MAX_LINE:
-                raise _ProtocolError("a reply line without an end")
+                raise RespProtocolError("a reply line without an end")
             raise _Incomplete
         return bytes(self._buf[pos:end]), end + 2
 
@@ -112,29 +136,31 @@ class RespParser:
             if n == -1:
                 return None, pos
             if not 0 <= n <= _MAX_BULK:
-                raise _ProtocolError(f"a bulk string of length {n}")
+                raise RespProtocolError(f"a bulk string of length {n}")
             if len(self._buf) < pos + n + 2:
                 raise _Incomplete
+            if self._buf[pos + n : pos + n + 2] != b"\r\n":
+                raise RespProtocolError("a bulk string without its end")
             return bytes(self._buf[pos : pos + n]), pos + n + 2
         if kind == b"*":
             n = _int(line)
             if n == -1:
                 return None, pos
             if not 0 <= n <= _MAX_BULK:
-                raise _ProtocolError(f"an array of length {n}")
+                raise RespProtocolError(f"an array of length {n}")
             items: list[RespValue] = []
             for _ in range(n):
                 item, pos = self._parse(pos)
                 items.append(item)
             return items, pos
-        raise _ProtocolError(f"a reply starting with {bytes(kind)!r}")
+        raise RespProtocolError(f"a reply starting with {bytes(kind)!r}")
 
 
 def _int(line: bytes) -> int:
     try:
         return int(line)
     except ValueError:
-        raise _ProtocolError(f"{line[:20]!r} where a number belongs") from None
+        raise RespProtocolError(f"{line[:20]!r} where a number belongs") from None
 
 
 @dataclass(frozen=True, slots=True, repr=False)
@@ -272,6 +298,11 @@ class RedisClient:
     def __repr__(self) -> str:
         return f"RedisClient({self.url!r})"
 
+    @property
+    def closed(self) -> bool:
+        """Whether `aclose` was called."""
+        return self._closed
+
     async def aclose(self) -> None:
         """Close the connections; later commands fail."""
         self._closed = True
@@ -309,8 +340,8 @@ class RedisClient:
                 reply = await self._pooled(args)
         except TimeoutError:
             self._down(f"no answer within {self.timeout:g}s")
-        except _ProtocolError as exc:
-            self._down(f"the server sent {exc}: is it Redis (RESP2)?")
+        except (RespProtocolError, _Refused) as exc:
+            self._down(str(exc))
         except _DROPPED as exc:
             self._down(_describe(exc))
         self._down_until = -math.inf
@@ -340,6 +371,8 @@ class RedisClient:
                     await anyio.aclose_forcefully(conn.stream)
                     if fresh or attempt:
                         raise
+                    # The server closed an idle connection (a restart, its idle timeout): the
+                    # other idle ones are likely gone too. Try once on a fresh one.
                     stale, self._idle = self._idle, []
                     for other in stale:
                         await anyio.aclose_forcefully(other.stream)
@@ -364,11 +397,11 @@ class RedisClient:
                 auth = ("AUTH", a.username, a.password) if a.username else ("AUTH", a.password)
                 reply = await conn.call(*auth)
                 if isinstance(reply, RespError):
-                    raise self._error(f"Redis at {self.url}: AUTH failed: {reply}")
+                    raise _Refused(f"AUTH failed: {reply}")
             if a.db:
                 reply = await conn.call("SELECT", a.db)
                 if isinstance(reply, RespError):
-                    raise self._error(f"Redis at {self.url}: SELECT {a.db} failed: {reply}")
+                    raise _Refused(f"SELECT {a.db} failed: {reply}")
         except BaseException:
             await anyio.aclose_forcefully(stream)
             raise

@@ -78,7 +78,9 @@ WORKER = textwrap.dedent(
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[FakeLLMServer]:
-    with FakeLLMServer(latency=0.02) as srv:
+    # 0.2 s a call: the budget lasts several rounds of calls, so a process that wakes up late
+    # after the start signal still finds room (every process must get calls through)
+    with FakeLLMServer(latency=0.2) as srv:
         yield srv
 
 

@@ -38,6 +38,7 @@ from genfan import (
     Usage,
     parse_config,
 )
+from genfan._redis import RespError, RespParser, RespProtocolError, encode_command
 from genfan.resilience import (
     GuardsConfig,
     RateLimiter,
@@ -47,14 +48,7 @@ from genfan.resilience import (
     SharedQuotaError,
     guard,
 )
-from genfan.resilience._shared import (
-    BucketSpec,
-    RespError,
-    RespParser,
-    encode_command,
-    parse_redis_url,
-    redact_redis_url,
-)
+from genfan.resilience._shared import BucketSpec, parse_redis_url, redact_redis_url
 from genfan.testing import Fail, FakeBackend, FunctionBackend, capture_events
 from tests._services import port_open, require_service
 
@@ -255,8 +249,25 @@ def test_replies_are_decoded_however_the_bytes_are_split() -> None:
 def test_what_is_not_resp_is_a_typed_error(garbage: bytes) -> None:
     parser = RespParser()
     parser.feed(garbage)
-    with pytest.raises(SharedQuotaError, match="is it Redis"):
+    with pytest.raises(RespProtocolError, match="is it Redis"):
         parser.next()
+
+
+@pytest.mark.anyio
+async def test_a_peer_that_is_not_redis_is_a_shared_quota_error() -> None:
+    async def not_redis(stream: anyio.abc.SocketStream) -> None:
+        async with stream:
+            await stream.receive()
+            await stream.send(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+            await anyio.sleep_forever()
+
+    async with tcp_server(not_redis) as port:
+        async with RedisQuota(f"redis://:{SECRET}@{HOST}:{port}/0", timeout=2) as store:
+            with pytest.raises(SharedQuotaError, match="is it Redis") as info:
+                await store.ping()
+            with pytest.raises(SharedQuotaError, match="unavailable"):  # fails fast meanwhile
+                await store.ping()
+            no_secret(*exc_chain(info.value), store)
 
 
 def test_redis_urls_are_parsed_and_their_password_never_shown() -> None:

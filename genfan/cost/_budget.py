@@ -20,7 +20,6 @@ from __future__ import annotations
 import calendar
 import itertools
 import math
-import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -32,7 +31,7 @@ import anyio
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .. import telemetry
-from .._backend import AsyncCloseable, Backend
+from .._backend import Backend
 from .._errors import BudgetExceededError, ConfigurationError
 from .._types import ChatRequest, Completion, StreamEnd, StreamEvent
 from ._prices import estimate_cost
@@ -44,6 +43,8 @@ from ._store_budget import (
     SQLiteBudgetStore,
     budget_store_from_url,
 )
+from ._stores import check_store_fields, store_url
+from ._wrapper import WrappedBackend
 
 __all__ = [
     "Budget",
@@ -659,7 +660,7 @@ def _check_scope(scope: object) -> None:
         )
 
 
-class BudgetedBackend(AsyncCloseable):
+class BudgetedBackend(WrappedBackend):
     """A backend whose every call is charged to a budget's scope; built by `budgeted`.
 
     Before a call it reserves the budget's estimate (raising
@@ -683,10 +684,6 @@ class BudgetedBackend(AsyncCloseable):
         self.inner = inner
         self.budget = budget
         self.scope = scope
-
-    @property
-    def name(self) -> str:
-        return self.inner.name
 
     async def _reserve(self, request: ChatRequest) -> Reservation:
         try:
@@ -748,12 +745,6 @@ class BudgetedBackend(AsyncCloseable):
         finally:
             if not settled:
                 await self._finish(reservation, completion)
-
-    async def warm(self) -> None:
-        """Warm the wrapped backend (its HTTP clients, its engine), when it can be."""
-        warm = getattr(self.inner, "warm", None)
-        if callable(warm):
-            await warm()
 
     async def aclose(self) -> None:
         """Closes nothing: whoever made the backend and the budget closes them."""
@@ -822,15 +813,12 @@ class BudgetConfig(BaseModel):
 
     @model_validator(mode="after")
     def _one_store(self) -> BudgetConfig:
-        if self.store is not None and self.store_env is not None:
-            raise ValueError("set store or store_env (the variable holding the URL), not both")
+        check_store_fields(self.store, self.store_env, budget_store_from_url)
         if self.lease and self.flush_interval * 2 > self.lease_ttl:
             raise ValueError(
                 f"flush_interval ({self.flush_interval:g}s) must be at most half of lease_ttl"
                 f" ({self.lease_ttl:g}s): each flush renews the lease"
             )
-        if self.store is not None:
-            budget_store_from_url(self.store)  # a ConfigurationError (a ValueError) if bad
         return self
 
     def build(self) -> Budget:
@@ -839,14 +827,11 @@ class BudgetConfig(BaseModel):
         Raises:
             ConfigurationError: ``store_env`` is not set, or holds a bad URL.
         """
-        url = self.store
-        if self.store_env is not None:
-            url = os.environ.get(self.store_env)
-            if not url:
-                raise ConfigurationError(
-                    f"the environment variable {self.store_env} is not set; set it to the"
-                    " budget store's URL (sqlite:///..., postgresql://..., redis://...)"
-                )
+        url = store_url(
+            self.store,
+            self.store_env,
+            what="the budget store's URL (sqlite:///..., postgresql://..., redis://...)",
+        )
         return Budget(
             self.limit,
             period=self.period,

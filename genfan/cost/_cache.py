@@ -12,7 +12,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import os
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -21,7 +20,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Protocol, runtime_checkable
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .. import telemetry
-from .._backend import AsyncCloseable, Backend
+from .._backend import Backend
 from .._errors import ConfigurationError
 from .._types import (
     ChatRequest,
@@ -34,6 +33,8 @@ from .._types import (
 )
 from ._store_budget import CostStoreError
 from ._store_cache import CacheStore, SQLiteCacheStore, cache_store_from_url
+from ._stores import check_store_fields, store_url
+from ._wrapper import WrappedBackend
 
 if TYPE_CHECKING:
     from opentelemetry.metrics import Counter
@@ -260,7 +261,7 @@ def replay(completion: Completion, piece: int = 64) -> list[StreamEvent]:
     return events
 
 
-class CachedBackend(AsyncCloseable):
+class CachedBackend(WrappedBackend):
     """A backend whose answers are cached; built by `cached`.
 
     `complete` answers a hit from the cache and keeps a miss's answer; `stream` replays a hit
@@ -280,10 +281,6 @@ class CachedBackend(AsyncCloseable):
             )
         self.inner = inner
         self.cache = cache
-
-    @property
-    def name(self) -> str:
-        return self.inner.name
 
     async def complete(self, request: ChatRequest) -> Completion:
         hit = await self.cache.get(request, self.name)
@@ -312,12 +309,6 @@ class CachedBackend(AsyncCloseable):
                 await aclose()
         if end is not None:
             await self.cache.put(request, self.name, end)
-
-    async def warm(self) -> None:
-        """Warm the wrapped backend (its HTTP clients, its engine), when it can be."""
-        warm = getattr(self.inner, "warm", None)
-        if callable(warm):
-            await warm()
 
     async def aclose(self) -> None:
         """Closes nothing: whoever made the backend and the cache closes them."""
@@ -366,10 +357,7 @@ class CacheConfig(BaseModel):
 
     @model_validator(mode="after")
     def _one_store(self) -> CacheConfig:
-        if self.store is not None and self.store_env is not None:
-            raise ValueError("set store or store_env (the variable holding the URL), not both")
-        if self.store is not None:
-            cache_store_from_url(self.store)  # a ConfigurationError (a ValueError) if bad
+        check_store_fields(self.store, self.store_env, cache_store_from_url)
         return self
 
     def build(self) -> ResponseCache:
@@ -378,14 +366,9 @@ class CacheConfig(BaseModel):
         Raises:
             ConfigurationError: ``store_env`` is not set, or holds a bad URL.
         """
-        url = self.store
-        if self.store_env is not None:
-            url = os.environ.get(self.store_env)
-            if not url:
-                raise ConfigurationError(
-                    f"the environment variable {self.store_env} is not set; set it to the"
-                    " cache store's URL (sqlite:///..., redis://...)"
-                )
+        url = store_url(
+            self.store, self.store_env, what="the cache store's URL (sqlite:///..., redis://...)"
+        )
         return ResponseCache(
             url, ttl=self.ttl, cache_sampled=self.cache_sampled, namespace=self.namespace
         )

@@ -21,7 +21,6 @@ hands out in memory.
 from __future__ import annotations
 
 import math
-import sqlite3
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,7 +30,8 @@ from typing import Any, Protocol, TypeVar, runtime_checkable
 import anyio
 
 from .._errors import ConfigurationError, GenfanError, MissingExtraError
-from .._redis import RedisClient, parse_redis_url, script_sha
+from .._redis import script_sha
+from ._stores import RedisStore, SQLiteFile, store_from_url
 
 __all__ = [
     "BudgetStore",
@@ -422,11 +422,68 @@ def _check_prefix(owner: str, prefix: str) -> None:
         raise ConfigurationError(f"{owner}.prefix must be letters, digits or _, got {prefix!r}")
 
 
-_SQLITE_BUSY = ("locked", "busy")
-_SQLITE_UNAVAILABLE = ("unable to open", "disk i/o", "readonly", "disk is full", "not a database")
+class _SQLLedger:
+    """The steps of a ledger in SQL tables (SQLite, PostgreSQL): each is one transaction that
+    `_step` runs on a cursor."""
+
+    _sql: _SQL
+
+    async def _step(self, fn: Callable[[Any], T]) -> T:
+        raise NotImplementedError
+
+    async def reserve(
+        self,
+        scope: str,
+        window: str,
+        *,
+        reservation: str,
+        amount: float,
+        limit: float,
+        expires: float,
+        now: float,
+        keep_until: float | None,
+    ) -> Ledger:
+        return await self._step(
+            lambda cur: self._sql.reserve(
+                cur, scope, window, reservation, amount, limit, expires, now
+            )
+        )
+
+    async def settle(
+        self, scope: str, window: str, *, reservation: str, cost: float, keep_until: float | None
+    ) -> None:
+        await self._step(lambda cur: self._sql.settle(cur, scope, window, reservation, cost))
+
+    async def lease(
+        self,
+        scope: str,
+        window: str,
+        *,
+        lease: str,
+        cost: float,
+        hold: float,
+        want: float,
+        least: float | None,
+        limit: float,
+        expires: float,
+        now: float,
+        keep_until: float | None,
+    ) -> Ledger:
+        """Settle ``cost`` and hold the lease ``lease`` again (see `BudgetStore`)."""
+        return await self._step(
+            lambda cur: self._sql.lease(
+                cur, scope, window, lease, cost, hold, want, least, limit, expires, now
+            )
+        )
+
+    async def ledger(self, scope: str, window: str, *, now: float) -> Ledger:
+        return await self._step(lambda cur: self._sql.ledger(cur, scope, window, now))
+
+    async def reset(self, scope: str, window: str) -> None:
+        await self._step(lambda cur: self._sql.reset(cur, scope, window))
 
 
-class SQLiteBudgetStore:
+class SQLiteBudgetStore(_SQLLedger):
     """The default ledger: one SQLite file, created on first use, shared by the processes of
     one host (WAL mode; each step is a ``BEGIN IMMEDIATE`` transaction).
 
@@ -460,156 +517,25 @@ class SQLiteBudgetStore:
         self.path = str(path)
         self.timeout = float(timeout)
         self._sql = _SQL(prefix)
-        self._inline: sqlite3.Connection | None = None
-        self._threaded: sqlite3.Connection | None = None
-        self._limiter: anyio.CapacityLimiter | None = None
-        self._lock = threading.Lock()
-
-    def _connect(self, busy_ms: int) -> sqlite3.Connection:
-        try:
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-            conn = sqlite3.connect(
-                self.path, timeout=busy_ms / 1000, isolation_level=None, check_same_thread=False
-            )
-            conn.execute(f"PRAGMA busy_timeout = {busy_ms}")
-        except (OSError, sqlite3.Error) as exc:
-            raise CostStoreError(f"the SQLite budget store {self.path}: {exc}") from exc
-        return conn
-
-    def _ready(self) -> None:
-        """Open the connections and create the tables (once; the first step pays for it)."""
-        if self._inline is not None:
-            return
-        with self._lock:
-            if self._inline is not None:
-                return
-            threaded = self._connect(int(self.timeout * 1000))
-            try:
-                try:
-                    threaded.execute("PRAGMA journal_mode = WAL")
-                except sqlite3.OperationalError:  # another process is switching it right now
-                    pass
-                threaded.execute("PRAGMA synchronous = NORMAL")
-                self._tx(threaded, lambda cur: [cur.execute(s) for s in self._sql.ddl()])
-            except BaseException:
-                threaded.close()
-                raise
-            inline = self._connect(0)
-            inline.execute("PRAGMA synchronous = NORMAL")
-            self._threaded, self._inline = threaded, inline
-
-    def _tx(self, conn: sqlite3.Connection, fn: Callable[[Any], T]) -> T:
-        cur = conn.cursor()
-        try:
-            cur.execute("BEGIN IMMEDIATE")
-        except sqlite3.Error as exc:
-            raise self._error(exc) from exc
-        try:
-            out = fn(cur)
-            cur.execute("COMMIT")
-        except BaseException as exc:
-            try:
-                cur.execute("ROLLBACK")
-            except sqlite3.Error:
-                pass
-            if isinstance(exc, sqlite3.Error):
-                raise self._error(exc) from exc
-            raise
-        return out
-
-    def _error(self, exc: sqlite3.Error) -> Exception:
-        msg = str(exc).lower()
-        if any(m in msg for m in _SQLITE_BUSY):
-            return _Busy(str(exc))
-        return CostStoreError(f"the SQLite budget store {self.path}: {exc}")
-
-    async def _write(self, fn: Callable[[Any], T]) -> T:
-        if self._inline is None:
-            await anyio.to_thread.run_sync(self._ready)
-        assert self._inline is not None and self._threaded is not None
-        try:
-            return self._tx(self._inline, fn)  # the file is free: no thread hop
-        except _Busy:
-            pass
-        if self._limiter is None:
-            self._limiter = anyio.CapacityLimiter(1)
-        threaded = self._threaded
-        try:
-            return await anyio.to_thread.run_sync(self._tx, threaded, fn, limiter=self._limiter)
-        except _Busy as exc:
-            raise CostStoreError(
-                f"the SQLite budget store {self.path} stayed locked for {self.timeout:g}s ({exc})"
-            ) from None
-
-    async def reserve(
-        self,
-        scope: str,
-        window: str,
-        *,
-        reservation: str,
-        amount: float,
-        limit: float,
-        expires: float,
-        now: float,
-        keep_until: float | None,
-    ) -> Ledger:
-        return await self._write(
-            lambda cur: self._sql.reserve(
-                cur, scope, window, reservation, amount, limit, expires, now
-            ),
+        self._file = SQLiteFile(
+            self.path,
+            what="the SQLite budget store",
+            error=CostStoreError,
+            timeout=self.timeout,
+            schema=self._sql.ddl,
         )
 
-    async def settle(
-        self, scope: str, window: str, *, reservation: str, cost: float, keep_until: float | None
-    ) -> None:
-        await self._write(
-            lambda cur: self._sql.settle(cur, scope, window, reservation, cost),
-        )
-
-    async def lease(
-        self,
-        scope: str,
-        window: str,
-        *,
-        lease: str,
-        cost: float,
-        hold: float,
-        want: float,
-        least: float | None,
-        limit: float,
-        expires: float,
-        now: float,
-        keep_until: float | None,
-    ) -> Ledger:
-        """Settle ``cost`` and hold the lease ``lease`` again (see `BudgetStore`)."""
-        return await self._write(
-            lambda cur: self._sql.lease(
-                cur, scope, window, lease, cost, hold, want, least, limit, expires, now
-            ),
-        )
-
-    async def ledger(self, scope: str, window: str, *, now: float) -> Ledger:
-        return await self._write(lambda cur: self._sql.ledger(cur, scope, window, now))
-
-    async def reset(self, scope: str, window: str) -> None:
-        await self._write(lambda cur: self._sql.reset(cur, scope, window))
+    async def _step(self, fn: Callable[[Any], T]) -> T:
+        return await self._file.write(fn)
 
     async def aclose(self) -> None:
-        inline, threaded = self._inline, self._threaded
-        self._inline = self._threaded = None
-        for conn in (inline, threaded):
-            if conn is not None:
-                conn.close()
+        self._file.close()
 
     def __repr__(self) -> str:
         return f"SQLiteBudgetStore({self.path!r})"
 
 
-class _Busy(Exception):
-    """The SQLite file is held by another connection (try again in a thread, waiting)."""
-
-
-class PostgresBudgetStore:
+class PostgresBudgetStore(_SQLLedger):
     """A ledger in PostgreSQL, shared by processes on several hosts (psycopg 3,
     ``pip install 'genfan[postgres]'``).
 
@@ -703,64 +629,13 @@ class PostgresBudgetStore:
             self._idle.append(conn)
         return out
 
-    async def _run(self, fn: Callable[[Any], T]) -> T:
+    async def _step(self, fn: Callable[[Any], T]) -> T:
         return await anyio.to_thread.run_sync(self._tx, fn, limiter=self._limiter)
-
-    async def reserve(
-        self,
-        scope: str,
-        window: str,
-        *,
-        reservation: str,
-        amount: float,
-        limit: float,
-        expires: float,
-        now: float,
-        keep_until: float | None,
-    ) -> Ledger:
-        return await self._run(
-            lambda cur: self._sql.reserve(
-                cur, scope, window, reservation, amount, limit, expires, now
-            )
-        )
-
-    async def settle(
-        self, scope: str, window: str, *, reservation: str, cost: float, keep_until: float | None
-    ) -> None:
-        await self._run(lambda cur: self._sql.settle(cur, scope, window, reservation, cost))
-
-    async def lease(
-        self,
-        scope: str,
-        window: str,
-        *,
-        lease: str,
-        cost: float,
-        hold: float,
-        want: float,
-        least: float | None,
-        limit: float,
-        expires: float,
-        now: float,
-        keep_until: float | None,
-    ) -> Ledger:
-        """Settle ``cost`` and hold the lease ``lease`` again (see `BudgetStore`)."""
-        return await self._run(
-            lambda cur: self._sql.lease(
-                cur, scope, window, lease, cost, hold, want, least, limit, expires, now
-            )
-        )
-
-    async def ledger(self, scope: str, window: str, *, now: float) -> Ledger:
-        return await self._run(lambda cur: self._sql.ledger(cur, scope, window, now))
-
-    async def reset(self, scope: str, window: str) -> None:
-        await self._run(lambda cur: self._sql.reset(cur, scope, window))
 
     async def drop(self) -> None:
         """Drop the ledger's tables (tests, teardown)."""
         sql = self._sql
-        await self._run(
+        await self._step(
             lambda cur: [cur.execute(f"DROP TABLE IF EXISTS {t}") for t in (sql.spend, sql.held)]
         )
         self._created = False
@@ -878,7 +753,7 @@ return {0, fmt(spent), fmt(reserved)}
 _SHA = script_sha(_SCRIPT)
 
 
-class RedisBudgetStore:
+class RedisBudgetStore(RedisStore):
     """A ledger in Redis, shared by processes on several hosts; each step is one Lua script
     (atomic on the server), sent by genfan's anyio RESP client (asyncio and trio).
 
@@ -901,19 +776,14 @@ class RedisBudgetStore:
         timeout: float = 1.0,
         max_connections: int = 8,
     ) -> None:
-        self._client = RedisClient(
+        super().__init__(
             url,
-            error=CostStoreError,
             what="the Redis budget store",
+            error=CostStoreError,
+            key_prefix=key_prefix,
             timeout=timeout,
             max_connections=max_connections,
         )
-        self.key_prefix = key_prefix
-
-    @property
-    def url(self) -> str:
-        """The URL, its password replaced by ``***``."""
-        return self._client.url
 
     def _keys(self, scope: str, window: str) -> list[str]:
         base = f"{self.key_prefix}{{{scope}}}:{window}"
@@ -942,19 +812,8 @@ class RedisBudgetStore:
         now: float,
         keep_until: float | None,
     ) -> Ledger:
-        return await self._call(
-            scope,
-            window,
-            [
-                "reserve",
-                reservation,
-                repr(float(amount)),
-                repr(float(limit)),
-                repr(float(expires)),
-                repr(float(now)),
-                "" if keep_until is None else str(max(1, math.ceil((keep_until - now) * 1000))),
-            ],
-        )
+        args = _hold_args("reserve", reservation, amount, limit, expires, now, keep_until)
+        return await self._call(scope, window, args)
 
     async def settle(
         self, scope: str, window: str, *, reservation: str, cost: float, keep_until: float | None
@@ -977,22 +836,9 @@ class RedisBudgetStore:
         keep_until: float | None,
     ) -> Ledger:
         """Settle ``cost`` and hold the lease ``lease`` again (see `BudgetStore`)."""
-        return await self._call(
-            scope,
-            window,
-            [
-                "lease",
-                lease,
-                repr(float(cost)),
-                repr(float(limit)),
-                repr(float(expires)),
-                repr(float(now)),
-                "" if keep_until is None else str(max(1, math.ceil((keep_until - now) * 1000))),
-                repr(float(hold)),
-                repr(float(want)),
-                "" if least is None else repr(float(least)),
-            ],
-        )
+        args = _hold_args("lease", lease, cost, limit, expires, now, keep_until)
+        args += [repr(float(hold)), repr(float(want)), "" if least is None else repr(float(least))]
+        return await self._call(scope, window, args)
 
     async def ledger(self, scope: str, window: str, *, now: float) -> Ledger:
         return await self._call(scope, window, ["ledger", "", "", "", "", repr(float(now)), ""])
@@ -1000,11 +846,19 @@ class RedisBudgetStore:
     async def reset(self, scope: str, window: str) -> None:
         await self._call(scope, window, ["reset", "", "", "", "", "", ""])
 
-    async def aclose(self) -> None:
-        await self._client.aclose()
 
-    def __repr__(self) -> str:
-        return f"RedisBudgetStore({self.url!r}, key_prefix={self.key_prefix!r})"
+def _hold_args(
+    op: str,
+    rid: str,
+    amount: float,
+    limit: float,
+    expires: float,
+    now: float,
+    keep_until: float | None,
+) -> list[str]:
+    """The script's ARGV[1..7] for a step that holds a reservation (reserve, lease)."""
+    keep = "" if keep_until is None else str(max(1, math.ceil((keep_until - now) * 1000)))
+    return [op, rid, *(repr(float(x)) for x in (amount, limit, expires, now)), keep]
 
 
 def budget_store_from_url(url: str | Path) -> BudgetStore:
@@ -1014,22 +868,20 @@ def budget_store_from_url(url: str | Path) -> BudgetStore:
     Raises:
         ConfigurationError: another scheme (the message never shows a password).
     """
-    text = str(url)
-    if text.startswith(("postgresql://", "postgres://")):
-        return PostgresBudgetStore(text)
-    if text.startswith("redis://") or text.startswith("rediss://"):
-        parse_redis_url(text)
-        return RedisBudgetStore(text)
-    if text == "memory://":
-        return MemoryBudgetStore()
-    if text.startswith("sqlite://"):
-        path = text.removeprefix("sqlite://")
-        path = path[1:] if path.startswith("/") else path
-        return SQLiteBudgetStore(path or "genfan-budgets.db")
-    if "://" in text:
-        scheme = text.split("://", 1)[0]
-        raise ConfigurationError(
-            f"unknown budget store URL scheme {scheme!r}; use sqlite:///path.db,"
-            " postgresql://host/db, redis://host:port/db or memory://"
-        )
-    return SQLiteBudgetStore(text)
+    sqlite: Callable[[str], BudgetStore] = SQLiteBudgetStore
+    memory: Callable[[], BudgetStore] = MemoryBudgetStore
+    schemes: dict[str, Callable[[str], BudgetStore]] = {
+        "postgresql": PostgresBudgetStore,
+        "postgres": PostgresBudgetStore,
+        "redis": RedisBudgetStore,
+        "rediss": RedisBudgetStore,
+    }
+    return store_from_url(
+        url,
+        what="budget store",
+        sqlite=sqlite,
+        default_path="genfan-budgets.db",
+        memory=memory,
+        schemes=schemes,
+        forms="sqlite:///path.db, postgresql://host/db, redis://host:port/db or memory://",
+    )

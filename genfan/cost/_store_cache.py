@@ -9,17 +9,14 @@ never waits for a writer); a write runs inline when the file is free, else in a 
 from __future__ import annotations
 
 import sqlite3
-import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol, TypeVar, runtime_checkable
-
-import anyio
+from typing import Protocol, runtime_checkable
 
 from .._errors import ConfigurationError
-from .._redis import RedisClient, parse_redis_url
 from ._store_budget import CostStoreError
+from ._stores import RedisStore, SQLiteFile, store_from_url
 
 __all__ = [
     "CacheStore",
@@ -28,8 +25,6 @@ __all__ = [
     "SQLiteCacheStore",
     "cache_store_from_url",
 ]
-
-T = TypeVar("T")
 
 
 @runtime_checkable
@@ -120,135 +115,55 @@ class SQLiteCacheStore:
         self.path = str(path)
         self.table = table
         self.timeout = float(timeout)
-        self._inline: sqlite3.Connection | None = None
-        self._threaded: sqlite3.Connection | None = None
-        self._limiter: anyio.CapacityLimiter | None = None
-        self._lock = threading.Lock()
+        self._file = SQLiteFile(
+            self.path,
+            what="the SQLite cache store",
+            error=CostStoreError,
+            timeout=self.timeout,
+            schema=lambda: [
+                f"CREATE TABLE IF NOT EXISTS {self.table} (key TEXT PRIMARY KEY,"
+                " value BLOB NOT NULL, expires REAL)"
+            ],
+        )
         self._writes = 0
 
-    def _connect(self, busy_ms: int) -> sqlite3.Connection:
-        try:
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-            conn = sqlite3.connect(
-                self.path, timeout=busy_ms / 1000, isolation_level=None, check_same_thread=False
-            )
-            conn.execute(f"PRAGMA busy_timeout = {busy_ms}")
-        except (OSError, sqlite3.Error) as exc:
-            raise CostStoreError(f"the SQLite cache store {self.path}: {exc}") from exc
-        return conn
-
-    def _ready(self) -> None:
-        if self._inline is not None:
-            return
-        with self._lock:
-            if self._inline is not None:
-                return
-            threaded = self._connect(int(self.timeout * 1000))
-            try:
-                try:
-                    threaded.execute("PRAGMA journal_mode = WAL")
-                except sqlite3.OperationalError:
-                    pass
-                threaded.execute("PRAGMA synchronous = NORMAL")
-                threaded.execute(
-                    f"CREATE TABLE IF NOT EXISTS {self.table} (key TEXT PRIMARY KEY,"
-                    " value BLOB NOT NULL, expires REAL)"
-                )
-            except sqlite3.Error as exc:
-                threaded.close()
-                raise CostStoreError(f"the SQLite cache store {self.path}: {exc}") from exc
-            inline = self._connect(0)
-            inline.execute("PRAGMA synchronous = NORMAL")
-            self._threaded, self._inline = threaded, inline
-
-    async def _conn(self) -> sqlite3.Connection:
-        if self._inline is None:
-            await anyio.to_thread.run_sync(self._ready)
-        assert self._inline is not None
-        return self._inline
-
     async def get(self, key: str, *, now: float) -> bytes | None:
-        conn = await self._conn()
+        conn = await self._file.inline()
         try:
             row = conn.execute(
                 f"SELECT value, expires FROM {self.table} WHERE key = ?", (key,)
             ).fetchone()
         except sqlite3.Error as exc:
-            raise CostStoreError(f"the SQLite cache store {self.path}: {exc}") from exc
+            raise self._file.fail(exc) from exc
         if row is None or (row[1] is not None and row[1] <= now):
             return None
         return bytes(row[0])
-
-    def _write(self, conn: sqlite3.Connection, fn: Callable[[Any], T]) -> T:
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-        except sqlite3.OperationalError as exc:
-            if "locked" in str(exc) or "busy" in str(exc):
-                raise _Busy from exc
-            raise CostStoreError(f"the SQLite cache store {self.path}: {exc}") from exc
-        try:
-            out = fn(conn)
-            conn.execute("COMMIT")
-        except BaseException as exc:
-            try:
-                conn.execute("ROLLBACK")
-            except sqlite3.Error:
-                pass
-            if isinstance(exc, sqlite3.Error):
-                raise CostStoreError(f"the SQLite cache store {self.path}: {exc}") from exc
-            raise
-        return out
-
-    async def _run_write(self, fn: Callable[[Any], T]) -> T:
-        conn = await self._conn()
-        try:
-            return self._write(conn, fn)
-        except _Busy:
-            pass
-        if self._limiter is None:
-            self._limiter = anyio.CapacityLimiter(1)
-        threaded = self._threaded
-        assert threaded is not None
-        try:
-            return await anyio.to_thread.run_sync(self._write, threaded, fn, limiter=self._limiter)
-        except _Busy:
-            raise CostStoreError(
-                f"the SQLite cache store {self.path} stayed locked for {self.timeout:g}s"
-            ) from None
 
     async def set(self, key: str, value: bytes, *, expires: float | None, now: float) -> None:
         self._writes += 1
         purge = self._writes % 1000 == 0
 
-        def write(conn: sqlite3.Connection) -> None:
-            conn.execute(
+        def write(cur: sqlite3.Cursor) -> None:
+            cur.execute(
                 f"INSERT OR REPLACE INTO {self.table} (key, value, expires) VALUES (?, ?, ?)",
                 (key, value, expires),
             )
             if purge:
-                conn.execute(f"DELETE FROM {self.table} WHERE expires <= ?", (now,))
+                cur.execute(f"DELETE FROM {self.table} WHERE expires <= ?", (now,))
 
-        await self._run_write(write)
+        await self._file.write(write)
 
     async def clear(self) -> None:
-        await self._run_write(lambda conn: conn.execute(f"DELETE FROM {self.table}"))
+        await self._file.write(lambda cur: cur.execute(f"DELETE FROM {self.table}"))
 
     async def aclose(self) -> None:
-        inline, threaded = self._inline, self._threaded
-        self._inline = self._threaded = None
-        for conn in (inline, threaded):
-            if conn is not None:
-                conn.close()
+        self._file.close()
 
     def __repr__(self) -> str:
         return f"SQLiteCacheStore({self.path!r})"
 
 
-class _Busy(Exception):
-    pass
-
-
-class RedisCacheStore:
+class RedisCacheStore(RedisStore):
     """Entries in Redis (``SET ... PXAT``; Redis drops them when they expire), shared by hosts.
 
     Args:
@@ -266,19 +181,14 @@ class RedisCacheStore:
         timeout: float = 1.0,
         max_connections: int = 8,
     ) -> None:
-        self._client = RedisClient(
+        super().__init__(
             url,
-            error=CostStoreError,
             what="the Redis cache store",
+            error=CostStoreError,
+            key_prefix=key_prefix,
             timeout=timeout,
             max_connections=max_connections,
         )
-        self.key_prefix = key_prefix
-
-    @property
-    def url(self) -> str:
-        """The URL, its password replaced by ``***``."""
-        return self._client.url
 
     async def get(self, key: str, *, now: float) -> bytes | None:
         reply = await self._client.execute("GET", self.key_prefix + key)
@@ -307,12 +217,6 @@ class RedisCacheStore:
             assert isinstance(cursor_value, bytes)
             cursor = cursor_value
 
-    async def aclose(self) -> None:
-        await self._client.aclose()
-
-    def __repr__(self) -> str:
-        return f"RedisCacheStore({self.url!r}, key_prefix={self.key_prefix!r})"
-
 
 def cache_store_from_url(url: str | Path) -> CacheStore:
     """A cache store from a URL: ``sqlite:///path.db`` or a plain path, ``redis://...``, or
@@ -321,20 +225,15 @@ def cache_store_from_url(url: str | Path) -> CacheStore:
     Raises:
         ConfigurationError: another scheme (the message never shows a password).
     """
-    text = str(url)
-    if text.startswith(("redis://", "rediss://")):
-        parse_redis_url(text)
-        return RedisCacheStore(text)
-    if text == "memory://":
-        return MemoryCacheStore()
-    if text.startswith("sqlite://"):
-        path = text.removeprefix("sqlite://")
-        path = path[1:] if path.startswith("/") else path
-        return SQLiteCacheStore(path or "genfan-cache.db")
-    if "://" in text:
-        scheme = text.split("://", 1)[0]
-        raise ConfigurationError(
-            f"unknown cache store URL scheme {scheme!r}; use sqlite:///path.db, redis://host:port/db"
-            " or memory://"
-        )
-    return SQLiteCacheStore(text)
+    sqlite: Callable[[str], CacheStore] = SQLiteCacheStore
+    memory: Callable[[], CacheStore] = MemoryCacheStore
+    redis: Callable[[str], CacheStore] = RedisCacheStore
+    return store_from_url(
+        url,
+        what="cache store",
+        sqlite=sqlite,
+        default_path="genfan-cache.db",
+        memory=memory,
+        schemes={"redis": redis, "rediss": redis},
+        forms="sqlite:///path.db, redis://host:port/db or memory://",
+    )

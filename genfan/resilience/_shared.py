@@ -6,246 +6,36 @@ that every process using one provider key draws from one quota. One Lua script r
 whose clocks disagree still agree on the quota; the script answers how long the caller must
 wait, and the caller waits on anyio's clock.
 
-It speaks RESP2 over `anyio.connect_tcp` (a few commands: ``EVALSHA``/``EVAL``, ``AUTH``,
-``SELECT``, ``PING``, ``DEL``), so it runs on asyncio and trio alike; redis-py's asyncio client
-would not run on trio. Every command has a timeout, a dropped connection is replaced, and a
-Redis that cannot be reached fails fast (`SharedQuotaError`) for ``reconnect_interval``
-seconds before it is tried again. Error messages and reprs never show the URL's password.
+It speaks RESP2 through genfan's anyio client (`genfan._redis`: ``EVALSHA``/``EVAL``,
+``AUTH``, ``SELECT``, ``PING``, ``DEL``), so it runs on asyncio and trio alike; redis-py's
+asyncio client would not run on trio. Every command has a timeout, a dropped connection is
+replaced, and a Redis that cannot be reached fails fast (`SharedQuotaError`) for
+``reconnect_interval`` seconds before it is tried again. Error messages and reprs never show
+the URL's password.
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 from dataclasses import dataclass
-from typing import NoReturn, TypeAlias
-from urllib.parse import unquote, urlsplit
-
-import anyio
-import anyio.abc
 
 from .._errors import ConfigurationError, GenfanError
+from .._redis import (
+    RedisClient,
+    RespValue,
+    parse_redis_url,
+    redact_redis_url,
+    script_sha,
+)
 
-__all__ = ["RedisQuota", "SharedQuotaError", "redact_redis_url"]
+__all__ = ["RedisQuota", "SharedQuotaError", "parse_redis_url", "redact_redis_url"]
 
 
 class SharedQuotaError(GenfanError):
     """The shared quota store could not be used: Redis refused the connection, did not answer
     in time, dropped the connection, or answered with an error. The message names the store
     without its password."""
-
-
-# -- RESP2 -------------------------------------------------------------------------------------
-
-
-class RespError(str):
-    """An error reply (``-ERR ...``) as a value; `RedisQuota` raises it."""
-
-    __slots__ = ()
-
-
-#: A decoded RESP2 reply: simple string (str), error, integer, bulk string (bytes), array, nil.
-RespValue: TypeAlias = "str | RespError | int | bytes | list[RespValue] | None"
-
-_MAX_BULK = 16 * 1024 * 1024  # our replies are tiny; a bigger length means a wrong peer
-_MAX_LINE = 64 * 1024
-
-
-def encode_command(*args: str | bytes | int | float) -> bytes:
-    """One command as a RESP2 array of bulk strings."""
-    out = [b"*%d\r\n" % len(args)]
-    for arg in args:
-        if isinstance(arg, bytes):
-            data = arg
-        elif isinstance(arg, str):
-            data = arg.encode()
-        elif isinstance(arg, bool):
-            raise TypeError("a Redis argument cannot be a bool")
-        elif isinstance(arg, int):
-            data = b"%d" % arg
-        elif isinstance(arg, float):
-            if not math.isfinite(arg):
-                raise ValueError(f"a Redis argument must be finite, got {arg!r}")
-            data = repr(arg).encode()
-        else:
-            raise TypeError(f"a Redis argument must be str, bytes, int or float, not {arg!r}")
-        out.append(b"$%d\r\n%s\r\n" % (len(data), data))
-    return b"".join(out)
-
-
-class _Incomplete(Exception):
-    pass
-
-
-class RespParser:
-    """An incremental (sans-I/O) RESP2 reply parser: `feed` bytes, then take complete
-    replies with `next`.
-
-    Raises:
-        SharedQuotaError: the bytes are not RESP2.
-    """
-
-    def __init__(self) -> None:
-        self._buf = bytearray()
-
-    def feed(self, data: bytes) -> None:
-        self._buf += data
-
-    def next(self) -> tuple[RespValue] | None:
-        """The next complete reply as a 1-tuple (a reply may be ``None``), or ``None`` when more
-        bytes are needed."""
-        try:
-            value, end = self._parse(0)
-        except _Incomplete:
-            return None
-        del self._buf[:end]
-        return (value,)
-
-    def _line(self, pos: int) -> tuple[bytes, int]:
-        end = self._buf.find(b"\r\n", pos)
-        if end < 0:
-            if len(self._buf) - pos > _MAX_LINE:
-                raise _protocol_error("a reply line without an end")
-            raise _Incomplete
-        return bytes(self._buf[pos:end]), end + 2
-
-    def _parse(self, pos: int) -> tuple[RespValue, int]:
-        if pos >= len(self._buf):
-            raise _Incomplete
-        kind = self._buf[pos : pos + 1]
-        line, pos = self._line(pos + 1)
-        if kind == b"+":
-            return line.decode("utf-8", "replace"), pos
-        if kind == b"-":
-            return RespError(line.decode("utf-8", "replace")), pos
-        if kind == b":":
-            return _int(line), pos
-        if kind == b"$":
-            n = _int(line)
-            if n == -1:
-                return None, pos
-            if not 0 <= n <= _MAX_BULK:
-                raise _protocol_error(f"a bulk string of length {n}")
-            if len(self._buf) < pos + n + 2:
-                raise _Incomplete
-            if self._buf[pos + n : pos + n + 2] != b"\r\n":
-                raise _protocol_error("a bulk string without its end")
-            return bytes(self._buf[pos : pos + n]), pos + n + 2
-        if kind == b"*":
-            n = _int(line)
-            if n == -1:
-                return None, pos
-            if not 0 <= n <= _MAX_BULK:
-                raise _protocol_error(f"an array of length {n}")
-            items: list[RespValue] = []
-            for _ in range(n):
-                item, pos = self._parse(pos)
-                items.append(item)
-            return items, pos
-        raise _protocol_error(f"a reply starting with {bytes(kind)!r}")
-
-
-def _int(line: bytes) -> int:
-    try:
-        return int(line)
-    except ValueError:
-        raise _protocol_error(f"{line[:20]!r} where a number belongs") from None
-
-
-def _protocol_error(what: str) -> SharedQuotaError:
-    return SharedQuotaError(f"the server sent {what}: is it Redis (RESP2)?")
-
-
-# -- the address -------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True, repr=False)
-class _Address:
-    host: str
-    port: int
-    db: int
-    username: str | None
-    password: str | None
-
-    @property
-    def redacted(self) -> str:
-        auth = ""
-        if self.username or self.password:
-            auth = f"{self.username or ''}{':***' if self.password else ''}@"
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"redis://{auth}{host}:{self.port}/{self.db}"
-
-    def __repr__(self) -> str:
-        return f"_Address({self.redacted!r})"
-
-
-_URL_FORM = "redis://[[username]:password@]host[:port][/db]"
-
-
-def redact_redis_url(url: str) -> str:
-    """``url`` with its password replaced by ``***`` (for messages and reprs)."""
-    try:
-        return parse_redis_url(url).redacted
-    except ConfigurationError:
-        return "<a URL that is not redis://...>"
-
-
-def parse_redis_url(url: str) -> _Address:
-    """Parse ``redis://[[username]:password@]host[:port][/db]``.
-
-    Raises:
-        ConfigurationError: another form; the message never repeats the password.
-    """
-    if not isinstance(url, str):
-        raise ConfigurationError(f"a Redis URL must be a string like {_URL_FORM}, got {url!r}")
-    parts = urlsplit(url)
-    if parts.scheme == "rediss":
-        raise ConfigurationError(
-            "rediss:// (TLS) is not supported by the shared quota store yet; reach Redis through"
-            f" a TLS tunnel and write {_URL_FORM}"
-        )
-    if parts.scheme != "redis":
-        raise ConfigurationError(f"a Redis URL must look like {_URL_FORM}")
-    try:
-        port = parts.port or 6379
-    except ValueError:
-        raise ConfigurationError(
-            f"the Redis URL's port is not a number; write {_URL_FORM}"
-        ) from None
-    if not parts.hostname:
-        raise ConfigurationError(f"the Redis URL has no host; write {_URL_FORM}")
-    path = parts.path.strip("/")
-    if not (path == "" or path.isdigit()):
-        raise ConfigurationError(f"the Redis URL's database must be a number; write {_URL_FORM}")
-    if parts.query or parts.fragment:
-        raise ConfigurationError(f"the Redis URL takes no ?query or #fragment; write {_URL_FORM}")
-    return _Address(
-        host=parts.hostname,
-        port=port,
-        db=int(path or 0),
-        username=unquote(parts.username) if parts.username else None,
-        password=unquote(parts.password) if parts.password is not None else None,
-    )
-
-
-# -- the connection pool -----------------------------------------------------------------------
-
-_DROPPED = (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError)
-
-
-class _Connection:
-    __slots__ = ("parser", "stream")
-
-    def __init__(self, stream: anyio.abc.SocketStream) -> None:
-        self.stream = stream
-        self.parser = RespParser()
-
-    async def call(self, *args: str | bytes | int | float) -> RespValue:
-        await self.stream.send(encode_command(*args))
-        while (reply := self.parser.next()) is None:
-            self.parser.feed(await self.stream.receive(65536))
-        return reply[0]
 
 
 # -- the quota script --------------------------------------------------------------------------
@@ -343,7 +133,7 @@ if block > blocked then
 end
 return reply(1, 0)
 """
-_SHA = hashlib.sha1(_SCRIPT.encode()).hexdigest()
+_SHA = script_sha(_SCRIPT)
 
 
 @dataclass(frozen=True, slots=True)
@@ -433,7 +223,6 @@ class RedisQuota:
         reconnect_interval: float = 1.0,
         max_connections: int = 8,
     ) -> None:
-        self._address = parse_redis_url(url)
         if not isinstance(key_prefix, str):
             raise ConfigurationError(f"RedisQuota.key_prefix must be a string, got {key_prefix!r}")
         for name, value in (("timeout", timeout), ("reconnect_interval", reconnect_interval)):
@@ -449,15 +238,15 @@ class RedisQuota:
             raise ConfigurationError(
                 f"RedisQuota.max_connections must be an integer >= 1, got {max_connections!r}"
             )
+        self._client = RedisClient(
+            url,
+            error=SharedQuotaError,
+            what="the shared quota store",
+            timeout=timeout,
+            reconnect_interval=reconnect_interval,
+            max_connections=max_connections,
+        )
         self.key_prefix = key_prefix
-        self.timeout = float(timeout)
-        self.reconnect_interval = float(reconnect_interval)
-        self.max_connections = max_connections
-        self._idle: list[_Connection] = []
-        self._slots: anyio.Semaphore | None = None
-        self._down_until = -math.inf
-        self._down_reason = ""
-        self._closed = False
         self._holders = 0
 
     @classmethod
@@ -500,7 +289,22 @@ class RedisQuota:
     @property
     def url(self) -> str:
         """The URL, its password replaced by ``***``."""
-        return self._address.redacted
+        return self._client.url
+
+    @property
+    def timeout(self) -> float:
+        """Seconds for one command, connecting included."""
+        return self._client.timeout
+
+    @property
+    def reconnect_interval(self) -> float:
+        """After a failure, commands fail at once for this many seconds."""
+        return self._client.reconnect_interval
+
+    @property
+    def max_connections(self) -> int:
+        """Connections open at once."""
+        return self._client.max_connections
 
     def __repr__(self) -> str:
         return f"RedisQuota({self.url!r}, key_prefix={self.key_prefix!r})"
@@ -518,10 +322,11 @@ class RedisQuota:
 
     async def aclose(self) -> None:
         """Close the connections; later commands fail with `SharedQuotaError`."""
-        self._closed = True
-        idle, self._idle = self._idle, []
-        for conn in idle:
-            await anyio.aclose_forcefully(conn.stream)
+        await self._client.aclose()
+
+    @property
+    def _closed(self) -> bool:
+        return self._client.closed
 
     def _hold(self) -> None:
         """One more guard stack holds this store (a store built from the TOML config)."""
@@ -584,9 +389,7 @@ class RedisQuota:
     ) -> Grant:
         argv = [op, _num(now), *_spec_args(requests), *_spec_args(tokens), arg11, arg12]
         keys = self.keys(name)
-        reply = await self._execute("EVALSHA", _SHA, 3, *keys, *argv, script_missing_ok=True)
-        if isinstance(reply, RespError) and reply.startswith("NOSCRIPT"):
-            reply = await self._execute("EVAL", _SCRIPT, 3, *keys, *argv)
+        reply = await self._client.script(_SCRIPT, _SHA, list(keys), argv)
         if not (isinstance(reply, list) and len(reply) == 5 and isinstance(reply[1], bytes)):
             raise SharedQuotaError(f"Redis at {self.url}: unexpected script reply {reply!r:.80}")
         try:
@@ -602,100 +405,11 @@ class RedisQuota:
                 f"Redis at {self.url}: unexpected script reply {reply!r:.80}"
             ) from None
 
-    async def _execute(
-        self, *args: str | bytes | int | float, script_missing_ok: bool = False
-    ) -> RespValue:
+    async def _execute(self, *args: str | bytes | int | float) -> RespValue:
         """Send one command and return its reply.
 
         Raises:
             SharedQuotaError: Redis unreachable, too slow, the connection dropped, or an error
-                reply (a ``NOSCRIPT`` one is returned instead when ``script_missing_ok``).
+                reply.
         """
-        if self._closed:
-            raise SharedQuotaError(f"the shared quota store {self.url} is closed")
-        now = anyio.current_time()
-        if now < self._down_until:
-            raise SharedQuotaError(
-                f"Redis at {self.url} is unavailable ({self._down_reason}); trying again in"
-                f" {self._down_until - now:.1f}s"
-            )
-        try:
-            with anyio.fail_after(self.timeout):
-                reply = await self._pooled(args)
-        except TimeoutError:
-            self._down(f"no answer within {self.timeout:g}s")
-        except SharedQuotaError as exc:
-            self._down(str(exc).removeprefix(f"Redis at {self.url}: "))
-        except _DROPPED as exc:
-            self._down(_describe(exc))
-        self._down_until = -math.inf
-        if isinstance(reply, RespError):
-            if script_missing_ok and reply.startswith("NOSCRIPT"):
-                return reply
-            raise SharedQuotaError(f"Redis at {self.url} answered: {reply}")
-        return reply
-
-    def _down(self, reason: str) -> NoReturn:
-        self._down_until = anyio.current_time() + self.reconnect_interval
-        self._down_reason = reason
-        raise SharedQuotaError(f"Redis at {self.url}: {reason}")
-
-    async def _pooled(self, args: tuple[str | bytes | int | float, ...]) -> RespValue:
-        if self._slots is None:
-            self._slots = anyio.Semaphore(self.max_connections)
-        async with self._slots:
-            for attempt in range(2):
-                if self._idle:
-                    conn, fresh = self._idle.pop(), False
-                else:
-                    conn, fresh = await self._connect(), True
-                try:
-                    reply = await conn.call(*args)
-                except _DROPPED:
-                    await anyio.aclose_forcefully(conn.stream)
-                    if fresh or attempt:
-                        raise
-                    # The server closed an idle connection (a restart, its idle timeout): the
-                    # other idle ones are likely gone too. Try once on a fresh one.
-                    stale, self._idle = self._idle, []
-                    for other in stale:
-                        await anyio.aclose_forcefully(other.stream)
-                    continue
-                except BaseException:
-                    # cancelled or failed mid-command: its reply may still come; never reuse
-                    await anyio.aclose_forcefully(conn.stream)
-                    raise
-                if self._closed:
-                    await anyio.aclose_forcefully(conn.stream)
-                else:
-                    self._idle.append(conn)
-                return reply
-        raise AssertionError("unreachable")  # pragma: no cover
-
-    async def _connect(self) -> _Connection:
-        a = self._address
-        stream = await anyio.connect_tcp(a.host, a.port)
-        conn = _Connection(stream)
-        try:
-            if a.password is not None:
-                auth = ("AUTH", a.username, a.password) if a.username else ("AUTH", a.password)
-                reply = await conn.call(*auth)
-                if isinstance(reply, RespError):
-                    raise SharedQuotaError(f"Redis at {self.url}: AUTH failed: {reply}")
-            if a.db:
-                reply = await conn.call("SELECT", a.db)
-                if isinstance(reply, RespError):
-                    raise SharedQuotaError(f"Redis at {self.url}: SELECT {a.db} failed: {reply}")
-        except BaseException:
-            await anyio.aclose_forcefully(stream)
-            raise
-        return conn
-
-
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, anyio.EndOfStream | anyio.BrokenResourceError):
-        return "the connection was closed"
-    cause = exc.__cause__ if isinstance(exc.__cause__, OSError) else exc
-    if isinstance(cause, ConnectionRefusedError):
-        return "connection refused"
-    return f"cannot connect: {exc}" if str(exc) else f"cannot connect: {type(exc).__name__}"
+        return await self._client.execute(*args)
