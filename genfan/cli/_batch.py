@@ -106,7 +106,7 @@ def run(
     A job that is stopped (even killed) and run again skips the rows already in OUTPUT; with --via batch-api it resumes polling the batches already submitted, never submitting twice.
 
     Exit status: 0 every row ok (or still in a batch, with --no-wait), 1 some rows failed (see --only-failed), 2 a usage error.
-    """  # noqa: E501 (typer keeps a docstring's line breaks: one line per paragraph reflows)
+    """
     from ..batching import BatchAPISettings, BatchJob, run_batch_job
 
     if only_failed and retry_failed:
