@@ -26,8 +26,8 @@ from ._errors import AllBackendsFailedError, AnswerRejectedError, ConfigurationE
 from ._fanout import Cut, FanOut, FanOutResult, Target, check_max_cost, chosen_completion, no_answer
 from ._output import AnswerValidator, ValidateLike, answer_validator
 from ._sync import clip, not_awaited, run_sync
-from ._types import ChatRequest, Completion
-from .cost import MaxCostError
+from ._types import ChatRequest, Completion, Usage
+from .cost import MaxCostError, backend_price
 from .select import Candidate, Selection, SelectorLike, StoppingRule, Waves, as_selector
 
 __all__ = ["Cascade", "CascadeResult", "Tier", "TierOutcome"]
@@ -43,7 +43,8 @@ class Tier:
         name: shown in results (default ``tier1``, ``tier2``...).
         cost_per_token: price of a token, used when completions report no ``usage.cost``.
         expected_cost: what running this tier costs, for the saving estimate when it is skipped
-            (default: the tokens per call seen so far x its calls x ``cost_per_token``).
+            (default: the tokens per call seen so far at its targets' prices when they are
+            known, else x its calls x ``cost_per_token``).
     """
 
     backends: FanOut | Sequence[Backend | Target] | Backend
@@ -168,12 +169,13 @@ class CascadeResult:
         )
 
 
-def _completion_cost(c: Candidate, tier: Tier) -> tuple[float, int]:
+def _completion_cost(c: Candidate, tier: Tier) -> tuple[float, int, int]:
+    """``(cost, input tokens, output tokens)`` of one candidate's answer."""
     if c.completion is None:
-        return 0.0, 0
+        return 0.0, 0, 0
     usage = c.completion.usage
     cost = usage.cost if usage.cost is not None else usage.total_tokens * tier.cost_per_token
-    return cost, usage.total_tokens
+    return cost, usage.input_tokens, usage.output_tokens
 
 
 class Cascade(BaseBackend):
@@ -298,12 +300,22 @@ class Cascade(BaseBackend):
             return FanOut(b, mode="all")
         return FanOut([b], mode="all")
 
-    def _estimate(self, tier: Tier, fan: FanOut, tokens_per_call: float | None) -> float:
+    def _estimate(
+        self, tier: Tier, fan: FanOut, per_call: tuple[float, float] | None, req: ChatRequest
+    ) -> float:
+        """What a tier not run would have cost: ``expected_cost``, else the tokens per call
+        seen so far at its targets' prices (in USD) when all of them are known, else at
+        ``cost_per_token``."""
         if tier.expected_cost is not None:
             return tier.expected_cost
-        if tokens_per_call is None:
+        if per_call is None:
             return 0.0
-        return tokens_per_call * len(fan.targets) * tier.cost_per_token
+        tokens_in, tokens_out = per_call
+        usage = Usage(input_tokens=round(tokens_in), output_tokens=round(tokens_out))
+        prices = [backend_price(t.backend, t.prepare(req)) for t in fan.targets]
+        if all(p is not None for p in prices):
+            return sum(p.cost(usage) for p in prices if p is not None)
+        return (tokens_in + tokens_out) * len(fan.targets) * tier.cost_per_token
 
     async def run(self, request: ChatRequest | str) -> CascadeResult:
         """Run the tiers in order until one is confident enough:
@@ -318,7 +330,7 @@ class Cascade(BaseBackend):
         errors: list[AllBackendsFailedError] = []
         pool: list[Candidate] = []
         decided: tuple[Selection, tuple[Candidate, ...]] | None = None
-        calls, tokens_seen = 0, 0
+        calls, in_seen, out_seen = 0, 0, 0
         usd = 0.0  # what the tiers spent, in USD (for max_cost)
         cut: list[Cut] = []
         stopped = False
@@ -327,10 +339,9 @@ class Cascade(BaseBackend):
             for i, (tier, fan) in enumerate(zip(self.tiers, self._fanouts, strict=True)):
                 name = tier.name or f"tier{i + 1}"
                 if stopped:
-                    per_call = tokens_seen / calls if calls else None
-                    outcomes.append(
-                        TierOutcome(name=name, ran=False, cost=self._estimate(tier, fan, per_call))
-                    )
+                    per_call = (in_seen / calls, out_seen / calls) if calls else None
+                    would_cost = self._estimate(tier, fan, per_call, req)
+                    outcomes.append(TierOutcome(name=name, ran=False, cost=would_cost))
                     continue
                 left = None if self.max_cost is None else self.max_cost - usd
                 if left is not None and left <= 0 and self.max_cost is not None:
@@ -375,12 +386,13 @@ class Cascade(BaseBackend):
                     continue
                 cost, tokens = 0.0, 0
                 for c in result.candidates:
-                    c_cost, c_tokens = _completion_cost(c, tier)
+                    c_cost, c_in, c_out = _completion_cost(c, tier)
                     cost += c_cost
-                    tokens += c_tokens
+                    tokens += c_in + c_out
+                    in_seen += c_in
+                    out_seen += c_out
                     if c.completion is not None:
                         calls += 1
-                tokens_seen += tokens
                 if self.carry:
                     fresh = [
                         dataclasses.replace(c, index=len(pool) + k, backend=f"{name}/{c.backend}")

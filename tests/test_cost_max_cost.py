@@ -212,6 +212,21 @@ async def test_a_cascade_does_not_run_tiers_past_its_cap() -> None:
     assert both.tiers_used == ["tier1", "tier2"] and both.cut == ()
 
 
+async def test_a_cascade_prices_what_a_skipped_tier_would_have_cost() -> None:
+    # the first tier answers confidently: the second is not run, and what it would have cost is
+    # the tokens per call seen so far at the skipped tier's own prices, in USD
+    cheap = Priced("cheap", price=Price(input=0.0, output=0.0))
+    dear = Priced("dear", price=Price(input=2.0, output=10.0))
+    result = await Cascade([cheap, [dear, dear]], selector="first", threshold=0.0).run(REQUEST)
+    assert result.tiers_used == ["tier1"] and dear.calls == 0
+    assert result.cost == 0.0
+    seen = Usage(input_tokens=5, output_tokens=len("answer of cheap") // 4)
+    assert result.saved == pytest.approx(2 * dear.price.cost(seen))
+    # a free skipped tier saves nothing
+    free = Priced("free", price=Price(input=0.0, output=0.0))
+    assert (await Cascade([cheap, free], selector="first", threshold=0.0).run(REQUEST)).saved == 0
+
+
 async def test_a_cascade_tier_with_no_room_is_cut_and_escalates() -> None:
     tier1 = [Priced("a1", cost=1.0), Priced("a2", cost=1.0)]
     cascade = Cascade([tier1, Priced("b")], selector="first", threshold=1.0, max_cost=15)
