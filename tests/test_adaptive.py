@@ -172,14 +172,22 @@ async def test_sampling_draws_each_wave_as_one_request() -> None:
     assert result.selection.method == "auto:number"
 
 
-async def test_sampling_by_default_draws_3_then_6_unless_a_majority_agrees() -> None:
-    agreed = MultiSample([["42", "41", "42"], ["never"] * 6])
+async def test_sampling_by_default_draws_2_at_a_time_until_a_majority_agrees() -> None:
+    agreed = MultiSample([["42", "42"], ["never"] * 2])
     result = await Sampling(agreed, 9).run(Q)
-    assert [n for _, n in agreed.sample_calls] == [3]  # 2 of 3 agree: settled
+    assert [n for _, n in agreed.sample_calls] == [2]  # 2 of 2 agree: settled
     assert result.text == "42"
-    split = MultiSample([["41", "42", "43"], ["42", "44", "42", "45", "46", "47"]])
+    split = MultiSample([["41", "42"], ["42", "43"], ["never"] * 2])
     result = await Sampling(split, 9).run(Q)
-    assert [n for _, n in split.sample_calls] == [3, 6]  # all 3 differ: one more wave
+    assert [n for _, n in split.sample_calls] == [2, 2]  # 2 of 4 say 42: half, settled
+    assert result.text == "42"
+    assert len(result.successes) == 4
+    scattered = MultiSample([["41", "42"], ["43", "44"], ["45", "42"], ["46", "47"], ["48"]])
+    result = await Sampling(scattered, 9).run(Q)
+    # never a majority (2 of 6, 2 of 8): every sample of the budget is drawn; the last wave
+    # holds 1, a plain call
+    assert [n for _, n in scattered.sample_calls] == [2, 2, 2, 2]
+    assert scattered.complete_calls == 1
     assert result.text == "42"
     assert len(result.successes) == 9
 

@@ -70,6 +70,21 @@ async def test_greedy_answer_is_checkable_and_has_usage(local: object) -> None:
     assert again.text == c.text
 
 
+async def test_usage_counts_the_prompt_tokens_the_prefix_cache_served(local: object) -> None:
+    """A second request with the same long prompt reads it from vLLM's prefix cache, and its
+    usage says so (``cache_read_tokens``); the first computed it. Blocks of 128 tokens on a CPU:
+    only whole blocks are cached, so the prompt is a few blocks long."""
+    context = " ".join(f"Item {i} is a {('red', 'blue', 'green')[i % 3]} box." for i in range(60))
+    request = ChatRequest.from_prompt(context + "\nWhat colour is item 7?", max_tokens=8)
+    first = await local.complete(request)  # type: ignore[attr-defined]
+    again = await local.complete(request)  # type: ignore[attr-defined]
+    assert first.usage.input_tokens > 256
+    assert first.usage.cache_read_tokens < first.usage.input_tokens
+    assert again.usage.input_tokens == first.usage.input_tokens
+    assert 128 <= again.usage.cache_read_tokens < again.usage.input_tokens
+    assert again.usage.cache_read_tokens % 16 == 0  # whole blocks
+
+
 async def test_streaming_sends_deltas_then_the_whole_completion(local: object) -> None:
     events = [e async for e in local.stream(ChatRequest.from_prompt(FRANCE))]  # type: ignore[attr-defined]
     deltas = [e for e in events if isinstance(e, TextDelta)]

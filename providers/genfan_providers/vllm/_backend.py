@@ -693,10 +693,18 @@ class VLLMBackend(BaseBackend):
             raise BackendTimeoutError(f"no answer within {limit:g}s", backend=self.name) from exc
         if final is None or not final.outputs:
             raise LocalEngineError("the engine returned no output", backend=self.name)
-        return self._completion(plan, request, final.outputs[0], prompt_len, start)
+        return self._completion(
+            plan, request, final.outputs[0], prompt_len, start, _cached(final, prompt_len)
+        )
 
     def _completion(
-        self, plan: _ToolPlan, request: ChatRequest, choice: Any, prompt_len: int, start: float
+        self,
+        plan: _ToolPlan,
+        request: ChatRequest,
+        choice: Any,
+        prompt_len: int,
+        start: float,
+        cached: int = 0,
     ) -> Completion:
         text, calls, reason = self._outcome(plan, request, choice.text, choice.finish_reason)
         return Completion(
@@ -704,7 +712,11 @@ class VLLMBackend(BaseBackend):
             tool_calls=calls,
             finish_reason=reason,
             usage=self.price.priced(
-                Usage(input_tokens=prompt_len, output_tokens=len(choice.token_ids))
+                Usage(
+                    input_tokens=prompt_len,
+                    output_tokens=len(choice.token_ids),
+                    cache_read_tokens=cached,
+                )
             ),
             model=self.model_name,
             backend=self.name,
@@ -768,8 +780,11 @@ class VLLMBackend(BaseBackend):
         if final is None or not final.outputs:
             raise LocalEngineError("the engine returned no output", backend=self.name)
         choices = sorted(final.outputs, key=lambda c: int(getattr(c, "index", 0)))
+        cached = _cached(final, prompt_len)
         completions = [
-            self._completion(plan, request, choice, prompt_len if k == 0 else 0, start)
+            self._completion(
+                plan, request, choice, prompt_len if k == 0 else 0, start, cached if k == 0 else 0
+            )
             for k, choice in enumerate(choices)
         ]
         return completions
@@ -796,11 +811,13 @@ class VLLMBackend(BaseBackend):
         plan = _NO_TOOLS
         parser: Any = None
         logprobs: list[TokenLogprob] = []
+        cached = 0
         try:
             with anyio.fail_after(limit):
                 async with contextlib.aclosing(self._generate(request, stream=True)) as outputs:
                     async for step_plan, n_prompt, out in outputs:
                         plan, prompt_len = step_plan, n_prompt
+                        cached = _cached(out, prompt_len) or cached
                         finished = bool(out.finished)
                         if not out.outputs:
                             continue
@@ -860,7 +877,9 @@ class VLLMBackend(BaseBackend):
                 text=answer,
                 tool_calls=calls,
                 finish_reason=reason,
-                usage=self.price.priced(Usage(input_tokens=prompt_len, output_tokens=tokens)),
+                usage=self.price.priced(
+                    Usage(input_tokens=prompt_len, output_tokens=tokens, cache_read_tokens=cached)
+                ),
                 model=self.model_name,
                 backend=self.name,
                 latency=time.perf_counter() - start,
@@ -879,3 +898,10 @@ def _forget_start(key: str, task: asyncio.Task[_Engine]) -> None:
         del _starting[key]
     if not task.cancelled():
         task.exception()  # mark a failed start as retrieved (each waiter got the error)
+
+
+def _cached(output: Any, prompt_len: int) -> int:
+    """The prompt tokens the engine's prefix cache served (vLLM's ``num_cached_tokens``), for
+    ``Usage.cache_read_tokens``: what a later wave of samples did not compute again."""
+    cached = getattr(output, "num_cached_tokens", None)
+    return max(0, min(int(cached), prompt_len)) if isinstance(cached, int) else 0
