@@ -511,7 +511,7 @@ async def evaluate_split(qs: Sequence[Question]) -> dict[str, Any]:
         "vote@9 (number)": Select(MajorityVote(extract="number")),
         "consensus@9": Select(Consensus()),
         "auto@9": auto,
-        "auto@9, all replies vote (keep=1)": AutoSelect(keep=1.0),
+        "auto@9, least confident quarter left out (keep=0.75)": AutoSelect(keep=0.75),
         "auto@9, unweighted, all vote": AutoSelect(weight="none", keep=1.0),
         "auto@9, sequence-weighted": AutoSelect(weight="sequence"),
         "auto@9, keep 50% most confident": AutoSelect(keep=0.5),

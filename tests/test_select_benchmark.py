@@ -9,7 +9,6 @@ import pytest
 from benchmarks import selection as bench
 from genfan import ChatRequest
 
-
 #: The committed draws: (draw, temperature, split). 0.4 is the temperature chosen on dev; the
 #: 0.7 draws are the issue's temperature; 0.25 was drawn on dev only, to choose.
 DRAWS = [(1, 0.4, "all"), (2, 0.4, "all"), (1, 0.7, "all"), (2, 0.7, "all"), (1, 0.25, "dev")]
