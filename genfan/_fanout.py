@@ -1424,6 +1424,14 @@ def _succeeded(
         latency=round(latency, 6),
         output_tokens=usage.output_tokens,
     )
+    telemetry.record_call(
+        name,
+        outcome="ok",
+        seconds=latency,
+        response_model=completion.model,
+        input_tokens=usage.input_tokens,
+        output_tokens=usage.output_tokens,
+    )
     return Candidate(
         index=i,
         backend=name,
@@ -1445,7 +1453,9 @@ def _failed(
     call_span: Any,
 ) -> Candidate:
     """Candidate ``i`` failed (an answer that is not a valid output keeps its completion)."""
+    latency = time.perf_counter() - start
     call_span.set_attribute("error.type", type(error).__name__)
+    telemetry.record_call(name, outcome="failed", seconds=latency, error_type=type(error).__name__)
     telemetry.event(
         "backend_call_failed",
         level="info",
@@ -1460,7 +1470,7 @@ def _failed(
         completion=error.completion if isinstance(error, AnswerRejectedError) else None,
         error=error,
         started=started,
-        latency=time.perf_counter() - start,
+        latency=latency,
         finished_order=state.next_order(),
     )
 

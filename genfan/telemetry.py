@@ -154,14 +154,11 @@ class _Instruments:
 
     def __init__(self) -> None:
         meter = get_meter()
-        self.calls = meter.create_counter(
-            "genfan.backend.calls", description="backend calls by outcome"
-        )
         self.duration = meter.create_histogram(
             "gen_ai.client.operation.duration", unit="s", description="backend call duration"
         )
-        self.tokens = meter.create_counter(
-            "gen_ai.client.token.usage", unit="{token}", description="tokens used"
+        self.tokens = meter.create_histogram(
+            "gen_ai.client.token.usage", unit="{token}", description="tokens used per call"
         )
         self.guard = meter.create_counter(
             "genfan.guard.decisions", description="guard decisions (retries, rejections, hedges)"
@@ -184,3 +181,33 @@ class _Instruments:
 def instruments() -> _Instruments:
     """The metric instruments (created lazily)."""
     return _Instruments()
+
+
+def record_call(
+    backend: str,
+    *,
+    outcome: str,
+    seconds: float,
+    response_model: str | None = None,
+    input_tokens: int = 0,
+    output_tokens: int = 0,
+    error_type: str | None = None,
+) -> None:
+    """Record one backend call of a fan-out in the GenAI client metrics (semantic conventions):
+    ``gen_ai.client.operation.duration`` (seconds; ``error.type`` on a failure) and, for an
+    answer, ``gen_ai.client.token.usage`` (tokens per call, by ``gen_ai.token.type``: ``input`` /
+    ``output``). Costs about a microsecond until a meter provider is installed."""
+    inst = instruments()
+    attrs: dict[str, str] = {
+        "gen_ai.operation.name": "chat",
+        "gen_ai.system": backend.split(":", 1)[0],
+        "genfan.backend": backend,
+    }
+    if response_model:
+        attrs["gen_ai.response.model"] = response_model
+    if error_type is not None:
+        attrs["error.type"] = error_type
+    inst.duration.record(seconds, attrs)
+    if outcome == "ok":
+        inst.tokens.record(input_tokens, {**attrs, "gen_ai.token.type": "input"})
+        inst.tokens.record(output_tokens, {**attrs, "gen_ai.token.type": "output"})

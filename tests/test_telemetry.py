@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
@@ -94,3 +96,53 @@ async def test_api_key_never_reaches_spans_or_events(spans: InMemorySpanExporter
     assert events and spans.get_finished_spans()
     assert key not in dumped
     assert key not in str(info.value) and key not in repr(info.value.exceptions)
+
+
+@pytest.mark.anyio
+async def test_fanout_records_call_duration_and_token_metrics(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each backend call of a fan-out lands in the GenAI client metrics: its duration (a
+    failure with its error type) and its tokens by type (answers only)."""
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    from genfan import telemetry
+
+    reader = InMemoryMetricReader()
+    provider = MeterProvider(metric_readers=[reader])
+    # A local meter provider (the global one can be set once per process).
+    monkeypatch.setattr(telemetry, "get_meter", lambda: provider.get_meter("t"))
+    instruments = telemetry._Instruments()
+    monkeypatch.setattr(telemetry, "instruments", lambda: instruments)
+
+    ok = FakeBackend("ok", ["hello world"])
+    bad = FakeBackend("bad", [Fail(error=BackendError("down"))])
+    await FanOut([ok, bad]).run(ChatRequest.from_prompt("hi there"))
+    await FanOut([ok]).run("hi")
+
+    data = reader.get_metrics_data()
+    assert data is not None
+    points: dict[str, list[Any]] = {}
+    for rm in data.resource_metrics:
+        for sm in rm.scope_metrics:
+            for metric in sm.metrics:
+                points.setdefault(metric.name, []).extend(metric.data.data_points)
+
+    durations = {
+        (p.attributes["genfan.backend"], p.attributes.get("error.type")): p
+        for p in points["gen_ai.client.operation.duration"]
+    }
+    assert set(durations) == {("ok", None), ("bad", "BackendError")}
+    assert durations["ok", None].count == 2
+    assert durations["bad", "BackendError"].count == 1
+    assert durations["ok", None].sum > 0
+    assert durations["bad", "BackendError"].attributes["gen_ai.operation.name"] == "chat"
+
+    tokens = {
+        (p.attributes["genfan.backend"], p.attributes["gen_ai.token.type"]): (p.count, p.sum)
+        for p in points["gen_ai.client.token.usage"]
+    }
+    # FakeBackend counts words: "hi there" and "hi" in, "hello world" twice out; a failure
+    # records no tokens
+    assert tokens == {("ok", "input"): (2, 3), ("ok", "output"): (2, 4)}
