@@ -391,6 +391,19 @@ def test_engine_reason_finds_the_workers_error(tmp_path: Path) -> None:
     assert "requested memory for kv (200.0 GiB)" in engine_reason(log)
     log.write_text("Traceback\nValueError: bad dtype\n(MainProcess) INFO shutting down\n")
     assert engine_reason(log) == "ValueError: bad dtype"
+    # No exception line: the last line logged at ERROR, not the INFO lines after it.
+    log.write_text(
+        "INFO 12-06 10:00:00 [core.py:90] Initializing engine\n"
+        "ERROR 12-06 10:00:01 [core.py:700] EngineCore failed to start: no KV cache space\n"
+        "INFO 12-06 10:00:01 [core.py:710] shutting down\n"
+        "(EngineCore pid=7) INFO 12-06 10:00:02 [shm.py:3] released\n"
+    )
+    assert engine_reason(log) == (
+        "ERROR 12-06 10:00:01 [core.py:700] EngineCore failed to start: no KV cache space"
+    )
+    # Nothing at ERROR: the last line, as before.
+    log.write_text("INFO starting\nWARNING odd\n")
+    assert engine_reason(log) == "WARNING odd"
     assert engine_reason(tmp_path / "none.log") == ""
 
 

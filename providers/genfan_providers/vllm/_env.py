@@ -147,10 +147,15 @@ def log_tail(log_file: Path | None, lines: int = 25) -> str:
 
 
 _EXC_LINE = re.compile(r"^\s*(?:[\w.]+\.)?\w*(?:Error|Exception)\b.*:\s*\S")
+#: A log line at ERROR or CRITICAL level, as vLLM writes them ("(EngineCore pid=1) ERROR ...",
+#: "ERROR 12-06 10:00:00 [core.py:700] ...").
+_ERROR_LINE = re.compile(r"(?:^|[\s)\]])(?:ERROR|CRITICAL)\b")
 
 
 def engine_reason(log_file: Path | None) -> str:
-    """The most telling line of a failed engine's log (its last exception), else its last line."""
+    """The most telling line of a failed engine's log: its last exception, else its last line
+    logged at ERROR or CRITICAL, else its last line (never an INFO line when an error was
+    logged)."""
     tail = log_tail(log_file, 300)
     if not tail:
         return ""
@@ -161,5 +166,8 @@ def engine_reason(log_file: Path | None) -> str:
     # Skip the parent's generic wrapper ("Engine core initialization failed. See root cause").
     for ln in reversed(lines):
         if _EXC_LINE.match(ln) and "See root cause" not in ln:
+            return ln.strip()
+    for ln in reversed(lines):
+        if _ERROR_LINE.search(ln):
             return ln.strip()
     return lines[-1].strip()
