@@ -40,6 +40,7 @@ the expected answers (see :func:`is_right`); the selectors never see the form.
     .venv/bin/python -m benchmarks.selection evaluate                # --draw 2: the other draw
     .venv/bin/python -m benchmarks.selection evaluate --temperature 0.7   # the 0.7 draws
     .venv/bin/python -m benchmarks.selection fit                     # DEFAULT_CALIBRATION, on dev
+    .venv/bin/python -m benchmarks.selection pooled    # both draws; how CHOSEN_RULE was chosen
     .venv/bin/python -m benchmarks.selection waves --limit 60
     .venv/bin/python -m benchmarks.selection evaluate --fake     # the pipeline, no engine
 """
@@ -205,7 +206,7 @@ async def generate(backend: Backend, items: Sequence[dict[str, Any]], chunk: int
     cached = load_cache()
     # greedy answers depend on neither the sampling temperature nor the draw
     greedy_done = load_cache(draw=1)
-    for t in (0.7, CHOSEN_TEMPERATURE, TEMPERATURE):
+    for t in dict.fromkeys((0.7, CHOSEN_TEMPERATURE, TEMPERATURE)):  # each file read once
         greedy_done.update(read_samples(frozen_path(1, t)))
     todo = [i for i in items if i["id"] not in cached]
     print(f"{len(items) - len(todo)} cached, {len(todo)} to generate")
@@ -925,6 +926,56 @@ async def run_evaluate(fake: bool = False, samples: Path | None = None) -> dict[
     return report
 
 
+# -- over both draws (offline) --------------------------------------------------------------
+
+
+async def run_pooled() -> dict[str, Any]:
+    """What one draw alone cannot show: on test, ``auto``@9 against greedy and the plain vote
+    with each question's accuracy the mean over the committed draws (paired bootstrap); on the
+    pooled dev splits, every adaptive rule's right answers and tokens (how ``CHOSEN_RULE`` was
+    chosen: the fewest tokens, prompt per request, among the rules right on as many questions as
+    ``auto``@9)."""
+    auto, vote = AutoSelect(), Select(MajorityVote())
+    draws = {d: read_samples(frozen_path(d)) for d in CAL_DRAWS}
+    per: dict[str, dict[str, float]] = {}
+    for cache in draws.values():
+        for q in questions(load_items("test"), cache):
+            a, _ = await choose(auto, q, q.candidates(K))
+            v, _ = await choose(vote, q, q.candidates(K))
+            greedy = float(q.greedy is not None and q.right(q.greedy.text))
+            row = per.setdefault(q.item["id"], {"auto": 0.0, "vote": 0.0, "greedy": greedy})
+            row["auto"] += q.right(a) / len(draws)
+            row["vote"] += q.right(v) / len(draws)
+    rows = list(per.values())
+    out: dict[str, Any] = {"draws": list(CAL_DRAWS), "test": {}, "dev_rules": {}}
+    for other in ("greedy", "vote"):
+        d, lo, hi = mean_ci([r["auto"] - r[other] for r in rows])
+        out["test"][f"auto@9 - {other}"] = {"diff": d, "ci95": [lo, hi]}
+        print(f"test, both draws: auto@9 - {other} {d:+.1%} [{lo:+.1%}, {hi:+.1%}]")
+    dev = [q for cache in draws.values() for q in questions(load_items("dev"), cache)]
+    right9 = 0
+    for q in dev:
+        text, _ = await choose(auto, q, q.candidates(K))
+        right9 += q.right(text)
+    base = sum(wave_tokens(q, K, 1) for q in dev)
+    print(f"\npooled dev ({len(dev)} questions): auto@9 right on {right9}")
+    for name, w in adaptive_rules():
+        right = tokens = once = 0
+        for q in dev:
+            ok, tok, drawn, _ = await adaptive(q, auto, w)
+            right += ok
+            tokens += tok
+            once += wave_tokens(q, drawn, 1)
+        out["dev_rules"][name] = {
+            "right": right,
+            "tokens_vs_auto9": tokens / base,
+            "prompt_once_vs_auto9": once / base,
+        }
+        mark = "  <- CHOSEN_RULE" if name == CHOSEN_RULE else ""
+        print(f"  {name:<72}{right:>4}{tokens / base:>7.0%}{once / base:>7.0%}{mark}")
+    return out
+
+
 # -- n samples in one request against n requests (engine) -------------------------------------
 
 
@@ -1004,6 +1055,7 @@ def cli(argv: Sequence[str] | None = None) -> None:
         help=f"samples to read (default {FROZEN.relative_to(HERE.parent)}, the committed ones)",
     )
     sub.add_parser("fit", help="choose and fit the calibration on the pooled dev splits (offline)")
+    sub.add_parser("pooled", help="both draws: test differences, dev rule choice (offline)")
     w = sub.add_parser("waves", help="n samples in one request vs n requests (engine)")
     w.add_argument("--limit", type=int, default=60)
     args = parser.parse_args(argv)
@@ -1022,6 +1074,9 @@ def cli(argv: Sequence[str] | None = None) -> None:
             if TEMPERATURE == CHOSEN_TEMPERATURE
             else f"selection-t{TEMPERATURE:g}" + ("" if DRAW == 1 else f"-d{DRAW}") + ".json"
         )
+    elif args.command == "pooled":
+        report = anyio.run(run_pooled)
+        path = RESULTS / "selection-pooled.json"
     elif args.command == "fit":
         report = anyio.run(run_fit)
         path = RESULTS / "selection-fit.json"
