@@ -1426,7 +1426,6 @@ def _succeeded(
     )
     telemetry.record_call(
         name,
-        outcome="ok",
         seconds=latency,
         response_model=completion.model,
         input_tokens=usage.input_tokens,
@@ -1455,7 +1454,7 @@ def _failed(
     """Candidate ``i`` failed (an answer that is not a valid output keeps its completion)."""
     latency = time.perf_counter() - start
     call_span.set_attribute("error.type", type(error).__name__)
-    telemetry.record_call(name, outcome="failed", seconds=latency, error_type=type(error).__name__)
+    telemetry.record_call(name, seconds=latency, error_type=type(error).__name__)
     telemetry.event(
         "backend_call_failed",
         level="info",

@@ -186,7 +186,6 @@ def instruments() -> _Instruments:
 def record_call(
     backend: str,
     *,
-    outcome: str,
     seconds: float,
     response_model: str | None = None,
     input_tokens: int = 0,
@@ -195,8 +194,9 @@ def record_call(
 ) -> None:
     """Record one backend call of a fan-out in the GenAI client metrics (semantic conventions):
     ``gen_ai.client.operation.duration`` (seconds; ``error.type`` on a failure) and, for an
-    answer, ``gen_ai.client.token.usage`` (tokens per call, by ``gen_ai.token.type``: ``input`` /
-    ``output``). Costs about a microsecond until a meter provider is installed."""
+    answer (no ``error_type``), ``gen_ai.client.token.usage`` (tokens per call, by
+    ``gen_ai.token.type``: ``input`` / ``output``). Costs about a microsecond until a meter
+    provider is installed."""
     inst = instruments()
     attrs: dict[str, str] = {
         "gen_ai.operation.name": "chat",
@@ -208,6 +208,6 @@ def record_call(
     if error_type is not None:
         attrs["error.type"] = error_type
     inst.duration.record(seconds, attrs)
-    if outcome == "ok":
+    if error_type is None:
         inst.tokens.record(input_tokens, {**attrs, "gen_ai.token.type": "input"})
         inst.tokens.record(output_tokens, {**attrs, "gen_ai.token.type": "output"})
