@@ -299,7 +299,9 @@ async def test_scheduler_halves_submit_then_collect(tmp_path: Path, server: Fake
 
 
 async def test_offline_sends_every_row_at_once(tmp_path: Path) -> None:
-    with FakeLLMServer(latency=0.2) as srv:
+    # Each answer takes 2 s so that all 40 requests are open at once even on a slow,
+    # loaded CI machine (0.2 s let the first answers finish before the last were sent).
+    with FakeLLMServer(latency=2.0) as srv:
         job = setup_job(tmp_path, srv, "openai", 40, via="offline", batch_api=None)
         summary = await run_batch_job(job)
         assert summary.ok == 40

@@ -133,7 +133,7 @@ async def test_the_guards_bulkhead_is_the_http_backends_one_cap() -> None:
     from genfan.testserver import FakeLLMServer
 
     with FakeLLMServer() as srv:
-        srv.set_latency(0.5)
+        srv.set_latency(1.5)  # long enough that every call is sent before one is answered
         backend = OpenAIBackend("m", base_url=srv.url, api_key="k")
         assert backend.max_concurrency is None
         wide = BulkheadPolicy(max_concurrent=80, max_queued=0)

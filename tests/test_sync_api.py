@@ -234,21 +234,20 @@ def test_run_sync_from_genfan_own_loop_does_not_deadlock() -> None:
 
 
 def test_run_sync_from_many_threads_at_once() -> None:
-    backend = FakeBackend("shared", ["ok"], latency=0.05)
+    # 1 s a call, so all 8 threads are in a call at once even on a slow, loaded machine.
+    backend = FakeBackend("shared", ["ok"], latency=1.0)
     out: list[str] = []
 
     def worker() -> None:
         out.append(backend.complete_sync(REQ).text)
 
     threads = [threading.Thread(target=worker) for _ in range(8)]
-    started = time.perf_counter()
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     assert out == ["ok"] * 8
     assert backend.max_in_flight == 8  # they ran concurrently on the one loop
-    assert time.perf_counter() - started < 2
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
