@@ -240,6 +240,20 @@ def test_config_typos_are_one_line_naming_the_key(tmp_path: Path, text: str, exp
     assert expected in one_line_error(ask("q", "-c", str(write(tmp_path, text))))
 
 
+def test_a_backend_name_without_a_config_says_what_to_pass(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)  # no genfan.toml here
+    line = one_line_error(ask("hi", "--backend", "gpt"))
+    assert line == (
+        "error: --backend gpt: no config file names it; pass --config genfan.toml, "
+        "or a provider:model such as openai:gpt-4o-mini"
+    )
+    assert one_line_error(ask("hi")) == (
+        "error: no backends: pass --config genfan.toml or --backend provider:model"
+    )
+
+
 def test_a_file_that_is_not_utf8_is_one_line(tmp_path: Path) -> None:
     p = tmp_path / "latin1.toml"
     p.write_bytes(b'[backends.a]\ntype = "fake"\nsystem = "caf\xe9"\n')

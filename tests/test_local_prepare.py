@@ -20,6 +20,7 @@ from genfan_providers.vllm import (
     is_prepared,
     prepare_default_model,
     resolve_model,
+    serve_local,
     server_command,
     validate_model_dir,
 )
@@ -319,6 +320,39 @@ def test_server_command_block_size_yields_to_the_users_own() -> None:
         argv = server_command("/m", port=8123, block_size=32, extra_args=mine)
         assert argv.count("--block-size") <= 1 and argv[-len(mine) :] == mine
         assert "32" not in argv
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"port": 99999}, "port must be in 0..65535"),
+        ({"port": -1}, "port must be in 0..65535"),
+        ({"dtype": "fp7"}, "dtype must be one of"),
+        ({"max_model_len": 8}, "max_model_len must be an int >= 16"),
+        ({"kv_cache_gb": 0}, "kv_cache_gb must be > 0"),
+        ({"tensor_parallel_size": 0}, "tensor_parallel_size must be an int >= 1"),
+        ({"startup_timeout": 0}, "startup_timeout must be > 0"),
+    ],
+)
+def test_serve_local_refuses_bad_options_before_starting_anything(
+    options: dict[str, object], message: str
+) -> None:
+    # A model folder that does not exist: the options are refused before it is looked at.
+    with pytest.raises(ConfigurationError, match=message), serve_local("/nonexistent", **options):  # type: ignore[arg-type]
+        pytest.fail("nothing should start")
+
+
+def test_cli_local_serve_with_a_bad_port_is_one_line_exit_2() -> None:
+    from typer.testing import CliRunner
+
+    from genfan.cli import app
+
+    result = CliRunner().invoke(app, ["local", "serve", "--port", "99999"])
+    assert result.exit_code == 2, result.output
+    assert result.output.strip().splitlines()[-1] == (
+        "error: port must be in 0..65535 (0: a free one), got 99999"
+    )
+    assert "Traceback" not in result.output
 
 
 def test_a_server_that_exits_reports_its_own_reason(tmp_path: Path) -> None:

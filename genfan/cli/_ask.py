@@ -168,6 +168,11 @@ def _build(
     specs = [b for b in backends if ":" in b and b not in cfg.backends]
     names = [b for b in backends if b not in specs]
     if not cfg.backends and not specs:
+        if names:  # a name, but no config to look it up in
+            raise ConfigurationError(
+                f"--backend {names[0]}: no config file names it; pass --config genfan.toml, "
+                "or a provider:model such as openai:gpt-4o-mini"
+            )
         raise ConfigurationError(
             "no backends: pass --config genfan.toml or --backend provider:model"
         )

@@ -79,7 +79,7 @@ def serve(
     max_model_len: Annotated[int, typer.Option(help="Context window in tokens.")] = 2048,
     kv_cache_gb: Annotated[float, typer.Option(help="KV-cache size in GiB.")] = 1.0,
     dtype: Annotated[
-        str, typer.Option(help="Weights dtype (auto: bfloat16 where the CPU has it natively).")
+        str, typer.Option(help="Weights dtype (auto: the model's own on a GPU, float32 on a CPU).")
     ] = "auto",
     startup_timeout: Annotated[float, typer.Option(help="Seconds to wait for health.")] = 300.0,
 ) -> None:

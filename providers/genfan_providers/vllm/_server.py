@@ -21,6 +21,8 @@ from pathlib import Path
 
 import httpx
 
+from genfan import ConfigurationError
+
 from ._env import (
     CPU_BLOCK_SIZE,
     apply_engine_env,
@@ -205,6 +207,33 @@ class LocalServer:
         self.stop()
 
 
+def _check_options(
+    port: int | None,
+    dtype: str,
+    max_model_len: int,
+    kv_cache_gb: float | None,
+    tensor_parallel_size: int,
+    startup_timeout: float,
+) -> None:
+    """Refuse what vLLM's server would only refuse after its engine had started (or worse)."""
+    from ._backend import _DTYPES
+
+    if port is not None and not 0 <= port <= 65535:
+        raise ConfigurationError(f"port must be in 0..65535 (0: a free one), got {port!r}")
+    if dtype not in _DTYPES:
+        raise ConfigurationError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+    if not isinstance(max_model_len, int) or max_model_len < 16:
+        raise ConfigurationError(f"max_model_len must be an int >= 16, got {max_model_len!r}")
+    if kv_cache_gb is not None and not kv_cache_gb > 0:
+        raise ConfigurationError(f"kv_cache_gb must be > 0 GiB (or None), got {kv_cache_gb!r}")
+    if not isinstance(tensor_parallel_size, int) or tensor_parallel_size < 1:
+        raise ConfigurationError(
+            f"tensor_parallel_size must be an int >= 1, got {tensor_parallel_size!r}"
+        )
+    if not startup_timeout > 0:
+        raise ConfigurationError(f"startup_timeout must be > 0 seconds, got {startup_timeout!r}")
+
+
 @contextlib.contextmanager
 def serve_local(
     model: str | Path | None = None,
@@ -239,9 +268,11 @@ def serve_local(
         progress: report the start-up wait (see `prepare_default_model`).
 
     Raises:
+        ConfigurationError: an option is out of range (before anything starts).
         ModelFolderError: the model folder is missing or corrupt.
         EngineStartError: the server could not start (with its own reason).
     """
+    _check_options(port, dtype, max_model_len, kv_cache_gb, tensor_parallel_size, startup_timeout)
     resolved = resolve_model(model)
     if served_model_name is None:
         default = str(default_model_dir().resolve())
