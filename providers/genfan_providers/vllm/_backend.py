@@ -186,6 +186,26 @@ atexit.register(shutdown_engines)
 _FREE: Final = Price(input=0.0, output=0.0)
 
 
+def check_engine_options(
+    dtype: str, max_model_len: int, kv_cache_gb: float | None, tensor_parallel_size: int
+) -> None:
+    """Refuse engine options vLLM would only refuse once its engine was starting.
+
+    Raises:
+        ConfigurationError: an option is out of range.
+    """
+    if dtype not in _DTYPES:
+        raise ConfigurationError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+    if not isinstance(max_model_len, int) or max_model_len < 16:
+        raise ConfigurationError(f"max_model_len must be an int >= 16, got {max_model_len!r}")
+    if kv_cache_gb is not None and not kv_cache_gb > 0:
+        raise ConfigurationError(f"kv_cache_gb must be > 0 GiB (or None), got {kv_cache_gb!r}")
+    if not isinstance(tensor_parallel_size, int) or tensor_parallel_size < 1:
+        raise ConfigurationError(
+            f"tensor_parallel_size must be an int >= 1, got {tensor_parallel_size!r}"
+        )
+
+
 class VLLMBackend(BaseBackend):
     """A local model served by vLLM inside this process.
 
@@ -261,16 +281,7 @@ class VLLMBackend(BaseBackend):
         **engine_kwargs: Any,
     ) -> None:
         _require_vllm()
-        if dtype not in _DTYPES:
-            raise ConfigurationError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
-        if not isinstance(max_model_len, int) or max_model_len < 16:
-            raise ConfigurationError(f"max_model_len must be an int >= 16, got {max_model_len!r}")
-        if kv_cache_gb is not None and not kv_cache_gb > 0:
-            raise ConfigurationError(f"kv_cache_gb must be > 0 GiB (or None), got {kv_cache_gb!r}")
-        if not isinstance(tensor_parallel_size, int) or tensor_parallel_size < 1:
-            raise ConfigurationError(
-                f"tensor_parallel_size must be an int >= 1, got {tensor_parallel_size!r}"
-            )
+        check_engine_options(dtype, max_model_len, kv_cache_gb, tensor_parallel_size)
         if temperature is not None and not 0.0 <= temperature <= 2.0:
             raise ConfigurationError(f"temperature must be in [0, 2], got {temperature!r}")
         if top_p is not None and not 0.0 < top_p <= 1.0:

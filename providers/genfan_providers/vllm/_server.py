@@ -23,6 +23,7 @@ import httpx
 
 from genfan import ConfigurationError
 
+from ._backend import check_engine_options
 from ._env import (
     CPU_BLOCK_SIZE,
     apply_engine_env,
@@ -216,20 +217,9 @@ def _check_options(
     startup_timeout: float,
 ) -> None:
     """Refuse what vLLM's server would only refuse after its engine had started (or worse)."""
-    from ._backend import _DTYPES
-
     if port is not None and not 0 <= port <= 65535:
         raise ConfigurationError(f"port must be in 0..65535 (0: a free one), got {port!r}")
-    if dtype not in _DTYPES:
-        raise ConfigurationError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
-    if not isinstance(max_model_len, int) or max_model_len < 16:
-        raise ConfigurationError(f"max_model_len must be an int >= 16, got {max_model_len!r}")
-    if kv_cache_gb is not None and not kv_cache_gb > 0:
-        raise ConfigurationError(f"kv_cache_gb must be > 0 GiB (or None), got {kv_cache_gb!r}")
-    if not isinstance(tensor_parallel_size, int) or tensor_parallel_size < 1:
-        raise ConfigurationError(
-            f"tensor_parallel_size must be an int >= 1, got {tensor_parallel_size!r}"
-        )
+    check_engine_options(dtype, max_model_len, kv_cache_gb, tensor_parallel_size)
     if not startup_timeout > 0:
         raise ConfigurationError(f"startup_timeout must be > 0 seconds, got {startup_timeout!r}")
 
