@@ -466,7 +466,7 @@ def computed_tokens(q: Question, drawn: int, waves: int) -> int:
     p = q.prompt_tokens()
     whole = BLOCK * ((p - 1) // BLOCK)
     prompts = p + (waves - 1) * (p - whole) if waves else 0
-    return prompts + sum(c.usage.output_tokens for c in q.samples[:drawn])
+    return prompts + wave_tokens(q, drawn, 0)  # with no wave counted: the output tokens
 
 
 async def adaptive(
@@ -587,6 +587,7 @@ async def evaluate_split(qs: Sequence[Question]) -> dict[str, Any]:
     adaptive_rows: dict[str, dict[str, Any]] = {}
     adaptive_hits: dict[str, list[bool]] = {}
     adaptive_calibration: dict[str, list[tuple[float, bool]]] = {}
+    computed_auto9 = sum(computed_tokens(q, K, 1) for q in qs)
     for name, w in adaptive_rules():
         rs, ts, os_, cs, ds, cal = [], [], [], [], [], []
         for q in qs:
@@ -608,7 +609,7 @@ async def evaluate_split(qs: Sequence[Question]) -> dict[str, Any]:
             "tokens_vs_auto9": t_mean / table["auto@9"]["tokens_per_question"],
             "prompt_once_tokens_per_question": sum(os_) / n,
             "prompt_once_vs_auto9": sum(os_) / n / table["auto@9"]["tokens_per_question"],
-            "computed_vs_auto9": sum(cs) / sum(computed_tokens(q, K, 1) for q in qs),
+            "computed_vs_auto9": sum(cs) / computed_auto9,
             "vs_auto9_as_9_requests": t_mean / separate,
             "samples_per_question": sum(ds) / n,
             "ece": expected_calibration_error(cal),
